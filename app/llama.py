@@ -1,0 +1,190 @@
+"""The small part of llama-cpp-python's low-level API that malhae uses, behind typed helpers.
+
+The low-level API (llama_decode, native samplers, llama_token_to_piece) is used instead of `llama_cpp.Llama` because
+the high-level streaming path keeps only about a third of llama.cpp's decode speed on a GPU. This module owns the
+process-wide pieces: backend initialisation and llama.cpp's log output (silent unless asked for).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+
+from app.errors import UserError
+
+_backend_ready = False
+_log_sink: Callable[[int, str], None] | None = None
+_verbose = False
+
+
+@lc.llama_log_callback
+def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", "replace") if text else ""
+    if _log_sink is not None:
+        _log_sink(level, message)
+    if _verbose:
+        sys.stderr.write(message)
+
+
+def init(verbose: bool = False) -> None:
+    """Initialise llama.cpp once; its log goes to stderr only when `verbose` (else nowhere)."""
+    global _backend_ready, _verbose
+    _verbose = verbose
+    if not _backend_ready:
+        lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        lc.llama_backend_init()
+        _backend_ready = True
+
+
+def set_log_sink(sink: Callable[[int, str], None] | None) -> None:
+    """Receive llama.cpp's log lines (to report progress or capture an error's reason)."""
+    global _log_sink
+    _log_sink = sink
+
+
+class Model:
+    """A loaded GGUF model (or only its vocabulary); free it with close() or a with-block."""
+
+    def __init__(self, path: Path, *, vocab_only: bool = False, n_gpu_layers: int = 0, use_mmap: bool = True):
+        init(_verbose)
+        params = lc.llama_model_default_params()
+        params.vocab_only = vocab_only
+        params.n_gpu_layers = n_gpu_layers
+        params.use_mmap = use_mmap
+        errors: list[str] = []
+        set_log_sink(lambda level, msg: errors.append(msg) if level == 2 or "error" in msg.lower() else None)
+        try:
+            self.ptr = lc.llama_model_load_from_file(str(path).encode(), params)
+        finally:
+            set_log_sink(None)
+        if not self.ptr:
+            reason = errors[-1].strip() if errors else "llama.cpp could not load it"
+            raise UserError(f"cannot load {path}: {reason}")
+        self.path = path
+        self.vocab = lc.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        tokens = (lc.llama_token * cap)()
+        n = lc.llama_tokenize(self.vocab, data, len(data), tokens, cap, add_special, parse_special)
+        if n < 0:  # buffer too small: llama.cpp says how many it needs
+            cap = -n
+            tokens = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self.vocab, data, len(data), tokens, cap, add_special, parse_special)
+        return list(tokens[:n])
+
+    def token_bytes(self, token: int, *, special: bool = True) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+
+class Context:
+    """An inference context on a Model; precise=True keeps K/V in f32 and turns flash attention off (for parity)."""
+
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int = 512, threads: int | None = None,
+                 precise: bool = False):
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.no_perf = True
+        if threads:
+            params.n_threads = params.n_threads_batch = threads
+        if precise:
+            params.type_k = params.type_v = lc.GGML_TYPE_F32
+            params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.model = model
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.ptr = lc.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path} "
+                            "(out of memory? try a smaller --ctx)")
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            lc.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def clear(self) -> None:
+        lc.llama_memory_clear(lc.llama_get_memory(self.ptr), True)
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits for every position of `tokens`, evaluated from an empty cache: shape [len(tokens), n_vocab]."""
+        self.clear()
+        n_vocab = self.model.n_vocab
+        out = np.empty((len(tokens), n_vocab), dtype=np.float32)
+        batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                batch.n_tokens = len(chunk)
+                for i, tok in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = start + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = 1
+                rc = lc.llama_decode(self.ptr, batch)
+                if rc != 0:
+                    raise UserError(f"llama.cpp failed to evaluate {len(tokens)} tokens (llama_decode → {rc})")
+                ptr = lc.llama_get_logits(self.ptr)
+                out[start:start + len(chunk)] = np.ctypeslib.as_array(ptr, shape=(len(chunk), n_vocab))
+        finally:
+            lc.llama_batch_free(batch)
+        return out
+
+    def greedy(self, prompt: list[int], n_new: int) -> list[int]:
+        """Plain greedy continuation (argmax over the logits): the simplest proof that a file generates."""
+        seq = list(prompt)
+        for _ in range(n_new):
+            seq.append(int(self.logits(seq)[-1].argmax()))
+        return seq[len(prompt):]
+
+
+def model_path_ok(path: Path) -> Path:
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path} is not a GGUF file")
+    return path

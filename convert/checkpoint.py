@@ -1,0 +1,219 @@
+"""Find a checkpoint's tensors on disk and read them one at a time.
+
+Published Polyglot-Ko repositories hold sharded PyTorch pickles; others hold safetensors. Both are read lazily so a
+12.8B model converts in the memory of its largest tensor. Safetensors are parsed here rather than through the
+`safetensors` package because numpy has no bfloat16 and because a truncated file must be caught before writing
+anything. Pickles are only ever opened with `torch.load(weights_only=True)`, which refuses anything but tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import UserError
+
+
+class CheckpointError(UserError):
+    pass
+
+
+# Raw dtypes as read from disk. bfloat16 travels as uint16 (its bit pattern) because numpy cannot hold it.
+DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "BF16": np.dtype("<u2")}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # one of DTYPES
+    file: Path
+    offset: int = 0  # safetensors only: absolute byte offset of the data
+    nbytes: int = 0
+
+
+@dataclass(frozen=True)
+class RawTensor:
+    """A tensor's values in their on-disk precision; `dtype == "BF16"` means `data` holds bf16 bit patterns."""
+
+    name: str
+    dtype: str
+    data: np.ndarray
+
+
+def find_weight_files(model_dir: Path) -> tuple[str, list[Path]]:
+    """Return the weight format ("safetensors" or "pickle") and the files, preferring safetensors."""
+    for fmt, index_name, single_name in (
+        ("safetensors", "model.safetensors.index.json", "model.safetensors"),
+        ("pickle", "pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = model_dir / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                shards = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+                raise CheckpointError(f"{index} is unreadable or has no weight_map ({e}); download it again") from e
+            missing = [s for s in shards if not (model_dir / s).is_file()]
+            if missing:
+                raise CheckpointError(f"shard {missing[0]} named in {index.name} is missing from {model_dir}; "
+                                      "download it again")
+            return fmt, [model_dir / s for s in shards]
+        if (model_dir / single_name).is_file():
+            return fmt, [model_dir / single_name]
+    raise CheckpointError(f"no weights in {model_dir}: expected model.safetensors, pytorch_model.bin or a sharded "
+                          "index (*.index.json) beside config.json")
+
+
+# --- safetensors -----------------------------------------------------------------------------------------------
+
+_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+             "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+def _scan_safetensors(path: Path) -> list[TensorRef]:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path.name} is truncated ({size} bytes); download it again")
+            (header_len,) = struct.unpack("<Q", head)
+            if header_len > size - 8 or header_len > 100 * 2**20:
+                raise CheckpointError(f"{path.name} is truncated or not a safetensors file "
+                                      f"(header of {header_len} bytes in a {size}-byte file); download it again")
+            header = json.loads(f.read(header_len))
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path.name} has a corrupt header ({e}); download it again") from e
+    base = 8 + header_len
+    refs = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if base + end > size:
+            raise CheckpointError(f"{path.name} is truncated: tensor {name} ends at byte {base + end} but the file "
+                                  f"has {size}; download it again")
+        itemsize = _ITEMSIZE.get(dtype)  # other dtypes (a bool mask among the legacy buffers) are listed, not read
+        if itemsize and end - begin != int(np.prod(shape, dtype=np.int64)) * itemsize:
+            raise CheckpointError(f"{path.name} is corrupt: tensor {name}'s byte range does not match its shape")
+        refs.append(TensorRef(name, shape, dtype, path, base + begin, end - begin))
+    return refs
+
+
+def _read_safetensors(ref: TensorRef) -> np.ndarray:
+    """pread into a fresh buffer: unlike mmap, the file's pages never count toward this process's memory."""
+    out = np.empty(ref.shape, dtype=DTYPES[ref.dtype])
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    with open(ref.file, "rb", buffering=0) as f:
+        done = 0
+        while done < ref.nbytes:
+            n = os.preadv(f.fileno(), [view[done:]], ref.offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{ref.file.name} ended while reading {ref.name}; download it again")
+            done += n
+    return out
+
+
+# --- PyTorch pickles -------------------------------------------------------------------------------------------
+
+def _torch():
+    try:
+        import torch
+    except ImportError as e:
+        raise CheckpointError("this checkpoint is in PyTorch .bin (pickle) format, which needs torch to read: "
+                              "pip install 'malhae[torch]' (or give a safetensors copy of the model)") from e
+    return torch
+
+
+def _load_pickle(path: Path) -> dict:
+    torch = _torch()
+    import pickle
+    import zipfile
+
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (RuntimeError, ValueError) as e:
+            if "mmap" not in str(e) and "zip" not in str(e):  # old non-zip pickles cannot be memory-mapped
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path.name} holds pickled objects other than tensors, which could run code when "
+                              "loaded; malhae refuses it (use a safetensors copy of the model)") from e
+    except (EOFError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path.name} is truncated or corrupt ({e}); download it again") from e
+    except RuntimeError as e:
+        raise CheckpointError(f"{path.name} cannot be read ({str(e).splitlines()[0]}); download it again") from e
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name} is not a state dict of tensors; malhae reads Hugging Face checkpoints")
+    return state
+
+
+_TORCH_DTYPES = {"torch.float16": "F16", "torch.float32": "F32", "torch.bfloat16": "BF16"}
+
+
+def _torch_to_raw(tensor) -> tuple[str, np.ndarray]:
+    torch = _torch()
+    dtype = _TORCH_DTYPES.get(str(tensor.dtype))
+    if dtype is None:
+        raise CheckpointError(f"a tensor is {tensor.dtype}; malhae reads float16, bfloat16 and float32 weights")
+    if dtype == "BF16":
+        return dtype, tensor.contiguous().view(torch.int16).numpy().view(np.uint16)
+    return dtype, tensor.contiguous().numpy()
+
+
+def _scan_pickle(path: Path) -> list[TensorRef]:
+    refs = []
+    for name, tensor in _load_pickle(path).items():
+        if not hasattr(tensor, "dtype") or not hasattr(tensor, "shape"):
+            raise CheckpointError(f"{path.name}: entry {name} is not a tensor")
+        dtype = _TORCH_DTYPES.get(str(tensor.dtype), str(tensor.dtype))
+        refs.append(TensorRef(name, tuple(tensor.shape), dtype, path))
+    return refs
+
+
+# --- the public face -------------------------------------------------------------------------------------------
+
+class Checkpoint:
+    """All tensors of a model directory, listed up front (for the GGUF header) and read one at a time."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.dir = model_dir
+        self.format, self.files = find_weight_files(model_dir)
+        scan = _scan_safetensors if self.format == "safetensors" else _scan_pickle
+        self.refs: dict[str, TensorRef] = {}
+        for file in self.files:
+            for ref in scan(file):
+                self.refs[ref.name] = ref
+
+    def read(self, names: list[str]) -> Iterator[RawTensor]:
+        """Yield the named tensors, visiting each shard once; the order is by shard, then as given."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.refs[name].file, []).append(name)
+        for file, file_names in by_file.items():
+            if self.format == "safetensors":
+                for name in file_names:
+                    ref = self.refs[name]
+                    yield RawTensor(name, ref.dtype, _read_safetensors(ref))
+            else:
+                state = _load_pickle(file)
+                for name in file_names:
+                    dtype, data = _torch_to_raw(state[name])
+                    yield RawTensor(name, dtype, data)
+                del state
+
+    def order(self, names: list[str]) -> list[str]:
+        """The order in which `read` will yield `names`."""
+        files = {f: i for i, f in enumerate(self.files)}
+        return sorted(names, key=lambda n: files[self.refs[n].file])

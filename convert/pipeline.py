@@ -1,0 +1,190 @@
+"""`malhae convert` from start to finish, with nothing lost on any failure.
+
+Order matters: everything that can be checked without writing (config, tokenizer, weight index, shapes, output path,
+free disk space, tokenizer parity on a metadata-only GGUF) is checked first, so that a user learns of a problem in
+seconds rather than after a long conversion. Output goes to a hidden temporary file in the target directory and is
+renamed into place only when complete and proven; every temporary file is removed on any failure or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+from gguf import GGMLQuantizationType as QT
+
+from app.errors import UserError
+from convert import gguf_out, parity, quantize
+from convert import types as out_types
+from convert.checkpoint import Checkpoint
+from convert.config import read_config
+from convert.vocab import read_vocab
+
+# Progress: (stage, done, total); stages are "reading", "writing" (bytes) and "quantizing" (tensors).
+Progress = Callable[[str, int, int], None]
+FAMILY_LICENSES = {re.compile(r"polyglot-ko|koalpaca-polyglot|kullm-polyglot", re.I): "apache-2.0"}
+SAFETY_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class Result:
+    path: Path
+    type: str
+    size: int
+    n_params: int
+    bits_per_weight: float
+    seconds: float
+    parity_texts: int
+    parity_tokens: int
+    pre: str
+    tensor_types: dict[str, int]
+
+
+def default_output(src: Path, type_name: str) -> Path:
+    return Path.cwd() / f"{model_name(src)}-{type_name}.gguf"
+
+
+def model_name(src: Path) -> str:
+    hub = hub_id(src, None)
+    return hub.split("/")[-1] if hub else src.resolve().name
+
+
+def hub_id(src: Path, name_or_path: str | None) -> str | None:
+    """The hub id when known: from a hub-cache path (models--org--name/snapshots/…) or config's _name_or_path."""
+    parts = src.resolve().parts
+    for i, part in enumerate(parts):
+        if part.startswith("models--") and i + 1 < len(parts) and parts[i + 1] == "snapshots":
+            return part[len("models--"):].replace("--", "/", 1)
+    if name_or_path and re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path) and not Path(name_or_path).exists():
+        return name_or_path
+    return None
+
+
+def find_license(src: Path, name: str) -> str | None:
+    readme = src / "README.md"
+    if readme.is_file():
+        try:
+            text = readme.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            text = ""
+        front = re.match(r"---\n(.*?)\n---", text, re.S)
+        if front:
+            m = re.search(r"^license:\s*(\S+)", front.group(1), re.M)
+            if m:
+                return m.group(1).strip("'\"")
+    return next((lic for pattern, lic in FAMILY_LICENSES.items() if pattern.search(name)), None)
+
+
+@contextmanager
+def _temporary(directory: Path, stem: str, suffix: str) -> Iterator[Path]:
+    path = directory / f".{stem}.{os.getpid()}.{suffix}.partial"
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _check_output(out: Path, force: bool) -> None:
+    if out.is_dir():
+        raise UserError(f"output {out} is a directory; give a file name ending in .gguf")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; add --force to overwrite it or choose another name with -o")
+    if not out.parent.is_dir():
+        raise UserError(f"output directory {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise UserError(f"cannot write to {out.parent}; choose another output directory with -o")
+
+
+def _check_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise UserError(f"not enough free disk space in {directory}: the conversion needs about "
+                        f"{needed / 1e9:.2f} GB and {free / 1e9:.2f} GB are free; free some space or choose "
+                        "-o on another disk")
+
+
+def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool = False, threads: int | None = None,
+            progress: Progress | None = None) -> Result:
+    start = time.perf_counter()
+    otype = out_types.get(type_name)
+    cfg = read_config(src)
+    vocab = read_vocab(src, cfg.n_vocab, {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id})
+    if progress:
+        progress("reading", 0, 1)
+    ckpt = Checkpoint(src)
+    if progress:
+        progress("reading", 1, 1)
+    staged = QT.F16 if otype.direct is None else otype.direct  # what is written first; quantizer types start from f16
+    tensors = gguf_out.plan(cfg, ckpt, staged)
+    name = model_name(src)
+    hub = hub_id(src, cfg.name_or_path)
+    meta = gguf_out.Metadata(name=name, source=hub or str(src.resolve()), hub_id=hub,
+                             license=find_license(src, hub or name))
+
+    out = (out or default_output(src, otype.name)).absolute()
+    _check_output(out, force)
+    n_params = sum(_numel(t.shape) for t in tensors)
+    staged_bytes = gguf_out.total_bytes(tensors)
+    final_bytes = staged_bytes if otype.direct is not None else int(n_params * otype.bpw / 8 * 1.15)
+    metadata_bytes = 8 * sum(len(t) + 16 for t in vocab.tokens) + 2**20
+    needed = staged_bytes + (final_bytes if otype.direct is None else 0) + metadata_bytes + SAFETY_BYTES
+    _check_space(out.parent, needed)
+
+    try:
+        with _temporary(out.parent, out.name, "vocab") as vocab_path:
+            gguf_out.write_vocab_only(vocab_path, cfg, vocab, meta)
+            parity.check(src / "tokenizer.json", vocab_path, vocab.specials, vocab.pre)
+
+        with _temporary(out.parent, out.name, "staged") as staged_path, \
+                _temporary(out.parent, out.name, "quantized") as quant_path:
+            ftype = otype.ftype if otype.direct is not None else gguf.LlamaFileType.MOSTLY_F16
+            gguf_out.write_model(staged_path, cfg, vocab, meta, ckpt, tensors, ftype,
+                                 (lambda d, t: progress("writing", d, t)) if progress else None)
+            final_path = staged_path
+            if otype.direct is None:
+                quantize.quantize(staged_path, quant_path, int(otype.ftype), threads,
+                                  (lambda d, t: progress("quantizing", d, t)) if progress else None)
+                staged_path.unlink()
+                final_path = quant_path
+            report = parity.check(src / "tokenizer.json", final_path, vocab.specials, vocab.pre)
+            os.replace(final_path, out)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise UserError(f"the disk holding {out.parent} filled up while writing; nothing was kept. Free some "
+                            "space or choose -o on another disk") from e
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from e
+
+    tensor_types, size, data_bytes = summarize(out)
+    return Result(path=out, type=otype.name, size=size, n_params=n_params,
+                  bits_per_weight=data_bytes * 8 / n_params, seconds=time.perf_counter() - start,
+                  parity_texts=report.texts, parity_tokens=report.tokens, pre=vocab.pre, tensor_types=tensor_types)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def summarize(path: Path) -> tuple[dict[str, int], int, int]:
+    """Count of tensors per GGML type, the file size, and the bytes of tensor data."""
+    reader = gguf.GGUFReader(path)
+    counts: dict[str, int] = {}
+    for t in reader.tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts, path.stat().st_size, sum(int(t.n_bytes) for t in reader.tensors)
+
+
+def result_json(result: Result) -> str:
+    data = result.__dict__ | {"path": str(result.path)}
+    return json.dumps(data, ensure_ascii=False)

@@ -1,0 +1,106 @@
+"""Compare a converted GGUF's logits (through llama.cpp) with the original checkpoint's (through transformers).
+
+A wrong QKV order, rotary size or residual layout still loads and runs; only logits show it. This is the same check
+the test suite runs, offered to users for their own models (`malhae convert --verify`).
+
+Pass criteria, by type:
+- f32: max |Δlogit| ≤ 1e-3 · max(1, max |logit|): absolute for small logits, relative to the largest logit for
+  trained models whose logits reach tens (f32 sums in a different order still differ in the last bits).
+- f16, bf16: the top-1 token is the same at every position.
+- quantized types: reported, not judged (they are lossy by design; see `malhae eval compare`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from app.errors import UserError
+from app.llama import Context, Model
+
+F32_TOLERANCE = 1e-3
+
+
+@dataclass(frozen=True)
+class Row:
+    prompt: str
+    tokens: int
+    max_abs_diff: float
+    max_abs_logit: float
+    top1_agree: int
+
+
+@dataclass(frozen=True)
+class Report:
+    type: str
+    rows: list[Row]
+    criterion: str
+    passed: bool | None  # None: informational only
+
+    @property
+    def positions(self) -> int:
+        return sum(r.tokens for r in self.rows)
+
+
+def default_prompts() -> list[str]:
+    data = resources.files("convert").joinpath("data/verify_prompts.json").read_text(encoding="utf-8")
+    return json.loads(data)["prompts"]
+
+
+def hf_logits(src: Path, token_lists: list[list[int]]) -> list[np.ndarray]:
+    """Logits from transformers in float32 (the reference), one array per prompt."""
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        raise UserError("--verify compares with transformers: pip install 'malhae[verify]' "
+                        "(installs torch and transformers)") from e
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    except TypeError:  # transformers 4 calls it torch_dtype
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for tokens in token_lists:
+            out.append(model(torch.tensor([tokens])).logits[0].float().numpy())
+    return out
+
+
+def gguf_logits(path: Path, token_lists: list[list[int]], threads: int | None = None) -> list[np.ndarray]:
+    n_ctx = max(len(t) for t in token_lists) + 8
+    with Model(path) as model, Context(model, n_ctx=n_ctx, n_batch=n_ctx, threads=threads, precise=True) as ctx:
+        return [ctx.logits(tokens) for tokens in token_lists]
+
+
+def compare(type_name: str, prompts: list[str], tokens: list[list[int]], ref: list[np.ndarray],
+            got: list[np.ndarray]) -> Report:
+    rows = []
+    for prompt, toks, a, b in zip(prompts, tokens, ref, got, strict=True):
+        b = b[:, : a.shape[1]]  # same rows: the GGUF has exactly the embedding's rows
+        rows.append(Row(prompt, len(toks), float(np.abs(a - b).max()), float(np.abs(a).max()),
+                        int((a.argmax(-1) == b.argmax(-1)).sum())))
+    if type_name == "f32":
+        ok = all(r.max_abs_diff <= F32_TOLERANCE * max(1.0, r.max_abs_logit) for r in rows)
+        return Report(type_name, rows, "max |Δ| ≤ 1e-3 × max(1, max |logit|)", ok)
+    if type_name in ("f16", "bf16"):
+        return Report(type_name, rows, "top-1 identical at every position",
+                      all(r.top1_agree == r.tokens for r in rows))
+    return Report(type_name, rows, "informational (lossy type)", None)
+
+
+def verify(src: Path, gguf_path: Path, type_name: str, prompts: list[str] | None = None,
+           threads: int | None = None) -> Report:
+    prompts = prompts or default_prompts()
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tokens = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    ref = hf_logits(src, tokens)
+    got = gguf_logits(gguf_path, tokens, threads)
+    return compare(type_name, prompts, tokens, ref, got)
