@@ -8,6 +8,7 @@ process-wide pieces: backend initialisation and llama.cpp's log output (silent u
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -47,6 +48,28 @@ def set_log_sink(sink: Callable[[int, str], None] | None) -> None:
     _log_sink = sink
 
 
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and "amx_int8" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def use_extra_buffer_types() -> bool:
+    """Whether llama.cpp may repack weights into its extra CPU buffers (AMX, CPU_REPACK).
+
+    On CPUs with AMX (Xeon Sapphire Rapids and later) the vendored llama.cpp's AMX matmul segfaults on any batch of
+    more than one token with the types it repacks (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) — reproduced here with llama-cpp-python
+    0.3.36, and reported upstream as ggml-org/llama.cpp#20824. Ollama dropped AMX for the same reason (and measured it
+    slower on Sapphire Rapids). So extra buffers are off on AMX CPUs; MALHAE_EXTRA_BUFTS=1 or 0 overrides.
+    """
+    forced = os.environ.get("MALHAE_EXTRA_BUFTS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not _cpu_has_amx()
+
+
 class Model:
     """A loaded GGUF model (or only its vocabulary); free it with close() or a with-block."""
 
@@ -56,6 +79,7 @@ class Model:
         params.vocab_only = vocab_only
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
+        params.use_extra_bufts = use_extra_buffer_types()
         errors: list[str] = []
         set_log_sink(lambda level, msg: errors.append(msg) if level == 2 or "error" in msg.lower() else None)
         try:

@@ -74,7 +74,8 @@ def verify_table(report) -> None:
     for r in report.rows:
         prompt = r.prompt.replace("\n", "⏎")
         table.add_row(prompt[:28] + ("…" if len(prompt) > 28 else ""), str(r.tokens), f"{r.max_abs_diff:.2e}",
-                      f"{r.max_abs_logit:.2f}", f"{r.top1_agree}/{r.tokens}")
+                      f"{r.max_abs_logit:.2f}",
+                      f"{r.top1_agree}/{r.tokens}" + (f" (+{r.near_ties} tie)" if r.near_ties else ""))
     out.print(table)
     verdict = {True: "[green]PASS[/green]", False: "[red]FAIL[/red]", None: "[yellow]INFO[/yellow]"}[report.passed]
     out.print(f"{verdict} {report.criterion}")

@@ -1,14 +1,18 @@
 """Run llama.cpp's own quantizer (llama_model_quantize) on a GGUF, with progress, in a child process.
 
 A child process because llama_model_quantize cannot be interrupted from Python: on Ctrl-C the parent ends the child
-and removes the partial file, and a crash inside llama.cpp becomes an error message instead of a dead CLI.
-Progress comes from llama.cpp's own per-tensor log line "[  12/ 291] name - ...".
+and the caller removes the partial file, and a crash inside llama.cpp becomes an error message instead of a dead CLI.
+The child is `python -m convert.quantize` (not multiprocessing, which re-imports the caller's __main__) in its own
+session, so a terminal's Ctrl-C reaches only the parent. Progress comes from llama.cpp's per-tensor log line
+"[  12/ 291] name - ...", passed up as "progress I N" lines on stdout.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,10 +21,36 @@ from app.errors import UserError
 _PROGRESS = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
 
 
-def _child(src: str, dst: str, ftype: int, threads: int, conn) -> None:  # runs in the spawned process
-    import signal
+def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
+             progress: Callable[[int, int], None] | None = None) -> None:
+    root = str(Path(__file__).resolve().parent.parent)  # so the child imports this same copy of malhae
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    cmd = [sys.executable, "-m", "convert.quantize", str(src), str(dst), str(int(ftype)), str(threads or 0)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    result: list[str] | None = None
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            parts = line.rstrip("\n").split(" ", 2)
+            if parts[0] == "progress" and progress:
+                progress(int(parts[1]), int(parts[2]))
+            elif parts[0] == "done":
+                result = parts
+        stderr = proc.stderr.read() if proc.stderr else ""
+        proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    if result is None:
+        tail = stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        raise UserError(f"llama.cpp's quantizer stopped unexpectedly ({tail[0]}); run again with --debug")
+    if result[1] != "0":
+        raise UserError(f"llama.cpp's quantizer failed: {result[2] if len(result) > 2 else 'no reason given'}")
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
+
+def _child(src: str, dst: str, ftype: int, threads: int) -> int:
     import llama_cpp as lc
 
     from app import llama
@@ -30,7 +60,7 @@ def _child(src: str, dst: str, ftype: int, threads: int, conn) -> None:  # runs 
     def sink(level: int, message: str) -> None:
         m = _PROGRESS.search(message)
         if m:
-            conn.send(("progress", int(m.group(1)), int(m.group(2))))
+            print("progress", m.group(1), m.group(2), flush=True)
         elif level == 2 or "error" in message.lower() or "failed" in message.lower():
             last_error.append(message.strip())
 
@@ -40,38 +70,10 @@ def _child(src: str, dst: str, ftype: int, threads: int, conn) -> None:  # runs 
     params.ftype = ftype
     params.nthread = threads
     rc = lc.llama_model_quantize(src.encode(), dst.encode(), params)
-    conn.send(("done", rc, last_error[-1] if last_error else ""))
-    conn.close()
+    reason = (last_error[-1] if last_error else "").replace("\n", " ")
+    print("done", rc, reason, flush=True)
+    return 0
 
 
-def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
-             progress: Callable[[int, int], None] | None = None) -> None:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(str(src), str(dst), int(ftype), threads or 0, child), daemon=True)
-    proc.start()
-    child.close()
-    result = None
-    try:
-        while result is None:
-            if parent.poll(0.2):
-                try:
-                    msg = parent.recv()
-                except EOFError:
-                    break
-                if msg[0] == "progress" and progress:
-                    progress(msg[1], msg[2])
-                elif msg[0] == "done":
-                    result = msg
-            elif not proc.is_alive():
-                break
-        proc.join()
-    except BaseException:
-        proc.terminate()
-        proc.join()
-        raise
-    if result is None:
-        raise UserError(f"llama.cpp's quantizer stopped unexpectedly (exit code {proc.exitcode}); "
-                        "run again with --debug --verbose to see its output")
-    if result[1] != 0:
-        raise UserError(f"llama.cpp's quantizer failed: {result[2] or 'no reason given'}")
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))

@@ -6,7 +6,9 @@ the test suite runs, offered to users for their own models (`malhae convert --ve
 Pass criteria, by type:
 - f32: max |Δlogit| ≤ 1e-3 · max(1, max |logit|): absolute for small logits, relative to the largest logit for
   trained models whose logits reach tens (f32 sums in a different order still differ in the last bits).
-- f16, bf16: the top-1 token is the same at every position.
+- f16, bf16: max |Δlogit| ≤ 2e-2 · max(1, max |logit|), and the top-1 token is the same at every position except
+  near-ties: positions where the reference's margin between the two tokens is within 2·max |Δ| (llama.cpp's f16
+  matmul rounds activations to f16, so a tie in the reference can fall either way; random-weight models have many).
 - quantized types: reported, not judged (they are lossy by design; see `malhae eval compare`).
 """
 
@@ -24,6 +26,7 @@ from app.errors import UserError
 from app.llama import Context, Model
 
 F32_TOLERANCE = 1e-3
+F16_TOLERANCE = 2e-2
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class Row:
     max_abs_diff: float
     max_abs_logit: float
     top1_agree: int
+    near_ties: int  # disagreements where the reference's own margin is within 2·max |Δ|
 
 
 @dataclass(frozen=True)
@@ -85,14 +89,21 @@ def compare(type_name: str, prompts: list[str], tokens: list[list[int]], ref: li
     rows = []
     for prompt, toks, a, b in zip(prompts, tokens, ref, got, strict=True):
         b = b[:, : a.shape[1]]  # same rows: the GGUF has exactly the embedding's rows
-        rows.append(Row(prompt, len(toks), float(np.abs(a - b).max()), float(np.abs(a).max()),
-                        int((a.argmax(-1) == b.argmax(-1)).sum())))
+        diff = float(np.abs(a - b).max())
+        want, got_top = a.argmax(-1), b.argmax(-1)
+        positions = np.arange(len(want))
+        margins = a[positions, want] - a[positions, got_top]  # 0 where they agree
+        disagree = want != got_top
+        rows.append(Row(prompt, len(toks), diff, float(np.abs(a).max()), int((~disagree).sum()),
+                        int((disagree & (margins <= 2 * diff)).sum())))
     if type_name == "f32":
         ok = all(r.max_abs_diff <= F32_TOLERANCE * max(1.0, r.max_abs_logit) for r in rows)
         return Report(type_name, rows, "max |Δ| ≤ 1e-3 × max(1, max |logit|)", ok)
     if type_name in ("f16", "bf16"):
-        return Report(type_name, rows, "top-1 identical at every position",
-                      all(r.top1_agree == r.tokens for r in rows))
+        ok = all(r.max_abs_diff <= F16_TOLERANCE * max(1.0, r.max_abs_logit)
+                 and r.top1_agree + r.near_ties == r.tokens for r in rows)
+        return Report(type_name, rows, "max |Δ| ≤ 2e-2 × max(1, max |logit|) and top-1 identical except near-ties",
+                      ok)
     return Report(type_name, rows, "informational (lossy type)", None)
 
 
