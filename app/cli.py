@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = app(args=args, prog_name="malhae", standalone_mode=False)
-        return result if isinstance(result, int) else 0
+        code = result if isinstance(result, int) else 0
     except typer.Exit as e:
-        return e.exit_code
+        code = e.exit_code
     except (typer.Abort, KeyboardInterrupt):
         _error("interrupted (중단됨)")
         return 130
@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if code == 130:  # typer turns KeyboardInterrupt into Exit(130)
+        _error("interrupted (중단됨)")
+    return code
 
 
 def _error(message: str) -> None:

@@ -51,9 +51,9 @@ def convert_summary(result) -> None:
     mix = ", ".join(f"{k} ×{v}" for k, v in sorted(result.tensor_types.items(), key=lambda kv: -kv[1]))
     out.print(f"wrote {result.path} — {_size(result.size)}, {result.type.upper()}, "
               f"{result.bits_per_weight:.2f} bits/weight, {_count(result.n_params)} parameters, "
-              f"{result.seconds:.1f} s")
+              f"{result.seconds:.1f} s", soft_wrap=True)
     err.print(f"[dim]tensors: {mix}; tokenizer '{result.pre}' matches tokenizer.json on "
-              f"{result.parity_texts} texts ({result.parity_tokens} tokens)[/dim]")
+              f"{result.parity_texts} texts ({result.parity_tokens} tokens)[/dim]", soft_wrap=True)
 
 
 def types_table(types: dict) -> None:
@@ -78,4 +78,4 @@ def verify_table(report) -> None:
                       f"{r.top1_agree}/{r.tokens}" + (f" (+{r.near_ties} tie)" if r.near_ties else ""))
     out.print(table)
     verdict = {True: "[green]PASS[/green]", False: "[red]FAIL[/red]", None: "[yellow]INFO[/yellow]"}[report.passed]
-    out.print(f"{verdict} {report.criterion}")
+    out.print(f"{verdict} {report.criterion}", soft_wrap=True)
