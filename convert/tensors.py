@@ -1,4 +1,4 @@
-"""Numeric conversions of one tensor: precision changes, the QKV reorder, and Q8_0 blocks.
+"""Numeric conversions of one tensor: precision changes, the QKV reorder, and Q8_0 blocks (through ggml).
 
 Everything works on bounded row chunks so that the largest tensor of a 12.8B model (the 30080×5120 embedding) never
 needs more than a few tens of MB of scratch memory beyond its own bytes.
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 from gguf import GGMLQuantizationType as QT
+
+from convert import ggml_quant
 
 CHUNK_ELEMENTS = 1 << 22  # 4 Mi values (16 MiB of f32) per step
 
@@ -56,8 +58,9 @@ def convert(dtype: str, data: np.ndarray, target: QT) -> np.ndarray:
             return data
         return _chunked(data, lambda rows: f32_to_bf16(as_f32(dtype, rows)), np.uint16, data.shape[-1])
     if target == QT.Q8_0:
-        row_len = data.shape[-1]
-        return _chunked(data, lambda rows: quantize_q8_0(as_f32(dtype, rows)), np.uint8, row_len // 32 * 34)
+        rows = data.reshape(-1, data.shape[-1])
+        out = ggml_quant.quantize_rows(lambda a, b: as_f32(dtype, rows[a:b]), QT.Q8_0, rows.shape[0], rows.shape[1])
+        return out.reshape(*data.shape[:-1], out.shape[-1])
     raise ValueError(f"unsupported direct output type {target.name}")
 
 
@@ -68,24 +71,6 @@ def _chunked(data: np.ndarray, fn, out_dtype, out_row_len: int) -> np.ndarray:
     for start in range(0, rows.shape[0], step):
         out[start:start + step] = fn(rows[start:start + step])
     return out.reshape(*data.shape[:-1], out_row_len)
-
-
-def quantize_q8_0(x: np.ndarray) -> np.ndarray:
-    """ggml's quantize_row_q8_0_ref: per 32 values, d = max|x|/127 (stored f16) and q = roundf(x/d)."""
-    blocks = x.reshape(-1, 32)
-    amax = np.abs(blocks).max(axis=1, keepdims=True)
-    d = amax / np.float32(127)
-    with np.errstate(divide="ignore"):
-        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-    scaled = blocks * inv
-    a = np.abs(scaled)
-    whole = np.floor(a)
-    # roundf (half away from zero) computed exactly; trunc(x + 0.5) is wrong for values just below one half
-    q = np.copysign(whole + np.floor(2 * (a - whole)), scaled).astype(np.int8)
-    out = np.empty((blocks.shape[0], 34), dtype=np.uint8)
-    out[:, :2] = d.astype(np.float16).view(np.uint8)
-    out[:, 2:] = q.view(np.uint8)
-    return out.reshape(x.shape[0], -1)
 
 
 def nbytes(shape: tuple[int, ...], target: QT) -> int:

@@ -34,9 +34,11 @@ def test_q8_0_is_byte_identical_to_reference():
     x[3, :32] = 0  # an all-zero block
     x[5, 7] = 1e-8
     x[7, :32] = np.linspace(-1, 1, 32) * 127 / 2  # many exact halves after scaling
-    ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
-    assert np.array_equal(tensors.quantize_q8_0(x), ref)
+    ref = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)  # gguf-py's numpy port of ggml's reference
     assert np.array_equal(tensors.convert("F32", x, gguf.GGMLQuantizationType.Q8_0), ref)
+    half = x.astype(np.float16)
+    assert np.array_equal(tensors.convert("F16", half, gguf.GGMLQuantizationType.Q8_0),
+                          gguf.quants.quantize(half.astype(np.float32), gguf.GGMLQuantizationType.Q8_0))
 
 
 def test_bf16_rounding_matches_torch():
