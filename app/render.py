@@ -35,7 +35,7 @@ class ConvertProgress:
         elif stage == "quantizing":
             count = f"{done}/{total} tensors"
         else:
-            count = ""
+            count = f"{done}/{total} files"
         self._progress.update(self._tasks[stage], completed=done, total=total, count=count)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,14 +187,16 @@ def _scan_pickle(path: Path) -> list[TensorRef]:
 class Checkpoint:
     """All tensors of a model directory, listed up front (for the GGUF header) and read one at a time."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, progress: Callable[[int, int], None] | None = None) -> None:
         self.dir = model_dir
         self.format, self.files = find_weight_files(model_dir)
         scan = _scan_safetensors if self.format == "safetensors" else _scan_pickle
         self.refs: dict[str, TensorRef] = {}
-        for file in self.files:
+        for done, file in enumerate(self.files, 1):
             for ref in scan(file):
                 self.refs[ref.name] = ref
+            if progress:
+                progress(done, len(self.files))
 
     def read(self, names: list[str]) -> Iterator[RawTensor]:
         """Yield the named tensors, visiting each shard once; the order is by shard, then as given."""

@@ -118,11 +118,7 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
     otype = out_types.get(type_name)
     cfg = read_config(src)
     vocab = read_vocab(src, cfg.n_vocab, {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id})
-    if progress:
-        progress("reading", 0, 1)
-    ckpt = Checkpoint(src)
-    if progress:
-        progress("reading", 1, 1)
+    ckpt = Checkpoint(src, (lambda d, t: progress("reading", d, t)) if progress else None)
     staged = QT.F16 if otype.direct is None else otype.direct  # what is written first; quantizer types start from f16
     tensors = gguf_out.plan(cfg, ckpt, staged)
     name = model_name(src)

@@ -210,3 +210,15 @@ def test_interrupt_leaves_nothing(larger_model, tmp_path, stage, sig):
     assert "interrupted" in err and "Traceback" not in err
     time.sleep(0.2)  # the quantizer child is gone too: nothing reappears
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(model, tmp_path, capsys):
+    """An added token that swallows the space before it (lstrip) passes every structural check; only the token-id
+    proof catches that llama.cpp would tokenize it differently."""
+    tok = json.loads((model / "tokenizer.json").read_text())
+    for added in tok["added_tokens"]:
+        if added["content"] == "<|sep|>":
+            added["lstrip"] = True
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    _, err = run_cli(capsys, tmp_path, str(model), "-o", str(tmp_path / "o.gguf"))
+    assert "splits" in err and "differently from tokenizer.json" in err and "<|sep|>" in err
