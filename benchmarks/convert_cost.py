@@ -4,7 +4,7 @@
 
 Builds a random-weight checkpoint shaped exactly like polyglot-ko-1.3b (fp16 safetensors, the published config keys,
 1,331,810,304 parameters; ~2.7 GB, about a minute), then times each conversion with /usr/bin/time (wall seconds and
-peak resident memory), alternating the two tools so that both see the same page-cache state, and prints the ratios.
+peak resident memory), alternating the two tools, each run starting from a synced disk, and prints the ratios.
 
 llama.cpp's converter comes from the llama-cpp-python source distribution of the installed version (pip download, or
 --llama-src pointing at a llama.cpp checkout). It fails on this checkpoint as shipped, so a scratch copy is patched in
@@ -86,7 +86,12 @@ def upstream_converter(workdir: Path, llama_src: Path | None) -> tuple[Path, dic
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of a command, by GNU time."""
+    """(wall seconds, peak RSS in MB) of a command, by GNU time.
+
+    Every run starts with no dirty pages (os.sync): a previous run's gigabytes still being written back would
+    otherwise slow the next writer by seconds, whichever tool it is.
+    """
+    os.sync()
     with tempfile.NamedTemporaryFile("r", suffix=".time") as report:
         proc = subprocess.run(["/usr/bin/time", "-o", report.name, "-f", "%e %M", *cmd], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -23,6 +23,7 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 
 from app.errors import UserError
+from app.gguf_info import read_info
 from convert import gguf_out, parity, quantize
 from convert import types as out_types
 from convert.checkpoint import Checkpoint
@@ -174,11 +175,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def summarize(path: Path) -> tuple[dict[str, int], int, int]:
     """Count of tensors per GGML type, the file size, and the bytes of tensor data."""
-    reader = gguf.GGUFReader(path)
-    counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
-    return counts, path.stat().st_size, sum(int(t.n_bytes) for t in reader.tensors)
+    info = read_info(path)
+    counts = {name: n for name, (n, _) in info.type_counts().items()}
+    return counts, info.file_size, sum(t.nbytes for t in info.tensors)
 
 
 def result_json(result: Result) -> str:
