@@ -80,6 +80,84 @@ def convert(
                             exit_code=1)
 
 
+def _oneshot(kind: str):
+    """`complete` and `ask` share every option; only how the prompt is framed differs."""
+
+    def command(
+        prompt: str | None = typer.Argument(None, help="The text; `-` or nothing reads it from a pipe."),
+        model: str | None = typer.Option(None, "--model", "-m", help="GGUF file [default: the bundled demo]."),
+        max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate."),
+        temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy (deterministic)."),
+        top_p: float = typer.Option(0.95, "--top-p"),
+        top_k: int = typer.Option(40, "--top-k"),
+        min_p: float = typer.Option(0.05, "--min-p"),
+        repeat_penalty: float = typer.Option(1.1, "--repeat-penalty"),
+        repeat_last_n: int = typer.Option(64, "--repeat-last-n"),
+        seed: int | None = typer.Option(None, "--seed", help="Fix the sampling seed for repeatable output."),
+        stop: list[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
+        ctx: int | None = typer.Option(None, "--ctx", help="Context size [default: the model's, at most 4096]."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads [default: physical cores]."),
+        gpu_layers: str = typer.Option("auto", "--gpu-layers", help="auto, 0 (CPU only) or a number of layers."),
+        template: str | None = typer.Option(None, "--template", help="Prompt format for ask: base, koalpaca, "
+                                            "kullm [default: from the model's name]."),
+        json_out: bool = typer.Option(False, "--json", help="Print text and statistics as JSON."),
+    ) -> None:
+        from app import oneshot, render
+        from app.engine import Sampling
+        from app.settings import VERBOSE
+
+        sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                            repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed,
+                            max_tokens=max_tokens, stop=tuple(stop))
+        text = oneshot.read_prompt(prompt)
+        run = oneshot.run(kind, text, model, sampling, n_ctx=ctx, threads=threads, gpu_layers=gpu_layers,
+                          template=template, verbose=VERBOSE, notify=render.note)
+        if json_out:
+            render.json_result(run.collect())
+        else:
+            render.stream(run)
+
+    command.__doc__ = {
+        "complete": "Continue a text as it is (raw completion, for base models).",
+        "ask": "Ask one question, framed in the model's prompt format, and print the answer.",
+    }[kind]
+    return command
+
+
+app.command("complete")(_oneshot("complete"))
+app.command("ask")(_oneshot("ask"))
+
+
+@app.command()
+def bench(
+    model: str | None = typer.Argument(None, help="GGUF file [default: the bundled demo]."),
+    llama_bench: Path | None = typer.Option(None, "--llama-bench", help="Also run this llama-bench and compare."),
+    n_prompt: int = typer.Option(512, "--prompt", "-p", help="Prompt tokens for the prompt-speed test."),
+    n_gen: int = typer.Option(128, "--gen", "-n", help="Tokens for the decode-speed test."),
+    repetitions: int = typer.Option(3, "--repetitions", "-r"),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads [default: physical cores]."),
+    gpu_layers: str = typer.Option("auto", "--gpu-layers", help="auto, 0 (CPU only) or a number of layers."),
+    ctx: int | None = typer.Option(None, "--ctx"),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Measure prompt and decode tokens/s through malhae's engine (and llama-bench, side by side)."""
+    from app import bench as benchmod
+    from app import models, render
+    from app.engine import Engine
+    from app.settings import VERBOSE
+
+    path = models.resolve(model, render.note)
+    with Engine(path, n_ctx=ctx or max(n_prompt + 16, 16 + n_gen + 8), threads=threads, gpu_layers=gpu_layers,
+                verbose=VERBOSE, notify=render.note) as engine:
+        pp, tg = benchmod.run_engine(engine, n_prompt, n_gen, repetitions)
+        up_pp = up_tg = None
+        if llama_bench:
+            up_pp, up_tg = benchmod.run_llama_bench(llama_bench, path, n_prompt, n_gen, engine.threads,
+                                                    engine.n_gpu_layers, repetitions)
+        result = benchmod.BenchResult(pp, tg, repetitions, up_pp, up_tg)
+        render.bench_table(result, engine, n_prompt, n_gen, json_out)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in args

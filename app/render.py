@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -79,3 +83,45 @@ def verify_table(report) -> None:
     out.print(table)
     verdict = {True: "[green]PASS[/green]", False: "[red]FAIL[/red]", None: "[yellow]INFO[/yellow]"}[report.passed]
     out.print(f"{verdict} {report.criterion}", soft_wrap=True)
+
+
+def note(message: str) -> None:
+    """A one-time remark about what malhae decided for the user (stderr, never mixed into the output)."""
+    err.print(f"[dim]malhae: {escape(message)}[/dim]", soft_wrap=True)
+
+
+def stream(run) -> None:
+    """Write pieces as they come: raw text on stdout (no markup, no colour), then a dim status line on a terminal."""
+    write, flush = sys.stdout.write, sys.stdout.flush
+    ended_with_newline = True
+    for piece in run.pieces():
+        write(piece)
+        flush()
+        ended_with_newline = piece.endswith("\n")
+    if not ended_with_newline:
+        write("\n")
+    flush()
+    if err.is_terminal:
+        s = run.stats
+        err.print(f"[dim]{s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s, prompt {s.prompt_tokens} tokens "
+                  f"({s.prompt_tps:.0f} tok/s), first token {s.ttft * 1000:.0f} ms, stop: {s.stop_reason}[/dim]")
+
+
+def json_result(data: dict) -> None:
+    sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+def bench_table(result, engine, n_prompt: int, n_gen: int, as_json: bool) -> None:
+    where = f"{engine.n_gpu_layers} GPU layers" if engine.n_gpu_layers else "CPU"
+    if as_json:
+        json_result(result.as_dict() | {"model": str(engine.path), "threads": engine.threads,
+                                        "gpu_layers": engine.n_gpu_layers, "n_prompt": n_prompt, "n_gen": n_gen})
+        return
+    table = Table(title=f"{engine.path.name} — {engine.threads} threads, {where}, median of {result.runs}")
+    for col in ("test", "malhae tok/s", "llama-bench tok/s", "ratio"):
+        table.add_column(col, justify="right")
+    for label, mine, theirs in ((f"pp{n_prompt}", result.prompt_tps, result.upstream_prompt_tps),
+                                (f"tg{n_gen}", result.decode_tps, result.upstream_decode_tps)):
+        table.add_row(label, f"{mine:.1f}", f"{theirs:.1f}" if theirs else "—",
+                      f"{mine / theirs:.1%}" if theirs else "—")
+    out.print(table)

@@ -1,0 +1,83 @@
+"""How many layers to put on the GPU: a pure function of the model's tensor sizes and the free VRAM.
+
+llama.cpp offloads whole repeating layers (blk.N.*) plus, once all of them are on the GPU, the output layer; the
+token embedding stays on the CPU (it is only indexed). Each offloaded layer also brings its share of the KV cache.
+The GPU additionally needs a compute buffer (activations and logits for one batch) and room for the CUDA context,
+which this estimates conservatively; a load that still fails is retried with fewer layers by the engine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from app.gguf_info import GGUFInfo
+
+CUDA_CONTEXT_BYTES = 400 * 2**20  # driver + cuBLAS workspace, measured at 300-450 MB on recent CUDA
+SAFETY_FRACTION = 0.05  # of the free memory, for fragmentation and other processes
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    n_layer: int
+    layer_bytes: list[int]  # weights of each repeating layer
+    output_bytes: int  # output norm + output matrix (offloaded with the last "layer")
+    kv_bytes_per_layer: int  # for the chosen context, f16 K and V
+    compute_bytes: int  # GPU scratch for one batch
+
+    @property
+    def total(self) -> int:
+        return sum(self.layer_bytes) + self.output_bytes + self.kv_bytes_per_layer * self.n_layer + self.compute_bytes
+
+
+@dataclass(frozen=True)
+class Plan:
+    n_gpu_layers: int  # llama.cpp's number: n_layer + 1 means "everything, output layer included"
+    n_layer: int
+    gpu_bytes: int  # what the offloaded part needs, estimated
+    free_bytes: int
+    reason: str
+
+    @property
+    def full(self) -> bool:
+        return self.n_gpu_layers > self.n_layer
+
+
+def model_sizes(info: GGUFInfo, n_ctx: int, n_batch: int = 512) -> ModelSizes:
+    n_layer = int(info.arch_value("block_count") or 0)
+    n_embd = int(info.arch_value("embedding_length") or 0)
+    n_ff = int(info.arch_value("feed_forward_length") or 4 * n_embd)
+    n_head = int(info.arch_value("attention.head_count") or 1)
+    n_head_kv = int(info.arch_value("attention.head_count_kv") or n_head)
+    n_vocab = int(info.metadata.get("tokenizer.ggml.tokens") or 0)
+    layers = [0] * n_layer
+    output = 0
+    for t in info.tensors:
+        m = _LAYER.match(t.name)
+        if m and int(m.group(1)) < n_layer:
+            layers[int(m.group(1))] += t.nbytes
+        elif t.name.startswith("output"):
+            output += t.nbytes
+    kv = 2 * n_ctx * (n_embd * n_head_kv // n_head) * 2  # K and V, f16
+    compute = n_batch * (n_vocab + 4 * n_ff + 8 * n_embd) * 4 + 64 * 2**20
+    return ModelSizes(n_layer, layers, output, kv, compute)
+
+
+def plan(sizes: ModelSizes, free_bytes: int | None) -> Plan:
+    """The most layers that fit in `free_bytes` (None: no usable GPU)."""
+    if not free_bytes or sizes.n_layer == 0:
+        return Plan(0, sizes.n_layer, 0, free_bytes or 0, "no GPU")
+    budget = free_bytes * (1 - SAFETY_FRACTION) - CUDA_CONTEXT_BYTES - sizes.compute_bytes
+    everything = sum(sizes.layer_bytes) + sizes.output_bytes + sizes.kv_bytes_per_layer * sizes.n_layer
+    if everything <= budget:
+        return Plan(sizes.n_layer + 1, sizes.n_layer, int(everything + sizes.compute_bytes + CUDA_CONTEXT_BYTES),
+                    free_bytes, "all layers fit")
+    used, n = 0, 0
+    for layer in sizes.layer_bytes:
+        if used + layer + sizes.kv_bytes_per_layer > budget:
+            break
+        used += layer + sizes.kv_bytes_per_layer
+        n += 1
+    reason = f"{n} of {sizes.n_layer} layers fit in {free_bytes / 2**30:.1f} GiB free"
+    return Plan(n, sizes.n_layer, int(used + sizes.compute_bytes + CUDA_CONTEXT_BYTES) if n else 0, free_bytes, reason)

@@ -1,0 +1,52 @@
+"""Build llama.cpp's own llama-bench, llama-quantize and llama-perplexity from the installed llama-cpp-python's source.
+
+    python benchmarks/build_llama_tools.py [--dest DIR] [--cuda]
+
+These are the anchors malhae is measured against (same llama.cpp version as the engine uses). The source comes from
+the llama-cpp-python source distribution on PyPI (`pip download`); nothing is committed. About 9 minutes on 2 cores.
+Prints the directory holding the binaries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity"]
+
+
+def main() -> None:
+    version = importlib.metadata.version("llama-cpp-python")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dest", type=Path, default=Path.home() / ".cache" / "malhae" / f"llama-tools-{version}")
+    parser.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=on")
+    args = parser.parse_args()
+    bin_dir = args.dest / "build" / "bin"
+    if all((bin_dir / t).is_file() for t in TARGETS):
+        print(bin_dir)
+        return
+    src = args.dest / "llama.cpp"
+    if not src.is_dir():
+        args.dest.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=args.dest) as tmp:
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+                            "-d", tmp, f"llama-cpp-python=={version}"], check=True)
+            with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
+                tar.extractall(tmp, filter="data")
+            os.replace(next(Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp", src)
+    flags = ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
+             "-DCMAKE_BUILD_TYPE=Release"] + (["-DGGML_CUDA=on"] if args.cuda else [])
+    subprocess.run(["cmake", "-S", str(src), "-B", str(args.dest / "build"), *flags], check=True)
+    subprocess.run(["cmake", "--build", str(args.dest / "build"), "-j", str(os.cpu_count() or 2),
+                    "--target", *TARGETS], check=True)
+    print(bin_dir)
+
+
+if __name__ == "__main__":
+    main()
