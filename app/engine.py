@@ -105,6 +105,7 @@ class Engine:
         self.vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab
         self.cache: list[int] = []  # tokens whose K/V are in the context, in order
+        self.generated: list[int] = []
         self.stats = Stats()
 
     # --- loading ---------------------------------------------------------------------------------------------
@@ -249,6 +250,7 @@ class Engine:
         buf = ctypes.create_string_buffer(256)
         one = (lc.llama_token * 1)()
         cache = self.cache
+        self.generated = generated = []  # token ids of this answer, for callers that need them (tests, eval)
         n = 0
         first = 0.0
         stats.stop_reason = "interrupted"
@@ -265,6 +267,7 @@ class Engine:
                     stats.stop_reason = "eos"
                     break
                 n += 1
+                generated.append(token)
                 size = to_piece(vocab, token, buf, 256, 0, False)
                 piece = stream.feed(buf.raw[:size])
                 if piece:

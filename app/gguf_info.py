@@ -168,7 +168,7 @@ def read_info(path: Path, arrays: tuple[str, ...] = ()) -> GGUFInfo:
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from e
     info = GGUFInfo(path, version, meta, tensors, data_offset, size)
-    end = max((data_offset + t.offset + t.nbytes for t in tensors), default=data_offset)
+    end = max((data_offset + t.offset + t.nbytes for t in tensors), default=0)  # a vocab-only file has no data
     if end > size:
         raise UserError(f"{path} is truncated: its tensors need {end} bytes but the file has {size}; "
                         "copy or convert it again")
