@@ -45,3 +45,15 @@ def k_quant_checkpoint(tmp_path_factory):
     """Rows of 256 so that k-quants apply for real instead of falling back to legacy types."""
     return factory.build(tmp_path_factory.mktemp("kq") / "kq", factory.Spec("kq", hidden=256, heads=4, ff=512,
                                                                              weights="safetensors"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu need a CUDA build of llama-cpp-python and a GPU NVML can see; CI has neither."""
+    from app import hardware
+
+    if hardware.llama_supports_gpu() and hardware.nvidia_gpus():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU and a CUDA build of llama-cpp-python")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -40,6 +40,9 @@ def test_complete_from_a_pipe_is_plain_text(model_path):
     assert proc.returncode == 0, proc.stderr.decode()
     out = proc.stdout.decode()
     assert out.strip() and "\x1b[" not in out  # no colours when stdout is not a terminal
+    assert "llama_model_load" not in proc.stderr.decode() and "load_tensors" not in proc.stderr.decode()
+    verbose = malhae("--verbose", "complete", "x", "-m", str(model_path), "-n", "2")
+    assert "load_tensors" in verbose.stderr.decode()  # llama.cpp's own log only when asked for
     same = malhae("complete", "-", "-m", str(model_path), "-n", "12", "--temperature", "0",
                   stdin="대한민국의 주권은".encode())
     assert same.stdout == proc.stdout  # trailing newline of piped input is not part of the prompt

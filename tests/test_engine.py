@@ -122,3 +122,42 @@ def test_long_korean_stream_has_no_broken_characters():
             assert all("\ufffd" not in p for p in pieces), seed
             assert "".join(pieces) == demo.detokenize(demo.generated)
             assert sum(len(p.encode()) for p in pieces) > 300  # it really wrote a long Korean text
+
+
+def _fake_gpu(monkeypatch, supports: bool, free: int = 20 * 2**30):
+    from app import hardware
+
+    gpu = hardware.GPU(0, "NVIDIA GeForce RTX 4090", 24 * 2**30, free)
+    monkeypatch.setattr(hardware, "nvidia_gpus", lambda: (gpu,))
+    monkeypatch.setattr(hardware, "llama_supports_gpu", lambda: supports)
+
+
+def test_cpu_only_build_on_a_gpu_machine_says_how_to_get_cuda(model_path, monkeypatch):
+    """NVML and a GPU cannot be had here: the machine's answers are replaced, llama.cpp itself is real."""
+    _fake_gpu(monkeypatch, supports=False)
+    said: list[str] = []
+    with Engine(model_path, n_ctx=64, notify=said.append) as e:
+        assert e.n_gpu_layers == 0
+    assert len(said) == 1 and 'CMAKE_ARGS="-DGGML_CUDA=on" pip install' in said[0] and "RTX 4090" in said[0]
+
+
+def test_failed_gpu_load_retries_with_fewer_layers(model_path, monkeypatch):
+    from app import llama
+
+    _fake_gpu(monkeypatch, supports=True)
+    real_init = llama.Model.__init__
+    tried: list[int] = []
+
+    def picky(self, path, *, vocab_only=False, n_gpu_layers=0, use_mmap=True):
+        tried.append(n_gpu_layers)
+        if n_gpu_layers > 1:  # as if the GPU ran out of memory
+            raise UserError("cannot load: out of device memory")
+        real_init(self, path, vocab_only=vocab_only, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+
+    monkeypatch.setattr(llama.Model, "__init__", picky)
+    said: list[str] = []
+    with Engine(model_path, n_ctx=64, notify=said.append) as e:
+        assert e.n_gpu_layers <= 1
+        e.complete(PROMPT, Sampling(temperature=0, max_tokens=4))
+    assert tried[0] == 3 and tried == sorted(tried, reverse=True)  # planned all 2 layers + output, then fewer
+    assert any("retrying with" in s for s in said)

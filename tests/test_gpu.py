@@ -1,0 +1,47 @@
+"""On an NVIDIA GPU with a CUDA build: automatic offload puts everything on the GPU and computes what the CPU does."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app import models
+from app.engine import Engine, Sampling
+from app.llama import Context, Model
+from convert import pipeline
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def model_path(k_quant_checkpoint, tmp_path_factory):
+    return pipeline.convert(k_quant_checkpoint, "q8_0", tmp_path_factory.mktemp("gpu") / "m.gguf").path
+
+
+def test_auto_offloads_every_layer(model_path):
+    with Engine(model_path, n_ctx=256) as e:
+        assert e.plan.full and e.n_gpu_layers == e.plan.n_layer + 1
+        _, stats = e.complete("대한민국의 주권은", Sampling(temperature=0, max_tokens=32, ignore_eos=True))
+        assert stats.generated_tokens == 32 and stats.decode_tps > 0
+
+
+def test_gpu_logits_match_cpu(model_path):
+    with Model(model_path) as m:
+        tokens = m.tokenize("대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.")
+        with Context(m, n_ctx=128) as ctx:
+            cpu = ctx.logits(tokens)
+    with Model(model_path, n_gpu_layers=99) as m, Context(m, n_ctx=128) as ctx:
+        gpu = ctx.logits(tokens)
+    scale = max(1.0, float(np.abs(cpu).max()))
+    assert float(np.abs(cpu - gpu).max()) <= 2e-2 * scale
+
+
+@pytest.mark.skipif(models.demo_model() is None, reason="the bundled demo model is not built")
+def test_demo_greedy_is_the_same_on_gpu_and_cpu():
+    greedy = Sampling(temperature=0, max_tokens=40)
+    with Engine(models.demo_model(), gpu_layers=0) as cpu:
+        cpu_text, _ = cpu.complete("대한민국의 주권은", greedy)
+    with Engine(models.demo_model()) as gpu:
+        assert gpu.n_gpu_layers > 0
+        gpu_text, _ = gpu.complete("대한민국의 주권은", greedy)
+    assert gpu_text == cpu_text
