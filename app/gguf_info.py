@@ -7,6 +7,7 @@ metadata and each tensor's name, type and size, which this reads in milliseconds
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass
@@ -157,10 +155,7 @@ def read_info(path: Path, arrays: tuple[str, ...] = ()) -> GGUFInfo:
                 shape = tuple(buf.unpack("<Q") for _ in range(n_dims))
                 ttype, offset = GGMLQuantizationType(buf.unpack("<I")), buf.unpack("<Q")
                 block, type_size = GGML_QUANT_SIZES[ttype]
-                n = 1
-                for d in shape:
-                    n *= d
-                tensors.append(TensorInfo(name, shape, ttype, offset, n // block * type_size))
+                tensors.append(TensorInfo(name, shape, ttype, offset, math.prod(shape) // block * type_size))
             alignment = int(meta.get("general.alignment", 32))
             data_offset = -(-buf.offset // alignment) * alignment
     except (EOFError, struct.error, ValueError, UnicodeDecodeError) as e:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -129,7 +130,10 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
 
     out = (out or default_output(src, otype.name)).absolute()
     _check_output(out, force)
-    n_params = sum(_numel(t.shape) for t in tensors)
+    own = {p.resolve() for p in (*ckpt.files, src / "config.json", src / "tokenizer.json")}
+    if out.resolve() in own:
+        raise UserError(f"-o {out} is one of the checkpoint's own files; write the GGUF somewhere else")
+    n_params = sum(math.prod(t.shape) for t in tensors)
     staged_bytes = gguf_out.total_bytes(tensors)
     final_bytes = staged_bytes if otype.direct is not None else int(n_params * otype.bpw / 8 * 1.15)
     metadata_bytes = 8 * sum(len(t) + 16 for t in vocab.tokens) + 2**20
@@ -165,12 +169,6 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
                   bits_per_weight=data_bytes * 8 / n_params, seconds=time.perf_counter() - start,
                   parity_texts=report.texts, parity_tokens=report.tokens, pre=vocab.pre, tensor_types=tensor_types)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def summarize(path: Path) -> tuple[dict[str, int], int, int]:

@@ -222,3 +222,12 @@ def test_tokenizer_llama_cpp_cannot_reproduce_is_refused(model, tmp_path, capsys
     (model / "tokenizer.json").write_text(json.dumps(tok))
     _, err = run_cli(capsys, tmp_path, str(model), "-o", str(tmp_path / "o.gguf"))
     assert "splits" in err and "differently from tokenizer.json" in err and "<|sep|>" in err
+
+
+def test_output_onto_the_checkpoint_itself_is_refused(model, tmp_path, capsys):
+    shard = sorted(model.glob("*.safetensors"))[0]
+    before = shard.read_bytes()
+    code = main(["convert", str(model), "-o", str(shard), "--force"])
+    err = capsys.readouterr().err
+    assert code == 2 and "one of the checkpoint's own files" in err
+    assert shard.read_bytes() == before
