@@ -8,6 +8,7 @@ GPU with full offload). Decode speed excludes the first token, which belongs to 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -58,6 +59,16 @@ def run_engine(engine: Engine, n_prompt: int, n_gen: int, repetitions: int) -> t
     return statistics.median(pp), statistics.median(tg)
 
 
+def _same_libraries_env() -> dict[str, str]:
+    """Make llama-bench load the very llama.cpp libraries the engine uses (it links them through RUNPATH, which
+    LD_LIBRARY_PATH overrides), so that the ratio measures the engine, not two different compilations of llama.cpp
+    (a llama-bench built separately from the same source has a different libggml-cpu.so here)."""
+    import llama_cpp
+
+    lib_dir = os.environ.get("LLAMA_CPP_LIB_PATH") or str(Path(llama_cpp.__file__).parent / "lib")
+    return dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [lib_dir, os.environ.get("LD_LIBRARY_PATH")])))
+
+
 def run_llama_bench(exe: Path, model: Path, n_prompt: int, n_gen: int, threads: int, gpu_layers: int,
                     repetitions: int) -> tuple[float, float]:
     if not exe.is_file():
@@ -67,7 +78,7 @@ def run_llama_bench(exe: Path, model: Path, n_prompt: int, n_gen: int, threads: 
     repack = "1" if use_extra_buffer_types() else "0"
     cmd = [str(exe), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
            "-ngl", str(gpu_layers), "-r", str(repetitions), "--repack", repack, "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_same_libraries_env())
     if proc.returncode != 0:
         raise UserError(f"llama-bench failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     rows = json.loads(proc.stdout)
