@@ -48,11 +48,13 @@ def convert(
                                       "weights)."),
     type_name: str = typer.Option("f16", "--type", "-t", help="Output type: f32, f16, bf16, q8_0, q6_k, q5_k_m, "
                                   "q4_k_m, q4_0, q3_k_m, q2_k, iq4_nl, … (see `malhae convert --list-types`)."),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Output file [default: ./<model>-<type>.gguf]."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output file (default: ./<model>-<type>.gguf)."),
     force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output file if it exists."),
     verify: bool = typer.Option(False, "--verify", help="Compare logits with transformers afterwards."),
-    threads: int | None = typer.Option(None, "--threads", help="Threads for quantizing [default: all cores]."),
+    threads: int | None = typer.Option(None, "--threads", help="Threads for quantizing (default: all cores)."),
     list_types: bool = typer.Option(False, "--list-types", help="List the output types and exit."),
+    name: str | None = typer.Option(None, "--name", help="The model's name in the GGUF (default: the folder's, "
+                                    "or the hub id's)."),
 ) -> None:
     """Convert a Polyglot-Ko (GPT-NeoX) checkpoint into a GGUF file, proven to tokenize like the original."""
     from app import render
@@ -68,7 +70,8 @@ def convert(
         raise UserError("give the model directory: malhae convert ./polyglot-ko-1.3b --type q4_k_m")
     init(VERBOSE)
     with render.ConvertProgress() as progress:
-        result = pipeline.convert(src, type_name, output, force=force, threads=threads, progress=progress.update)
+        result = pipeline.convert(src, type_name, output, force=force, threads=threads, progress=progress.update,
+                                  name=name)
     render.convert_summary(result)
     if verify:
         from convert.verify import verify as run_verify
@@ -85,7 +88,7 @@ def _oneshot(kind: str):
 
     def command(
         prompt: str | None = typer.Argument(None, help="The text; `-` or nothing reads it from a pipe."),
-        model: str | None = typer.Option(None, "--model", "-m", help="GGUF file [default: the bundled demo]."),
+        model: str | None = typer.Option(None, "--model", "-m", help="GGUF file (default: the bundled demo)."),
         max_tokens: int = typer.Option(256, "--max-tokens", "-n", help="Most tokens to generate."),
         temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy (deterministic)."),
         top_p: float = typer.Option(0.95, "--top-p"),
@@ -95,11 +98,11 @@ def _oneshot(kind: str):
         repeat_last_n: int = typer.Option(64, "--repeat-last-n"),
         seed: int | None = typer.Option(None, "--seed", help="Fix the sampling seed for repeatable output."),
         stop: list[str] = typer.Option([], "--stop", help="Stop before this text (repeatable)."),
-        ctx: int | None = typer.Option(None, "--ctx", help="Context size [default: the model's, at most 4096]."),
-        threads: int | None = typer.Option(None, "--threads", help="CPU threads [default: physical cores]."),
+        ctx: int | None = typer.Option(None, "--ctx", help="Context size (default: the model's, at most 4096)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
         gpu_layers: str = typer.Option("auto", "--gpu-layers", help="auto, 0 (CPU only) or a number of layers."),
         template: str | None = typer.Option(None, "--template", help="Prompt format for ask: base, koalpaca, "
-                                            "kullm [default: from the model's name]."),
+                                            "kullm (default: from the model's name)."),
         json_out: bool = typer.Option(False, "--json", help="Print text and statistics as JSON."),
     ) -> None:
         from app import oneshot, render
@@ -130,12 +133,12 @@ app.command("ask")(_oneshot("ask"))
 
 @app.command()
 def bench(
-    model: str | None = typer.Argument(None, help="GGUF file [default: the bundled demo]."),
+    model: str | None = typer.Argument(None, help="GGUF file (default: the bundled demo)."),
     llama_bench: Path | None = typer.Option(None, "--llama-bench", help="Also run this llama-bench and compare."),
     n_prompt: int = typer.Option(512, "--prompt", "-p", help="Prompt tokens for the prompt-speed test."),
     n_gen: int = typer.Option(128, "--gen", "-n", help="Tokens for the decode-speed test."),
     repetitions: int = typer.Option(3, "--repetitions", "-r"),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads [default: physical cores]."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
     gpu_layers: str = typer.Option("auto", "--gpu-layers", help="auto, 0 (CPU only) or a number of layers."),
     ctx: int | None = typer.Option(None, "--ctx"),
     json_out: bool = typer.Option(False, "--json"),
@@ -156,6 +159,35 @@ def bench(
                                                     engine.n_gpu_layers, repetitions)
         result = benchmod.BenchResult(pp, tg, repetitions, up_pp, up_tg)
         render.bench_table(result, engine, n_prompt, n_gen, json_out)
+
+
+@app.command()
+def chat(
+    model: str | None = typer.Option(None, "--model", "-m", help="GGUF file (default: the bundled demo)."),
+    template: str | None = typer.Option(None, "--template", help="Prompt format: base, koalpaca, kullm "
+                                        "(default: from the model's name)."),
+    system: str | None = typer.Option(None, "--system", help="System text (default: the template's)."),
+    ctx: int | None = typer.Option(None, "--ctx", help="Context size (default: the model's, at most 4096)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+    gpu_layers: str = typer.Option("auto", "--gpu-layers", help="auto, 0 (CPU only) or a number of layers."),
+    temperature: float = typer.Option(0.7, "--temperature", help="0 = greedy (deterministic)."),
+    top_p: float = typer.Option(0.95, "--top-p"),
+    top_k: int = typer.Option(40, "--top-k"),
+    min_p: float = typer.Option(0.05, "--min-p"),
+    repeat_penalty: float = typer.Option(1.1, "--repeat-penalty"),
+    max_tokens: int = typer.Option(512, "--max-tokens", "-n", help="Most tokens per answer."),
+    seed: int | None = typer.Option(None, "--seed", help="Fix the sampling seed for repeatable answers."),
+    no_color: bool = typer.Option(False, "--no-color", help="No colours or styles (also: the NO_COLOR variable)."),
+) -> None:
+    """Talk with a model (대화): streaming answers, input history, /commands; /help inside for more."""
+    from app import chat as chat_mod
+    from app.engine import Sampling
+    from app.settings import VERBOSE
+
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed)
+    chat_mod.run(model=model, template=template, system=system, sampling=sampling, ctx=ctx, threads=threads,
+                 gpu_layers=gpu_layers, no_color=no_color, verbose=VERBOSE)
 
 
 def main(argv: list[str] | None = None) -> int:

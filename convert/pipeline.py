@@ -115,7 +115,7 @@ def _check_space(directory: Path, needed: int) -> None:
 
 
 def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool = False, threads: int | None = None,
-            progress: Progress | None = None) -> Result:
+            progress: Progress | None = None, name: str | None = None) -> Result:
     start = time.perf_counter()
     otype = out_types.get(type_name)
     cfg = read_config(src)
@@ -123,12 +123,12 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
     ckpt = Checkpoint(src, (lambda d, t: progress("reading", d, t)) if progress else None)
     staged = QT.F16 if otype.direct is None else otype.direct  # what is written first; quantizer types start from f16
     tensors = gguf_out.plan(cfg, ckpt, staged)
-    name = model_name(src)
+    name = name or model_name(src)
     hub = hub_id(src, cfg.name_or_path)
     meta = gguf_out.Metadata(name=name, source=hub or str(src.resolve()), hub_id=hub,
                              license=find_license(src, hub or name))
 
-    out = (out or default_output(src, otype.name)).absolute()
+    out = (out or Path.cwd() / f"{name}-{otype.name}.gguf").absolute()
     _check_output(out, force)
     own = {p.resolve() for p in (*ckpt.files, src / "config.json", src / "tokenizer.json")}
     if out.resolve() in own:

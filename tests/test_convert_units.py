@@ -122,3 +122,11 @@ def test_license_from_model_card(checkpoints, tmp_path):
     (src / "README.md").write_text("---\nlanguage: ko\nlicense: cc-by-nc-4.0\n---\n# card\n")
     _, v = _fields(pipeline.convert(src, "f16", tmp_path / "m.gguf").path)
     assert v("general.license") == "cc-by-nc-4.0"
+
+
+def test_name_option(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = pipeline.convert(checkpoints("tf4-st-f16"), "f16", name="내-모델-v2")
+    assert result.path == tmp_path / "내-모델-v2-f16.gguf"
+    _, v = _fields(result.path)
+    assert v("general.name") == "내-모델-v2"
