@@ -97,17 +97,22 @@ class _Buffer:
             self.need(n)
             self.pos += n
         elif vtype == ARRAY:
-            etype, count = self.unpack("<I"), self.unpack("<Q")
-            if etype in _SCALARS:
-                size = struct.calcsize(_SCALARS[etype]) * count
-                self.need(size)
-                self.pos += size
-            else:
-                for _ in range(count):
-                    self.skip_value(etype)
+            self.skip_array()
         else:
             self.need(struct.calcsize(_SCALARS[vtype]))
             self.pos += struct.calcsize(_SCALARS[vtype])
+
+    def skip_array(self) -> int:
+        """Skip an array value (its type and count already next); return its length."""
+        etype, count = self.unpack("<I"), self.unpack("<Q")
+        if etype in _SCALARS:
+            size = struct.calcsize(_SCALARS[etype]) * count
+            self.need(size)
+            self.pos += size
+        else:
+            for _ in range(count):
+                self.skip_value(etype)
+        return count
 
     def value(self, vtype: int):
         if vtype == STRING:
@@ -138,15 +143,7 @@ def read_info(path: Path, arrays: tuple[str, ...] = ()) -> GGUFInfo:
             for _ in range(n_kv):
                 key, vtype = buf.string(), buf.unpack("<I")
                 if vtype == ARRAY and key not in arrays:
-                    etype, count = buf.unpack("<I"), buf.unpack("<Q")
-                    meta[key] = count
-                    if etype in _SCALARS:
-                        nbytes = struct.calcsize(_SCALARS[etype]) * count
-                        buf.need(nbytes)
-                        buf.pos += nbytes
-                    else:
-                        for _ in range(count):
-                            buf.skip_value(etype)
+                    meta[key] = buf.skip_array()
                 else:
                     meta[key] = buf.value(vtype)
             tensors = []
