@@ -10,13 +10,12 @@ directory, and measures every file through llama.cpp on the two bills the demo m
 - mean KL divergence of the file's next-token distribution from F16's, over the positions perplexity scores (what
   llama-perplexity --kl-divergence reports): the most sensitive of the three;
 - held-out perplexity, computed by app.perplexity exactly as llama-perplexity computes it, and its ratio to F16's.
-  On text this far from the training data it barely moves even at Q2_K (the model's own uncertainty dominates), so
+  On text this far from the training data it barely moves until Q2_K (the model's own uncertainty dominates), so
   read it together with the other two columns.
 
 Why: the tests hold Q8_0 and Q4_K_M to bounds set from these numbers, and the model card quotes the table, so there
-is one script that produces them. It is a measurement, not a test: nothing here asserts or times anything. A 9 M
-parameter model with 256-wide rows is harder on k-quants than a real 1.3B model is (each block scale covers a larger
-share of a row), so the losses here are an upper bound on what the family's models see, not a prediction.
+is one script that produces them. It is a measurement, not a test: nothing here asserts or times anything. The
+numbers describe this 8.6 M-parameter model; they are not a prediction for the family's 1.3B-12.8B models.
 """
 
 from __future__ import annotations

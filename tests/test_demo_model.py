@@ -71,23 +71,23 @@ def test_held_out_perplexity_far_below_untrained(f16_ppl, tmp_path):
 
     n_vocab = json.loads((HF / "config.json").read_text(encoding="utf-8"))["vocab_size"]
     assert untrained_ppl > 0.5 * n_vocab  # the comparison is with a model that knows nothing
-    # measured: 242.97 vs 8013.6 (ratio 0.030); trained without word splitting, the same shape reached only 0.15
+    # measured: 222.25 vs 7606.9 (ratio 0.029); trained without word splitting, this shape reached only 0.15
     assert f16_ppl <= 0.1 * untrained_ppl, (f16_ppl, untrained_ppl)
 
 
 def test_quantized_files_stay_close_to_f16(f16_ppl, tmp_path):
     """Bounds from benchmarks/quant_quality.py's measurement, with margin (models/demo/MODEL_CARD.md): Q8_0 agreed
-    with F16 on 99.39 % of positions at perplexity ×0.999, Q4_K_M on 96.33 % at ×0.996. Top-1 agreement is the
-    sharper check: on text this unlike the training data, perplexity hardly moves even at Q2_K."""
+    with F16 on 99.19 % of positions at perplexity ×0.9995, Q4_K_M on 94.73 % at ×1.0045. Top-1 agreement is the
+    sharper check: on text this unlike the training data, perplexity moves little even at Q3_K_M."""
     q8 = pipeline.convert(HF, "q8_0", tmp_path / "q8_0.gguf").path
     q4 = pipeline.convert(HF, "q4_k_m", tmp_path / "q4_k_m.gguf").path
     with Model(GGUF, vocab_only=True) as vocab:
         chunks = windows(vocab.tokenize(_held_out_text(), parse_special=False), 512)
     reference = _top1(GGUF, chunks)
 
-    assert float((_top1(q8, chunks) == reference).mean()) >= 0.985
+    assert float((_top1(q8, chunks) == reference).mean()) >= 0.98
     assert perplexity(q8, _held_out_text())[0] <= 1.01 * f16_ppl
-    assert float((_top1(q4, chunks) == reference).mean()) >= 0.94
+    assert float((_top1(q4, chunks) == reference).mean()) >= 0.92
     assert perplexity(q4, _held_out_text())[0] <= 1.05 * f16_ppl
 
 
@@ -103,7 +103,7 @@ def test_shipped_gguf_is_the_conversion_of_the_checkpoint(tmp_path):
 
 
 def test_shipped_gguf_logits_match_transformers():
-    """Top-1 identical at every position (no near-tie excuse: measured max |Δlogit| 0.009 against logits of 11-17),
+    """Top-1 identical at every position (no near-tie excuse: measured max |Δlogit| 0.012 against logits of 12-18),
     on the article-1 prompt and the converter's verification prompts, so that there are positions enough to fail."""
     prompts = ["대한민국의 주권은 국민에게", *verify.default_prompts()]
     tokenizer = Tokenizer.from_file(str(HF / "tokenizer.json"))

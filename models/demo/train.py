@@ -65,7 +65,6 @@ class Corpus:
     held_out: str
 
 
-
 def load_corpus() -> Corpus:
     bills = sorted((CORPUS / "bills").glob("*.txt"))
     missing = [name for name in HELD_OUT if not (CORPUS / "bills" / name).is_file()]
@@ -134,7 +133,7 @@ def model_config(n_rows: int, args: argparse.Namespace):
 class Segmenter:
     """Each training document as BPE ids: canonically, or with some words split in two (subword regularisation).
 
-    A BPE vocabulary learnt from ~130 kB of text holds nearly every training word whole, so canonical encoding never
+    A BPE vocabulary learnt from ~180 kB of text holds nearly every training word whole, so canonical encoding never
     shows the model a word spelt in pieces — yet that is all an unseen word can be, and the held-out bills are full of
     them. Encoding a fraction of the words as two canonically encoded halves (a seeded, simpler cousin of
     BPE-dropout, Provilkov et al. 2020) teaches the model to read and predict such pieces. The shipped tokenizer is
