@@ -660,7 +660,7 @@ class Chat:
     def cmd_load(self, arg: str) -> None:
         if not arg:
             raise UserError("give a file saved with /save: /load chat.json")
-        loaded, model = conv_mod.load(Path(arg))
+        loaded, model = conv_mod.load(Path(arg), self.conv.template)
         loaded.ctx = self.conv.ctx  # the context size belongs to the running engine, not to the file
         self.conv = loaded
         self.template_fixed = True
@@ -670,10 +670,10 @@ class Chat:
 
     def cmd_model(self, arg: str) -> None:
         if not arg:
-            raise UserError("give a model file: /model path/to/model.gguf")
-        self._reopen(Path(arg).expanduser(), self.conv.ctx)
+            raise UserError("give a model file or a name from `malhae models`: /model path/to/model.gguf")
+        self._reopen(models.resolve(arg), self.conv.ctx)
         if not self.template_fixed:
-            self.conv.template = templates.for_model(self.engine.name)
+            self.conv.template = templates.for_engine(self.engine)
         self.info(f"model {self.engine.name} ({self.engine.path.name}) · template {self.conv.template.name} · "
                   f"context {self.engine.n_ctx} tokens; the conversation stays")
 
@@ -730,7 +730,7 @@ def open_chat(*, model: str | None, template: str | None = None, system: str | N
     with console.status(f"loading {path.name}…"):
         engine = open_engine(path, ctx)
     try:
-        conversation = Conversation(chosen or templates.for_model(engine.name), sampling, ctx, system)
+        conversation = Conversation(chosen or templates.for_engine(engine), sampling, ctx, system)
         if out is None:
             out = sys.stdout
         if reader is None and sys.stdin.isatty():

@@ -216,8 +216,11 @@ class Conversation:
                 "turns": [{"role": role, "text": text} for role, text in self.turns]}
 
     @classmethod
-    def from_dict(cls, data: object, where: str = "the file") -> Conversation:
-        """Check everything before anything is used: a hand-edited or foreign file gets one line naming the field."""
+    def from_dict(cls, data: object, where: str = "the file", current: Template | None = None) -> Conversation:
+        """Check everything before anything is used: a hand-edited or foreign file gets one line naming the field.
+
+        `current` is the running model's template: a chat saved under a model's own Jinja template (name "gguf", not
+        one of malhae's) can only be continued with a model that brings one, so that is the one it gets."""
         def bad(what: str) -> UserError:
             return UserError(f"cannot load {where}: {what}")
 
@@ -234,8 +237,11 @@ class Conversation:
         name = data.get("template")
         if not isinstance(name, str):
             raise bad('"template" is missing or not text')
-        if name not in templates.all_templates():
-            raise bad(f"unknown template {name!r} (known: {', '.join(templates.all_templates())})")
+        own = current is not None and name == current.name and name not in templates.all_templates()
+        if not own and name not in templates.all_templates():
+            hint = "; it was saved with a model's own chat template: load it while running such a model" \
+                if name == "gguf" else ""
+            raise bad(f"unknown template {name!r} (known: {', '.join(templates.all_templates())}){hint}")
         system = data.get("system")
         if system is not None and not isinstance(system, str):
             raise bad('"system" must be text or null')
@@ -259,7 +265,7 @@ class Conversation:
         if len(parsed) % 2:
             raise bad("the last turn is a message without its answer")
         ctx = values.pop("ctx", None)
-        return cls(templates.get(name), Sampling(**values), ctx, system, parsed)
+        return cls(current if own else templates.get(name), Sampling(**values), ctx, system, parsed)
 
 
 def _known_setting(key: str, where: str) -> bool:
@@ -286,7 +292,7 @@ def save(conversation: Conversation, path: Path, model: str | None = None) -> Pa
     return path
 
 
-def load(path: Path) -> tuple[Conversation, str | None]:
+def load(path: Path, current: Template | None = None) -> tuple[Conversation, str | None]:
     """The conversation in a file, and the name of the model it was saved with (informative only)."""
     path = path.expanduser()
     where = str(path)
@@ -305,6 +311,6 @@ def load(path: Path) -> tuple[Conversation, str | None]:
     except json.JSONDecodeError as e:
         raise UserError(f"cannot load {where}: not JSON ({e.msg} at line {e.lineno}, column {e.colno}); give a "
                         "file saved with /save") from None
-    conversation = Conversation.from_dict(data, where)
+    conversation = Conversation.from_dict(data, where, current)
     model = data.get("model")
     return conversation, model if isinstance(model, str) else None

@@ -59,9 +59,16 @@ def model_sizes(info: GGUFInfo, n_ctx: int, n_batch: int = 512) -> ModelSizes:
             layers[int(m.group(1))] += t.nbytes
         elif t.name.startswith("output"):
             output += t.nbytes
+    return sizes_from_shape(layers, output, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
+                            n_vocab=n_vocab, n_ctx=n_ctx, n_batch=n_batch)
+
+
+def sizes_from_shape(layer_bytes: list[int], output_bytes: int, *, n_embd: int, n_ff: int, n_head: int,
+                     n_head_kv: int, n_vocab: int, n_ctx: int, n_batch: int = 512) -> ModelSizes:
+    """The planner's figures from tensor sizes and the model's shape, for sizes known without a GGUF (the catalog)."""
     kv = 2 * n_ctx * (n_embd * n_head_kv // n_head) * 2  # K and V, f16
     compute = n_batch * (n_vocab + 4 * n_ff + 8 * n_embd) * 4 + 64 * 2**20
-    return ModelSizes(n_layer, layers, output, kv, compute)
+    return ModelSizes(len(layer_bytes), list(layer_bytes), output_bytes, kv, compute)
 
 
 def plan(sizes: ModelSizes, free_bytes: int | None) -> Plan:

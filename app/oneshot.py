@@ -65,7 +65,7 @@ def run(kind: str, text: str, model: str | None, sampling: Sampling, *, n_ctx: i
     engine = Engine(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=notify)
     try:
         if kind == "ask":
-            tpl = templates.get(template) if template else templates.for_model(engine.name)
+            tpl = templates.get(template) if template else templates.for_engine(engine)
             prompt = tpl.prompt([("user", text.strip())])
             sampling.stop = tuple(dict.fromkeys((*tpl.stop, *sampling.stop)))
             template = tpl.name

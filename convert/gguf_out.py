@@ -41,6 +41,7 @@ class Metadata:
     source: str
     hub_id: str | None
     license: str | None
+    chat_template: str | None = None  # Jinja for tokenizer.chat_template, when the prompt format is known
 
 
 def plan(cfg: NeoXConfig, ckpt: Checkpoint, direct: QT) -> list[PlannedTensor]:
@@ -119,6 +120,8 @@ def _writer(cfg: NeoXConfig, vocab: Vocab, meta: Metadata, ftype: gguf.LlamaFile
             getattr(w, f"add_{key}_token_id")(value)
     w.add_add_bos_token(vocab.add_bos)
     w.add_add_eos_token(vocab.add_eos)
+    if meta.chat_template:
+        w.add_chat_template(meta.chat_template)
     return w
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import gguf
 from gguf import GGMLQuantizationType as QT
 
+from app import templates
 from app.errors import UserError
 from app.gguf_info import read_info
 from convert import gguf_out, parity, quantize
@@ -49,6 +50,7 @@ class Result:
     parity_tokens: int
     pre: str
     tensor_types: dict[str, int]
+    template: str | None = None  # the prompt format written as tokenizer.chat_template (None: none written)
 
 
 def default_output(src: Path, type_name: str) -> Path:
@@ -115,9 +117,10 @@ def _check_space(directory: Path, needed: int) -> None:
 
 
 def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool = False, threads: int | None = None,
-            progress: Progress | None = None, name: str | None = None) -> Result:
+            progress: Progress | None = None, name: str | None = None, template: str | None = None) -> Result:
     start = time.perf_counter()
     otype = out_types.get(type_name)
+    forced = templates.get(template) if template else None
     cfg = read_config(src)
     vocab = read_vocab(src, cfg.n_vocab, {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id})
     ckpt = Checkpoint(src, (lambda d, t: progress("reading", d, t)) if progress else None)
@@ -125,8 +128,11 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
     tensors = gguf_out.plan(cfg, ckpt, staged)
     name = name or model_name(src)
     hub = hub_id(src, cfg.name_or_path)
-    meta = gguf_out.Metadata(name=name, source=hub or str(src.resolve()), hub_id=hub,
-                             license=find_license(src, hub or name))
+    chat = forced or templates.for_checkpoint(hub, name, src.resolve().name)
+    # a local checkpoint is recorded by its folder's name only: the file must not carry the user's home path (people
+    # share GGUF files) and its bytes should not depend on where the checkpoint happened to lie
+    meta = gguf_out.Metadata(name=name, source=hub or src.resolve().name, hub_id=hub,
+                             license=find_license(src, hub or name), chat_template=chat.chat_template if chat else None)
 
     out = (out or Path.cwd() / f"{name}-{otype.name}.gguf").absolute()
     _check_output(out, force)
@@ -167,7 +173,8 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
     tensor_types, size, data_bytes = summarize(out)
     return Result(path=out, type=otype.name, size=size, n_params=n_params,
                   bits_per_weight=data_bytes * 8 / n_params, seconds=time.perf_counter() - start,
-                  parity_texts=report.texts, parity_tokens=report.tokens, pre=vocab.pre, tensor_types=tensor_types)
+                  parity_texts=report.texts, parity_tokens=report.tokens, pre=vocab.pre, tensor_types=tensor_types,
+                  template=chat.name if chat else None)
 
 
 

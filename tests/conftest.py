@@ -26,6 +26,13 @@ SPECS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _own_malhae_home(tmp_path_factory, monkeypatch):
+    """No test reads or writes the real ~/.config/malhae or ~/.local/share/malhae (settings, store, history)."""
+    monkeypatch.setenv("MALHAE_HOME", str(tmp_path_factory.mktemp("malhae-home")))
+    monkeypatch.delenv("MALHAE_CONFIG", raising=False)
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """name → directory, built on first use."""

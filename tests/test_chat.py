@@ -339,6 +339,16 @@ def test_model_switch_keeps_the_conversation(model, k_quant_checkpoint, tmp_path
     assert "the conversation stays" in s.err and str(other) in s.err
 
 
+def test_model_switch_by_store_name(model, tmp_path, monkeypatch):
+    from app import store
+
+    monkeypatch.setenv("MALHAE_HOME", str(tmp_path))
+    stored = store.open_store().add(model, "작은모델").path
+    s = talk(model, "/model 작은모델\r/model 작은모델x\r")
+    assert s.chat.engine.path == stored
+    assert len(s.hints("no model named '작은모델x'")) == 1
+
+
 def test_save_load_round_trip_and_broken_files(model, tmp_path):
     saved = tmp_path / "대화.json"
     (tmp_path / "broken.json").write_text('{"format": "malhae-chat", "version": 1, "turns": [', encoding="utf-8")

@@ -240,3 +240,18 @@ def test_saved_format_is_stable(tmp_path):
     assert set(data["settings"]) == set(cv.SETTINGS)
     assert data["turns"] == [{"role": "user", "text": "안녕"}, {"role": "assistant", "text": "네"}]
     assert Path(cv.save(Conversation.from_dict(data), tmp_path / "a.json")).is_file()
+
+
+def test_a_chat_under_a_models_own_template_reloads_only_with_such_a_model(tmp_path):
+    own = templates.JinjaTemplate.make("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+                                       "{% if add_generation_prompt %}<assistant>{% endif %}", eos_token="<|e|>")
+    c = Conversation(own, Sampling(), None, None)
+    c.ask("안녕", tokenize, 4096)
+    c.answer("네")
+    path = cv.save(c, tmp_path / "own.json", model="m")
+    loaded, _ = cv.load(path, current=own)
+    assert loaded.template is own and loaded.prompt() == c.prompt()
+    with pytest.raises(UserError, match="unknown template 'gguf'.*load it while running such a model"):
+        cv.load(path, current=templates.get("base"))
+    with pytest.raises(UserError, match="unknown template 'gguf'"):
+        cv.load(path)

@@ -80,7 +80,8 @@ def test_metadata(checkpoints, tmp_path):
     assert v("general.name") == name
     assert v("general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     assert v("general.quantization_version") == gguf.GGML_QUANT_VERSION
-    assert v("malhae.source") == str(checkpoints(name).resolve())
+    assert v("malhae.source") == checkpoints(name).resolve().name  # the folder's name, never the full local path
+    assert str(checkpoints(name).resolve()).encode() not in out.read_bytes()
     assert v("gptneox.context_length") == spec.ctx
     assert v("gptneox.embedding_length") == spec.hidden
     assert v("gptneox.block_count") == spec.layers
