@@ -32,6 +32,13 @@ app = typer.Typer(
 )
 
 
+eval_app = typer.Typer(
+    help="Measure a model on the GGUF itself: perplexity, KoBEST, quantization loss (평가).",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(eval_app, name="eval")
+
 models_app = typer.Typer(
     help="Your models (모델): list, import, remove, choose the default; the catalog of the Polyglot-Ko family.",
     invoke_without_command=True,
@@ -396,6 +403,101 @@ def chat(
     run_opts = _config.runtime_values({"ctx": ctx, "threads": threads, "gpu_layers": gpu_layers}, settings)
     chat_mod.run(model=model, template=template, system=system, sampling=sampling, ctx=run_opts["ctx"],
                  threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"], no_color=no_color, verbose=VERBOSE)
+
+
+@eval_app.command("ppl")
+def eval_ppl(
+    model: str | None = typer.Argument(None, help="GGUF file or store name (default: the bundled demo)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to score (e.g. a held-out corpus)."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per window; the second half of each is scored."),
+    batch: int = typer.Option(2048, "--batch", help="Tokens per decode; batch/ctx windows go together."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+    gpu_layers: str = typer.Option("auto", "--gpu-layers", help="auto, 0 (CPU only) or a number of layers."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Perplexity on a text, computed as llama.cpp's llama-perplexity computes it (same number)."""
+    from app import models, ppl_render, render
+    from app import perplexity as ppl
+    from app.llama import init
+    from app.settings import VERBOSE
+
+    ppl.read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
+    init(VERBOSE)
+    path = models.resolve(model, render.note)
+    with ppl_render.WindowProgress("perplexity", "ppl {:.3f}") as progress:
+        result = ppl.run(path, text, n_ctx=ctx, n_batch=batch, threads=threads, gpu_layers=gpu_layers,
+                         progress=progress.update, notify=render.note)
+    ppl_render.ppl_result(result, json_out)
+
+
+@eval_app.command("compare")
+def eval_compare(
+    model_a: str = typer.Argument(..., help="Reference GGUF (e.g. the F16 file) or store name."),
+    model_b: str = typer.Argument(..., help="GGUF to measure against it (e.g. a quantization)."),
+    text: Path = typer.Option(..., "--text", help="UTF-8 text file to score."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per window; the second half of each is scored."),
+    batch: int = typer.Option(2048, "--batch", help="Tokens per decode; batch/ctx windows go together."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Quantization loss of B against A: mean KL divergence, top-1 agreement, perplexity of each and their ratio."""
+    from app import compare, models, ppl_render, render
+    from app.llama import init
+    from app.perplexity import read_text
+    from app.settings import VERBOSE
+
+    read_text(text)  # a wrong --text is the likelier mistake: say so before loading two models
+    init(VERBOSE)
+    path_a, path_b = models.resolve(model_a, render.note), models.resolve(model_b, render.note)
+    with ppl_render.WindowProgress("comparing", "KL {:.5f}") as progress:
+        result = compare.run(path_a, path_b, text, n_ctx=ctx, n_batch=batch, threads=threads,
+                             progress=progress.update, notify=render.note)
+    ppl_render.compare_result(result, json_out)
+
+
+@eval_app.command("kobest")
+def eval_kobest(
+    model: str | None = typer.Argument(None, help="GGUF file or store name (default: the bundled demo)."),
+    tasks: str = typer.Option("copa,hellaswag,boolq,sentineg,wic", "--tasks", show_default=False,
+                              help="Comma-separated tasks (default: all five, copa,hellaswag,boolq,sentineg,wic)."),
+    shots: str = typer.Option("0,5,10,50", "--shots", show_default=False,
+                              help="Few-shot counts, comma-separated (default: 0,5,10,50, as in the model card)."),
+    data_dir: Path | None = typer.Option(None, "--data", help="Folder with the skt/kobest_v1 files "
+                                         "(<task>/train.jsonl, test.jsonl; default: the bundled sample)."),
+    hub: bool = typer.Option(False, "--hub", help="Load skt/kobest_v1 from the hub (needs `datasets` and a network)."),
+    limit: int | None = typer.Option(None, "--limit", help="Docs per task, for a quick run (default: all)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: physical cores)."),
+    gpu_layers: str = typer.Option("auto", "--gpu-layers", show_default=False,
+                                   help="auto, 0 (CPU only) or a number of layers (default: auto)."),
+    precise: bool = typer.Option(False, "--precise", help="f32 K/V cache, no flash attention: slower; scores move "
+                                 "less with how the choices are batched."),
+    json_out: bool = typer.Option(False, "--json", help="Print the results as JSON."),
+) -> None:
+    """KoBEST macro F1 (COPA, HellaSwag, BoolQ, SentiNeg, WiC) with the prompts of the Polyglot-Ko model card."""
+    from app import models, render
+    from app.kobest import data, evaluate
+    from app.kobest import render as kobest_render
+    from app.kobest.tasks import select
+    from app.llama import init
+    from app.settings import VERBOSE
+
+    try:
+        shot_counts = list(dict.fromkeys(int(k) for k in shots.split(",") if k.strip()))
+    except ValueError:
+        raise UserError(f"--shots {shots!r}: give numbers separated by commas, e.g. 0,5,10,50") from None
+    evaluate.check_options(limit, shot_counts)
+    chosen = select(tasks)
+    src = data.source(data_dir, hub)
+    if src.kind == "sample":
+        render.note("no --data given: using the bundled sample (models/data/kobest-sample), written by malhae — "
+                    "not KoBEST, its scores mean nothing. Pass --data DIR with the skt/kobest_v1 files.")
+    init(VERBOSE)
+    path = models.resolve(model, render.note)
+    with kobest_render.KobestProgress() as progress:
+        report = evaluate.evaluate(path, src, chosen, shot_counts, limit=limit, threads=threads,
+                                   gpu_layers=gpu_layers, precise=precise, progress=progress.update,
+                                   notify=render.note)
+    kobest_render.table(report, json_out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -136,11 +136,14 @@ class Context:
     """An inference context on a Model; precise=True keeps K/V in f32 and turns flash attention off (for parity)."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int = 512, threads: int | None = None,
-                 precise: bool = False):
+                 precise: bool = False, n_seq: int = 1, n_ubatch: int | None = None, unified_kv: bool = False):
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
-        params.n_ubatch = n_batch
+        params.n_ubatch = min(n_ubatch or n_batch, n_batch)
+        params.n_seq_max = n_seq  # independent sequences in one batch (several perplexity windows per decode)
+        # one cache for all sequences, so that a shared prompt is stored once and its tokens carry several seq ids
+        params.kv_unified = unified_kv
         params.no_perf = True
         if threads:
             params.n_threads = params.n_threads_batch = threads

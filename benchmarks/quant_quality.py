@@ -1,20 +1,19 @@
-"""Quantization quality of the demo model: what each output type of `malhae convert` costs in agreement and perplexity.
+"""Quantization loss on the demo model: what each output type of `malhae convert` costs, measured by app.compare
+(the library behind `malhae eval compare`) against F16.
 
     python benchmarks/quant_quality.py [--src models/demo/hf] [--types f16 q8_0 …] [--n-ctx 512] [--threads N]
 
 Converts the committed demo checkpoint (models/demo/hf) with the project's converter into each type, in a temporary
-directory, and measures every file through llama.cpp on the two bills the demo model never saw in training:
+directory, and compares every file with the F16 conversion on the two bills the demo model never saw in training,
+over the positions perplexity scores (the second half of each n_ctx window, as llama-perplexity scores them):
 
-- top-1 agreement with F16: the share of all positions of the held-out text (evaluated in non-overlapping windows of
-  n_ctx tokens, each from an empty cache) where the quantized file's most likely next token is F16's;
-- mean KL divergence of the file's next-token distribution from F16's, over the positions perplexity scores (what
-  llama-perplexity --kl-divergence reports): the most sensitive of the three;
-- held-out perplexity, computed by app.perplexity exactly as llama-perplexity computes it, and its ratio to F16's.
-  On text this far from the training data it barely moves until Q2_K (the model's own uncertainty dominates), so
-  read it together with the other two columns.
+- mean KL divergence KL(F16 ‖ type) per scored token, and its 99th percentile: the most sensitive measure;
+- top-1 agreement: the share of those positions where the file's most likely next token is F16's;
+- held-out perplexity (exactly `malhae eval ppl`'s number) and its ratio to F16's. On text this far from the training
+  data it barely moves until Q2_K (the model's own uncertainty dominates), so read it with the other columns.
 
-Why: the tests hold Q8_0 and Q4_K_M to bounds set from these numbers, and the model card quotes the table, so there
-is one script that produces them. It is a measurement, not a test: nothing here asserts or times anything. The
+Why: the tests hold Q8_0 and Q4_K_M to bounds set from these numbers, and the model card and docs/benchmarks.md quote
+the table, so one script produces them. A measurement, not a test: nothing here asserts or times anything. The
 numbers describe this 8.6 M-parameter model; they are not a prediction for the family's 1.3B-12.8B models.
 """
 
@@ -25,13 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.llama import Context, Model  # noqa: E402
-from app.perplexity import perplexity, windows  # noqa: E402
+from app import compare  # noqa: E402
+from app.llama import Model, init  # noqa: E402
 from convert import pipeline  # noqa: E402
 
 BILLS = ROOT / "models" / "data" / "ko-public-domain" / "bills"
@@ -43,26 +40,6 @@ def held_out_text() -> str:
     return "\n".join((BILLS / name).read_text(encoding="utf-8") for name in HELD_OUT)
 
 
-def evaluate(path: Path, chunks: list[list[int]], n_ctx: int, threads: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """The argmax next token at every position of every window, and the log-probabilities at the positions
-    perplexity scores (the second half of each window), for the KL divergence from F16."""
-    tops, logprobs = [], []
-    with Model(path) as model, Context(model, n_ctx=n_ctx, n_batch=min(n_ctx, 512), threads=threads) as ctx:
-        for chunk in chunks:
-            logits = ctx.logits(chunk)
-            tops.append(logits.argmax(-1))
-            scored = logits[n_ctx // 2:n_ctx - 1].astype(np.float64)
-            peak = scored.max(-1, keepdims=True)
-            logprobs.append((scored - peak - np.log(np.exp(scored - peak).sum(-1, keepdims=True))).astype(np.float32))
-    return np.concatenate(tops), np.concatenate(logprobs)
-
-
-def kl_divergence(ref: np.ndarray, got: np.ndarray) -> float:
-    """Mean KL(F16 ‖ quantized) per scored position, in nats (as llama-perplexity --kl-divergence reports it)."""
-    p = np.exp(ref.astype(np.float64))
-    return float((p * (ref.astype(np.float64) - got.astype(np.float64))).sum(-1).mean())
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--src", type=Path, default=ROOT / "models" / "demo" / "hf")
@@ -70,36 +47,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    types = ["f16"] + [t for t in args.types if t != "f16"]  # F16 is the reference for both columns
-
+    types = ["f16"] + [t for t in args.types if t != "f16"]  # F16 is the reference
+    init(False)
     text = held_out_text()
     rows = []
     with tempfile.TemporaryDirectory(prefix="malhae-quant-") as tmp:
-        reference: tuple[np.ndarray, np.ndarray] | None = None
-        ref_ppl = float("nan")
-        chunks: list[list[int]] = []
-        for type_name in types:
-            result = pipeline.convert(args.src, type_name, Path(tmp) / f"demo-{type_name}.gguf", threads=args.threads)
-            if not chunks:
-                with Model(result.path, vocab_only=True) as vocab:
-                    chunks = windows(vocab.tokenize(text, parse_special=False), args.n_ctx)
-            top, logprobs = evaluate(result.path, chunks, args.n_ctx, args.threads)
-            ppl, scored = perplexity(result.path, text, n_ctx=args.n_ctx, threads=args.threads)
-            if reference is None:
-                reference, ref_ppl = (top, logprobs), ppl
-            rows.append((type_name, result.size, result.bits_per_weight, float((top == reference[0]).mean()),
-                         kl_divergence(reference[1], logprobs), ppl, ppl / ref_ppl))
-            print(f"{type_name}: done", file=sys.stderr, flush=True)
+        converted = {t: pipeline.convert(args.src, t, Path(tmp) / f"demo-{t}.gguf", threads=args.threads)
+                     for t in types}
+        with Model(converted["f16"].path) as reference:
+            for type_name, result in converted.items():
+                with Model(result.path) as model:
+                    r = compare.evaluate(reference, model, text, n_ctx=args.n_ctx, threads=args.threads)
+                rows.append((type_name, result, r))
+                print(f"{type_name}: done", file=sys.stderr, flush=True)
 
-    positions = sum(len(c) for c in chunks)
-    print(f"held-out text: bills {', '.join(HELD_OUT)}; {len(chunks)} windows of {args.n_ctx} tokens; top-1 over "
-          f"{positions} positions; perplexity over {scored} tokens (second half of each window)\n")
-    print("| type | size | bits/weight | top-1 agreement with F16 | KL divergence from F16 | held-out perplexity "
-          "| ratio to F16 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for type_name, size, bpw, agree, kld, ppl, ratio in rows:
-        print(f"| {type_name.upper()} | {size / 1e6:.2f} MB | {bpw:.2f} | {agree:.4f} | {kld:.5f} | {ppl:.2f} "
-              f"| {ratio:.4f} |")
+    r0 = rows[0][2]
+    print(f"held-out text: bills {', '.join(HELD_OUT)}; {r0.windows} windows of {r0.n_ctx} tokens; "
+          f"{r0.tokens_scored} scored positions (the second half of each window)\n")
+    print("| type | size | bits/weight | mean KL from F16 | 99th pct KL | top-1 agreement with F16 "
+          "| held-out perplexity | ratio to F16 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for type_name, result, r in rows:
+        print(f"| {type_name.upper()} | {result.size / 1e6:.2f} MB | {result.bits_per_weight:.2f} | {r.kl_mean:.5f} "
+              f"| {r.kl_p99:.5f} | {r.top1:.4f} | {r.ppl_b:.2f} | {r.ppl_ratio:.4f} |")
+
 
 if __name__ == "__main__":
     main()
