@@ -43,7 +43,7 @@ def table(report: Report, as_json: bool) -> None:
     names = list(dict.fromkeys(c.task for c in report.cells))
     titles = all_tasks()
     grid = {(c.task, c.shots): c for c in report.cells}
-    t = Table(title=f"KoBEST, macro F1 — {report.model.rsplit('/', 1)[-1]}", caption=f"data: {report.data}")
+    t = Table(title="KoBEST macro F1")
     t.add_column("task")
     for k in shots:
         t.add_column(f"{k}-shot", justify="right")
@@ -54,6 +54,8 @@ def table(report: Report, as_json: bool) -> None:
             row.append("—" if c is None or c.f1 is None else f"{c.f1:.4f}")
         t.add_row(*row)
     out.print(t)
+    # below the table rather than in its title or caption, which a narrow table would wrap
+    out.print(f"model: {report.model.rsplit('/', 1)[-1]} · data: {report.data}", soft_wrap=True, highlight=False)
     done = [c for c in report.cells if c.f1 is not None]
     if done:
         per_task = ", ".join(f"{titles[c.task].title if c.task in titles else c.task} {c.shots}-shot {c.n} docs "
