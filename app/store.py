@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from app import leftovers
 from app.errors import UserError
 from app.gguf_info import GGUFInfo, read_info
 
@@ -180,6 +181,7 @@ class Store:
         if dest.exists() and dest.resolve() == src.resolve():
             raise UserError(f"{src} is already in the store as '{dest.stem}'")
         self.ensure_root()
+        leftovers.sweep(self.root)  # partial copies of earlier runs that were killed outright
         if move and _same_device(src, self.root):
             os.replace(src, dest)  # a rename: instant, and atomic
         else:

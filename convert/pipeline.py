@@ -23,7 +23,7 @@ from pathlib import Path
 import gguf
 from gguf import GGMLQuantizationType as QT
 
-from app import templates
+from app import leftovers, templates
 from app.errors import UserError
 from app.gguf_info import read_info
 from convert import gguf_out, parity, quantize
@@ -144,6 +144,7 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
     final_bytes = staged_bytes if otype.direct is not None else int(n_params * otype.bpw / 8 * 1.15)
     metadata_bytes = 8 * sum(len(t) + 16 for t in vocab.tokens) + 2**20
     needed = staged_bytes + (final_bytes if otype.direct is None else 0) + metadata_bytes + SAFETY_BYTES
+    leftovers.sweep(out.parent)  # partial files of earlier conversions that were killed outright: gigabytes
     _check_space(out.parent, needed)
 
     try:
