@@ -393,3 +393,16 @@ def test_cli_user_errors_are_one_line(capsys, args, message):
     assert main(["eval", "kobest", str(GGUF), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and err[0].startswith("malhae: error:")
+
+
+def test_hellaswag_acc_norm_divides_by_the_endings_length_by_hand():
+    task = select("hellaswag")[0]
+    doc = {"context": "문맥", "ending_1": "가", "ending_2": "나다라마바사아자차카", "ending_3": "타파",
+           "ending_4": "하하하", "label": 1}
+    assert task.norm_lengths(doc) == [1, 10, 2, 3]  # characters of the endings, without the leading space
+    req = ev.Request("문장: 문맥", task.choices(doc), 1, task.norm_lengths(doc))
+    # raw: -2.0 (가) wins; per character: -2/1, -5/10, -4/2, -9/3 → -0.5 (the gold) wins
+    got = ev.cell(task, 0, [req], [[-2.0, -5.0, -4.0, -9.0]], 0.0)
+    assert (got.acc, got.acc_norm) == (0.0, 1.0)
+    copa = ev.cell(select("copa")[0], 0, [ev.Request("x", [" a", " b"], 0)], [[-1.0, -2.0]], 0.0)
+    assert copa.acc == 1.0 and copa.acc_norm is None  # only HellaSwag has acc_norm in the harness

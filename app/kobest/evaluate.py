@@ -8,7 +8,8 @@ Everything that decides a number follows the polyglot branch of lm-evaluation-ha
   makes the same data give the same prompts as the harness;
 - context and each choice are tokenized separately, without special tokens (HFLM.tok_encode), and scored by the
   summed log-likelihood of the choice's tokens (app.loglik); the prediction is the first argmax;
-- per task and shot count: macro F1 (the seed's table) and accuracy.
+- per task and shot count: macro F1 (the seed's table) and accuracy; for HellaSwag also acc_norm, the accuracy when
+  each log-likelihood is divided by its ending's length in characters, as the harness reports it.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Request:
     context: str
     choices: list[str]
     gold: int
+    norm_lengths: list[int] | None = None  # acc_norm's divisors, where the task has them
 
 
 @dataclass
@@ -43,6 +45,7 @@ class Cell:
     n: int = 0
     f1: float | None = None
     acc: float | None = None
+    acc_norm: float | None = None  # HellaSwag only
     seconds: float = 0.0
     skipped: str = ""  # why the cell has no score
 
@@ -75,7 +78,7 @@ def requests(task: Task, test: list[Doc], train: list[Doc], shots: int, limit: i
     out = []
     for doc in docs:
         examples = rnd.sample(train, shots) if shots else []  # base.Task.fewshot_examples
-        out.append(Request(task.context(doc, examples), task.choices(doc), doc["label"]))
+        out.append(Request(task.context(doc, examples), task.choices(doc), doc["label"], task.norm_lengths(doc)))
     return out
 
 
@@ -94,8 +97,13 @@ def score(scorer, model, reqs: list[Request], progress: Callable[[int], None] | 
 def cell(task: Task, shots: int, reqs: list[Request], lls: list[list[float]], seconds: float) -> Cell:
     golds = [r.gold for r in reqs]
     preds = [int(np.argmax(x)) for x in lls]
+    acc_norm = None
+    if reqs and all(r.norm_lengths for r in reqs):
+        normed = [int(np.argmax(np.asarray(x) / np.asarray(r.norm_lengths, dtype=float))) for x, r in zip(lls, reqs,
+                                                                                                       strict=True)]
+        acc_norm = metrics.accuracy(golds, normed)
     return Cell(task.name, shots, len(reqs), metrics.macro_f1(golds, preds), metrics.accuracy(golds, preds),
-                round(seconds, 3))
+                acc_norm, round(seconds, 3))
 
 
 def check_options(limit: int | None, shots: list[int]) -> None:

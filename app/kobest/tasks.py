@@ -34,6 +34,7 @@ class Task:
     choice_formats: tuple[str, ...]
     connector_field: str | None = None
     connector_map: tuple[tuple[str, str], ...] = ()
+    norm_fields: tuple[str, ...] = ()  # HellaSwag's acc_norm divides by these fields' lengths
 
     def _values(self, doc: Doc) -> dict[str, str]:
         values = {f: doc[f] for f in self.fields}
@@ -54,6 +55,10 @@ class Task:
         """doc_to_target: the gold choice, as appended to a few-shot example."""
         return self.choices(doc)[doc["label"]]
 
+    def norm_lengths(self, doc: Doc) -> list[int] | None:
+        """Characters per choice for acc_norm (HellaSwag only in the harness), else None."""
+        return [len(doc[f]) for f in self.norm_fields] if self.norm_fields else None
+
     def context(self, doc: Doc, shots: list[Doc]) -> str:
         """fewshot_context with description "": the examples, each text + target, "\\n\\n" after each, then the doc."""
         examples = "\n\n".join(self.text(d) + self.target(d) for d in shots) + "\n\n" if shots else ""
@@ -68,7 +73,8 @@ def all_tasks() -> dict[str, Task]:
         conn = t.get("connector", {})
         tasks[name] = Task(name=name, title=t["title"], fields=tuple(t["fields"]), n_labels=t["n_labels"],
                            text_format=t["text"], choice_formats=tuple(t["choices"]),
-                           connector_field=conn.get("field"), connector_map=tuple(conn.get("map", {}).items()))
+                           connector_field=conn.get("field"), connector_map=tuple(conn.get("map", {}).items()),
+                           norm_fields=tuple(t.get("norm_fields", ())))
     return tasks
 
 
