@@ -4,8 +4,8 @@
     python benchmarks/catalog_sizes.py --check         # recompute and compare with the stored file
     python benchmarks/catalog_sizes.py --validate [--types q4_k_m q8_0] [--workdir DIR] [--checkpoint DIR]
 
-Regenerating asks llama.cpp's own quantizer (a dry run on a sparse staged GGUF, see convert/sizing.py) which type
-each tensor of each catalog shape gets, for each type of app.catalog.QUALITY_ORDER, and writes the exact tensor bytes.
+Regenerating asks llama.cpp's own quantizer (a dry run on a sparse staged GGUF, see convert/sizing.py) which type each
+tensor of each catalog shape gets, for each type of app.store.catalog.QUALITY_ORDER, and writes the exact tensor bytes.
 
 --validate builds (or reuses) the random-weight checkpoint shaped exactly like polyglot-ko-1.3b that
 benchmarks/convert_cost.py uses (2.7 GB, about a minute), converts it for real with `malhae convert`'s pipeline to
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from app.catalog import QUALITY_ORDER, _read  # noqa: E402
+from app.store.catalog import QUALITY_ORDER, read_toml, shape_key  # noqa: E402
 from convert.sizing import Shape, sized_tensors, summarize  # noqa: E402
 
 SIZES_FILE = ROOT / "models" / "catalog-sizes.toml"
@@ -35,9 +35,10 @@ SIZES_FILE = ROOT / "models" / "catalog-sizes.toml"
 def catalog_shapes() -> dict[str, tuple[Shape, list[str]]]:
     """Distinct shapes of models/catalog.toml → (shape, the names that have it)."""
     out: dict[str, tuple[Shape, list[str]]] = {}
-    for m in _read("catalog.toml")["model"]:
+    for m in read_toml("catalog.toml")["model"]:
         shape = Shape(m["layers"], m["d_model"], m["d_ff"], m["heads"], m["vocab_rows"], m["context"])
-        out.setdefault(shape.key, (shape, []))[1].append(m["name"])
+        key = shape_key(m["layers"], m["d_model"], m["d_ff"], m["heads"], m["vocab_rows"])
+        out.setdefault(key, (shape, []))[1].append(m["name"])
     return out
 
 
@@ -77,8 +78,8 @@ def render(data: dict[str, dict]) -> str:
 def validate(types: list[str], workdir: Path, checkpoint: Path | None) -> bool:
     from convert_cost import SHAPE_1_3B, make_checkpoint
 
-    from app.gguf_info import read_info
-    from app.llama import init
+    from app.runtime.gguf_info import read_info
+    from app.runtime.llama import init
     from convert import pipeline
 
     init(False)

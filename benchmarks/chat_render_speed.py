@@ -2,15 +2,15 @@
 
     python benchmarks/chat_render_speed.py MODEL.gguf [--tokens 512] [--rounds 5] [--threads N] [--gpu-layers auto|N]
 
-The REPL writes every piece as the engine yields it (app.chat.write_answer: one write per piece, a flush at most every
-8 ms, control characters dropped on a terminal, Ctrl-C guarded). Each round generates the same greedy answer three
-ways on one loaded engine: bare (iterate Engine.generate, print nothing), into a pseudo-terminal whose other end is
-drained by another process as by a terminal emulator, and into /dev/null. The engine's own decode tokens/s includes
-the time the consumer of each piece takes, so the ratio is the cost of drawing. Rounds alternate the three so that a
-noisy machine hurts all alike; medians are reported. Goal: drawing costs < 3% (a ratio ≥ 97%), even at GPU speeds
-of hundreds of tokens/s. Last, one answer's pieces are replayed back to back through write_answer without the model:
-the Python side of drawing per piece, apart from the terminal's process competing with the model for CPU time (which
-a machine with few cores shows).
+The REPL writes every piece as the engine yields it (app.chat.writer.write_answer: one write per piece, a flush at
+most every 8 ms, control characters dropped on a terminal, Ctrl-C guarded). Each round generates the same greedy
+answer three ways on one loaded engine: bare (iterate Engine.generate, print nothing), into a pseudo-terminal whose
+other end is drained by another process as by a terminal emulator, and into /dev/null. The engine's own decode
+tokens/s includes the time the consumer of each piece takes, so the ratio is the cost of drawing. Rounds alternate the
+three so that a noisy machine hurts all alike; medians are reported. Goal: drawing costs < 3% (a ratio ≥ 97%), even at
+GPU speeds of hundreds of tokens/s. Last, one answer's pieces are replayed back to back through write_answer without
+the model: the Python side of drawing per piece, apart from the terminal's process competing with the model for CPU
+time (which a machine with few cores shows).
 """
 
 from __future__ import annotations
@@ -25,9 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import templates  # noqa: E402
-from app.chat import write_answer  # noqa: E402
-from app.engine import Engine, Sampling  # noqa: E402
+from app.chat.writer import write_answer  # noqa: E402
+from app.runtime import templates  # noqa: E402
+from app.runtime.engine import Engine  # noqa: E402
+from app.runtime.settings import Sampling  # noqa: E402
 
 
 class PseudoTerminal:

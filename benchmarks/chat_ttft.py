@@ -3,7 +3,7 @@
     python benchmarks/chat_ttft.py MODEL.gguf [--turns 10] [--answer-tokens 32] [--repeat 3] [--threads N]
                                   [--gpu-layers auto|N]
 
-A conversation of short Korean messages goes through the REPL's own path (app.conversation builds and fits each
+A conversation of short Korean messages goes through the REPL's own path (app.chat.conversation builds and fits each
 prompt, the engine evaluates only what is not cached, answers are kept as the REPL keeps them). Per turn it reports
 the prompt size, how much of it was already in the KV cache, the engine's time to first token and the wall time from
 the message to its first piece (which also counts tokenizing and fitting the whole conversation). The last turn is
@@ -21,9 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import templates  # noqa: E402
-from app.conversation import Conversation  # noqa: E402
-from app.engine import Engine, Sampling  # noqa: E402
+from app.chat.conversation import Conversation  # noqa: E402
+from app.runtime import templates  # noqa: E402
+from app.runtime.engine import Engine  # noqa: E402
+from app.runtime.settings import Sampling  # noqa: E402
 
 MESSAGES = ["안녕하세요", "대한민국의 수도는 어디인가요?", "헌법 제1조는 무엇인가요?", "국회의원의 임기는 몇 년인가요?",
             "대통령의 임기는요?", "고마워요", "법원은 무엇을 하나요?", "헌법재판소는요?", "국민의 의무를 알려 주세요",

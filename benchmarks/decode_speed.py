@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app import bench  # noqa: E402
-from app.engine import Engine  # noqa: E402
+from app.eval import bench, upstream  # noqa: E402
+from app.runtime.engine import Engine  # noqa: E402
 
 
 def main() -> None:
@@ -39,7 +39,7 @@ def main() -> None:
         print(f"{args.model.name}: {engine.threads} threads, {engine.n_gpu_layers} GPU layers", flush=True)
         for r in range(args.rounds):
             pp, tg = bench.run_engine(engine, args.prompt, args.gen, 1)
-            up_pp, up_tg = bench.run_llama_bench(args.llama_bench, args.model, args.prompt, args.gen, engine.threads,
+            up_pp, up_tg = upstream.run_llama_bench(args.llama_bench, args.model, args.prompt, args.gen, engine.threads,
                                                  engine.n_gpu_layers, 1)
             rows.append((pp, up_pp, tg, up_tg))
             print(f"round {r + 1}: pp {pp:8.1f} vs {up_pp:8.1f} ({pp / up_pp:6.1%})   "

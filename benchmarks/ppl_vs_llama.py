@@ -11,7 +11,8 @@ and a window split over several decodes — because each is a different path thr
 Why: the issue's criterion is "the same number as llama-perplexity within 0.5 %"; this prints both numbers, their
 relative difference and both programs' wall time (llama-perplexity's includes loading the model; malhae's is the
 evaluation only, so the time columns are indicative). llama-perplexity runs on the engine's own llama.cpp libraries
-(app.bench), so a difference is the method's, not two compilations'. A measurement, not a test: nothing is asserted.
+(app.eval.upstream), so a difference is the method's, not two compilations'. A measurement, not a test: nothing is
+asserted.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import perplexity  # noqa: E402
-from app.llama import init  # noqa: E402
+from app.eval import perplexity, upstream  # noqa: E402
+from app.runtime.llama import init  # noqa: E402
 
 BILLS = ROOT / "models" / "data" / "ko-public-domain" / "bills"
 HELD_OUT = ("1809898.txt", "1809899.txt")
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                    "benchmarks/build_llama_tools.py puts it)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    exe = args.llama_perplexity or perplexity.llama_perplexity_exe()
+    exe = args.llama_perplexity or upstream.llama_perplexity_exe()
     if exe is None or not exe.is_file():
         sys.exit("llama-perplexity not found: run python benchmarks/build_llama_tools.py first")
     init(False)
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
                 mine = perplexity.run(model, text, n_ctx=n_ctx, n_batch=n_batch, threads=args.threads,
                                       gpu_layers="0")
                 started = time.perf_counter()
-                theirs, theirs_err = perplexity.run_llama_perplexity(exe, model, text, n_ctx=n_ctx, n_batch=n_batch,
+                theirs, theirs_err = upstream.run_llama_perplexity(exe, model, text, n_ctx=n_ctx, n_batch=n_batch,
                                                                      threads=args.threads)
                 theirs_s = time.perf_counter() - started
                 diff = (mine.ppl - theirs) / theirs

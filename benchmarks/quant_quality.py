@@ -1,4 +1,4 @@
-"""Quantization loss on the demo model: what each output type of `malhae convert` costs, measured by app.compare
+"""Quantization loss on the demo model: what each output type of `malhae convert` costs, measured by app.eval.compare
 (the library behind `malhae eval compare`) against F16.
 
     python benchmarks/quant_quality.py [--src models/demo/hf] [--types f16 q8_0 …] [--n-ctx 512] [--threads N]
@@ -27,8 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app import compare  # noqa: E402
-from app.llama import Model, init  # noqa: E402
+from app.eval import compare  # noqa: E402
+from app.runtime.llama import Model, init  # noqa: E402
 from convert import pipeline  # noqa: E402
 
 BILLS = ROOT / "models" / "data" / "ko-public-domain" / "bills"

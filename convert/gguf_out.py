@@ -87,7 +87,7 @@ def total_bytes(tensors: list[PlannedTensor]) -> int:
     return sum(T.nbytes(t.shape, t.out_type) for t in tensors)
 
 
-def _writer(cfg: NeoXConfig, vocab: Vocab, meta: Metadata, ftype: gguf.LlamaFileType) -> gguf.GGUFWriter:
+def writer(cfg: NeoXConfig, vocab: Vocab, meta: Metadata, ftype: gguf.LlamaFileType) -> gguf.GGUFWriter:
     w = gguf.GGUFWriter(path=None, arch=ARCH)
     w.add_type("model")
     w.add_name(meta.name)
@@ -127,7 +127,7 @@ def _writer(cfg: NeoXConfig, vocab: Vocab, meta: Metadata, ftype: gguf.LlamaFile
 
 def write_vocab_only(path: Path, cfg: NeoXConfig, vocab: Vocab, meta: Metadata) -> None:
     """A GGUF with the full metadata and no tensors: llama.cpp loads it with vocab_only to prove tokenization."""
-    w = _writer(cfg, vocab, meta, gguf.LlamaFileType.ALL_F32)
+    w = writer(cfg, vocab, meta, gguf.LlamaFileType.ALL_F32)
     w.write_header_to_file(path=path)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
@@ -137,7 +137,7 @@ def write_vocab_only(path: Path, cfg: NeoXConfig, vocab: Vocab, meta: Metadata) 
 def write_model(path: Path, cfg: NeoXConfig, vocab: Vocab, meta: Metadata, ckpt: Checkpoint,
                 tensors: list[PlannedTensor], ftype: gguf.LlamaFileType,
                 progress: Callable[[int, int], None] | None = None) -> None:
-    w = _writer(cfg, vocab, meta, ftype)
+    w = writer(cfg, vocab, meta, ftype)
     for t in tensors:
         n = T.nbytes(t.shape, t.out_type)
         if t.out_type == QT.Q8_0:

@@ -15,7 +15,7 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from app.errors import UserError
-from app.llama import Model
+from app.runtime.llama import Model
 
 
 class ParityError(UserError):

@@ -9,27 +9,26 @@ renamed into place only when complete and proven; every temporary file is remove
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 from gguf import GGMLQuantizationType as QT
 
-from app import leftovers, templates
+from app import files, units
 from app.errors import UserError
-from app.gguf_info import read_info
+from app.runtime import templates
+from app.runtime.gguf_info import read_info
 from convert import gguf_out, parity, quantize
 from convert import types as out_types
 from convert.checkpoint import Checkpoint
-from convert.config import read_config
+from convert.config import NeoXConfig, read_config
 from convert.vocab import read_vocab
 
 # Progress: (stage, done, total); stages are "reading", "writing" (bytes) and "quantizing" (tensors).
@@ -62,6 +61,13 @@ def model_name(src: Path) -> str:
     return hub.split("/")[-1] if hub else src.resolve().name
 
 
+def identity(src: Path, name: str | None = None, cfg: NeoXConfig | None = None) -> tuple[str | None, str, str]:
+    """What the model is called: (hub id if known, its name in the GGUF, the folder's name), by which its prompt format
+    is recognised (app.runtime.templates.identify, and the catalog)."""
+    cfg = cfg or read_config(src)
+    return hub_id(src, cfg.name_or_path), name or model_name(src), src.resolve().name
+
+
 def hub_id(src: Path, name_or_path: str | None) -> str | None:
     """The hub id when known: from a hub-cache path (models--org--name/snapshots/…) or config's _name_or_path."""
     parts = src.resolve().parts
@@ -88,15 +94,6 @@ def find_license(src: Path, name: str) -> str | None:
     return next((lic for pattern, lic in FAMILY_LICENSES.items() if pattern.search(name)), None)
 
 
-@contextmanager
-def _temporary(directory: Path, stem: str, suffix: str) -> Iterator[Path]:
-    path = directory / f".{stem}.{os.getpid()}.{suffix}.partial"
-    try:
-        yield path
-    finally:
-        path.unlink(missing_ok=True)
-
-
 def _check_output(out: Path, force: bool) -> None:
     if out.is_dir():
         raise UserError(f"output {out} is a directory; give a file name ending in .gguf")
@@ -112,7 +109,7 @@ def _check_space(directory: Path, needed: int) -> None:
     free = shutil.disk_usage(directory).free
     if free < needed:
         raise UserError(f"not enough free disk space in {directory}: the conversion needs about "
-                        f"{needed / 1e9:.2f} GB and {free / 1e9:.2f} GB are free; free some space or choose "
+                        f"{units.size(needed)} and {units.size(free)} are free; free some space or choose "
                         "-o on another disk")
 
 
@@ -126,12 +123,11 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
     ckpt = Checkpoint(src, (lambda d, t: progress("reading", d, t)) if progress else None)
     staged = QT.F16 if otype.direct is None else otype.direct  # what is written first; quantizer types start from f16
     tensors = gguf_out.plan(cfg, ckpt, staged)
-    name = name or model_name(src)
-    hub = hub_id(src, cfg.name_or_path)
-    chat = forced or templates.for_checkpoint(hub, name, src.resolve().name)
+    hub, name, folder = identity(src, name, cfg)
+    chat = forced or templates.identify(hub, name, folder)
     # a local checkpoint is recorded by its folder's name only: the file must not carry the user's home path (people
     # share GGUF files) and its bytes should not depend on where the checkpoint happened to lie
-    meta = gguf_out.Metadata(name=name, source=hub or src.resolve().name, hub_id=hub,
+    meta = gguf_out.Metadata(name=name, source=hub or folder, hub_id=hub,
                              license=find_license(src, hub or name), chat_template=chat.chat_template if chat else None)
 
     out = (out or Path.cwd() / f"{name}-{otype.name}.gguf").absolute()
@@ -144,16 +140,15 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
     final_bytes = staged_bytes if otype.direct is not None else int(n_params * otype.bpw / 8 * 1.15)
     metadata_bytes = 8 * sum(len(t) + 16 for t in vocab.tokens) + 2**20
     needed = staged_bytes + (final_bytes if otype.direct is None else 0) + metadata_bytes + SAFETY_BYTES
-    leftovers.sweep(out.parent)  # partial files of earlier conversions that were killed outright: gigabytes
+    files.sweep(out.parent)  # partial files of earlier conversions that were killed outright: gigabytes
     _check_space(out.parent, needed)
 
     try:
-        with _temporary(out.parent, out.name, "vocab") as vocab_path:
+        with files.partial(out, "vocab") as vocab_path:
             gguf_out.write_vocab_only(vocab_path, cfg, vocab, meta)
             parity.check(src / "tokenizer.json", vocab_path, vocab.specials, vocab.pre)
 
-        with _temporary(out.parent, out.name, "staged") as staged_path, \
-                _temporary(out.parent, out.name, "quantized") as quant_path:
+        with files.partial(out, "staged") as staged_path, files.partial(out, "quantized") as quant_path:
             ftype = otype.ftype if otype.direct is not None else gguf.LlamaFileType.MOSTLY_F16
             gguf_out.write_model(staged_path, cfg, vocab, meta, ckpt, tensors, ftype,
                                  (lambda d, t: progress("writing", d, t)) if progress else None)
@@ -184,8 +179,3 @@ def summarize(path: Path) -> tuple[dict[str, int], int, int]:
     info = read_info(path)
     counts = {name: n for name, (n, _) in info.type_counts().items()}
     return counts, info.file_size, sum(t.nbytes for t in info.tensors)
-
-
-def result_json(result: Result) -> str:
-    data = result.__dict__ | {"path": str(result.path)}
-    return json.dumps(data, ensure_ascii=False)

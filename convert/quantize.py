@@ -51,9 +51,7 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
 
 
 def _child(src: str, dst: str, ftype: int, threads: int) -> int:
-    import llama_cpp as lc
-
-    from app import llama
+    from app.runtime import llama, quant
 
     last_error: list[str] = []
 
@@ -65,11 +63,8 @@ def _child(src: str, dst: str, ftype: int, threads: int) -> int:
             last_error.append(message.strip())
 
     llama.init(verbose=False)
-    llama.set_log_sink(sink)
-    params = lc.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = threads
-    rc = lc.llama_model_quantize(src.encode(), dst.encode(), params)
+    with llama.log_to(sink):
+        rc = quant.quantize_file(Path(src), Path(dst), ftype, threads)
     reason = (last_error[-1] if last_error else "").replace("\n", " ")
     print("done", rc, reason, flush=True)
     return 0

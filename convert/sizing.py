@@ -24,7 +24,6 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from app.catalog import shape_key
 from app.errors import UserError
 from convert import gguf_out
 from convert import types as out_types
@@ -48,11 +47,6 @@ class Shape:
     n_vocab: int = 30080
     n_ctx: int = 2048
     rotary_fraction: float = 0.5
-
-    @property
-    def key(self) -> str:
-        """A stable name for this shape, used to match catalog entries with their computed sizes."""
-        return shape_key(self.n_layer, self.n_embd, self.n_ff, self.n_head, self.n_vocab)
 
     def config(self) -> NeoXConfig:
         return NeoXConfig(n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, n_ff=self.n_ff,
@@ -110,8 +104,9 @@ def _planned(shape: Shape, qtype: QT) -> list[gguf_out.PlannedTensor]:
 def write_sparse_staged(shape: Shape, path: Path) -> None:
     """The f16 GGUF the converter hands to llama.cpp's quantizer, with the real header and a hole for the data."""
     cfg = shape.config()
-    meta = gguf_out.Metadata(name=f"shape-{shape.key}", source="malhae sizing", hub_id=None, license=None)
-    w = gguf_out._writer(cfg, _placeholder_vocab(shape.n_vocab), meta, gguf.LlamaFileType.MOSTLY_F16)
+    meta = gguf_out.Metadata(name=f"shape-L{shape.n_layer}-d{shape.n_embd}", source="malhae sizing", hub_id=None,
+                             license=None)
+    w = gguf_out.writer(cfg, _placeholder_vocab(shape.n_vocab), meta, gguf.LlamaFileType.MOSTLY_F16)
     data = 0
     for t in _planned(shape, QT.F16):
         n = tensor_bytes(t.shape[::-1], t.out_type)
@@ -128,9 +123,7 @@ def write_sparse_staged(shape: Shape, path: Path) -> None:
 
 
 def _dry_run(staged: Path, ftype: int) -> list[SizedTensor]:
-    import llama_cpp as lc
-
-    from app import llama
+    from app.runtime import llama, quant
 
     pending: list[str] = []
     lines: list[str] = []
@@ -141,18 +134,8 @@ def _dry_run(staged: Path, ftype: int) -> list[SizedTensor]:
             lines.append("".join(pending))
             pending.clear()
 
-    previous = llama._log_sink  # restored afterwards: a caller may be collecting llama.cpp's log itself
-    llama.init(llama._verbose)
-    llama.set_log_sink(sink)
-    try:
-        params = lc.llama_model_quantize_default_params()
-        params.ftype = ftype
-        params.dry_run = True
-        params.nthread = 1
-        with tempfile.TemporaryDirectory(prefix="malhae-sizing-") as tmp:
-            rc = lc.llama_model_quantize(str(staged).encode(), str(Path(tmp) / "unused.gguf").encode(), params)
-    finally:
-        llama.set_log_sink(previous)
+    with llama.log_to(sink), tempfile.TemporaryDirectory(prefix="malhae-sizing-") as tmp:
+        rc = quant.quantize_file(staged, Path(tmp) / "unused.gguf", ftype, 1, dry_run=True)
     if rc != 0:
         raise UserError(f"llama.cpp's quantizer refused the dry run (code {rc}): {''.join(lines[-3:]).strip()}")
     out = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from convert import ggml_quant
+from app.runtime import quant
 
 CHUNK_ELEMENTS = 1 << 22  # 4 Mi values (16 MiB of f32) per step
 
@@ -59,7 +59,7 @@ def convert(dtype: str, data: np.ndarray, target: QT) -> np.ndarray:
         return _chunked(data, lambda rows: f32_to_bf16(as_f32(dtype, rows)), np.uint16, data.shape[-1])
     if target == QT.Q8_0:
         rows = data.reshape(-1, data.shape[-1])
-        out = ggml_quant.quantize_rows(lambda a, b: as_f32(dtype, rows[a:b]), QT.Q8_0, rows.shape[0], rows.shape[1])
+        out = quant.quantize_rows(lambda a, b: as_f32(dtype, rows[a:b]), QT.Q8_0, rows.shape[0], rows.shape[1])
         return out.reshape(*data.shape[:-1], out.shape[-1])
     raise ValueError(f"unsupported direct output type {target.name}")
 

@@ -23,7 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from app.errors import UserError
-from app.llama import Context, Model
+from app.runtime.llama import Context, Model
 
 F32_TOLERANCE = 1e-3
 F16_TOLERANCE = 2e-2

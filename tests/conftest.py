@@ -56,7 +56,7 @@ def k_quant_checkpoint(tmp_path_factory):
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu need a CUDA build of llama-cpp-python and a GPU NVML can see; CI has neither."""
-    from app import hardware
+    from app.runtime import hardware
 
     if hardware.llama_supports_gpu() and hardware.nvidia_gpus():
         return

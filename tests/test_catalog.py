@@ -10,10 +10,10 @@ from pathlib import Path
 import factory
 import pytest
 
-from app import catalog
 from app.cli import main
 from app.errors import UserError
-from app.gguf_info import read_info
+from app.runtime.gguf_info import read_info
+from app.store import catalog
 from convert import pipeline
 from convert.sizing import Shape, sized_tensors, summarize
 
@@ -93,7 +93,7 @@ def test_find_by_name_or_hub_id_and_suggest():
 
 
 def _raw():
-    return catalog._read("catalog.toml"), catalog._read("catalog-sizes.toml")
+    return catalog.read_toml("catalog.toml"), catalog.read_toml("catalog-sizes.toml")
 
 
 def test_validation_names_the_problem():

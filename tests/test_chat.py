@@ -26,8 +26,9 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
-from app import chat, models
-from app.engine import Sampling
+from app.chat import reader, repl, writer
+from app.runtime.settings import Sampling
+from app.store import models
 from convert import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,18 +65,18 @@ def model(random_model) -> Path:
     ("   \n ", False, "empty", ""),
 ])
 def test_typed_text_to_message(typed, more, kind, text):
-    assert chat.needs_more(typed) is more
+    assert reader.needs_more(typed) is more
     if not more:
-        assert chat.classify(typed) == (kind, text)
+        assert reader.classify(typed) == (kind, text)
 
 
 def test_command_names():
-    assert chat.resolve_command("/te") == "/template" and chat.resolve_command("/?") == "/help"
-    assert chat.resolve_command("/BYE") == "/exit" and chat.resolve_command("/q") == "/exit"
+    assert reader.resolve_command("/te") == "/template" and reader.resolve_command("/?") == "/help"
+    assert reader.resolve_command("/BYE") == "/exit" and reader.resolve_command("/q") == "/exit"
     with pytest.raises(Exception, match="could be /system, /set, /show, /save, /stats"):
-        chat.resolve_command("/s")
+        reader.resolve_command("/s")
     with pytest.raises(Exception, match="unknown command /x"):
-        chat.resolve_command("/x")
+        reader.resolve_command("/x")
 
 
 def test_completion_of_commands_and_their_arguments(tmp_path):
@@ -84,13 +85,13 @@ def test_completion_of_commands_and_their_arguments(tmp_path):
 
     (tmp_path / "대화.json").write_text("{}")
     (tmp_path / "model.gguf").write_text("")
-    completer = chat._completer()
+    completer = reader.completer()
 
     def complete(text: str) -> list[str]:
         return [c.text for c in completer.get_completions(Document(text), CompleteEvent(text_inserted=True))]
 
     assert complete("/te") == ["/template"] and complete("/s") == ["/system", "/set", "/show", "/save", "/stats"]
-    assert len(complete("/")) == len(chat.COMMANDS)
+    assert len(complete("/")) == len(reader.COMMANDS)
     assert complete("/template k") == ["koalpaca", "kullm"] and complete("/set te") == ["temperature"]
     assert complete("/set temperature ") == [] and complete("안녕") == [] and complete("/help me\n") == []
     assert sorted(complete(f"/load {tmp_path}/")) == ["model.gguf", "대화.json"]
@@ -106,14 +107,14 @@ def test_answer_output_path():
         yield from (" ", " 안녕", "하세요\x1b[2J", "!\r")
 
     out = io.StringIO()
-    assert chat.write_answer(answer(0.0), out, terminal=True) == ("안녕하세요\x1b[2J!\r", False)
+    assert writer.write_answer(answer(0.0), out, terminal=True) == ("안녕하세요\x1b[2J!\r", False)
     assert out.getvalue() == "안녕하세요[2J!\n"
     out = io.StringIO()
-    chat.write_answer(answer(0.6), out, terminal=True)
+    writer.write_answer(answer(0.6), out, terminal=True)
     drawn = out.getvalue()
     assert drawn.startswith("\r⠋ 생각 중") and drawn.endswith("\r\x1b[K안녕하세요[2J!\n")
     out = io.StringIO()
-    assert chat.write_answer(answer(0.6), out, terminal=False) == ("안녕하세요\x1b[2J!\r", False)
+    assert writer.write_answer(answer(0.6), out, terminal=False) == ("안녕하세요\x1b[2J!\r", False)
     assert out.getvalue() == "안녕하세요\x1b[2J!\r\n"  # a file or pipe gets the text as it is
 
 
@@ -121,7 +122,7 @@ def test_answer_output_path():
 
 @dataclass
 class Session:
-    chat: chat.Chat
+    chat: repl.Chat
     out: str  # answers (stdout)
     err: str  # banner, status lines, hints (stderr)
     history: list[str]
@@ -143,8 +144,8 @@ def talk(model: Path, keys: str, *, setup=None, out: io.StringIO | None = None, 
     with create_pipe_input() as pipe:
         pipe.send_text(keys)
         pipe.close()
-        session = chat.open_chat(model=str(model), threads=1, gpu_layers="0",
-                                 reader=chat.PromptReader(history, input=pipe, output=DummyOutput()), out=out,
+        session = repl.open_chat(model=str(model), resolve=models.resolve, threads=1, gpu_layers="0",
+                                 reader=reader.PromptReader(history, input=pipe, output=DummyOutput()), out=out,
                                  console=Console(file=err, width=120), **options)
         if setup:
             setup(session)
@@ -198,21 +199,21 @@ def test_history_location(tmp_path, monkeypatch):
     from prompt_toolkit.history import FileHistory, InMemoryHistory
 
     monkeypatch.setenv("MALHAE_HOME", str(tmp_path / "home"))
-    assert chat.history_path() == tmp_path / "home" / "chat_history"
-    assert isinstance(chat.open_history(print), FileHistory) and chat.history_path().is_file()
+    assert reader.history_path() == tmp_path / "home" / "chat_history"
+    assert isinstance(reader.open_history(print), FileHistory) and reader.history_path().is_file()
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("MALHAE_HOME", str(tmp_path / "file" / "home"))  # cannot be a folder
     said: list[str] = []
-    assert isinstance(chat.open_history(said.append), InMemoryHistory)
+    assert isinstance(reader.open_history(said.append), InMemoryHistory)
     assert len(said) == 1 and "history will not be kept" in said[0] and "MALHAE_HOME" in said[0]
     monkeypatch.delenv("MALHAE_HOME")
-    assert chat.history_path().parent.name == "malhae"  # the user data directory
+    assert reader.history_path().parent.name == "malhae"  # the user data directory
 
 
 def _interrupt_first_answer_after(n_pieces: int, yielded: list[str]):
     """Send a real SIGINT to this process while the first answer is being written (the REPL's handler is live)."""
 
-    def setup(session: chat.Chat) -> None:
+    def setup(session: repl.Chat) -> None:
         real = session.engine.generate
         calls = []
 
@@ -315,7 +316,7 @@ def test_help_and_edit_commands(model):
             "/system default\r/system\r/clear\r/te\r/exit\r이건 보내지 않음\r")
     s = talk(model, keys)
     help_text = s.err[: s.err.index("Ctrl-D quits")]
-    assert all(name in help_text for name in chat.COMMANDS)
+    assert all(name in help_text for name in reader.COMMANDS)
     assert "system text (yours): 당신은 해적입니다." in s.err
     assert "system text (the template's): (none)" in s.err  # koalpaca has no system text
     assert "took back: 둘" in s.err and "conversation cleared" in s.err
@@ -340,7 +341,7 @@ def test_model_switch_keeps_the_conversation(model, k_quant_checkpoint, tmp_path
 
 
 def test_model_switch_by_store_name(model, tmp_path, monkeypatch):
-    from app import store
+    from app.store import local as store
 
     monkeypatch.setenv("MALHAE_HOME", str(tmp_path))
     stored = store.open_store().add(model, "작은모델").path
@@ -372,7 +373,7 @@ def test_context_overflow_drops_old_turns_says_so_once_and_goes_on(random_model)
     keys = "".join(m + "\r" for m in messages) + "대한민국 헌법 " * 80 + "\r마지막 질문\r/show\r"
     dropped: list[int] = []
 
-    def setup(session: chat.Chat) -> None:
+    def setup(session: repl.Chat) -> None:
         real = session.conv.ask
 
         def ask(*args):
@@ -479,7 +480,7 @@ def test_terminal_session(terminal, model, tmp_path):
     assert [t["text"] for t in saved["turns"][::2]] == ["안녕하세요", "대한민국의 수도는 어디인가요?"]
     screen = plain(child.logfile_read.getvalue()).replace("\n", "")
     for answer in saved["turns"][1::2]:  # each answer was on the screen
-        assert answer["text"].translate(chat._UNPRINTABLE).replace("\n", "") in screen
+        assert answer["text"].translate(writer.UNPRINTABLE).replace("\n", "") in screen
 
 
 def test_ctrl_c_in_a_terminal_stops_the_answer(terminal, random_model, tmp_path):
@@ -510,7 +511,7 @@ def test_ctrl_c_in_a_terminal_stops_the_answer(terminal, random_model, tmp_path)
     # the terminal echoes the key as "^C" wherever the output stream is at that moment, which may be before the
     # last piece is flushed: the echo is the terminal's, not the answer's
     on_screen = plain(transcript).replace("^C", "")
-    assert kept.translate(chat._UNPRINTABLE) in on_screen  # the conversation keeps what was on the screen
+    assert kept.translate(writer.UNPRINTABLE) in on_screen  # the conversation keeps what was on the screen
 
 
 def test_history_is_shared_and_searchable_and_pastes_are_one_message(terminal, model, tmp_path):

@@ -13,10 +13,11 @@ from pathlib import Path
 import gguf
 import pytest
 
-from app import templates
-from app.engine import Engine, Sampling
 from app.errors import UserError
-from app.gguf_info import read_info
+from app.runtime import templates
+from app.runtime.engine import Engine
+from app.runtime.gguf_info import read_info
+from app.runtime.settings import Sampling
 from convert import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,13 +111,14 @@ def test_a_hub_cache_checkpoint_gets_its_catalog_template(tmp_path):
 
 
 def test_catalog_and_name_rules_agree():
-    from app import catalog
+    from app.store import catalog
 
     for entry in catalog.load():
-        assert templates.for_checkpoint(entry.hub_id).name == entry.template
+        assert catalog.template_for(entry.hub_id) == entry.template
+        assert catalog.template_for(entry.name.upper()) == entry.template
         assert templates.identify(entry.hub_id).name == entry.template  # also without the catalog
         assert templates.for_model(entry.name).name == entry.template  # what ask/chat pick by name
-    assert templates.for_checkpoint("my-own-model") is None
+    assert catalog.template_for("my-own-model") is None and templates.identify("my-own-model") is None
 
 
 def test_quantized_files_keep_the_template(k_quant_checkpoint, tmp_path):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from app import config, models
 from app.cli import main
-from app.config import tomllib
+from app.store import config, models
+from app.store.config import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = models.demo_model()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from app import templates
+from app.runtime import templates
 from convert import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent

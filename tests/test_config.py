@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
-from app import config
-from app.config import tomllib  # tomli on Python 3.10
 from app.errors import UserError
+from app.store import config
+from app.store.config import tomllib  # tomli on Python 3.10
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -53,14 +52,6 @@ def test_missing_file_means_built_in_defaults(tmp_path):
     assert values["temperature"] == 0.7 and values["max_tokens"] == 512 and values["seed"] is None
     assert config.sampling_values("complete", {}, settings)["max_tokens"] == 256
     assert config.runtime_values({}, settings) == {"ctx": None, "threads": None, "gpu_layers": "auto"}
-
-
-def test_built_in_sampling_defaults_match_the_engine():
-    """Two places would drift: the engine's own Sampling() must agree with the defaults the CLI shows."""
-    from app.engine import Sampling
-
-    engine_defaults = {f.name: f.default for f in dataclasses.fields(Sampling) if f.name in config.SAMPLING_DEFAULTS}
-    assert engine_defaults == config.SAMPLING_DEFAULTS
 
 
 # --- what it may say -----------------------------------------------------------------------------------------
@@ -117,13 +108,11 @@ def test_wrong_types_are_one_line_errors(tmp_path, text, key, line):
 
 
 def test_out_of_range_values_are_refused_naming_the_file(tmp_path):
-    path = write(tmp_path, "[sampling]\ntemperature = 50\n")
-    settings = config.load(path)  # a number, so the file reads; the range is checked where it is used
-    with pytest.raises(UserError) as e:
-        config.sampling_values("complete", {}, settings)
-    assert str(path) in str(e.value) and "temperature" in str(e.value)
-    with pytest.raises(UserError):
-        config.sampling_values("complete", {}, config.load(write(tmp_path, "[sampling]\nrepeat_last_n = -1\n")))
+    """The file is checked against the settings table when it is read: the range too, with the key's line."""
+    message = error_of(write(tmp_path, "ctx = 512\n[sampling]\ntemperature = 50\n"))
+    assert "line 3" in message and "sampling.temperature must be a number from 0 to 10" in message and "50" in message
+    assert "repeat_last_n" in error_of(write(tmp_path, "[sampling]\nrepeat_last_n = -1\n"))
+    assert "line 1" in error_of(write(tmp_path, "threads = 0\n"))
 
 
 def test_a_directory_or_non_utf8_file_is_an_error(tmp_path):

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from app import conversation as cv
-from app import templates
-from app.conversation import Conversation, check_setting, parse_setting
-from app.engine import Sampling
+from app.chat import conversation as cv
+from app.chat.conversation import Conversation
 from app.errors import UserError
+from app.runtime import templates
+from app.runtime.settings import SETTABLE, Sampling
 
 
 def tokenize(text: str) -> list[int]:
@@ -136,34 +136,6 @@ def test_reserve_is_bounded_by_max_tokens_and_a_quarter_of_the_context():
     assert conv(sampling=Sampling(max_tokens=10)).reserve(4096) == 10
 
 
-@pytest.mark.parametrize(("key", "raw", "value"), [
-    ("temperature", "0", 0.0), ("temperature", "1.5", 1.5), ("top_p", "1", 1.0), ("top_k", "0", 0),
-    ("min_p", "0.1", 0.1), ("repeat_penalty", "1.2", 1.2), ("max_tokens", "64", 64), ("seed", "42", 42),
-    ("seed", "random", None), ("ctx", "2048", 2048), ("ctx", "default", None),
-])
-def test_settings_parse(key, raw, value):
-    assert parse_setting(key, raw) == value
-
-
-@pytest.mark.parametrize(("key", "raw", "says"), [
-    ("temperature", "hot", "is not valid"), ("temperature", "-1", "from 0 to 10"), ("top_p", "0", "above 0"),
-    ("top_k", "2.5", "is not valid"), ("min_p", "1", "up to 1"), ("max_tokens", "0", "1 or more"),
-    ("seed", "-3", "0 to 4294967295"), ("ctx", "8", "16 or more"), ("temperature", "nan", "from 0 to 10"),
-    ("warmth", "1", "unknown setting"),
-])
-def test_bad_settings_are_one_line_hints(key, raw, says):
-    with pytest.raises(UserError) as e:
-        parse_setting(key, raw)
-    assert says in str(e.value) and "\n" not in str(e.value)
-
-
-def test_setting_types_from_files_and_options():
-    assert check_setting("top_k", 40.0, "x") == 40
-    for key, value in (("top_k", True), ("temperature", "0.7"), ("top_k", 2.5), ("max_tokens", None)):
-        with pytest.raises(UserError):
-            check_setting(key, value, "x")
-
-
 def test_save_and_load_round_trip(tmp_path):
     c = conv("kullm", sampling=Sampling(temperature=0.2, seed=7, max_tokens=99), ctx=1024, system="존댓말로.")
     c.ask("대한민국의 수도는?", tokenize, 4096)
@@ -237,7 +209,7 @@ def test_saved_format_is_stable(tmp_path):
     data = _valid()
     assert set(data) == {"format", "version", "model", "template", "system", "settings", "turns"}
     assert data["format"] == "malhae-chat" and data["version"] == 1
-    assert set(data["settings"]) == set(cv.SETTINGS)
+    assert set(data["settings"]) == set(SETTABLE)
     assert data["turns"] == [{"role": "user", "text": "안녕"}, {"role": "assistant", "text": "네"}]
     assert Path(cv.save(Conversation.from_dict(data), tmp_path / "a.json")).is_file()
 

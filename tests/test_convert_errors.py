@@ -148,7 +148,7 @@ def test_not_enough_disk_space(model, tmp_path, capsys, monkeypatch):
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=100_000))
     _, err = run_cli(capsys, tmp_path, str(model), "-t", "q4_k_m", "-o", str(tmp_path / "o.gguf"))
-    assert "not enough free disk space" in err and "GB are free" in err
+    assert "not enough free disk space" in err and "and 0.1 MB are free" in err
 
 
 def test_failure_mid_write_leaves_nothing(model, tmp_path, capsys, monkeypatch):

@@ -7,7 +7,7 @@ import pytest
 from conftest import SPECS
 from tokenizers import Tokenizer
 
-from app.llama import Model
+from app.runtime.llama import Model
 from convert import parity, pipeline, verify
 
 

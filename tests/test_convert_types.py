@@ -6,7 +6,7 @@ import gguf
 import numpy as np
 import pytest
 
-from app.llama import Context, Model
+from app.runtime.llama import Context, Model
 from convert import pipeline
 from convert import types as out_types
 

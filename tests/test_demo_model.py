@@ -17,8 +17,9 @@ import pytest
 from gguf import GGUFReader
 from tokenizers import Tokenizer
 
-from app.llama import Context, Model
-from app.perplexity import perplexity, windows
+from app.eval.perplexity import perplexity
+from app.eval.windows import windows
+from app.runtime.llama import Context, Model
 from convert import pipeline, verify
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -7,9 +7,10 @@ from pathlib import Path
 import gguf
 import pytest
 
-from app import models
-from app.engine import Engine, Sampling, check_model_file
 from app.errors import UserError
+from app.runtime.engine import Engine, check_model_file
+from app.runtime.settings import Sampling
+from app.store import models
 from convert import pipeline
 
 PROMPT = "대한민국의 주권은 국민에게 있고, 모든 권력은"
@@ -35,7 +36,7 @@ def test_greedy_is_deterministic_and_matches_argmax(engine, model_path):
     engine.cache = []
     second, _ = engine.complete(PROMPT, GREEDY)
     assert first == second and engine.generated == ids
-    from app.llama import Context, Model  # an independent greedy: argmax of full-sequence logits
+    from app.runtime.llama import Context, Model  # an independent greedy: argmax of full-sequence logits
 
     with Model(model_path) as m, Context(m, n_ctx=256) as ctx:
         assert ctx.greedy(m.tokenize(PROMPT), 8) == ids[:8]
@@ -125,7 +126,7 @@ def test_long_korean_stream_has_no_broken_characters():
 
 
 def _fake_gpu(monkeypatch, supports: bool, free: int = 20 * 2**30):
-    from app import hardware
+    from app.runtime import hardware
 
     gpu = hardware.GPU(0, "NVIDIA GeForce RTX 4090", 24 * 2**30, free)
     monkeypatch.setattr(hardware, "nvidia_gpus", lambda: (gpu,))
@@ -142,7 +143,7 @@ def test_cpu_only_build_on_a_gpu_machine_says_how_to_get_cuda(model_path, monkey
 
 
 def test_failed_gpu_load_retries_with_fewer_layers(model_path, monkeypatch):
-    from app import llama
+    from app.runtime import llama
 
     _fake_gpu(monkeypatch, supports=True)
     real_init = llama.Model.__init__

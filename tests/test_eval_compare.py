@@ -1,8 +1,8 @@
 """`malhae eval compare`: KL divergence, top-1 agreement and perplexities of a quantized file against its reference.
 
-The numbers are held to computations that share none of app/compare.py's code (numpy from logits evaluated one
-window at a time through app.llama.Context), to exact identities (a file against itself), to the order quantization
-must produce (Q4_K_M loses more than Q8_0), and, where it is built, to llama-perplexity --kl-divergence.
+The numbers are held to computations that share none of app/eval/compare.py's code (numpy from logits evaluated one
+window at a time through app.runtime.llama.Context), to exact identities (a file against itself), to the order
+quantization must produce (Q4_K_M loses more than Q8_0), and, where it is built, to llama-perplexity --kl-divergence.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app import compare, perplexity
 from app.cli import main
 from app.errors import UserError
-from app.llama import Context, Model
+from app.eval import compare, perplexity, upstream, windows
+from app.runtime.llama import Context, Model
 from convert import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def test_quantization_loss_is_positive_and_ordered(text_file, quantized):
 
 @pytest.mark.parametrize("n_batch", [512, 128])  # four windows per decode, one
 def test_equals_an_independent_numpy_computation(text_file, quantized, n_batch):
-    text = perplexity.read_text(text_file)
+    text = windows.read_text(text_file)
     kl, top1, ppl_a, ppl_b = _independent(GGUF, quantized["q4_k_m"], text, 128)
     with Model(GGUF) as a, Model(quantized["q4_k_m"]) as b:
         r = compare.evaluate(a, b, text, n_ctx=128, n_batch=n_batch)
@@ -100,6 +100,8 @@ def test_equals_an_independent_numpy_computation(text_file, quantized, n_batch):
 
 
 def test_kl_rows_is_the_textbook_formula():
+    from app.eval.scoring import log_softmax
+
     rng = np.random.default_rng(0)
     a = rng.normal(0, 3, size=(5, 300)).astype(np.float32)
     b = a + rng.normal(0, 0.5, size=a.shape).astype(np.float32)
@@ -107,8 +109,8 @@ def test_kl_rows_is_the_textbook_formula():
     p /= p.sum(1, keepdims=True)
     q = np.exp(b.astype(np.float64))
     q /= q.sum(1, keepdims=True)
-    np.testing.assert_allclose(compare.kl_rows(a, b), (p * np.log(p / q)).sum(1), rtol=1e-9)
-    assert (compare.kl_rows(a, a) == 0).all()
+    np.testing.assert_allclose(compare.kl_rows(log_softmax(a), log_softmax(b)), (p * np.log(p / q)).sum(1), rtol=1e-9)
+    assert (compare.kl_rows(log_softmax(a), log_softmax(a)) == 0).all()
 
 
 def _swap_two_tokens(src: Path, out: Path) -> Path:
@@ -152,21 +154,21 @@ def test_missing_text_or_model_is_one_line(capsys, tmp_path):
     assert "b.gguf does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(perplexity.llama_perplexity_exe() is None,
+@pytest.mark.skipif(upstream.llama_perplexity_exe() is None,
                     reason="llama-perplexity not built (python benchmarks/build_llama_tools.py)")
 def test_same_kl_as_llama_perplexity(tmp_path, quantized):
     """llama-perplexity stores the reference's log-probabilities in 16 bits, so its KL is close, not identical
     (measured: 0.004639 against 0.004638 for Q4_K_M on the held-out bills)."""
-    from app.bench import _same_libraries_env
+    from app.eval.upstream import same_libraries_env
 
     text = tmp_path / "held-out.txt"
     text.write_text("\n".join((BILLS / n).read_text(encoding="utf-8") for n in HELD_OUT), encoding="utf-8")
-    exe, base = perplexity.llama_perplexity_exe(), tmp_path / "base.kld"
+    exe, base = upstream.llama_perplexity_exe(), tmp_path / "base.kld"
     common = ["-f", str(text), "-c", "512", "-t", "2", "--no-repack", "--kl-divergence-base", str(base)]
-    subprocess.run([str(exe), "-m", str(GGUF), *common], capture_output=True, check=True, env=_same_libraries_env())
+    subprocess.run([str(exe), "-m", str(GGUF), *common], capture_output=True, check=True, env=same_libraries_env())
     for _ in range(3):  # its logger thread can lose the last lines at exit
         proc = subprocess.run([str(exe), "-m", str(quantized["q4_k_m"]), *common, "--kl-divergence"],
-                              capture_output=True, text=True, env=_same_libraries_env())
+                              capture_output=True, text=True, env=same_libraries_env())
         found = re.search(r"Mean\s+KLD:\s+([0-9.]+)", proc.stdout + proc.stderr)
         if found:
             break

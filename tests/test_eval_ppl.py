@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from app import perplexity
 from app.cli import main
-from app.llama import Context, Model
-from app.perplexity import Layout
+from app.eval import perplexity, upstream
+from app.eval import windows as win
+from app.eval.windows import Layout
+from app.runtime.llama import Context, Model
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = ROOT / "models" / "malhae-demo-ko-f16.gguf"
@@ -48,7 +49,7 @@ def short_text(model) -> str:
 
 
 def _nll(logits: np.ndarray, targets: list[int]) -> np.ndarray:
-    """Independent of app.perplexity: log-softmax in float64 from scratch."""
+    """Independent of app.eval.perplexity: log-softmax in float64 from scratch."""
     x = logits.astype(np.float64)
     m = x.max(axis=1)
     lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
@@ -90,8 +91,8 @@ def test_every_window_matches_token_by_token(model, short_text):
     layout = Layout.of(64, 256)
     tokens = model.tokenize(short_text, parse_special=False)
     windows = _windows(tokens, 64)
-    with perplexity.context_for(model, layout, None) as ctx, Context(model, n_ctx=64, n_batch=1) as one:
-        got = list(perplexity.scored_logits(ctx, windows, layout))
+    with win.context_for(model, layout, None) as ctx, Context(model, n_ctx=64, n_batch=1) as one:
+        got = list(win.scored_logits(ctx, windows, layout))
         assert len(got) == len(windows)
         for w, (logits, targets) in zip(windows, got, strict=True):
             ref = one.logits(w)[32:63]
@@ -134,16 +135,16 @@ def test_layout_follows_llama_perplexity(n_ctx, n_batch, expected):
 def test_reads_the_file_as_llama_perplexity_does(tmp_path):
     f = tmp_path / "t.txt"
     f.write_bytes("가나\r\n다\n\n".encode())
-    assert perplexity.read_text(f) == "가나\r\n다\n"  # one trailing newline removed, nothing translated
+    assert win.read_text(f) == "가나\r\n다\n"  # one trailing newline removed, nothing translated
 
 
-@pytest.mark.skipif(perplexity.llama_perplexity_exe() is None,
+@pytest.mark.skipif(upstream.llama_perplexity_exe() is None,
                     reason="llama-perplexity not built (python benchmarks/build_llama_tools.py)")
 @pytest.mark.parametrize(("n_ctx", "n_batch"), [(512, 2048), (256, 128)])
 def test_same_number_as_llama_perplexity(tmp_path, n_ctx, n_batch):
     text = tmp_path / "held-out.txt"
     text.write_text(_held_out() + "\n", encoding="utf-8")
-    theirs, theirs_err = perplexity.run_llama_perplexity(perplexity.llama_perplexity_exe(), GGUF, text,
+    theirs, theirs_err = upstream.run_llama_perplexity(upstream.llama_perplexity_exe(), GGUF, text,
                                                          n_ctx=n_ctx, n_batch=n_batch)
     mine = perplexity.run(GGUF, text, n_ctx=n_ctx, n_batch=n_batch, gpu_layers="0")
     assert mine.ppl == pytest.approx(theirs, rel=1e-4)  # the issue asks for 0.5 %; measured: 2e-7

@@ -1,4 +1,4 @@
-"""app.gguf_info reads what gguf-py's reader reads (the reference), only faster."""
+"""app.runtime.gguf_info reads what gguf-py's reader reads (the reference), only faster."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import gguf
 import pytest
 
 from app.errors import UserError
-from app.gguf_info import read_info
+from app.runtime.gguf_info import read_info
 from convert import pipeline
 
 

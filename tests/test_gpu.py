@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app import models
-from app.engine import Engine, Sampling
-from app.llama import Context, Model
+from app.runtime.engine import Engine
+from app.runtime.llama import Context, Model
+from app.runtime.settings import Sampling
+from app.store import models
 from convert import pipeline
 
 pytestmark = pytest.mark.gpu

@@ -12,11 +12,11 @@ from pathlib import Path
 import gguf
 import pytest
 
-from app import offload, templates
-from app.engine import Engine
 from app.errors import UserError
-from app.gguf_info import read_info
-from app.info import describe
+from app.runtime import offload, templates
+from app.runtime.engine import Engine
+from app.runtime.gguf_info import read_info
+from app.store.info import describe
 from convert import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def check_against_reader(path: Path) -> None:
     assert mi.d_model == field(ref, "gptneox.embedding_length")
     assert mi.n_head == field(ref, "gptneox.attention.head_count")
     assert mi.rotary_dims == field(ref, "gptneox.rope.dimension_count")
-    assert mi.file_type == gguf.LlamaFileType(field(ref, "general.file_type")).name.removeprefix("MOSTLY_")
+    assert mi.file_type == gguf.LlamaFileType(field(ref, "general.file_type")).name.removeprefix("MOSTLY_").lower()
     tokens = ref.fields["tokenizer.ggml.tokens"]
     texts = [bytes(tokens.parts[i]).decode("utf-8") for i in tokens.data]
     kinds = [int(ref.fields["tokenizer.ggml.token_type"].parts[i][0]) for i in
@@ -77,8 +77,19 @@ def test_demo_model_facts_match_gguf_reader():
 def test_quantized_file_facts_match_gguf_reader(q4):
     check_against_reader(q4)
     mi = describe(q4)
-    assert mi.file_type == "Q4_K_M" and {"Q4_K", "F32"} <= {q.type for q in mi.quantization}
+    assert mi.file_type == "q4_k_m" and {"Q4_K", "F32"} <= {q.type for q in mi.quantization}
     assert mi.chat_template.kind == "malhae" and mi.chat_template.name == "kullm"
+
+
+def test_info_and_the_store_listing_tell_the_same_story(q4, tmp_path):
+    """One reader of the metadata: name, type and source are the same in `malhae info` and `malhae models`."""
+    from app.store.local import open_store
+
+    entry = open_store(tmp_path / "store").add(q4, "q4")
+    mi = describe(entry.path)
+    ref = gguf.GGUFReader(q4)
+    assert (mi.file_type, mi.source, mi.parameters) == (entry.type, entry.source, entry.params)
+    assert mi.source == field(ref, "malhae.source") == "kq"  # the folder's name (a hub id when there is one)
 
 
 def test_memory_is_the_planners_arithmetic(q4):
@@ -162,7 +173,7 @@ def test_errors_are_one_line(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     assert "truncated" in one_error_line(run_cli("info", str(tmp_path / "cut.gguf")))
     assert "--gpu-layers" in one_error_line(run_cli("info", str(DEMO), "--gpu-layers", "many"))
-    with pytest.raises(UserError, match="too small"):
+    with pytest.raises(UserError, match="16 or more"):
         describe(DEMO, n_ctx=8)
     with pytest.raises(UserError, match="either --vram or --gpu-layers"):
         describe(DEMO, gpu_layers="2", vram_gib=8)

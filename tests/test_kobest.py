@@ -27,9 +27,9 @@ import pytest
 
 from app.cli import main
 from app.errors import UserError
-from app.kobest import data, metrics
-from app.kobest import evaluate as ev
-from app.kobest.tasks import select
+from app.eval.kobest import data, metrics
+from app.eval.kobest import evaluate as ev
+from app.eval.kobest.tasks import select
 
 ROOT = Path(__file__).resolve().parent.parent
 HF = ROOT / "models" / "demo" / "hf"
@@ -238,7 +238,7 @@ def test_parquet_needs_pyarrow(tmp_path):
 
 
 def test_hub_without_datasets_says_what_to_do():
-    pytest.importorskip("app.kobest.data")
+    pytest.importorskip("app.eval.kobest.data")
     try:
         import datasets  # noqa: F401
         pytest.skip("datasets is installed; the hub path would need a network")
@@ -303,8 +303,8 @@ def _hf_logliks(model, requests, max_length):
 
 
 def _gguf_logliks(path, requests, precise):
-    from app.llama import Model
-    from app.loglik import Scorer
+    from app.eval.loglik import Scorer
+    from app.runtime.llama import Model
 
     with Model(path) as model, Scorer(model, threads=1, precise=precise) as scorer:
         out = []

@@ -1,8 +1,9 @@
-"""app.loglik: shared-prefix batched scoring gives the numbers of plain one-sequence evaluation, harness arithmetic.
+"""app.eval.loglik: shared-prefix batched scoring gives the numbers of plain one-sequence evaluation, harness
+arithmetic.
 
-The reference here is always the simplest path: app.llama.Context.logits on the whole token sequence from an empty
-cache (one sequence, every position's logits), and a log-softmax written out in the test. The scorer's tricks — one
-prompt decoded for all choices with several seq ids, the last prompt token repeated per choice, batches split at
+The reference here is always the simplest path: app.runtime.llama.Context.logits on the whole token sequence from an
+empty cache (one sequence, every position's logits), and a log-softmax written out in the test. The scorer's tricks —
+one prompt decoded for all choices with several seq ids, the last prompt token repeated per choice, batches split at
 n_batch, the harness's left truncation — must not change a single number beyond float noise.
 """
 
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 
 from app.errors import UserError
-from app.llama import Context, Model
-from app.loglik import Scorer, log_softmax_at
+from app.eval.loglik import Scorer
+from app.eval.scoring import log_prob
+from app.runtime.llama import Context, Model
 
 GGUF = Path(__file__).resolve().parent.parent / "models" / "malhae-demo-ko-f16.gguf"
 PROMPT = "대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. 질문: 주권은 누구에게 있나? 답변: "
@@ -39,9 +41,9 @@ def _reference(model: Model, context: list[int], cont: list[int], max_length: in
     return float(log_p[np.arange(len(cont)), cont].sum())
 
 
-def test_log_softmax_at_by_hand():
+def test_log_prob_by_hand():
     logits = np.array([[0.0, 0.0], [np.log(3.0), 0.0]], dtype=np.float32)
-    got = log_softmax_at(logits, np.array([1, 0]))
+    got = log_prob(logits, np.array([1, 0]))
     assert got == pytest.approx([np.log(0.5), np.log(0.75)], abs=1e-6)
 
 
@@ -69,9 +71,9 @@ def test_batched_equals_one_at_a_time_on_ten_shot_prompts(model, precise, bound)
     attention); 1.2e-4 / 1.4e-4 for 10-shot BoolQ. Scoring one sequence with n_batch 512 or 64 gives identical
     numbers, so the difference comes from several sequences sharing a ubatch and the cache, not from the chunking.
     """
-    from app.kobest import data
-    from app.kobest import evaluate as ev
-    from app.kobest.tasks import select
+    from app.eval.kobest import data
+    from app.eval.kobest import evaluate as ev
+    from app.eval.kobest.tasks import select
 
     task = select("hellaswag")[0]
     src = data.source(None, False)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from app import offload
-from app.gguf_info import read_info
+from app.errors import UserError
+from app.runtime import offload
+from app.runtime.gguf_info import read_info
+from app.store import models
 from convert import pipeline
 
 GiB = 2**30
@@ -53,3 +55,95 @@ def test_partial_offload_is_the_most_that_fits():
 def test_a_gpu_too_small_for_the_overhead_gets_nothing():
     s = offload.ModelSizes(4, [10**8] * 4, 10**7, 10**6, 10**9)
     assert offload.plan(s, 1 * GiB).n_gpu_layers == 0
+
+
+# --- one choice for every command -------------------------------------------------------------------------------
+
+DEMO = models.demo_model()
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A visible 24 GB NVIDIA GPU and a CUDA-capable llama-cpp-python, as NVML and llama.cpp would report them on
+    such a machine; llama.cpp itself stays real (this CPU build ignores the layers it is asked to offload). Records
+    the n_gpu_layers every model load is given."""
+    from app.runtime import hardware, llama
+
+    gpu = hardware.GPU(0, "NVIDIA GeForce RTX 4090", 24 * GiB, 20 * GiB)
+    monkeypatch.setattr(hardware, "nvidia_gpus", lambda: (gpu,))
+    monkeypatch.setattr(hardware, "llama_supports_gpu", lambda: True)
+    loads: list[int] = []
+    real_init = llama.Model.__init__
+
+    def recording(self, path, *, vocab_only=False, n_gpu_layers=0, use_mmap=True):
+        if not vocab_only:
+            loads.append(n_gpu_layers)
+        real_init(self, path, vocab_only=vocab_only, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+
+    monkeypatch.setattr(llama.Model, "__init__", recording)
+    return loads
+
+
+@pytest.mark.skipif(DEMO is None, reason="the bundled demo model is not built")
+def test_every_command_offloads_by_the_same_rule(fake_gpu, tmp_path):
+    """chat/ask/complete/bench (the engine), info, eval ppl, eval compare and eval kobest all ask offload.choose: on
+    a 24 GB GPU the 8.6M demo goes entirely on it (its 2 layers + the output layer). Before the one rule, eval kobest
+    passed its notify callback where the planner wanted a layout and died on this machine with an internal error."""
+    from app.eval import compare, perplexity
+    from app.eval.kobest import data, evaluate
+    from app.eval.kobest.tasks import select
+    from app.runtime.engine import Engine
+    from app.store.info import describe
+
+    everything = read_info(DEMO).arch_int("block_count") + 1
+    with Engine(DEMO, n_ctx=64) as engine:
+        assert engine.n_gpu_layers == everything and engine.plan.mode == "auto"
+    assert describe(DEMO).memory.gpu_layers == everything
+    text = tmp_path / "t.txt"
+    text.write_text("대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 "
+                    "나온다. " * 20, encoding="utf-8")
+    perplexity.run(DEMO, text, n_ctx=64, gpu_layers="auto")
+    compare.run(DEMO, DEMO, text, n_ctx=64, gpu_layers="auto")
+    report = evaluate.evaluate(DEMO, data.source(None, False), select("copa"), [0], limit=2, gpu_layers="auto")
+    assert report.cells[0].n == 2
+    assert fake_gpu == [everything] * 5  # engine, ppl, compare A and B, kobest
+    fake_gpu.clear()
+    perplexity.run(DEMO, text, n_ctx=64, gpu_layers="1")
+    perplexity.run(DEMO, text, n_ctx=64, gpu_layers=0)
+    assert fake_gpu == [1, 0]
+
+
+@pytest.mark.skipif(DEMO is None, reason="the bundled demo model is not built")
+def test_eval_kobest_with_auto_offload_through_the_cli(fake_gpu, capsys):
+    from app.cli import main
+
+    assert main(["eval", "kobest", str(DEMO), "--tasks", "copa", "--shots", "0", "--limit", "2", "--json"]) == 0
+    assert fake_gpu and fake_gpu[0] > 0 and '"task": "copa"' in capsys.readouterr().out
+
+
+def test_cpu_only_build_says_how_to_get_cuda_once_per_load(monkeypatch):
+    from app.runtime import hardware
+
+    gpu = hardware.GPU(0, "NVIDIA GeForce RTX 3060", 12 * GiB, 11 * GiB)
+    monkeypatch.setattr(hardware, "nvidia_gpus", lambda: (gpu,))
+    monkeypatch.setattr(hardware, "llama_supports_gpu", lambda: False)
+    info = read_info(DEMO) if DEMO else None
+    if info is None:
+        pytest.skip("the bundled demo model is not built")
+    said: list[str] = []
+    for asked in ("auto", 12):
+        plan = offload.choose(info, asked, n_ctx=256, notify=said.append)
+        assert plan.n_gpu_layers == 0
+    assert len(said) == 2 and all(hardware.CUDA_INSTALL_HINT in s and "RTX 3060" in s for s in said)
+    assert offload.choose(info, 0, n_ctx=256, notify=said.append).n_gpu_layers == 0 and len(said) == 2
+
+
+def test_what_if_plans_only_the_automatic_offload():
+    info = read_info(DEMO) if DEMO else None
+    if info is None:
+        pytest.skip("the bundled demo model is not built")
+    plan = offload.choose(info, "auto", n_ctx=256, vram=8 * GiB)
+    assert plan.mode == "what-if" and plan.full and plan.free_bytes == 8 * GiB
+    assert offload.choose(info, "auto", n_ctx=256, vram=0).n_gpu_layers == 0
+    with pytest.raises(UserError, match="either --vram or --gpu-layers"):
+        offload.choose(info, 3, n_ctx=256, vram=8 * GiB)

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from app import catalog, offload, recommend
-from app.catalog import QUALITY_ORDER, Entry, Sizes
 from app.cli import main
-from app.gguf_info import read_info
+from app.runtime import offload
+from app.runtime.gguf_info import read_info
+from app.store import catalog, recommend
+from app.store.catalog import QUALITY_ORDER, Entry, Sizes
 from convert import pipeline
 from convert.sizing import Shape, sized_tensors, summarize
 
@@ -97,7 +98,7 @@ def test_recommend_ram_only_and_partial(capsys):
     captured = capsys.readouterr()
     assert "malhae pull polyglot-ko-1.3b --type f16" in captured.out
     assert "partly:" in captured.out and "malhae pull polyglot-ko-12.8b --type q4_k_m" in captured.out
-    assert "4.0 GiB VRAM given" in captured.err
+    assert "4.00 GiB VRAM given" in captured.err
 
 
 def test_machine_reads_this_machine_without_arguments():

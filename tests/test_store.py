@@ -10,16 +10,17 @@ import gguf
 import numpy as np
 import pytest
 
-from app import config, models, settings, store
+from app import flags
 from app.errors import UserError
-from app.store import open_store
+from app.store import config, local, models
+from app.store.local import open_store
 
 DEMO = models.demo_model()
 pytestmark = pytest.mark.skipif(DEMO is None, reason="the bundled demo model is not built")
 
 
 @pytest.fixture
-def st(tmp_path) -> store.Store:
+def st(tmp_path) -> local.Store:
     return open_store(tmp_path / "store")
 
 
@@ -46,12 +47,12 @@ def test_models_dir_precedence(tmp_path, monkeypatch):
     import platformdirs
 
     monkeypatch.setenv("MALHAE_HOME", str(tmp_path / "home"))
-    assert store.models_dir() == tmp_path / "home" / "models"
-    monkeypatch.setattr(settings, "MODELS_DIR", tmp_path / "flag")
-    assert store.models_dir() == tmp_path / "flag"
-    monkeypatch.setattr(settings, "MODELS_DIR", None)
+    assert local.models_dir() == tmp_path / "home" / "models"
+    monkeypatch.setattr(flags, "MODELS_DIR", tmp_path / "flag")
+    assert local.models_dir() == tmp_path / "flag"
+    monkeypatch.setattr(flags, "MODELS_DIR", None)
     monkeypatch.delenv("MALHAE_HOME")
-    assert store.models_dir() == Path(platformdirs.user_data_dir("malhae")) / "models"
+    assert local.models_dir() == Path(platformdirs.user_data_dir("malhae")) / "models"
 
 
 def test_open_store_creates_nothing_until_a_write(st):
@@ -135,7 +136,7 @@ def test_non_gguf_and_foreign_files_are_refused(st, tmp_path):
 
 
 def test_interrupted_copy_leaves_nothing(st, monkeypatch):
-    monkeypatch.setattr(store, "CHUNK", 1 << 20)
+    monkeypatch.setattr(local, "CHUNK", 1 << 20)
     seen = []
 
     def interrupt(done: int, total: int) -> None:
@@ -153,7 +154,7 @@ def test_a_source_that_shrinks_mid_copy_leaves_nothing(st, tmp_path, monkeypatch
     """The source is cut short while it is copied (another process truncating it): refused, nothing kept."""
     src = tmp_path / "src.gguf"
     shutil.copy(DEMO, src)
-    monkeypatch.setattr(store, "CHUNK", 1 << 20)
+    monkeypatch.setattr(local, "CHUNK", 1 << 20)
 
     def truncate_source(done: int, total: int) -> None:
         if done == 1 << 20:

@@ -89,7 +89,7 @@ def base_frame() -> str:
 
     Some Q&A copies are trained under it so that the demo answers in the frame `malhae chat`/`ask` really send;
     the other copies stay bare, as qa.txt has them, for frames without a system line."""
-    from app.templates import get
+    from app.runtime.templates import get
 
     base = get("base")
     return base.system_format.format(system=base.system) if base.system and base.system_format else ""
@@ -189,7 +189,7 @@ def held_out_windows(tokens: list[int], n_ctx: int) -> torch.Tensor:
 
 @torch.no_grad()
 def held_out_loss(model, windows: torch.Tensor) -> float:
-    """Mean NLL over the second half of each window — what llama-perplexity (and app.perplexity) score, so that
+    """Mean NLL over the second half of each window — what llama-perplexity (and app.eval.perplexity) score, so that
     exp(this) is directly comparable with the F16 GGUF's perplexity."""
     model.eval()
     n_ctx = windows.shape[1]
@@ -332,8 +332,8 @@ def save_checkpoint(model, tok, out: Path, ctx: int, rotary_pct: float) -> None:
 
 def convert_and_check(args: argparse.Namespace, held_out: str) -> dict:
     """The project's own converter makes the shipped GGUF; llama.cpp then shows it generates and scores as trained."""
-    from app.llama import Context, Model
-    from app.perplexity import perplexity
+    from app.eval.perplexity import perplexity
+    from app.runtime.llama import Context, Model
     from convert import pipeline
 
     out = args.gguf_out

@@ -1,0 +1,79 @@
+"""One-shot generation for `complete` and `ask`: where the prompt comes from, how it is framed, what comes back."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from app.errors import UserError
+from app.runtime import templates
+from app.runtime.engine import Engine, Stats
+from app.runtime.settings import Sampling
+
+
+def read_prompt(arg: str | None) -> str:
+    """The argument, or standard input when the argument is `-` or absent and stdin is a pipe or file."""
+    if arg is not None and arg != "-":
+        return arg
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UserError("give the prompt as an argument, or pipe it in: echo '대한민국의 주권은' | malhae complete")
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"standard input is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        "convert it first, e.g. iconv -f cp949 -t utf-8 (EUC-KR/CP949 files are common)") from None
+    text = text.removeprefix("\ufeff").rstrip("\r\n")
+    if not text.strip():
+        raise UserError("standard input is empty: nothing to complete")
+    return text
+
+
+@dataclass
+class OneShot:
+    engine: Engine
+    kind: str
+    prompt: str
+    sampling: Sampling
+    template: str | None = None
+    stats: Stats = field(default_factory=Stats)
+
+    def pieces(self) -> Iterator[str]:
+        started = self.kind == "complete"  # an answer's leading spaces (after "어시스턴트:") are not shown
+        try:
+            for piece in self.engine.generate(self.prompt, self.sampling):
+                if not started:
+                    piece = piece.lstrip()
+                    if not piece:
+                        continue
+                    started = True
+                yield piece
+        finally:
+            self.stats = self.engine.stats
+            self.engine.close()
+
+    def collect(self) -> dict:
+        text = "".join(self.pieces())
+        return {"model": str(self.engine.path), "kind": self.kind, "template": self.template, "text": text,
+                "stats": self.stats.as_dict()}
+
+
+def run(kind: str, text: str, path: Path, sampling: Sampling, *, n_ctx: int | None, threads: int | None,
+        gpu_layers: str | int, template: str | None, verbose: bool, notify) -> OneShot:
+    """Load the model and frame the prompt; the caller streams `pieces()` or `collect()`s them."""
+    engine = Engine(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=notify)
+    try:
+        if kind == "ask":
+            tpl = templates.get(template) if template else templates.for_engine(engine)
+            prompt = tpl.prompt([("user", text.strip())])
+            sampling.stop = tuple(dict.fromkeys((*tpl.stop, *sampling.stop)))
+            template = tpl.name
+        else:
+            prompt = text
+        engine.check_fits(len(engine.tokenize(prompt)))
+    except BaseException:
+        engine.close()
+        raise
+    return OneShot(engine, kind, prompt, sampling, template)

@@ -1,0 +1,371 @@
+"""`malhae chat`: an interactive Korean conversation in the terminal, on the same engine as `ask`.
+
+This module reads (app.chat.reader), dispatches the /commands and writes answers (app.chat.writer); what the
+conversation keeps and what fits in the context is app.chat.conversation's business.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from app import flags
+from app.chat import conversation as conv_mod
+from app.chat.conversation import Conversation, Prepared
+from app.chat.reader import (
+    COMMANDS,
+    KEYS,
+    QUIT_HINT,
+    InputCancelled,
+    LineReader,
+    PromptReader,
+    Reader,
+    classify,
+    open_history,
+    resolve_command,
+)
+from app.chat.writer import write_answer
+from app.errors import UserError
+from app.runtime import templates
+from app.runtime.engine import Engine, Stats, check_model_file
+from app.runtime.settings import SETTABLE, SETTINGS, Sampling, check, parse
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: leave the chat (unlike Ctrl-C, which only stops an answer or clears the line)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+OpenEngine = Callable[[Path, int | None], Engine]
+Resolve = Callable[[str | None, Callable[[str], None] | None], Path]  # --model / /model value → file (the store's)
+
+
+class Chat:
+    """One chat session: reads, runs commands, streams answers; the conversation and the engine outlive mistakes."""
+
+    def __init__(self, conversation: Conversation, engine: Engine, *, open_engine: OpenEngine, resolve: Resolve,
+                 reader: Reader, out: TextIO, console: Console, terminal: bool, template_fixed: bool = False) -> None:
+        self.conv = conversation
+        self.engine = engine
+        self.open_engine = open_engine
+        self.resolve = resolve
+        self.reader = reader
+        self.out = out
+        self.console = console
+        self.terminal = terminal
+        self.template_fixed = template_fixed  # chosen by the user: kept when the model changes
+        self.last_stats: Stats | None = None
+        self.running = True
+
+    # --- loop ---
+
+    def run(self) -> None:
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _terminate) if main else None
+        try:
+            self.banner()
+            while self.running:
+                self.step()
+        finally:
+            self.engine.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def banner(self) -> None:
+        e = self.engine
+        where = f"{e.n_gpu_layers} GPU layers" if e.n_gpu_layers else "CPU"
+        self.dim(f"malhae chat · model {e.name} ({e.path.name}, {where}) · template {self.conv.template.name} · "
+                 f"context {e.n_ctx} tokens")
+        self.dim("/help for commands (도움말) · Ctrl-C stops an answer · Ctrl-D or /exit quits (종료)")
+
+    def step(self) -> None:
+        """One input and what it asks for; every user mistake ends here as one line, and the session goes on."""
+        try:
+            raw = self.reader.read()
+        except EOFError:
+            self.running = False
+            return
+        except InputCancelled:
+            return
+        except Terminated:
+            raise
+        except KeyboardInterrupt:
+            self.hint(f"Ctrl-C stops an answer while it is written; {QUIT_HINT}")
+            return
+        except UserError as e:
+            self.hint(str(e))
+            return
+        try:
+            kind, text = classify(raw)
+            if kind == "command":
+                self.command(text)
+            elif kind == "message":
+                self.say(text)
+        except UserError as e:
+            self.hint(str(e))
+        except Terminated:
+            raise
+        except KeyboardInterrupt:
+            self.hint("interrupted (중단됨)")
+        except Exception as e:  # a bug: say so, and keep the conversation (it can still be saved)
+            if flags.DEBUG:
+                traceback.print_exc()
+            self.hint(f"internal error ({type(e).__name__}: {e}); the conversation is kept (/save it); run with "
+                      "--debug for the traceback and report it")
+        finally:
+            self.conv.abandon()  # between inputs every message has its answer, even after a Ctrl-C at a bad moment
+
+    # --- output ---
+
+    def dim(self, message: str) -> None:
+        self.console.print(message, style="dim", markup=False, highlight=False, soft_wrap=True)
+
+    def hint(self, message: str) -> None:
+        self.console.print(f"malhae: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+    def info(self, message: str) -> None:
+        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+    # --- answers ---
+
+    def say(self, message: str) -> None:
+        prepared = self.conv.ask(message, self.engine.tokenize, self.engine.n_ctx)
+        self.write(prepared)
+
+    def write(self, prepared: Prepared) -> None:
+        if prepared.dropped:
+            self.hint(f"the conversation no longer fits in the context of {self.engine.n_ctx} tokens: forgot the "
+                      f"{prepared.dropped} oldest messages (오래된 대화 {prepared.dropped}개를 잊었습니다); "
+                      "/set ctx N keeps more")
+        engine = self.engine
+        before = engine.stats
+        try:
+            text, interrupted = write_answer(engine.generate(prepared.tokens, self.conv.answer_sampling()), self.out,
+                                             terminal=self.terminal)
+        except BaseException:
+            self.conv.abandon()
+            raise
+        stats = engine.stats if engine.stats is not before else Stats(prompt_tokens=len(prepared.tokens))
+        if interrupted:
+            stats.stop_reason = "interrupted"
+        self.conv.answer(text.rstrip())
+        self.last_stats = stats
+        self.status(stats)
+
+    def status(self, s: Stats) -> None:
+        parts = [f"{s.generated_tokens} tokens", f"{s.decode_tps:.1f} tok/s",
+                 f"context {s.prompt_tokens + s.generated_tokens}/{self.engine.n_ctx}"]
+        if s.stop_reason == "interrupted":
+            parts.append("interrupted (중단됨)")
+        elif s.stop_reason == "length":
+            parts.append(f"stopped at max_tokens {self.conv.sampling.max_tokens} (/set max_tokens N for longer)")
+        elif s.stop_reason == "context":
+            parts.append("context full (문맥이 가득 찼습니다)")
+        self.dim(" · ".join(parts))
+        self.console.print()
+
+    # --- commands ---
+
+    def command(self, text: str) -> None:
+        name, arg = (text.split(None, 1) + [""])[:2]  # the argument may span lines (a backslash continuation)
+        getattr(self, "cmd_" + resolve_command(name)[1:])(arg.strip())
+
+    def cmd_help(self, arg: str) -> None:
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold" if self.console.color_system else None, no_wrap=True)
+        table.add_column()
+        for name, (args, summary) in COMMANDS.items():
+            table.add_row(escape(f"{name} {args}".strip()), escape(summary))
+        self.console.print(table)
+        self.dim(KEYS)
+
+    def cmd_exit(self, arg: str) -> None:
+        self.running = False
+
+    def cmd_clear(self, arg: str) -> None:
+        self.conv.clear()
+        self.info("conversation cleared (대화를 지웠습니다)")
+
+    def cmd_system(self, arg: str) -> None:
+        if not arg:
+            origin = "the template's" if self.conv.system is None else "yours"
+            shown = self.conv.system_text or "(none)"
+            self.info(f"system text ({origin}): {shown}")
+            return
+        self.conv.system = None if arg == "default" else arg
+        what = "the template's own" if arg == "default" else "set"
+        self.info(f"system text {what}; it applies from the next answer")
+
+    def cmd_template(self, arg: str) -> None:
+        if not arg:
+            for t in templates.all_templates().values():
+                mark = "*" if t.name == self.conv.template.name else " "
+                self.info(f"{mark} {t.name:<9} {t.description}")
+            self.dim("switch with /template NAME")
+            return
+        self.conv.template = templates.get(arg)
+        self.template_fixed = True
+        self.info(f"template {arg}: {self.conv.template.description}")
+
+    def cmd_set(self, arg: str) -> None:
+        key, _, raw = arg.partition(" ")
+        key = key.lower().replace("-", "_")  # /set top-p 0.9 as the command-line option is spelled
+        if not key:
+            self.info(self._settings_line())
+            self.dim("change one with /set KEY VALUE, e.g. /set temperature 0.2")
+            return
+        if key not in SETTABLE:
+            raise UserError(f"unknown setting {key!r}; the settings are: {', '.join(SETTABLE)}")
+        if not raw.strip():
+            raise UserError(f"give a value: /set {key} {SETTINGS[key].example}")
+        value = parse(key, raw, f"/set {key}")
+        if key == "ctx":
+            self._reopen(self.engine.path, value)
+            self.conv.ctx = value
+            self.info(f"context is now {self.engine.n_ctx} tokens (the model was loaded again)")
+            return
+        setattr(self.conv.sampling, key, value)
+        self.info(f"{key} = {'random' if value is None else _number(value)}")
+
+    def cmd_show(self, arg: str) -> None:
+        e, c = self.engine, self.conv
+        where = f"{e.n_gpu_layers} GPU layers" if e.n_gpu_layers else f"CPU, {e.threads} threads"
+        system = c.system_text.replace("\n", " ") or "(none)"
+        table = Table.grid(padding=(0, 2))
+        table.add_column(no_wrap=True)
+        table.add_column()
+        used = c.context_used(e.tokenize)
+        for label, value in (("model", f"{e.name} — {e.path} ({where})"),
+                             ("template", f"{c.template.name} — {c.template.description}"),
+                             ("system", f"{system} ({'the template' if c.system is None else 'yours'})"),
+                             ("settings", self._settings_line()),
+                             ("context", f"{used}/{e.n_ctx} tokens used, {c.exchanges} exchanges")):
+            table.add_row(label, escape(value))
+        self.console.print(table)
+
+    def _settings_line(self) -> str:
+        s = self.conv.sampling
+        values = {key: getattr(s, key) for key in SETTABLE if key != "ctx"}
+        values["seed"] = "random" if s.seed is None else s.seed
+        values["ctx"] = self.engine.n_ctx
+        return " · ".join(f"{k} {_number(v)}" for k, v in values.items())
+
+    def cmd_retry(self, arg: str) -> None:
+        self.write(self.conv.retry(self.engine.tokenize, self.engine.n_ctx))
+
+    def cmd_undo(self, arg: str) -> None:
+        _, message = self.conv.undo()
+        short = message.replace("\n", " ")
+        short = short if len(short) <= 40 else short[:39] + "…"
+        self.info(f"took back: {short} (되돌렸습니다)")
+
+    def cmd_save(self, arg: str) -> None:
+        if not arg:
+            raise UserError("give a file name: /save chat.json")
+        path = conv_mod.save(self.conv, Path(arg), self.engine.name)
+        self.info(f"saved {self.conv.exchanges} exchanges to {path} (저장했습니다)")
+
+    def cmd_load(self, arg: str) -> None:
+        if not arg:
+            raise UserError("give a file saved with /save: /load chat.json")
+        loaded, model = conv_mod.load(Path(arg), self.conv.template)
+        loaded.ctx = self.conv.ctx  # the context size belongs to the running engine, not to the file
+        self.conv = loaded
+        self.template_fixed = True
+        self.info(f"loaded {loaded.exchanges} exchanges from {arg} (template {loaded.template.name}) (불러왔습니다)")
+        if model and model != self.engine.name:
+            self.dim(f"it was saved with model {model}; continuing with {self.engine.name}")
+
+    def cmd_model(self, arg: str) -> None:
+        if not arg:
+            raise UserError("give a model file or a name from `malhae models`: /model path/to/model.gguf")
+        self._reopen(self.resolve(arg, None), self.conv.ctx)
+        if not self.template_fixed:
+            self.conv.template = templates.for_engine(self.engine)
+        self.info(f"model {self.engine.name} ({self.engine.path.name}) · template {self.conv.template.name} · "
+                  f"context {self.engine.n_ctx} tokens; the conversation stays")
+
+    def cmd_stats(self, arg: str) -> None:
+        s = self.last_stats
+        if s is None:
+            raise UserError("no answer yet: send a message first")
+        evaluated = s.prompt_tokens - s.cached_tokens
+        self.info(f"answer: {s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s, stop: {s.stop_reason or '-'}")
+        self.info(f"prompt: {s.prompt_tokens} tokens, {s.cached_tokens} cached (reused from the last turn), "
+                  f"{evaluated} evaluated at {s.prompt_tps:.0f} tok/s")
+        self.info(f"first token after {s.ttft * 1000:.0f} ms")
+
+    def _reopen(self, path: Path, n_ctx: int | None) -> None:
+        """Load a model (or the same one with another context); if that fails, the one that worked comes back."""
+        check_model_file(path)  # the common mistakes, before the running engine is given up
+        old_path, old_ctx = self.engine.path, self.conv.ctx
+        self.engine.close()
+        try:
+            with self.console.status(f"loading {path.name}…"):
+                self.engine = self.open_engine(path, n_ctx)
+        except BaseException:
+            self.engine = self.open_engine(old_path, old_ctx)
+            raise
+
+
+def _number(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def open_chat(*, model: str | None, resolve: Resolve, template: str | None = None, system: str | None = None,
+              sampling: Sampling | None = None, ctx: int | None = None, threads: int | None = None,
+              gpu_layers: str | int = "auto", no_color: bool = False, verbose: bool = False,
+              reader: Reader | None = None, out: TextIO | None = None, console: Console | None = None) -> Chat:
+    """Check the options, load the model, pick the template; the reader, output and console default to the
+    process's own (a prompt on a terminal, plain lines from a pipe). `resolve` turns --model and /model values into
+    files (the CLI passes the store's rule, so that this package does not depend on the store)."""
+    sampling = sampling or Sampling()
+    no_color = no_color or bool(os.environ.get("NO_COLOR"))
+    if console is None:
+        console = Console(file=sys.stderr, highlight=False, soft_wrap=True, color_system=None if no_color else "auto")
+
+    def note(message: str) -> None:
+        console.print(f"malhae: {message}", style="dim", markup=False, highlight=False, soft_wrap=True)
+
+    sampling.checked()
+    check("ctx", ctx)
+    chosen = templates.get(template) if template else None
+    path = resolve(model, note)
+
+    def open_engine(p: Path, n_ctx: int | None) -> Engine:
+        return Engine(p, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=note)
+
+    with console.status(f"loading {path.name}…"):
+        engine = open_engine(path, ctx)
+    try:
+        conversation = Conversation(chosen or templates.for_engine(engine), sampling, ctx, system)
+        if out is None:
+            out = sys.stdout
+        if reader is None and sys.stdin.isatty():
+            output = None
+            if not sys.stdout.isatty():  # answers go to a file or pipe: the prompt goes to the terminal
+                from prompt_toolkit.output import create_output
+
+                output = create_output(stdout=sys.stderr)
+            reader = PromptReader(open_history(note), color=not no_color, output=output)
+        elif reader is None:
+            reader = LineReader(sys.stdin.buffer)
+        return Chat(conversation, engine, open_engine=open_engine, resolve=resolve, reader=reader, out=out,
+                    console=console,
+                    terminal=out.isatty(), template_fixed=chosen is not None)
+    except BaseException:
+        engine.close()
+        raise

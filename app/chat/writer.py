@@ -1,0 +1,192 @@
+"""Writing an answer in `malhae chat` as the engine yields it: never redrawn, Ctrl-C-safe, no terminal escapes.
+
+Output is written piece by piece and never re-rendered, so the terminal costs next to nothing even at hundreds of
+tokens per second. Ctrl-C stops the answer (not the chat) and the conversation keeps exactly what the screen shows:
+that takes a SIGINT guard around each write and, on a terminal, NOFLSH so the driver does not discard what was written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import TextIO
+
+try:
+    import termios
+except ImportError:  # pragma: no cover - Windows
+    termios = None
+
+
+class AnswerInterrupted(KeyboardInterrupt):
+    """Ctrl-C while an answer is being written: it stops that answer, not the chat."""
+
+
+class _CtrlC:
+    """While an answer is written, Ctrl-C raises AnswerInterrupted at once, except between writing a piece and
+    recording it, so that the conversation keeps exactly what the terminal shows."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.pending = False
+        self.previous = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.hold:
+            self.pending = True
+        else:
+            raise AnswerInterrupted
+
+
+class _KeepOutput:
+    """On a terminal, Ctrl-C makes the terminal driver throw away output written but not yet displayed (unless
+    NOFLSH is set), so the screen would show less than the conversation keeps. NOFLSH is set while an answer is
+    written and the terminal's own settings come back afterwards."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.fd: int | None = None
+        self.saved: list | None = None
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            self.fd = stream.fileno()
+
+    def __enter__(self) -> _KeepOutput:
+        if self.fd is None or termios is None:
+            return self
+        try:
+            self.saved = termios.tcgetattr(self.fd)
+            changed = list(self.saved)
+            changed[3] |= termios.NOFLSH
+            termios.tcsetattr(self.fd, termios.TCSANOW, changed)
+        except (OSError, termios.error):
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            with contextlib.suppress(OSError, termios.error):
+                termios.tcsetattr(self.fd, termios.TCSANOW, self.saved)
+
+
+class _Waiting:
+    """A spinner while the prompt is evaluated (seconds on a CPU after a /load or when old turns were dropped), drawn
+    by a thread on the answer's own stream and erased before the first piece is written. It appears only after a
+    short delay, so fast answers never flicker."""
+
+    FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+    def __init__(self, out: TextIO, label: str = "생각 중… (Ctrl-C: 중단)", delay: float = 0.3) -> None:
+        self.out, self.label, self.delay = out, label, delay
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._spin, daemon=True)
+        self.thread.start()
+
+    def _spin(self) -> None:
+        if self.done.wait(self.delay):
+            return
+        frame = 0
+        while True:
+            self.out.write(f"\r{self.FRAMES[frame % len(self.FRAMES)]} {self.label}")
+            self.out.flush()
+            frame += 1
+            if self.done.wait(0.1):
+                break
+        self.out.write("\r\x1b[K")  # erase the line: the answer starts where the spinner was
+        self.out.flush()
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+FLUSH_EVERY = 0.008  # seconds
+
+# C0/C1 control characters except tab and newline: a model's output must not move the cursor or send escapes
+UNPRINTABLE = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)])
+
+
+def write_answer(pieces: Iterator[str], out: TextIO, *, terminal: bool) -> tuple[str, bool]:
+    """Write pieces as they come, never re-rendering; return (text shown, interrupted).
+
+    Each piece is written at once; the stream is flushed when FLUSH_EVERY has passed since the last flush (so at slow
+    speeds every piece, at GPU speeds about 125 times a second: no screen shows more, and a system call and a terminal
+    wake-up per token would take CPU time from the model on a small machine). Leading whitespace is not shown (the
+    model writes the space after "어시스턴트:"); on a terminal, control characters are not written, and a spinner shows
+    while the prompt is evaluated if that takes long. The returned text is what the model wrote from its first shown
+    character up to the last piece that was written.
+    """
+    shown: list[str] = []
+    write, flush, clock = out.write, out.flush, time.perf_counter
+    flushed = 0.0
+    started = interrupted = False
+    guard = _CtrlC()
+    waiting = None
+    try:
+        with guard, _KeepOutput(out) if terminal else contextlib.nullcontext():
+            try:
+                waiting = _Waiting(out) if terminal else None
+                for piece in pieces:
+                    if waiting is not None:
+                        waiting.stop()
+                        waiting = None
+                    if not started:
+                        piece = piece.lstrip()
+                        if not piece:
+                            continue
+                        started = True
+                    guard.hold = True
+                    write(piece.translate(UNPRINTABLE) if terminal else piece)
+                    now = clock()
+                    if now - flushed >= FLUSH_EVERY:
+                        flush()
+                        flushed = now
+                    shown.append(piece)
+                    guard.hold = False
+                    if guard.pending:
+                        raise AnswerInterrupted
+            finally:
+                guard.hold = True  # the generator's own clean-up must not be cut short
+                if waiting is not None:
+                    waiting.stop()
+                close = getattr(pieces, "close", None)
+                if close is not None:
+                    close()
+    except AnswerInterrupted:
+        interrupted = True
+    interrupted = interrupted or guard.pending
+    text = "".join(shown)
+    if interrupted or (text and not text.endswith("\n")):
+        write("\n")  # after the terminal's ^C echo, or the answer's last line
+    flush()  # whatever is still buffered: the screen ends up showing exactly `text`
+    return text, interrupted
+
+
+def write_oneshot(run) -> None:
+    """`complete` and `ask`: write pieces as they come, raw text on stdout (no markup, no colour), then a dim status
+    line on a terminal."""
+    write, flush = sys.stdout.write, sys.stdout.flush
+    ended_with_newline = True
+    for piece in run.pieces():
+        write(piece)
+        flush()
+        ended_with_newline = piece.endswith("\n")
+    if not ended_with_newline:
+        write("\n")
+    flush()
+    from app.ui import err
+
+    if err.is_terminal:
+        s = run.stats
+        err.print(f"[dim]{s.generated_tokens} tokens, {s.decode_tps:.1f} tok/s, prompt {s.prompt_tokens} tokens "
+                  f"({s.prompt_tps:.0f} tok/s), first token {s.ttft * 1000:.0f} ms, stop: {s.stop_reason}[/dim]")

@@ -1,0 +1,95 @@
+"""`malhae convert` and `malhae pull`: a Hugging Face checkpoint (local, or from the hub) into a GGUF."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from app.cli import options as o
+from app.errors import UserError
+
+THREADS_HELP = "Threads for quantizing (default: the settings file's threads, else all cores)."
+
+
+def convert(
+    src: Path | None = typer.Argument(None, help="Hugging Face model directory (config.json, tokenizer.json, "
+                                      "weights)."),
+    type_name: str = typer.Option("f16", "--type", "-t", help="Output type: f32, f16, bf16, q8_0, q6_k, q5_k_m, "
+                                  "q4_k_m, q4_0, q3_k_m, q2_k, iq4_nl, … (see `malhae convert --list-types`)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output file (default: ./<model>-<type>.gguf)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output file if it exists."),
+    verify: bool = typer.Option(False, "--verify", help="Compare logits with transformers afterwards."),
+    threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
+    list_types: bool = typer.Option(False, "--list-types", help="List the output types and exit."),
+    name: str | None = typer.Option(None, "--name", help="The model's name in the GGUF (default: the folder's, "
+                                    "or the hub id's)."),
+    template: str | None = typer.Option(None, "--template", help="Prompt format written as the GGUF's chat "
+                                        "template: base, koalpaca, kullm (default: from the catalog or the model's "
+                                        "name or hub id; none when unknown)."),
+    add: bool = typer.Option(False, "--add", help="Add the result to the model store (without -o, write it "
+                             "there directly) as --name, else <model>-<type>."),
+) -> None:
+    """Convert a Polyglot-Ko (GPT-NeoX) checkpoint into a GGUF file, proven to tokenize like the original."""
+    from app.runtime.llama import init
+    from app.store import catalog, convert_view
+    from convert import pipeline
+    from convert import types as out_types
+
+    if list_types:
+        convert_view.types_table(out_types.TYPES)
+        return
+    if src is None:
+        raise UserError("give the model directory: malhae convert ./polyglot-ko-1.3b --type q4_k_m")
+    out_types.get(type_name)  # an unknown --type is the cheapest mistake to report
+    threads = o.resolve("convert", threads=threads)[0]["threads"]
+    target = None
+    if add:  # a taken store name is refused now, not after minutes of converting
+        from app.store.local import open_store
+
+        target = open_store().conversion_target(name or f"{pipeline.model_name(src)}-{out_types.get(type_name).name}",
+                                                output, force)
+        output = target.output
+    template = template or catalog.template_for_checkpoint(src, name)
+    init(o.verbose())
+    with convert_view.ConvertProgress() as progress:
+        result = pipeline.convert(src, type_name, output, force=force, threads=threads, progress=progress.update,
+                                  name=name, template=template)
+    convert_view.convert_summary(result)
+    if target is not None:
+        from app.store import models_view
+
+        with models_view.CopyProgress(f"adding {result.path.name} to the store", result.size) as copying:
+            entry = target.finish(result.path, progress=copying.update)
+        convert_view.added(entry)
+    if verify:
+        from convert.verify import verify as run_verify
+
+        report = run_verify(src, result.path, result.type, threads=threads)
+        convert_view.verify_table(report)
+        if report.passed is False:
+            raise UserError(f"verification failed: {report.criterion} does not hold (the table above shows where)",
+                            exit_code=1)
+
+
+def pull(
+    model: str = typer.Argument(..., help="A catalog name (see `malhae models catalog`) or a hub id "
+                                "(org/name)."),
+    type_name: str = typer.Option("q4_k_m", "--type", "-t", help="Output type (see `malhae convert --list-types`)."),
+    name: str | None = typer.Option(None, "--name", help="Name in the store (default: <model>-<type>)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace a model of the same name in the store."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit on the hub (default: main)."),
+    threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
+) -> None:
+    """Download a checkpoint from the Hugging Face hub, convert it and add it to the store (받기)."""
+    from app.runtime.llama import init
+    from app.store import catalog_view, convert_view
+    from app.store import pull as pull_mod
+
+    threads = o.resolve("pull", threads=threads)[0]["threads"]
+    init(o.verbose())
+    with catalog_view.LazyConvertProgress() as progress:
+        pulled = pull_mod.pull(model, type_name, name=name, force=force, revision=revision, threads=threads,
+                               progress=progress.update, before_convert=catalog_view.pull_starting)
+    convert_view.convert_summary(pulled.result)
+    catalog_view.pulled(pulled)

@@ -1,0 +1,146 @@
+"""`malhae eval …` (perplexity, quantization loss, KoBEST) and `malhae bench` (speed against llama-bench).
+
+Threads and GPU layers come from flag > settings file > built-in, as everywhere. The settings file's `ctx` is not
+used here: a perplexity window is a measurement parameter (only perplexities at the same --ctx compare), KoBEST uses
+the model's trained window as the harness does, and bench sizes its own context.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from app.cli import options as o
+from app.errors import UserError
+
+app = typer.Typer(
+    help="Measure a model on the GGUF itself: perplexity, KoBEST, quantization loss (평가).",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+EVAL_MODEL = "GGUF file or store name (default: the bundled demo)."
+
+
+@app.command("ppl")
+def eval_ppl(
+    model: str | None = typer.Argument(None, help=EVAL_MODEL), text: o.TextFile = ...,
+    ctx: o.Window = 512, batch: o.Batch = 2048, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    json_out: o.Json = False,
+) -> None:
+    """Perplexity on a text, computed as llama.cpp's llama-perplexity computes it (same number)."""
+    from app import ui
+    from app.eval import perplexity as ppl
+    from app.eval import views
+    from app.eval.windows import read_text
+    from app.runtime.llama import init
+    from app.store import models
+
+    read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
+    run_opts = o.resolve("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    init(o.verbose())
+    path = models.resolve(model, ui.note)
+    with views.WindowProgress("perplexity", "ppl {:.3f}") as progress:
+        result = ppl.run(path, text, n_ctx=ctx, n_batch=batch, threads=run_opts["threads"],
+                         gpu_layers=run_opts["gpu_layers"], progress=progress.update, notify=ui.note)
+    views.ppl_result(result, json_out)
+
+
+@app.command("compare")
+def eval_compare(
+    model_a: str = typer.Argument(..., help="Reference GGUF (e.g. the F16 file) or store name."),
+    model_b: str = typer.Argument(..., help="GGUF to measure against it (e.g. a quantization)."),
+    text: o.TextFile = ..., ctx: o.Window = 512, batch: o.Batch = 2048, threads: o.Threads = None,
+    gpu_layers: o.GpuLayers = None, json_out: o.Json = False,
+) -> None:
+    """Quantization loss of B against A: mean KL divergence, top-1 agreement, perplexity of each and their ratio."""
+    from app import ui
+    from app.eval import compare, views
+    from app.eval.windows import read_text
+    from app.runtime.llama import init
+    from app.store import models
+
+    read_text(text)  # a wrong --text is the likelier mistake: say so before loading two models
+    run_opts = o.resolve("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    init(o.verbose())
+    path_a, path_b = models.resolve(model_a, ui.note), models.resolve(model_b, ui.note)
+    with views.WindowProgress("comparing", "KL {:.5f}") as progress:
+        result = compare.run(path_a, path_b, text, n_ctx=ctx, n_batch=batch, threads=run_opts["threads"],
+                             gpu_layers=run_opts["gpu_layers"], progress=progress.update, notify=ui.note)
+    views.compare_result(result, json_out)
+
+
+@app.command("kobest")
+def eval_kobest(
+    model: str | None = typer.Argument(None, help=EVAL_MODEL),
+    tasks: str = typer.Option("copa,hellaswag,boolq,sentineg,wic", "--tasks", show_default=False,
+                              help="Comma-separated tasks (default: all five, copa,hellaswag,boolq,sentineg,wic)."),
+    shots: str = typer.Option("0,5,10,50", "--shots", show_default=False,
+                              help="Few-shot counts, comma-separated (default: 0,5,10,50, as in the model card)."),
+    data_dir: Path | None = typer.Option(None, "--data", help="Folder with the skt/kobest_v1 files "
+                                         "(<task>/train.jsonl, test.jsonl; default: the bundled sample)."),
+    hub: bool = typer.Option(False, "--hub", help="Load skt/kobest_v1 from the hub (needs `datasets` and a network)."),
+    limit: int | None = typer.Option(None, "--limit", help="Docs per task, for a quick run (default: all)."),
+    threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    precise: bool = typer.Option(False, "--precise", help="f32 K/V cache, no flash attention: slower; scores move "
+                                 "less with how the choices are batched."),
+    json_out: o.Json = False,
+) -> None:
+    """KoBEST macro F1 (COPA, HellaSwag, BoolQ, SentiNeg, WiC) with the prompts of the Polyglot-Ko model card."""
+    from app import ui
+    from app.eval.kobest import data, evaluate
+    from app.eval.kobest import render as kobest_render
+    from app.eval.kobest.tasks import select
+    from app.runtime.llama import init
+    from app.store import models
+
+    try:
+        shot_counts = list(dict.fromkeys(int(k) for k in shots.split(",") if k.strip()))
+    except ValueError:
+        raise UserError(f"--shots {shots!r}: give numbers separated by commas, e.g. 0,5,10,50") from None
+    evaluate.check_options(limit, shot_counts)
+    chosen = select(tasks)
+    src = data.source(data_dir, hub)
+    if src.kind == "sample":
+        ui.note("no --data given: using the bundled sample (models/data/kobest-sample), written by malhae — "
+                "not KoBEST, its scores mean nothing. Pass --data DIR with the skt/kobest_v1 files.")
+    run_opts = o.resolve("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    init(o.verbose())
+    path = models.resolve(model, ui.note)
+    with kobest_render.KobestProgress() as progress:
+        report = evaluate.evaluate(path, src, chosen, shot_counts, limit=limit, threads=run_opts["threads"],
+                                   gpu_layers=run_opts["gpu_layers"], precise=precise, progress=progress.update,
+                                   notify=ui.note)
+    kobest_render.table(report, json_out)
+
+
+def bench(
+    model: o.ModelArgument = None,
+    llama_bench: Path | None = typer.Option(None, "--llama-bench", help="Also run this llama-bench and compare."),
+    n_prompt: int = typer.Option(512, "--prompt", "-p", help="Prompt tokens for the prompt-speed test."),
+    n_gen: int = typer.Option(128, "--gen", "-n", help="Tokens for the decode-speed test."),
+    repetitions: int = typer.Option(3, "--repetitions", "-r"),
+    threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    ctx: int | None = typer.Option(None, "--ctx", help="Context size (default: what the test needs; the settings "
+                                   "file's ctx is not used here)."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """Measure prompt and decode tokens/s through malhae's engine (and llama-bench, side by side)."""
+    from app import ui
+    from app.eval import bench as benchmod
+    from app.eval import upstream, views
+    from app.runtime.engine import Engine
+    from app.store import models
+
+    run_opts = o.resolve("bench", threads=threads, gpu_layers=gpu_layers)[0]
+    path = models.resolve(model, ui.note)
+    with Engine(path, n_ctx=ctx or max(n_prompt + 16, 16 + n_gen + 8), threads=run_opts["threads"],
+                gpu_layers=run_opts["gpu_layers"], verbose=o.verbose(), notify=ui.note) as engine:
+        pp, tg = benchmod.run_engine(engine, n_prompt, n_gen, repetitions)
+        up_pp = up_tg = None
+        if llama_bench:
+            up_pp, up_tg = upstream.run_llama_bench(llama_bench, path, n_prompt, n_gen, engine.threads,
+                                                    engine.n_gpu_layers, repetitions)
+        result = benchmod.BenchResult(pp, tg, repetitions, up_pp, up_tg)
+        views.bench_table(result, engine, n_prompt, n_gen, json_out)

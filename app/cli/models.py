@@ -1,0 +1,151 @@
+"""`malhae models …` (the store, the default, the catalog), `malhae info` and `malhae recommend`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+
+from app.cli import options as o
+from app.errors import UserError
+from app.runtime.settings import DEFAULT_MAX_CTX
+
+app = typer.Typer(
+    help="Your models (모델): list, import, remove, choose the default; the catalog of the Polyglot-Ko family.",
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _models(ctx: typer.Context,
+            json_out: bool = typer.Option(False, "--json", help="List the models as JSON.")) -> None:
+    """List the models in the store (no subcommand), or manage them."""
+    if ctx.invoked_subcommand is None:
+        from app.store import config, models_view
+        from app.store.local import open_store
+
+        store, settings = open_store(), config.load()
+        models_view.models_table(store.entries(), store.root, settings.default_model, settings.path, json_out)
+
+
+@app.command("import")
+def models_import(
+    file: Path = typer.Argument(..., help="The .gguf file to add to the store."),
+    name: str | None = typer.Option(None, "--name", help="Its name in the store (default: the file's name)."),
+    move: bool = typer.Option(False, "--move", help="Move the file instead of copying it."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace a model of the same name."),
+) -> None:
+    """Copy (or move) a GGUF file into the store, to run it by name: malhae chat -m NAME."""
+    from app.store import models_view
+    from app.store.local import open_store
+
+    store = open_store()
+    size = file.stat().st_size if file.is_file() else 0
+    with models_view.CopyProgress(f"{'moving' if move else 'copying'} {file.name}", size) as progress:
+        entry = store.add(file, name, move=move, force=force, progress=progress.update)
+    models_view.added(entry, store.root)
+
+
+@app.command("rm")
+def models_rm(
+    name: str = typer.Argument(..., help="The model's name in the store (see `malhae models`)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (needed without a terminal)."),
+) -> None:
+    """Delete a model from the store (asks first)."""
+    from app import units
+    from app.store import config, models_view
+    from app.store.local import open_store
+
+    store = open_store()
+    entry = store.get(name)
+    if entry is None:
+        raise store.not_found(name)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UserError(f"removing '{entry.name}' deletes {entry.path}; add --yes to confirm without a terminal")
+        if not typer.confirm(f"delete {entry.name} ({units.size(entry.size)}, {entry.path})?", default=False):
+            raise typer.Exit(1)
+    settings = config.load()
+    store.remove(entry.name)
+    models_view.removed(entry)
+    if models_view.is_default(entry, settings.default_model):
+        config.set_default_model(None, settings.path)
+        models_view.default_removed(settings.path)
+
+
+@app.command("default")
+def models_default(
+    name: str | None = typer.Argument(None, help="A name from `malhae models` or a path to a .gguf file; none: "
+                                      "show the current default."),
+    clear: bool = typer.Option(False, "--clear", help="Remove the default (the bundled demo is used again)."),
+) -> None:
+    """Show or set the model used when --model is not given (default_model in the settings file)."""
+    from app.store import config, models, models_view
+
+    settings = config.load()
+    if clear:
+        config.set_default_model(None, settings.path)
+        models_view.default_set(None, settings.path)
+        return
+    if name is None:
+        resolved = None
+        if settings.default_model:
+            try:
+                resolved = str(models.resolve(settings.default_model))
+            except UserError as e:
+                resolved = f"(not found: {e})"
+        models_view.default_line(settings.default_model, settings.path, settings.exists, resolved)
+        return
+    value = models.default_value(name)
+    config.set_default_model(value, settings.path)
+    models_view.default_set(value, settings.path)
+
+
+@app.command("catalog")
+def models_catalog(
+    json_out: bool = typer.Option(False, "--json", help="Print the catalog, sizes and picks as JSON."),
+) -> None:
+    """The Polyglot-Ko family: hub ids, sizes per quantization (computed) and the best type per VRAM size."""
+    from app.store import catalog, catalog_view
+
+    catalog_view.catalog(catalog.load(), json_out)
+
+
+def info(
+    model: str | None = typer.Argument(None, help="GGUF file or model name (default: the bundled demo)."),
+    ctx: int | None = typer.Option(None, "--ctx", help="Context for the memory estimate (default: the settings "
+                                   f"file's, else the model's, at most {DEFAULT_MAX_CTX}, as the engine uses)."),
+    gpu_layers: o.GpuLayers = None,
+    vram: float | None = typer.Option(None, "--vram", help="Plan for a GPU with this many GiB free instead "
+                                      "(what if)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
+) -> None:
+    """Describe a GGUF (정보): architecture, size, tensor types, tokenizer, chat template and memory needed."""
+    from app import ui
+    from app.store import info_view, models
+    from app.store.info import describe
+
+    run_opts = o.resolve("info", ctx=ctx, gpu_layers=gpu_layers)[0]
+    if vram is not None and gpu_layers is None:
+        run_opts["gpu_layers"] = "auto"  # --vram plans the automatic offload, whatever the settings file says
+    path = models.resolve(model, ui.note)
+    info_view.info_report(describe(path, n_ctx=run_opts["ctx"], gpu_layers=run_opts["gpu_layers"], vram_gib=vram),
+                          json_out)
+
+
+def recommend(
+    vram: float | None = typer.Option(None, "--vram", help="GiB of free VRAM to plan for; 0 = no GPU (default: "
+                                      "this machine's NVIDIA GPUs, free memory now)."),
+    ram: float | None = typer.Option(None, "--ram", help="GiB of RAM to plan for without a GPU (default: this "
+                                     "machine's)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the picks as JSON."),
+) -> None:
+    """Which catalog model and quantization fit this machine (추천), and the pull command for each."""
+    from app.store import catalog, catalog_view
+    from app.store import recommend as rec
+
+    machine = rec.machine(vram, ram)
+    rows = [(e, rec.pick(e, vram_bytes=machine.vram_bytes, ram_bytes=machine.ram_bytes)) for e in catalog.load()]
+    catalog_view.recommendation(machine, rows, json_out)

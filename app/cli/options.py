@@ -1,0 +1,67 @@
+"""The options several commands share, declared once: the same flag has the same name, help and default everywhere.
+
+Every option the settings file can set defaults to None here, so that `settings()` can apply flag > config.toml >
+built-in (app.store.config) — and the built-in shown in --help is the settings table's (app.runtime.settings).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from app.runtime.settings import DEFAULT_MAX_CTX, ONESHOT_MAX_TOKENS, SETTINGS
+
+MODEL_HELP = ("A name from `malhae models` or a .gguf file (default: default_model in the settings file, else the "
+              "bundled demo).")
+
+
+def _default(name: str) -> str:
+    return f"(default: {SETTINGS[name].default})"
+
+
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)]
+ModelArgument = Annotated[str | None, typer.Argument(help=MODEL_HELP)]
+Ctx = Annotated[int | None, typer.Option("--ctx", help=f"Context size (default: the model's, at most "
+                                                       f"{DEFAULT_MAX_CTX}).")]
+Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: physical cores).")]
+GpuLayers = Annotated[str | None, typer.Option("--gpu-layers", help="auto, 0 (CPU only) or a number of layers "
+                                                                    f"{_default('gpu_layers')}.")]
+Template = Annotated[str | None, typer.Option("--template", help="Prompt format: base, koalpaca, kullm (default: the "
+                                                                 "GGUF's chat template, else from the model's name).")]
+Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+Temperature = Annotated[float | None, typer.Option("--temperature", help=f"0 = greedy {_default('temperature')}.")]
+TopP = Annotated[float | None, typer.Option("--top-p", help=_default("top_p"))]
+TopK = Annotated[int | None, typer.Option("--top-k", help=_default("top_k"))]
+MinP = Annotated[float | None, typer.Option("--min-p", help=_default("min_p"))]
+RepeatPenalty = Annotated[float | None, typer.Option("--repeat-penalty", help=_default("repeat_penalty"))]
+RepeatLastN = Annotated[int | None, typer.Option("--repeat-last-n", help=_default("repeat_last_n"))]
+Seed = Annotated[int | None, typer.Option("--seed", help="Fix the sampling seed for repeatable output.")]
+OneShotMaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate (default: "
+                                                                                 f"{ONESHOT_MAX_TOKENS}).")]
+ChatMaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens per answer "
+                                                                              f"{_default('max_tokens')}.")]
+TextFile = Annotated[Path, typer.Option("--text", help="UTF-8 text file to score (e.g. a held-out corpus).")]
+Window = Annotated[int, typer.Option("--ctx", help="Tokens per window; the second half of each is scored.")]
+Batch = Annotated[int, typer.Option("--batch", help="Tokens per decode; batch/ctx windows go together.")]
+
+
+def resolve(command: str, stop: tuple[str, ...] = (), **flags: object):
+    """(ctx/threads/gpu_layers, Sampling) for a command: each flag given, else config.toml's, else the built-in.
+
+    `flags` holds the command's own options by setting name (None: not given); a command without sampling
+    options (bench, eval, info) just ignores the Sampling."""
+    from app.runtime.settings import SAMPLING_KEYS, Sampling
+    from app.store import config
+
+    file = config.load()
+    run = config.runtime_values({k: flags.get(k) for k in ("ctx", "threads", "gpu_layers")}, file)
+    values = config.sampling_values(command, {k: v for k, v in flags.items() if k in SAMPLING_KEYS}, file)
+    return run, Sampling(**values, stop=stop)
+
+
+def verbose() -> bool:
+    from app import flags
+
+    return flags.VERBOSE

@@ -1,0 +1,76 @@
+"""`malhae complete`, `malhae ask` and `malhae chat`: generation on a local model."""
+
+from __future__ import annotations
+
+import typer
+
+from app.cli import options as o
+
+
+def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, template: str | None,
+             stop: list[str], **flags: object) -> None:
+    """`complete` and `ask` share every option; only how the prompt is framed differs."""
+    from app import ui
+    from app.chat import oneshot, writer
+    from app.store import models
+
+    run_opts, sampling = o.resolve(kind, tuple(stop), **flags)
+    text = oneshot.read_prompt(prompt)
+    path = models.resolve(model, ui.note)
+    shot = oneshot.run(kind, text, path, sampling, n_ctx=run_opts["ctx"], threads=run_opts["threads"],
+                       gpu_layers=run_opts["gpu_layers"], template=template, verbose=o.verbose(), notify=ui.note)
+    if json_out:
+        ui.json_result(shot.collect())
+    else:
+        writer.write_oneshot(shot)
+
+
+PROMPT_ARG = typer.Argument(None, help="The text; `-` or nothing reads it from a pipe.")
+STOP = typer.Option([], "--stop", help="Stop before this text (repeatable).")
+
+
+def complete(
+    prompt: str | None = PROMPT_ARG, model: o.ModelOption = None, max_tokens: o.OneShotMaxTokens = None,
+    temperature: o.Temperature = None, top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None,
+    repeat_penalty: o.RepeatPenalty = None, repeat_last_n: o.RepeatLastN = None, seed: o.Seed = None,
+    stop: list[str] = STOP, ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    json_out: o.Json = False,
+) -> None:
+    """Continue a text as it is (raw completion, for base models)."""
+    _oneshot("complete", prompt, model, json_out, None, stop, max_tokens=max_tokens, temperature=temperature,
+             top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+             seed=seed, ctx=ctx, threads=threads, gpu_layers=gpu_layers)
+
+
+def ask(
+    prompt: str | None = PROMPT_ARG, model: o.ModelOption = None, max_tokens: o.OneShotMaxTokens = None,
+    temperature: o.Temperature = None, top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None,
+    repeat_penalty: o.RepeatPenalty = None, repeat_last_n: o.RepeatLastN = None, seed: o.Seed = None,
+    stop: list[str] = STOP, ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    template: o.Template = None, json_out: o.Json = False,
+) -> None:
+    """Ask one question, framed in the model's prompt format, and print the answer."""
+    _oneshot("ask", prompt, model, json_out, template, stop, max_tokens=max_tokens, temperature=temperature,
+             top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
+             seed=seed, ctx=ctx, threads=threads, gpu_layers=gpu_layers)
+
+
+def chat(
+    model: o.ModelOption = None, template: o.Template = None,
+    system: str | None = typer.Option(None, "--system", help="System text (default: the template's)."),
+    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, temperature: o.Temperature = None,
+    top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None, repeat_penalty: o.RepeatPenalty = None,
+    max_tokens: o.ChatMaxTokens = None,
+    seed: int | None = typer.Option(None, "--seed", help="Fix the sampling seed for repeatable answers."),
+    no_color: bool = typer.Option(False, "--no-color", help="No colours or styles (also: the NO_COLOR variable)."),
+) -> None:
+    """Talk with a model (대화): streaming answers, input history, /commands; /help inside for more."""
+    from app.chat import repl
+    from app.store import models
+
+    run_opts, sampling = o.resolve("chat", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                   repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed, ctx=ctx,
+                                   threads=threads, gpu_layers=gpu_layers)
+    repl.open_chat(model=model, resolve=models.resolve, template=template, system=system, sampling=sampling,
+                   ctx=run_opts["ctx"], threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
+                   no_color=no_color, verbose=o.verbose()).run()

@@ -1,0 +1,133 @@
+"""Quantization loss: how far a GGUF's next-token distributions (B) are from a reference's (A) on the same text.
+
+Why these measures: perplexity alone hides most of the loss — on text unlike the training data a model's own
+uncertainty dominates and a quantized file's perplexity barely moves until the damage is large — while the KL
+divergence KL(P_A ‖ P_B) per token and the share of positions where both pick the same most likely token show it at
+every step (llama-perplexity --kl-divergence reports the same quantities). Both files are evaluated on exactly the
+windows and positions `malhae eval ppl` scores (app.eval.windows), so each file's perplexity here is the one
+`eval ppl` prints, and the ratio B/A is the usual headline number.
+
+Memory: the two models are loaded together and the text is processed a decode group at a time (at most n_seq windows
+of logits per model), so nothing grows with the length of the text except one float per scored token (for the KL
+percentiles). KL is computed exactly from the float32 logits, in float64, rather than from llama-perplexity's 16-bit
+quantized log-probabilities, so the two tools agree closely but not to the last digit.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import UserError
+from app.eval import windows
+from app.eval.scoring import NLLSum, log_softmax
+from app.eval.windows import DEFAULT_BATCH, Layout
+from app.runtime.llama import Model
+
+Progress = Callable[[int, int, float], None]  # (windows done, windows in all, running mean KL)
+
+
+def kl_rows(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """KL(P_ref ‖ P) in nats for each row of two log-softmax arrays: Σ p_ref (log p_ref − log p)."""
+    return (np.exp(ref) * (ref - got)).sum(axis=-1)
+
+
+def vocab_pieces(model: Model) -> list[bytes]:
+    """Every token's text (special tokens included): two files whose lists differ do not score the same tokens."""
+    return [model.token_bytes(t, special=True) for t in range(model.n_vocab)]
+
+
+def check_same_vocab(a: Model, b: Model) -> None:
+    if a.n_vocab != b.n_vocab:
+        raise UserError(f"{a.path.name} and {b.path.name} have different vocabularies ({a.n_vocab:,} and "
+                        f"{b.n_vocab:,} tokens); compare two conversions of the same model")
+    pa, pb = vocab_pieces(a), vocab_pieces(b)
+    if pa != pb:
+        first = next(i for i, (x, y) in enumerate(zip(pa, pb, strict=True)) if x != y)
+        raise UserError(f"{a.path.name} and {b.path.name} have different vocabularies (token {first} is "
+                        f"{pa[first]!r} in one and {pb[first]!r} in the other); compare two conversions of the same "
+                        "model")
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    model_a: str
+    model_b: str
+    kl_mean: float  # nats per scored token
+    kl_error: float  # standard error of the mean
+    kl_max: float
+    kl_p99: float
+    kl_median: float
+    top1: float  # share of scored positions where both files' most likely token is the same
+    ppl_a: float
+    ppl_b: float
+    tokens_scored: int
+    windows: int
+    n_ctx: int
+    seconds: float
+
+    @property
+    def ppl_ratio(self) -> float:
+        return self.ppl_b / self.ppl_a
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"ppl_ratio": self.ppl_ratio}
+
+
+def evaluate(a: Model, b: Model, text: str, *, n_ctx: int = 512, n_batch: int = DEFAULT_BATCH,
+             threads: int | None = None, progress: Progress | None = None,
+             notify: Callable[[str], None] | None = None) -> CompareResult:
+    """Compare two loaded models on `text`, window by window."""
+    layout = Layout.of(n_ctx, n_batch)
+    check_same_vocab(a, b)
+    chunks = windows.text_windows(a, windows.text_tokens(a, text), layout)
+    windows.check_context(a, n_ctx, notify)
+    nll_a, nll_b = NLLSum(), NLLSum()
+    kls: list[np.ndarray] = []
+    same = 0
+    kl_sum = 0.0
+    started = time.perf_counter()
+    with windows.context_for(a, layout, threads) as ctx_a, windows.context_for(b, layout, threads) as ctx_b:
+        pairs = zip(windows.scored_logits(ctx_a, chunks, layout), windows.scored_logits(ctx_b, chunks, layout),
+                    strict=True)
+        for done, ((la, targets), (lb, _)) in enumerate(pairs, start=1):
+            lpa, lpb = log_softmax(la), log_softmax(lb)  # once each: the NLLs and the KL come from them
+            rows = np.arange(len(targets))
+            nll_a.add(-lpa[rows, targets])
+            nll_b.add(-lpb[rows, targets])
+            kls.append(kl_rows(lpa, lpb))
+            kl_sum += float(kls[-1].sum())
+            same += int((la.argmax(-1) == lb.argmax(-1)).sum())
+            if progress:
+                progress(done, len(chunks), kl_sum / (done * layout.scored_per_window))
+    kl = np.concatenate(kls)
+    error = float(kl.std(ddof=1) / np.sqrt(kl.size)) if kl.size > 1 else float("nan")
+    return CompareResult(str(a.path), str(b.path), float(kl.mean()), error, float(kl.max()),
+                         float(np.percentile(kl, 99)), float(np.median(kl)), same / kl.size, nll_a.ppl, nll_b.ppl,
+                         int(kl.size), len(chunks), layout.n_ctx, time.perf_counter() - started)
+
+
+def run(path_a: Path, path_b: Path, text_path: Path, *, n_ctx: int = 512, n_batch: int = DEFAULT_BATCH,
+        threads: int | None = None, gpu_layers: str | int = "auto", progress: Progress | None = None,
+        notify: Callable[[str], None] | None = None) -> CompareResult:
+    """`malhae eval compare`: cheap checks first (arguments, text, vocabularies), then both models loaded at once.
+
+    With `--gpu-layers auto`, A is planned into the free VRAM first and B into what A leaves."""
+    from app.runtime import hardware, offload
+    from app.runtime.engine import check_model_file
+
+    layout = Layout.of(n_ctx, n_batch)
+    text = windows.read_text(text_path)
+    info_a, info_b = check_model_file(path_a), check_model_file(path_b)
+    with Model(path_a, vocab_only=True) as va, Model(path_b, vocab_only=True) as vb:
+        check_same_vocab(va, vb)
+    shape = {"n_ctx": layout.n_seq * layout.n_ctx, "n_batch": layout.n_batch}
+    plan_a = offload.choose(info_a, gpu_layers, **shape, notify=notify)
+    plan_b = offload.choose(info_b, gpu_layers, **shape, reserved=plan_a.gpu_bytes)
+    with Model(path_a, n_gpu_layers=plan_a.n_gpu_layers) as a, Model(path_b, n_gpu_layers=plan_b.n_gpu_layers) as b:
+        return evaluate(a, b, text, n_ctx=n_ctx, n_batch=n_batch, threads=threads or hardware.physical_cores(),
+                        progress=progress, notify=notify)

@@ -1,0 +1,145 @@
+"""Running KoBEST on a GGUF: which docs, in what order, with which few-shot examples, scored how.
+
+Everything that decides a number follows the polyglot branch of lm-evaluation-harness (see app/kobest/__init__.py):
+- the test split is evaluated (every KoBEST task has one); the training split supplies the few-shot examples;
+- the docs are shuffled by `rnd = random.Random(); rnd.seed(42); rnd.shuffle(docs)` and `--limit N` keeps the first
+  N of that order — and the SAME rnd then draws each doc's examples, `rnd.sample(train, k)`, doc after doc. So the
+  examples a doc gets depend on the file order and on every doc before it; reproducing the procedure exactly is what
+  makes the same data give the same prompts as the harness;
+- context and each choice are tokenized separately, without special tokens (HFLM.tok_encode), and scored by the
+  summed log-likelihood of the choice's tokens (app.eval.loglik); the prediction is the first argmax;
+- per task and shot count: macro F1 (the seed's table) and accuracy; for HellaSwag also acc_norm, the accuracy when
+  each log-likelihood is divided by its ending's length in characters, as the harness reports it.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import UserError
+from app.eval.kobest import data, metrics
+from app.eval.kobest.tasks import Doc, Task
+
+SHUFFLE_SEED = 42  # evaluator.evaluate: rnd.seed(42) before rnd.shuffle(task_docs)
+Progress = Callable[[str, int, int, int], None]  # (task title, shots, docs done, docs total)
+
+
+@dataclass(frozen=True)
+class Request:
+    context: str
+    choices: list[str]
+    gold: int
+    norm_lengths: list[int] | None = None  # acc_norm's divisors, where the task has them
+
+
+@dataclass
+class Cell:
+    task: str
+    shots: int
+    n: int = 0
+    f1: float | None = None
+    acc: float | None = None
+    acc_norm: float | None = None  # HellaSwag only
+    seconds: float = 0.0
+    skipped: str = ""  # why the cell has no score
+
+
+@dataclass
+class Report:
+    model: str
+    data: str
+    max_length: int
+    cells: list[Cell] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "data": self.data, "max_length": self.max_length, "metric": "macro_f1",
+                "results": [asdict(c) for c in self.cells]}
+
+
+def doc_order(test: list[Doc], limit: int | None) -> tuple[list[Doc], random.Random]:
+    """The harness's doc order and the rng left after shuffling, which goes on to sample few-shot examples."""
+    docs = list(test)
+    rnd = random.Random()
+    rnd.seed(SHUFFLE_SEED)
+    rnd.shuffle(docs)
+    return (docs if limit is None else docs[:limit]), rnd
+
+
+def requests(task: Task, test: list[Doc], train: list[Doc], shots: int, limit: int | None = None) -> list[Request]:
+    if shots > len(train):
+        raise UserError(f"{shots}-shot {task.title} needs {shots} training examples; the data has {len(train)}")
+    docs, rnd = doc_order(test, limit)
+    out = []
+    for doc in docs:
+        examples = rnd.sample(train, shots) if shots else []  # base.Task.fewshot_examples
+        out.append(Request(task.context(doc, examples), task.choices(doc), doc["label"], task.norm_lengths(doc)))
+    return out
+
+
+def score(scorer, model, reqs: list[Request], progress: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Per request, the log-likelihood of each choice (context and choices tokenized apart, as the harness does)."""
+    out = []
+    for i, r in enumerate(reqs):
+        context = model.tokenize(r.context)
+        choices = [model.tokenize(c) for c in r.choices]
+        out.append([c.loglik for c in scorer.score(context, choices)])
+        if progress:
+            progress(i + 1)
+    return out
+
+
+def cell(task: Task, shots: int, reqs: list[Request], lls: list[list[float]], seconds: float) -> Cell:
+    golds = [r.gold for r in reqs]
+    preds = [int(np.argmax(x)) for x in lls]
+    acc_norm = None
+    if reqs and all(r.norm_lengths for r in reqs):
+        normed = [int(np.argmax(np.asarray(x) / np.asarray(r.norm_lengths, dtype=float))) for x, r in zip(lls, reqs,
+                                                                                                       strict=True)]
+        acc_norm = metrics.accuracy(golds, normed)
+    return Cell(task.name, shots, len(reqs), metrics.macro_f1(golds, preds), metrics.accuracy(golds, preds),
+                acc_norm, round(seconds, 3))
+
+
+def check_options(limit: int | None, shots: list[int]) -> None:
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give at least 1 doc per task")
+    if not shots or any(k < 0 for k in shots):
+        raise UserError("--shots takes numbers of examples, 0 or more (0,5,10,50 as in the model card)")
+
+
+def evaluate(model_path: Path, src: data.Source, tasks: list[Task], shots: list[int], *, limit: int | None = None,
+             threads: int | None = None, gpu_layers: str | int = "auto", precise: bool = False,
+             progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> Report:
+    from app.eval.loglik import Scorer
+    from app.runtime import hardware, offload
+    from app.runtime.engine import check_model_file
+    from app.runtime.llama import Model
+
+    check_options(limit, shots)
+    splits = {t.name: (data.load(src, t, "test"), data.load(src, t, "train") if any(shots) else []) for t in tasks}
+    info = check_model_file(model_path)  # the data is checked first, then the model
+    shape = Scorer.shape(info, max(len(t.choice_formats) for t in tasks))
+    plan = offload.choose(info, gpu_layers, n_ctx=shape.n_ctx, n_batch=shape.n_batch, notify=notify)
+    with Model(model_path, n_gpu_layers=plan.n_gpu_layers) as model, \
+            Scorer(model, threads=threads or hardware.physical_cores(), precise=precise,
+                   max_choices=shape.max_choices) as scorer:
+        report = Report(str(model_path), src.label, scorer.max_length)
+        for task in tasks:
+            test, train = splits[task.name]
+            for k in shots:
+                if k > len(train) and k:
+                    report.cells.append(Cell(task.name, k, skipped=f"{k}-shot needs {k} training examples; "
+                                                                  f"the data has {len(train)}"))
+                    continue
+                reqs = requests(task, test, train, k, limit)
+                start = time.perf_counter()
+                tick = (lambda done, t=task, k=k, n=len(reqs): progress(t.title, k, done, n)) if progress else None
+                lls = score(scorer, model, reqs, tick)
+                report.cells.append(cell(task, k, reqs, lls, time.perf_counter() - start))
+    return report

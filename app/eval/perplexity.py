@@ -1,0 +1,94 @@
+"""Perplexity of a GGUF on a text, computed through llama.cpp the way `llama-perplexity` computes it.
+
+The text, its windows and which positions are scored are app.eval.windows' (llama-perplexity's procedure, step by
+step); the result is exp(mean NLL) and the ± is llama-perplexity's: ppl · sqrt((mean(NLL²) − mean(NLL)²) / (N − 1)).
+
+Deliberate differences: a text of one window is accepted (llama-perplexity wants two), and a context longer than the
+model was trained on is allowed with a warning, as llama-perplexity allows it — the number is then mostly a measure of
+how badly the model extrapolates, which is sometimes what one wants to know.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from app.eval.scoring import NLLSum, log_prob
+from app.eval.windows import (
+    DEFAULT_BATCH,
+    Layout,
+    check_context,
+    context_for,
+    read_text,
+    scored_logits,
+    text_tokens,
+    text_windows,
+)
+from app.runtime.llama import Model
+
+Progress = Callable[[int, int, float], None]  # (windows done, windows in all, running perplexity)
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    model: str
+    ppl: float
+    error: float  # ± as llama-perplexity reports it
+    tokens_scored: int
+    windows: int
+    n_ctx: int
+    n_batch: int
+    n_seq: int
+    text_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Tokens evaluated (every position of every window, not only the scored half) per second."""
+        return self.windows * self.n_ctx / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"tokens_per_second": round(self.tokens_per_second, 1)}
+
+
+def evaluate(model: Model, text: str, *, n_ctx: int = 512, n_batch: int = DEFAULT_BATCH, threads: int | None = None,
+             progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> PerplexityResult:
+    """Perplexity of `text` under a loaded model, with llama-perplexity's estimate and ±."""
+    layout = Layout.of(n_ctx, n_batch)
+    tokens = text_tokens(model, text)
+    chunks = text_windows(model, tokens, layout)
+    check_context(model, n_ctx, notify)
+    sums = NLLSum()
+    started = time.perf_counter()
+    with context_for(model, layout, threads) as ctx:
+        for done, (logits, targets) in enumerate(scored_logits(ctx, chunks, layout), start=1):
+            sums.add(-log_prob(logits, targets))
+            if progress:
+                progress(done, len(chunks), sums.ppl)
+    return PerplexityResult(str(model.path), sums.ppl, sums.error, sums.count, len(chunks), layout.n_ctx,
+                            layout.n_batch, layout.n_seq, len(tokens), time.perf_counter() - started)
+
+
+def run(model_path: Path, text_path: Path, *, n_ctx: int = 512, n_batch: int = DEFAULT_BATCH,
+        threads: int | None = None, gpu_layers: str = "auto", progress: Progress | None = None,
+        notify: Callable[[str], None] | None = None) -> PerplexityResult:
+    """`malhae eval ppl`: read the text first (its mistakes are cheaper to report than a model load), then load."""
+    from app.runtime import hardware, offload
+    from app.runtime.engine import check_model_file
+
+    layout = Layout.of(n_ctx, n_batch)
+    text = read_text(text_path)
+    info = check_model_file(model_path)
+    plan = offload.choose(info, gpu_layers, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, notify=notify)
+    with Model(model_path, n_gpu_layers=plan.n_gpu_layers) as model:
+        return evaluate(model, text, n_ctx=n_ctx, n_batch=n_batch, threads=threads or hardware.physical_cores(),
+                        progress=progress, notify=notify)
+
+
+def perplexity(model_path: Path, text: str, n_ctx: int = 512, threads: int | None = None) -> tuple[float, int]:
+    """(perplexity, number of tokens scored) of `text` under the GGUF at `model_path` (for tests and scripts)."""
+    with Model(model_path) as model:
+        result = evaluate(model, text, n_ctx=n_ctx, threads=threads)
+    return result.ppl, result.tokens_scored

@@ -1,0 +1,76 @@
+"""llama.cpp's own tools, run side by side with malhae on the same file: llama-bench (speed) and llama-perplexity.
+
+Both are run on the very llama.cpp libraries the engine loads and with the same weight layout, so that a ratio or a
+difference measures malhae, not two compilations of llama.cpp. They are built from llama-cpp-python's vendored source
+by benchmarks/build_llama_tools.py; nothing here is needed to use malhae.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from app.errors import UserError
+from app.eval.windows import DEFAULT_BATCH
+from app.runtime import hardware, llama
+
+
+def tools_dir() -> Path:
+    """Where benchmarks/build_llama_tools.py puts the binaries for this llama-cpp-python version."""
+    import importlib.metadata
+
+    version = importlib.metadata.version("llama-cpp-python")
+    return Path.home() / ".cache" / "malhae" / f"llama-tools-{version}" / "build" / "bin"
+
+
+def same_libraries_env() -> dict[str, str]:
+    """Make llama-bench load the very llama.cpp libraries the engine uses (it links them through RUNPATH, which
+    LD_LIBRARY_PATH overrides), so that the ratio measures the engine, not two different compilations of llama.cpp
+    (a llama-bench built separately from the same source has a different libggml-cpu.so here)."""
+    lib_dir = str(llama.lib_dir())
+    return dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [lib_dir, os.environ.get("LD_LIBRARY_PATH")])))
+
+
+def run_llama_bench(exe: Path, model: Path, n_prompt: int, n_gen: int, threads: int, gpu_layers: int,
+                    repetitions: int) -> tuple[float, float]:
+    if not exe.is_file():
+        raise UserError(f"--llama-bench {exe} does not exist; build llama.cpp's llama-bench (see "
+                        "benchmarks/build_llama_tools.py)")
+    # same weight layout as the engine: extra CPU buffers off on AMX CPUs (see llama.use_extra_buffer_types)
+    repack = "1" if llama.use_extra_buffer_types() else "0"
+    cmd = [str(exe), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
+           "-ngl", str(gpu_layers), "-r", str(repetitions), "--repack", repack, "-o", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=same_libraries_env())
+    if proc.returncode != 0:
+        raise UserError(f"llama-bench failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+    rows = json.loads(proc.stdout)
+    pp = next(r["avg_ts"] for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0)
+    tg = next(r["avg_ts"] for r in rows if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0)
+    return float(pp), float(tg)
+
+
+def llama_perplexity_exe() -> Path | None:
+    """llama.cpp's own llama-perplexity, where benchmarks/build_llama_tools.py builds it; None when absent."""
+    exe = tools_dir() / "llama-perplexity"
+    return exe if exe.is_file() else None
+
+
+def run_llama_perplexity(exe: Path, model_path: Path, text_path: Path, *, n_ctx: int = 512,
+                         n_batch: int = DEFAULT_BATCH, threads: int | None = None) -> tuple[float, float]:
+    """(perplexity, ±) from `llama-perplexity -m MODEL -f TEXT -c CTX`, run on the same llama.cpp libraries and
+    weight layout as malhae, so that a difference is the method's, not two compilations'."""
+    cmd = [str(exe), "-m", str(model_path), "-f", str(text_path), "-c", str(n_ctx), "-b", str(n_batch),
+           "-t", str(threads or hardware.physical_cores()), "-ngl", "0",
+           "--repack" if llama.use_extra_buffer_types() else "--no-repack"]
+    for _attempt in range(3):  # its logger writes from a thread and can exit before the last lines are out
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=same_libraries_env())
+        found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", proc.stdout + proc.stderr)
+        if found or proc.returncode != 0:
+            break
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"llama-perplexity failed (exit {proc.returncode}): {tail}")
+    return float(found.group(1)), float(found.group(2))

@@ -1,0 +1,81 @@
+"""How `malhae eval ppl`, `eval compare` and `bench` show themselves: a progress bar on stderr, the result on stdout
+(a table, or JSON). KoBEST has its own (app/eval/kobest/render.py)."""
+
+from __future__ import annotations
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from app.ui import err, json_result, out
+
+
+class WindowProgress:
+    """Windows evaluated, with the running value (perplexity, or mean KL) next to the bar."""
+
+    def __init__(self, label: str, value_format: str) -> None:
+        self._format = value_format
+        self._progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
+                                  TextColumn("{task.fields[value]}"),
+                                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
+                                  disable=not err.is_terminal)  # a bar in a log file is noise
+        self._task: int | None = None
+
+    def __enter__(self) -> WindowProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, done: int, total: int, value: float) -> None:
+        if self._task is None:
+            self._task = self._progress.add_task("", total=total, value="")
+        self._progress.update(self._task, completed=done, total=total, value=self._format.format(value))
+
+
+def ppl_result(result, as_json: bool) -> None:
+    if as_json:
+        json_result(result.as_dict())
+        return
+    out.print(f"perplexity {result.ppl:.4f} ± {result.error:.4f}", soft_wrap=True)
+    out.print(f"[dim]{result.model}: {result.tokens_scored:,} tokens scored in {result.windows} windows of "
+              f"{result.n_ctx} (the second half of each; {result.text_tokens:,} tokens in the text), "
+              f"{result.n_seq} window{'s' if result.n_seq > 1 else ''} per batch, {result.seconds:.1f} s, "
+              f"{result.tokens_per_second:,.0f} tokens/s[/dim]", soft_wrap=True)
+
+
+def compare_result(result, as_json: bool) -> None:
+    if as_json:
+        json_result(result.as_dict())
+        return
+    table = Table(title=f"B against A on {result.tokens_scored:,} scored tokens ({result.windows} windows of "
+                        f"{result.n_ctx})")
+    table.add_column("measure")
+    table.add_column("value", justify="right", overflow="fold")
+    table.add_row("A", result.model_a)
+    table.add_row("B", result.model_b)
+    table.add_row("mean KL(A ‖ B), nats/token", f"{result.kl_mean:.6f} ± {result.kl_error:.6f}")
+    table.add_row("median / 99th percentile / max KL", f"{result.kl_median:.6f} / {result.kl_p99:.6f} / "
+                  f"{result.kl_max:.6f}")
+    table.add_row("top-1 agreement", f"{result.top1:.2%}")
+    table.add_row("perplexity A", f"{result.ppl_a:.4f}")
+    table.add_row("perplexity B", f"{result.ppl_b:.4f}")
+    table.add_row("ratio B / A", f"{result.ppl_ratio:.4f}")
+    out.print(table)
+    err.print(f"[dim]measured in {result.seconds:.1f} s[/dim]")
+
+
+def bench_table(result, engine, n_prompt: int, n_gen: int, as_json: bool) -> None:
+    where = f"{engine.n_gpu_layers} GPU layers" if engine.n_gpu_layers else "CPU"
+    if as_json:
+        json_result(result.as_dict() | {"model": str(engine.path), "threads": engine.threads,
+                                        "gpu_layers": engine.n_gpu_layers, "n_prompt": n_prompt, "n_gen": n_gen})
+        return
+    table = Table(title=f"{engine.path.name} — {engine.threads} threads, {where}, median of {result.runs}")
+    for col in ("test", "malhae tok/s", "llama-bench tok/s", "ratio"):
+        table.add_column(col, justify="right")
+    for label, mine, theirs in ((f"pp{n_prompt}", result.prompt_tps, result.upstream_prompt_tps),
+                                (f"tg{n_gen}", result.decode_tps, result.upstream_decode_tps)):
+        table.add_row(label, f"{mine:.1f}", f"{theirs:.1f}" if theirs else "—",
+                      f"{mine / theirs:.1%}" if theirs else "—")
+    out.print(table)

@@ -1,0 +1,138 @@
+"""The text a perplexity is measured on, and its windows: what `eval ppl` and `eval compare` both score.
+
+Why this way: a perplexity is only comparable with another one measured by the same procedure, and the numbers people
+quote for GGUF files come from llama.cpp's `llama-perplexity`, so this follows its tools/perplexity/perplexity.cpp:
+
+- the whole text is tokenized once (special tokens added as the vocabulary says, none parsed from the text), and a
+  text read from a file loses one trailing newline, as `-f FILE` does;
+- it is cut into non-overlapping windows of n_ctx tokens (a shorter tail is dropped); each window is evaluated from an
+  empty cache, its first token replaced by BOS when the vocabulary adds one (GPT-NeoX does not);
+- only the second half is scored (positions n_ctx/2 … n_ctx-2 predict the next token), so every scored token has at
+  least n_ctx/2 tokens of context and the number measures the model, not how little context a window's first
+  tokens had;
+- when n_batch ≥ n_ctx, n_batch/n_ctx windows go into one llama_decode as separate sequences (n_seq), in a context of
+  n_seq·n_ctx; when n_batch < n_ctx, a window takes several decodes. Logits are requested only for the scored half.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import UserError
+from app.runtime.llama import Batch, Context, Model
+
+DEFAULT_BATCH = 2048  # llama-perplexity's default: four windows of 512 per decode
+DEFAULT_UBATCH = 512  # llama.cpp's default physical batch; matched so that the matmuls sum in the same order
+
+
+def read_text(path: Path) -> str:
+    """The text of a file as llama-perplexity reads it: bytes as they are (no newline translation), one trailing
+    newline removed; mistakes become one-line errors."""
+    if not path.exists():
+        raise UserError(f"text file {path} does not exist; give a UTF-8 text file with --text")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; --text takes one UTF-8 text file")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
+                        f"first, e.g. iconv -f cp949 -t utf-8 {path} > text-utf8.txt (EUC-KR/CP949 files are "
+                        "common)") from None
+    return text.removesuffix("\n")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How windows map onto decodes, derived from --ctx and --batch exactly as llama-perplexity's main() does."""
+
+    n_ctx: int  # tokens per window
+    n_batch: int  # tokens per llama_decode
+    n_seq: int  # windows per decode (1 when a window needs several decodes)
+
+    @classmethod
+    def of(cls, n_ctx: int, n_batch: int = DEFAULT_BATCH) -> Layout:
+        if n_ctx < 4:
+            raise UserError(f"--ctx {n_ctx} is too small for a perplexity window; use at least 4 (512 is usual)")
+        if n_batch < 1:
+            raise UserError(f"--batch {n_batch} must be at least 1 (default: {DEFAULT_BATCH})")
+        n_seq = max(1, n_batch // n_ctx)
+        return cls(n_ctx, min(n_batch, n_seq * n_ctx), n_seq)
+
+    @property
+    def first(self) -> int:
+        """The first position whose logits are scored (they predict the token after it)."""
+        return self.n_ctx // 2
+
+    @property
+    def scored_per_window(self) -> int:
+        return self.n_ctx - 1 - self.first
+
+
+def windows(tokens: list[int], n_ctx: int) -> list[list[int]]:
+    """Non-overlapping windows of exactly n_ctx tokens; a shorter tail is dropped, as llama-perplexity drops it."""
+    return [tokens[i:i + n_ctx] for i in range(0, len(tokens) - n_ctx + 1, n_ctx)]
+
+
+def text_tokens(model: Model, text: str) -> list[int]:
+    """The text tokenized as llama-perplexity does (common_tokenize(ctx, text, add_special=true))."""
+    return model.tokenize(text, add_special=True, parse_special=False)
+
+
+def text_windows(model: Model, tokens: list[int], layout: Layout) -> list[list[int]]:
+    """The windows to evaluate, BOS in front of each when the vocabulary wants one; too short a text is an error."""
+    chunks = windows(tokens, layout.n_ctx)
+    if not chunks:
+        raise UserError(f"the text is {len(tokens)} tokens long, shorter than one window of {layout.n_ctx}; give a "
+                        "longer text or a smaller --ctx")
+    bos = model.bos
+    if bos is not None:  # llama-perplexity puts BOS in place of each window's first token
+        chunks = [[bos, *c[1:]] for c in chunks]
+    return chunks
+
+
+def context_for(model: Model, layout: Layout, threads: int | None) -> Context:
+    return Context(model, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, threads=threads,
+                   n_seq=layout.n_seq, n_ubatch=DEFAULT_UBATCH)
+
+
+def scored_logits(ctx: Context, chunks: list[list[int]], layout: Layout) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """For each window in order: the logits of its scored positions [scored_per_window, n_vocab] (float32) and the
+    tokens they predict. Up to n_seq windows are evaluated per llama_decode; only their logits are held."""
+    n_ctx, n_batch, first = layout.n_ctx, layout.n_batch, layout.first
+    n_vocab = ctx.model.n_vocab
+    with Batch(n_batch) as batch:
+        for group_start in range(0, len(chunks), layout.n_seq):
+            group = chunks[group_start:group_start + layout.n_seq]
+            out = np.empty((len(group), n_ctx - first, n_vocab), dtype=np.float32)
+            ctx.clear()
+            for start in range(0, n_ctx, n_batch):
+                size = min(n_ctx - start, n_batch)
+                positions = np.arange(start, start + size, dtype=np.int32)
+                batch.n_tokens = size * len(group)
+                for s, chunk in enumerate(group):
+                    rows = slice(s * size, (s + 1) * size)
+                    batch.token[rows] = chunk[start:start + size]
+                    batch.pos[rows] = positions
+                    batch.wants_logits[rows] = positions >= first
+                    for i in range(s * size, (s + 1) * size):
+                        batch.set_seqs(i, (s,))
+                ctx.decode(batch, "try a smaller --batch or --ctx")
+                lo = max(start, first)
+                per_seq = start + size - lo  # outputs each sequence produced in this decode, in batch order
+                if per_seq > 0:
+                    got = ctx.output_logits(per_seq * len(group))
+                    out[:, lo - first:lo - first + per_seq] = got.reshape(len(group), per_seq, n_vocab)
+            for s, chunk in enumerate(group):
+                yield out[s, :layout.scored_per_window], np.asarray(chunk[first + 1:], dtype=np.int64)
+
+
+def check_context(model: Model, n_ctx: int, notify: Callable[[str], None] | None) -> None:
+    trained = model.n_ctx_train
+    if n_ctx > trained and notify:
+        notify(f"--ctx {n_ctx} is longer than the {trained} tokens {model.path.name} was trained on; the perplexity "
+               "will measure how it extrapolates (llama-perplexity allows this too, with the same warning)")

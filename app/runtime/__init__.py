@@ -1,0 +1,6 @@
+"""The runtime: the only package that imports llama_cpp — everything it takes to run a GGUF.
+
+llama (bindings: Model, Context, Batch, logs) · engine (streaming generation, KV reuse) · stream (UTF-8 and stop
+strings) · settings (the table of every setting, Sampling) · offload (how many layers on the GPU) · hardware (cores,
+GPUs) · gguf_info (the header and what it means) · templates (prompt formats) · quant (llama.cpp's quantizers).
+"""

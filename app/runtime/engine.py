@@ -1,0 +1,254 @@
+"""The inference engine every front end uses: load a GGUF, stream text, measure.
+
+Built on llama-cpp-python's low-level API, in a loop kept as tight as the reference measurement
+(../shared/tools/lowlevel_loop.py): sample with llama.cpp's native sampler chain, turn the token into bytes with
+llama_token_to_piece into a reused buffer, decode the next token with llama_decode. The high-level `llama_cpp.Llama`
+stream keeps about a third of llama.cpp's GPU decode speed, so it is not used.
+
+The engine keeps track of the tokens in its KV cache and evaluates only what a new prompt adds to them, so a chat turn
+costs its own tokens, not the whole conversation's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import llama_cpp as lc
+from gguf import Keys
+
+from app.errors import UserError
+from app.runtime import hardware, llama, offload
+from app.runtime.gguf_info import GGUFInfo, read_info
+from app.runtime.settings import DEFAULT_BATCH, Sampling, context_size
+from app.runtime.stream import TextStream
+
+SUPPORTED_ARCHITECTURES = ("gptneox",)
+Notify = Callable[[str], None]
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of prompt_tokens, already in the KV cache (not evaluated again)
+    generated_tokens: int = 0
+    prompt_seconds: float = 0.0
+    decode_seconds: float = 0.0  # after the first token
+    ttft: float = 0.0  # time to first token: prompt evaluation + first sample
+    stop_reason: str = ""  # "eos", "stop", "length", "context", "interrupted"
+
+    @property
+    def prompt_tps(self) -> float:
+        evaluated = self.prompt_tokens - self.cached_tokens
+        return evaluated / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"prompt_tps": round(self.prompt_tps, 2), "decode_tps": round(self.decode_tps, 2)}
+
+
+def check_model_file(path: Path) -> GGUFInfo:
+    if not path.exists():
+        raise UserError(f"model file {path} does not exist; give a .gguf file with --model "
+                        "(make one with `malhae convert`)")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; --model takes a .gguf file (convert a checkpoint folder with "
+                        "`malhae convert`)")
+    info = read_info(path)
+    if info.architecture not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"{path.name} is a {info.architecture or 'unknown'} model; malhae runs GPT-NeoX models "
+                        "(the Polyglot-Ko family)")
+    return info
+
+
+class Engine:
+    def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
+                 gpu_layers: str | int | None = "auto", n_batch: int = DEFAULT_BATCH, verbose: bool = False,
+                 notify: Notify | None = None) -> None:
+        self.path = path
+        self.info = check_model_file(path)
+        self.notify = notify or (lambda message: None)
+        llama.init(verbose)
+        self.n_ctx = context_size(n_ctx, self.info.arch_int(Keys.LLM.CONTEXT_LENGTH))
+        self.n_batch = min(n_batch, self.n_ctx)
+        self.threads = threads or hardware.physical_cores()
+        self.plan = offload.choose(self.info, gpu_layers, n_ctx=self.n_ctx, n_batch=self.n_batch, notify=self.notify)
+        self.n_gpu_layers = self.plan.n_gpu_layers
+        self.model: llama.Model | None = None
+        self.ctx = None
+        self._load()
+        self.vocab = self.model.vocab
+        self.n_vocab = self.model.n_vocab
+        self.cache: list[int] = []  # tokens whose K/V are in the context, in order
+        self.generated: list[int] = []
+        self.stats = Stats()
+
+    # --- loading ---------------------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        layers = self.n_gpu_layers
+        while True:
+            try:
+                self.model = llama.Model(self.path, n_gpu_layers=layers)
+                self.ctx = llama.Context(self.model, n_ctx=self.n_ctx, n_batch=self.n_batch, threads=self.threads)
+                break
+            except UserError:
+                if self.model is not None:
+                    self.model.close()
+                    self.model = None
+                if layers <= 0:
+                    raise
+                fewer = layers * 3 // 4
+                self.notify(f"not enough GPU memory for {layers} layers; retrying with {fewer}")
+                layers = fewer
+        self.n_gpu_layers = layers
+
+    def close(self) -> None:
+        if self.ctx is not None:
+            self.ctx.close()
+            self.ctx = None
+        if self.model is not None:
+            self.model.close()
+            self.model = None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- text ------------------------------------------------------------------------------------------------
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text, add_special=True, parse_special=True)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.model.token_bytes(t, special=False) for t in tokens).decode("utf-8", "replace")
+
+    @property
+    def name(self) -> str:
+        return self.info.name or self.path.stem
+
+    def check_fits(self, n_prompt: int) -> None:
+        if n_prompt >= self.n_ctx:
+            raise UserError(f"the prompt is {n_prompt} tokens, {n_prompt - self.n_ctx + 1} more than the context "
+                            f"of {self.n_ctx} can take with room for an answer; shorten it or raise --ctx")
+
+    # --- generation ------------------------------------------------------------------------------------------
+
+    def _sampler(self, s: Sampling, history: list[int]):
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        add = lc.llama_sampler_chain_add
+        if s.ignore_eos:
+            eog = [t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self.vocab, t)]
+            if eog:
+                biases = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
+                add(chain, lc.llama_sampler_init_logit_bias(self.n_vocab, len(eog), biases))
+        if s.repeat_penalty != 1.0 and s.repeat_last_n != 0:
+            add(chain, lc.llama_sampler_init_penalties(self.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
+        if s.temperature <= 0:
+            add(chain, lc.llama_sampler_init_greedy())
+        else:
+            if s.top_k > 0:
+                add(chain, lc.llama_sampler_init_top_k(s.top_k))
+            if 0 < s.top_p < 1:
+                add(chain, lc.llama_sampler_init_top_p(s.top_p, 1))
+            if s.min_p > 0:
+                add(chain, lc.llama_sampler_init_min_p(s.min_p, 1))
+            add(chain, lc.llama_sampler_init_temp(s.temperature))
+            seed = lc.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
+            add(chain, lc.llama_sampler_init_dist(seed))
+        window = history[-s.repeat_last_n:] if s.repeat_last_n > 0 else history
+        for token in window:  # the penalties see the prompt, as in llama.cpp's own tools
+            lc.llama_sampler_accept(chain, token)
+        return chain
+
+    def _evaluate(self, tokens: list[int]) -> None:
+        """Bring the KV cache to exactly `tokens`, evaluating only what is not cached (at least the last token)."""
+        common = 0
+        for a, b in zip(self.cache, tokens, strict=False):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(tokens) - 1)
+        lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx.ptr), 0, common, -1)
+        self.cache = self.cache[:common]
+        for start in range(common, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            arr = (lc.llama_token * len(chunk))(*chunk)
+            rc = lc.llama_decode(self.ctx.ptr, lc.llama_batch_get_one(arr, len(chunk)))
+            if rc != 0:
+                self.cache = []
+                raise UserError(f"llama.cpp could not evaluate the prompt (llama_decode returned {rc})")
+            self.cache.extend(chunk)
+        self.stats.cached_tokens = common
+
+    def generate(self, prompt: str | list[int], sampling: Sampling | None = None) -> Iterator[str]:
+        """Yield the continuation of `prompt` as printable text pieces; `self.stats` describes the run afterwards."""
+        s = sampling or Sampling()
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise UserError("the prompt is empty")
+        self.check_fits(len(tokens))
+        self.stats = stats = Stats(prompt_tokens=len(tokens))
+        start = time.perf_counter()
+        self._evaluate(tokens)
+        stats.prompt_seconds = time.perf_counter() - start
+        max_new = min(s.max_tokens, self.n_ctx - len(tokens))
+        sampler = self._sampler(s, tokens)
+        stream = TextStream(s.stop)
+        vocab, ctx = self.vocab, self.ctx.ptr
+        sample, is_eog, to_piece, decode, get_one = (lc.llama_sampler_sample, lc.llama_vocab_is_eog,
+                                                     lc.llama_token_to_piece, lc.llama_decode, lc.llama_batch_get_one)
+        buf = ctypes.create_string_buffer(256)
+        one = (lc.llama_token * 1)()
+        cache = self.cache
+        self.generated = generated = []  # token ids of this answer, for callers that need them (tests, eval)
+        n = 0
+        first = 0.0
+        stats.stop_reason = "interrupted"
+        try:
+            while True:
+                if n >= max_new:
+                    stats.stop_reason = "length" if n >= s.max_tokens else "context"
+                    break
+                token = sample(sampler, ctx, -1)
+                if n == 0:
+                    first = time.perf_counter()
+                    stats.ttft = first - start
+                if is_eog(vocab, token):
+                    stats.stop_reason = "eos"
+                    break
+                n += 1
+                generated.append(token)
+                size = to_piece(vocab, token, buf, 256, 0, False)
+                piece = stream.feed(buf.raw[:size])
+                if piece:
+                    yield piece
+                if stream.stopped:
+                    stats.stop_reason = "stop"
+                    break
+                if n >= max_new:
+                    continue  # no need to evaluate a token nothing will follow
+                one[0] = token
+                if decode(ctx, get_one(one, 1)) != 0:
+                    raise UserError("llama.cpp failed while generating (llama_decode error)")
+                cache.append(token)
+            if stats.stop_reason != "stop":
+                tail = stream.finish()
+                if tail:
+                    yield tail
+        finally:
+            stats.generated_tokens = n
+            stats.decode_seconds = time.perf_counter() - first if first else 0.0
+            lc.llama_sampler_free(sampler)
+
+    def complete(self, prompt: str | list[int], sampling: Sampling | None = None) -> tuple[str, Stats]:
+        text = "".join(self.generate(prompt, sampling))
+        return text, self.stats

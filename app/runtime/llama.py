@@ -1,0 +1,286 @@
+"""The small part of llama-cpp-python's low-level API that malhae uses, behind typed helpers.
+
+The low-level API (llama_decode, native samplers, llama_token_to_piece) is used instead of `llama_cpp.Llama` because
+the high-level streaming path keeps only about a third of llama.cpp's decode speed on a GPU. This module owns the
+process-wide pieces: backend initialisation, llama.cpp's log output (silent unless asked for) and where its libraries
+are; and the objects every caller needs: a Model, a Context on it, a Batch of tokens to decode.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import llama_cpp as lc
+import numpy as np
+
+from app.errors import UserError
+from app.runtime.settings import DEFAULT_BATCH
+
+_backend_ready = False
+_log_sink: Callable[[int, str], None] | None = None
+_verbose = False
+
+
+@lc.llama_log_callback
+def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+    message = text.decode("utf-8", "replace") if text else ""
+    if _log_sink is not None:
+        _log_sink(level, message)
+    if _verbose:
+        sys.stderr.write(message)
+
+
+def init(verbose: bool | None = None) -> None:
+    """Initialise llama.cpp once; its log goes to stderr only when `verbose` (else nowhere; None: as it was)."""
+    global _backend_ready, _verbose
+    if verbose is not None:
+        _verbose = verbose
+    if not _backend_ready:
+        lc.llama_log_set(_log_callback, ctypes.c_void_p(0))
+        lc.llama_backend_init()
+        _backend_ready = True
+
+
+@contextmanager
+def log_to(sink: Callable[[int, str], None]) -> Iterator[None]:
+    """Receive llama.cpp's log lines inside the block (to report progress or capture an error's reason); whoever was
+    receiving them before gets them back afterwards."""
+    global _log_sink
+    init()
+    previous, _log_sink = _log_sink, sink
+    try:
+        yield
+    finally:
+        _log_sink = previous
+
+
+def lib_dir() -> Path:
+    """Where the llama.cpp and ggml shared libraries that llama-cpp-python loads are."""
+    return Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(lc.__file__).parent / "lib")
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return any(line.startswith("flags") and "amx_int8" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def use_extra_buffer_types() -> bool:
+    """Whether llama.cpp may repack weights into its extra CPU buffers (AMX, CPU_REPACK).
+
+    On CPUs with AMX (Xeon Sapphire Rapids and later) the vendored llama.cpp's AMX matmul segfaults on any batch of
+    more than one token with the types it repacks (Q8_0, Q4_0, Q4_K, Q5_K, Q6_K) — reproduced here with llama-cpp-python
+    0.3.36, and reported upstream as ggml-org/llama.cpp#20824. Ollama dropped AMX for the same reason (and measured it
+    slower on Sapphire Rapids). So extra buffers are off on AMX CPUs; MALHAE_EXTRA_BUFTS=1 or 0 overrides.
+    """
+    forced = os.environ.get("MALHAE_EXTRA_BUFTS")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return not _cpu_has_amx()
+
+
+class Model:
+    """A loaded GGUF model (or only its vocabulary); free it with close() or a with-block."""
+
+    def __init__(self, path: Path, *, vocab_only: bool = False, n_gpu_layers: int = 0, use_mmap: bool = True):
+        init()
+        params = lc.llama_model_default_params()
+        params.vocab_only = vocab_only
+        params.n_gpu_layers = n_gpu_layers
+        params.use_mmap = use_mmap
+        params.use_extra_bufts = use_extra_buffer_types()
+        errors: list[str] = []
+        with log_to(lambda level, msg: errors.append(msg) if level == 2 or "error" in msg.lower() else None):
+            self.ptr = lc.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            reason = errors[-1].strip() if errors else "llama.cpp could not load it"
+            raise UserError(f"cannot load {path}: {reason}")
+        self.path = path
+        self.vocab = lc.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Model:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    @property
+    def n_ctx_train(self) -> int:
+        return lc.llama_model_n_ctx_train(self.ptr)
+
+    @property
+    def bos(self) -> int | None:
+        """The beginning-of-sequence token when the vocabulary adds one to every text (GPT-NeoX does not), else None."""
+        return lc.llama_vocab_bos(self.vocab) if lc.llama_vocab_get_add_bos(self.vocab) else None
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lc.llama_vocab_is_eog(self.vocab, token))
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(4096)
+        n = lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def tokenize(self, text: str, *, add_special: bool = False, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        tokens = (lc.llama_token * cap)()
+        n = lc.llama_tokenize(self.vocab, data, len(data), tokens, cap, add_special, parse_special)
+        if n < 0:  # buffer too small: llama.cpp says how many it needs
+            cap = -n
+            tokens = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self.vocab, data, len(data), tokens, cap, add_special, parse_special)
+        return list(tokens[:n])
+
+    def token_bytes(self, token: int, *, special: bool = True) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = lc.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+        return buf.raw[:n]
+
+
+class Context:
+    """An inference context on a Model; precise=True keeps K/V in f32 and turns flash attention off (for parity)."""
+
+    def __init__(self, model: Model, *, n_ctx: int, n_batch: int = DEFAULT_BATCH, threads: int | None = None,
+                 precise: bool = False, n_seq: int = 1, n_ubatch: int | None = None, unified_kv: bool = False):
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = min(n_ubatch or n_batch, n_batch)
+        params.n_seq_max = n_seq  # independent sequences in one batch (several perplexity windows per decode)
+        # one cache for all sequences, so that a shared prompt is stored once and its tokens carry several seq ids
+        params.kv_unified = unified_kv
+        params.no_perf = True
+        if threads:
+            params.n_threads = params.n_threads_batch = threads
+        if precise:
+            params.type_k = params.type_v = lc.GGML_TYPE_F32
+            params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        self.model = model
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        self.ptr = lc.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path} "
+                            "(out of memory? try a smaller --ctx)")
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            lc.llama_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def clear(self) -> None:
+        lc.llama_memory_clear(lc.llama_get_memory(self.ptr), True)
+
+    def decode(self, batch: Batch, hint: str = "") -> None:
+        """Evaluate `batch`; a failure is a UserError naming its size (`hint`: what the user can do about it)."""
+        rc = lc.llama_decode(self.ptr, batch.ptr)
+        if rc != 0:
+            raise UserError(f"llama.cpp failed to evaluate a batch of {batch.n_tokens} tokens (llama_decode → {rc})"
+                            + (f"; {hint}" if hint else ""))
+
+    def output_logits(self, rows: int) -> np.ndarray:
+        """The logits of the last decode's `rows` outputs, in batch order: a view [rows, n_vocab] (copy to keep)."""
+        return np.ctypeslib.as_array(lc.llama_get_logits(self.ptr), shape=(rows, self.model.n_vocab))
+
+    def logits(self, tokens: list[int]) -> np.ndarray:
+        """Logits for every position of `tokens`, evaluated from an empty cache: shape [len(tokens), n_vocab]."""
+        self.clear()
+        out = np.empty((len(tokens), self.model.n_vocab), dtype=np.float32)
+        with Batch(self.n_batch) as batch:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                batch.fill(chunk, range(start, start + len(chunk)))
+                self.decode(batch)
+                out[start:start + len(chunk)] = self.output_logits(len(chunk))
+        return out
+
+    def greedy(self, prompt: list[int], n_new: int) -> list[int]:
+        """Plain greedy continuation (argmax over the logits): the simplest proof that a file generates."""
+        seq = list(prompt)
+        for _ in range(n_new):
+            seq.append(int(self.logits(seq)[-1].argmax()))
+        return seq[len(prompt):]
+
+
+class Batch:
+    """A llama_batch of up to `capacity` tokens, each in up to `n_seq_max` sequences, with numpy views of its arrays
+    so that callers fill thousands of positions without a Python loop per field."""
+
+    def __init__(self, capacity: int, n_seq_max: int = 1) -> None:
+        self.capacity = capacity
+        self.ptr = lc.llama_batch_init(capacity, 0, n_seq_max)
+        self.token = np.ctypeslib.as_array(self.ptr.token, shape=(capacity,))
+        self.pos = np.ctypeslib.as_array(self.ptr.pos, shape=(capacity,))
+        self.n_seq_id = np.ctypeslib.as_array(self.ptr.n_seq_id, shape=(capacity,))
+        self.wants_logits = np.ctypeslib.as_array(self.ptr.logits, shape=(capacity,))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.ptr.n_tokens
+
+    @n_tokens.setter
+    def n_tokens(self, n: int) -> None:
+        if n > self.capacity:
+            raise ValueError(f"{n} tokens in a batch of {self.capacity}")
+        self.ptr.n_tokens = n
+
+    def set_seqs(self, i: int, seqs: Sequence[int]) -> None:
+        """Position i of the batch belongs to these sequences (a shared prompt carries several)."""
+        self.n_seq_id[i] = len(seqs)
+        row = self.ptr.seq_id[i]
+        for j, seq in enumerate(seqs):
+            row[j] = seq
+
+    def fill(self, tokens: Sequence[int], positions: Sequence[int], seq: int = 0) -> None:
+        """One sequence's tokens at these positions, logits wanted everywhere."""
+        n = len(tokens)
+        self.n_tokens = n
+        self.token[:n] = tokens
+        self.pos[:n] = positions
+        self.wants_logits[:n] = 1
+        self.n_seq_id[:n] = 1
+        for i in range(n):
+            self.ptr.seq_id[i][0] = seq
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None) is not None:
+            lc.llama_batch_free(self.ptr)
+            self.ptr = None
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,146 @@
+"""Every setting a run takes, in one table: its type, its valid range, its built-in default, how a user writes it.
+
+One table because the same values arrive from five places — command-line flags, config.toml, `/set` in chat, a saved
+chat file and (later) server requests — and each used to check them its own way, so the copies disagreed (a
+temperature of -1 was refused by /set and accepted by `ask`). `Sampling`'s defaults, the settings file's parser, the
+/set command and every flag read this table; nothing else says what a valid temperature is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from app.errors import UserError
+
+DEFAULT_MAX_CTX = 4096  # the family trains at 2048; larger contexts only cost memory
+DEFAULT_BATCH = 512  # tokens per llama_decode (llama.cpp's default), capped by the context
+ONESHOT_MAX_TOKENS = 256  # complete and ask stop sooner than a chat answer unless told otherwise
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: type  # int or float; gpu_layers is "auto" or an int
+    default: object  # the built-in; None means "decided at run time" (a new seed, the model's context, the cores)
+    ok: Callable[[object], bool]
+    rule: str  # what a valid value is, as messages say it
+    example: str
+    table: str | None = "sampling"  # where config.toml keeps it: [sampling], or None for the top level
+    none_words: tuple[str, ...] = ()  # words that mean None when typed (/set seed random)
+    settable: bool = True  # changeable with /set in chat
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+def _table(*rows: Setting) -> dict[str, Setting]:
+    return {row.name: row for row in rows}
+
+
+SETTINGS: dict[str, Setting] = _table(
+    Setting("temperature", float, 0.7, lambda v: 0 <= v <= 10, "a number from 0 to 10 (0 = always the likeliest "
+            "token)", "0.7"),
+    Setting("top_p", float, 0.95, lambda v: 0 < v <= 1, "a number above 0 and at most 1 (1 = off)", "0.95"),
+    Setting("top_k", int, 40, lambda v: v >= 0, "a whole number, 0 or more (0 = off)", "40"),
+    Setting("min_p", float, 0.05, lambda v: 0 <= v < 1, "a number from 0 up to 1 (0 = off)", "0.05"),
+    Setting("repeat_penalty", float, 1.1, lambda v: 0 < v <= 10, "a number above 0 and at most 10 (1 = off)", "1.1"),
+    # llama.cpp reads -1 as "the whole context"; malhae asks for the number
+    Setting("repeat_last_n", int, 64, lambda v: v >= 0, "a whole number of tokens, 0 or more (0 = off)", "64",
+            settable=False),
+    Setting("max_tokens", int, 512, lambda v: v >= 1, "a whole number, 1 or more", "512"),
+    Setting("seed", int, None, lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295, or random", "42",
+            none_words=("random", "none")),
+    Setting("ctx", int, None, lambda v: 16 <= v <= 1 << 20, "a whole number of tokens, 16 or more, or default",
+            "4096", table=None, none_words=("default", "none", "auto")),
+    Setting("threads", int, None, lambda v: v >= 1, "a whole number, 1 or more", "8", table=None, settable=False),
+    Setting("gpu_layers", int, "auto", lambda v: v >= 0, '"auto" or a whole number of layers (0 = CPU only)',
+            "auto", table=None, none_words=("auto",), settable=False),
+)
+SAMPLING_KEYS = tuple(k for k, s in SETTINGS.items() if s.table == "sampling")
+SETTABLE = tuple(k for k, s in SETTINGS.items() if s.settable)  # /set in chat, and what a saved chat keeps
+
+
+def setting(name: str) -> Setting:
+    if name not in SETTINGS:
+        raise UserError(f"unknown setting {name!r}; the settings are: {', '.join(SETTINGS)}")
+    return SETTINGS[name]
+
+
+def check(name: str, value: object, where: str | None = None) -> object:
+    """`value` if it is valid for `name`, else a one-line UserError; `where` names the source (default: the flag).
+
+    None is valid where the built-in default is decided at run time (seed, ctx, threads); gpu_layers takes "auto".
+    """
+    s = setting(name)
+    where = where or f"{s.flag} {value}"
+    if value is None and s.default is None or name == "gpu_layers" and value == "auto":
+        return value
+    whole = s.kind is int
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and isinstance(value, float)
+                                                                         and not value.is_integer()):
+        raise UserError(f"{where}: {name} must be {s.rule}")
+    value = s.kind(value)
+    if isinstance(value, float) and not math.isfinite(value) or not s.ok(value):
+        raise UserError(f"{where}: {name} must be {s.rule}, e.g. {s.example}")
+    return value
+
+
+def parse(name: str, raw: str, usage: str | None = None) -> object:
+    """A value as typed (/set, a --gpu-layers flag): checked here, so a typo is a one-line hint, never a broken run.
+
+    `usage` is how the setting is written where it was typed ("/set top_p"; default: the flag)."""
+    s = setting(name)
+    usage = usage or s.flag
+    word = raw.strip().lower()
+    if word in s.none_words:
+        return "auto" if name == "gpu_layers" else None
+    try:
+        value = float(word) if s.kind is float else int(word, 10)
+    except ValueError:
+        raise UserError(f"{usage} {raw.strip()!r} is not valid: {name} must be {s.rule}, e.g. {usage} {s.example}"
+                        ) from None
+    return check(name, value, f"{usage} {raw.strip()}")
+
+
+def gpu_layers(value: str | int | None) -> str | int:
+    """--gpu-layers as given (auto, or a number typed as text) or from the settings file; None: the built-in."""
+    if value is None:
+        return SETTINGS["gpu_layers"].default  # type: ignore[return-value]
+    return parse("gpu_layers", value) if isinstance(value, str) else check("gpu_layers", value)  # type: ignore
+
+
+def context_size(requested: int | None, trained: int | None) -> int:
+    """The context a run uses: as asked (checked), else the model's trained context, at most DEFAULT_MAX_CTX."""
+    if requested is None:
+        return min(int(trained or 2048), DEFAULT_MAX_CTX)
+    return check("ctx", requested)  # type: ignore[return-value]
+
+
+def _default(name: str):
+    return field(default=SETTINGS[name].default)
+
+
+@dataclass
+class Sampling:
+    """How tokens are chosen and when generation stops; defaults are the table's."""
+
+    temperature: float = _default("temperature")  # 0: greedy
+    top_k: int = _default("top_k")
+    top_p: float = _default("top_p")
+    min_p: float = _default("min_p")
+    repeat_penalty: float = _default("repeat_penalty")
+    repeat_last_n: int = _default("repeat_last_n")
+    seed: int | None = _default("seed")  # None: a different seed each time
+    max_tokens: int = _default("max_tokens")
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: random-weight models emit end tokens at random
+
+    def checked(self, where: Callable[[str, object], str] | None = None) -> Sampling:
+        """Self, after every table value has been checked; `where(name, value)` names the source in messages."""
+        for name in SAMPLING_KEYS:
+            value = getattr(self, name)
+            check(name, value, where(name, value) if where else None)
+        return self

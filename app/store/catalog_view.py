@@ -1,0 +1,149 @@
+"""Rendering for `malhae models catalog`, `malhae recommend` and `malhae pull`: Rich tables on stdout, or JSON.
+
+Sizes are shown in GB (10^9 bytes), like `malhae models` and `malhae convert`; the VRAM columns are cards' nominal
+sizes, which are GiB (an "8 GB" card has 8 × 2^30 bytes).
+"""
+
+from __future__ import annotations
+
+import json
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from app import units
+from app.store import recommend
+from app.store.catalog import QUALITY_ORDER, Entry
+from app.ui import err, out
+
+
+def _console() -> Console:
+    """stdout; when it is a pipe or file, wide enough that no table row wraps (Rich would assume 80 columns)."""
+    return out if out.is_terminal else Console(highlight=False, width=160)
+
+
+def _table(title: str | None) -> Table:
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
+                 padding=(0, 1))
+
+
+def catalog(entries: tuple[Entry, ...], as_json: bool) -> None:
+    if as_json:
+        data = [e.as_dict() | {"picks": recommend.table(e)} for e in entries]
+        out.print_json(json.dumps({"models": data, "quality_order": list(QUALITY_ORDER),
+                                   "ram_fraction": recommend.RAM_FRACTION}, ensure_ascii=False))
+        return
+    about = _table("Polyglot-Ko catalog: malhae pull NAME --type TYPE")
+    for col in ("name", "params", "template", "license", "hub id"):
+        about.add_column(col, justify="right" if col == "params" else "left", no_wrap=col != "hub id",
+                         overflow="fold")
+    for e in entries:
+        about.add_row(e.name, units.params(e.parameters), e.template, e.license, e.hub_id)
+    console = _console()
+    console.print(about)
+
+    sizes = _table("Tensor bytes per type, GB (a file adds ~1 MB of metadata)")
+    sizes.add_column("name", no_wrap=True)
+    for t in QUALITY_ORDER:
+        sizes.add_column(t, justify="right", no_wrap=True)
+    for e in entries:
+        sizes.add_row(e.name, *(units.gb(e.sizes[t].total) for t in QUALITY_ORDER))
+    console.print(sizes)
+
+    picks = {e.name: recommend.table(e) for e in entries}
+    columns = list(next(iter(picks.values()))) if picks else []
+    for title, cols in (("Best type fully on a GPU with N GB of VRAM (context 2048)",
+                         [c for c in columns if not c.startswith("RAM")]),
+                        (f"Best type without a GPU (at most {recommend.RAM_CEILING}, for decode speed), in ≤ "
+                         f"{recommend.RAM_FRACTION:.0%} of N GB of RAM",
+                         [c for c in columns if c.startswith("RAM")])):
+        table = _table(title)
+        table.add_column("name", no_wrap=True)
+        for c in cols:
+            table.add_column(c.removeprefix("RAM "), justify="center", no_wrap=True)
+        for e in entries:
+            table.add_row(e.name, *(picks[e.name][c] or "-" for c in cols))
+        console.print(table)
+    err.print("[dim]- : no type fits fully; a partial GPU offload still runs (`malhae recommend --vram GB` says how "
+              "many layers fit). Sizes: python benchmarks/catalog_sizes.py[/dim]", soft_wrap=True)
+
+
+def recommendation(machine: recommend.Machine, rows: list[tuple[Entry, recommend.Pick]], as_json: bool) -> None:
+    if as_json:
+        data = {"vram_bytes": machine.vram_bytes, "ram_bytes": machine.ram_bytes, "gpus": list(machine.gpu_names),
+                "models": [{"name": e.name, "hub_id": e.hub_id, **p.as_dict(), "pull": pull_command(e, p)}
+                           for e, p in rows]}
+        out.print_json(json.dumps(data, ensure_ascii=False))
+        return
+    if machine.vram_bytes:
+        where = ", ".join(machine.gpu_names) or "GPU"
+        source = "given" if machine.vram_given else "free now (NVML)"
+        err.print(f"[dim]{escape(where)}: {units.gib(machine.vram_bytes)} VRAM {source}; a pick fits entirely "
+                  "on the GPU at context 2048 (the offload planner's arithmetic)[/dim]", soft_wrap=True)
+    else:
+        source = "given" if machine.ram_given else "total"
+        err.print(f"[dim]no usable NVIDIA GPU; {units.gib(machine.ram_bytes)} RAM {source}: a pick uses at most "
+                  f"{recommend.RAM_FRACTION:.0%} of it (weights + KV cache at context 2048 + compute buffer), and is "
+                  f"at most {recommend.RAM_CEILING}: without a GPU every token reads all weights, so smaller decodes "
+                  "faster[/dim]",
+                  soft_wrap=True)
+    table = _table(None)
+    for col in ("name", "pick", "fits", "needs", "then run"):
+        table.add_column(col, justify="right" if col == "needs" else "left", no_wrap=col != "then run",
+                         overflow="fold")
+    for e, p in rows:
+        if p.full:
+            fits, needs = ("on the GPU" if p.where == "gpu" else "in RAM"), units.gib(p.needed)
+        elif p.partial is not None and p.partial.n_gpu_layers:
+            fits = f"partly: {p.partial.n_gpu_layers}/{p.partial.n_layer} layers"
+            needs = units.gib(p.partial.gpu_bytes)
+        else:
+            fits, needs = "does not fit", "-"
+        command = pull_command(e, p)
+        table.add_row(e.name, p.type or (recommend.PARTIAL_TYPE if command else "-"), fits, needs, command or "-")
+    _console().print(table)
+
+
+def pull_command(e: Entry, p: recommend.Pick) -> str | None:
+    chosen = p.type or (recommend.PARTIAL_TYPE if p.partial is not None and p.partial.n_gpu_layers else None)
+    return f"malhae pull {e.name} --type {chosen}" if chosen else None
+
+
+def pulled(p) -> None:
+    how = "from the hub cache (offline)" if p.offline else "downloaded into the hub cache"
+    err.print(f"[dim]{escape(p.source.hub_id)}: {len(p.files)} files {how}: {escape(str(p.snapshot))}[/dim]",
+              soft_wrap=True)
+    out.print(f"added '{escape(p.entry.name)}' to the store ({p.entry.path}); run it: "
+              f"malhae chat -m {escape(p.entry.name)}", soft_wrap=True)
+
+
+def pull_starting(source, snapshot, offline: bool) -> None:
+    how = "using the checkpoint in the hub cache (offline)" if offline else "downloaded"
+    err.print(f"[dim]{escape(source.hub_id)}: {how}; converting to the store as '{escape(source.store_name)}'[/dim]",
+              soft_wrap=True)
+
+
+class LazyConvertProgress:
+    """render.ConvertProgress, started at the first report: a pull that stops before converting (a taken name, no
+    hub) prints its one error line and nothing else."""
+
+    def __init__(self) -> None:
+        from app.store.convert_view import ConvertProgress
+
+        self._progress = ConvertProgress()
+        self._started = False
+
+    def __enter__(self) -> LazyConvertProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            self._progress.__exit__(*exc)
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if not self._started:
+            self._progress.__enter__()
+            self._started = True
+        self._progress.update(stage, done, total)

@@ -1,0 +1,207 @@
+"""What a GGUF file is and what running it would cost, for `malhae info`: facts only, no printing.
+
+Everything comes from the header (metadata and tensor table), never from the weights, so describing a 25 GB file takes
+milliseconds. The memory estimate is the engine's own: the same default context, the same offload rule, and
+app/offload's model_sizes() and plan(), so that `info` shows exactly the numbers the engine plans with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from gguf import Keys, TokenType
+
+from app.errors import UserError
+from app.runtime import offload, templates
+from app.runtime.gguf_info import GGUFInfo, read_info
+from app.runtime.settings import DEFAULT_BATCH, context_size
+from app.runtime.settings import gpu_layers as parse_gpu_layers
+
+GiB = 2**30
+MAX_GIB = 1 << 20  # a what-if beyond a pebibyte of VRAM is a typo
+
+
+@dataclass(frozen=True)
+class TypeShare:
+    type: str  # GGML tensor type, e.g. Q4_K
+    tensors: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class SpecialToken:
+    role: str  # bos, eos, pad, unk, sep
+    id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    model: str | None  # tokenizer.ggml.model, e.g. gpt2 (byte-level BPE)
+    pre: str | None  # llama.cpp's pre-tokenizer name
+    vocab_size: int
+    specials: list[SpecialToken]
+    control_tokens: int
+    add_bos: bool | None
+
+
+@dataclass(frozen=True)
+class ChatTemplate:
+    kind: str  # "malhae" (one of ours), "custom" (foreign Jinja), "none"
+    name: str | None  # our template's name when kind is "malhae"
+    chars: int  # length of the Jinja text
+    used: str  # the format `ask`/`chat` would use without --template
+
+
+@dataclass(frozen=True)
+class Memory:
+    n_ctx: int
+    n_batch: int
+    gpu_layers: int  # llama.cpp's number (n_layer + 1: everything, output layer included)
+    n_layer: int
+    mode: str  # "auto", "asked" (a number was given) or "what-if" (--vram)
+    reason: str  # the planner's reason
+    free_vram: int | None  # what the plan was made for (NVML, or --vram); None: no GPU
+    weights_gpu: int
+    weights_cpu: int
+    kv_gpu: int
+    kv_cpu: int
+    compute: int  # the planner's compute-buffer estimate, on the GPU when any layer is there, else in RAM
+    cuda_context: int
+    note: str = ""
+
+    @property
+    def vram(self) -> int:
+        return self.weights_gpu + self.kv_gpu + (self.compute + self.cuda_context if self.gpu_layers else 0)
+
+    @property
+    def ram(self) -> int:
+        return self.weights_cpu + self.kv_cpu + (0 if self.gpu_layers else self.compute)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    file_size: int
+    gguf_version: int
+    architecture: str | None
+    supported: bool  # malhae runs it (GPT-NeoX)
+    name: str | None
+    license: str | None
+    source: str | None
+    parameters: int  # sum of tensor elements (a tied output matrix stored twice counts twice, as in the file)
+    context_length: int | None  # trained
+    n_layer: int | None
+    d_model: int | None
+    n_head: int | None
+    n_head_kv: int | None
+    rotary_dims: int | None
+    d_ff: int | None
+    file_type: str | None  # general.file_type as the --type name, e.g. q4_k_m (as `malhae models` shows it)
+    quantization: list[TypeShare]
+    tensor_bytes: int
+    tokenizer: Tokenizer
+    chat_template: ChatTemplate
+    memory: Memory | None
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.tensor_bytes * 8 / self.parameters if self.parameters else 0.0
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["bits_per_weight"] = round(self.bits_per_weight, 3)
+        if self.memory is not None:
+            data["memory"] |= {"vram": self.memory.vram, "ram": self.memory.ram}
+        return data
+
+
+def _tokenizer(info: GGUFInfo) -> Tokenizer:
+    meta = info.metadata
+    tokens = meta.get(Keys.Tokenizer.LIST)
+    types = meta.get(Keys.Tokenizer.TOKEN_TYPE)
+    tokens = tokens if isinstance(tokens, list) else []
+    specials = []
+    for role, key in (("bos", Keys.Tokenizer.BOS_ID), ("eos", Keys.Tokenizer.EOS_ID), ("pad", Keys.Tokenizer.PAD_ID),
+                      ("unk", Keys.Tokenizer.UNK_ID), ("sep", Keys.Tokenizer.SEP_ID)):
+        token = meta.get(key)
+        if isinstance(token, int) and not isinstance(token, bool):
+            specials.append(SpecialToken(role, token, tokens[token] if 0 <= token < len(tokens) else "?"))
+    control = sum(1 for t in types if t == TokenType.CONTROL) if isinstance(types, list) else 0
+    add_bos = meta.get(Keys.Tokenizer.ADD_BOS)
+    return Tokenizer(model=info.text(Keys.Tokenizer.MODEL), pre=info.text(Keys.Tokenizer.PRE),
+                     vocab_size=len(tokens), specials=specials, control_tokens=control,
+                     add_bos=add_bos if isinstance(add_bos, bool) else None)
+
+
+def _chat_template(info: GGUFInfo, name: str) -> ChatTemplate:
+    source = info.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
+    if isinstance(source, str) and source.strip():
+        ours = templates.from_jinja(source)
+        if ours is not None:
+            return ChatTemplate("malhae", ours.name, len(source), ours.name)
+        return ChatTemplate("custom", None, len(source), "the GGUF's own Jinja")
+    known = templates.identify(name)
+    used = f"{known.name} (from the model's name)" if known else f"{templates.for_model(name).name} (the default)"
+    return ChatTemplate("none", None, 0, used)
+
+
+def memory(info: GGUFInfo, n_ctx: int | None = None, gpu_layers: str | int = "auto",
+           vram_gib: float | None = None) -> Memory:
+    """Where the weights, KV cache and buffers would go: the engine's own context rule and offload choice
+    (app.runtime.offload.choose), so `info` shows what `chat` would do."""
+    n_ctx = context_size(n_ctx, info.arch_int(Keys.LLM.CONTEXT_LENGTH))
+    n_batch = min(DEFAULT_BATCH, n_ctx)
+    # the planner expects arrays as their lengths, as read_info() gives them by default
+    scalars = replace(info, metadata={k: len(v) if isinstance(v, list) else v for k, v in info.metadata.items()})
+    sizes = offload.model_sizes(scalars, n_ctx, n_batch)
+    n_layer = sizes.n_layer
+    if vram_gib is not None and not (math.isfinite(vram_gib) and 0 <= vram_gib <= MAX_GIB):
+        raise UserError(f"--vram {vram_gib:g}: give the free GPU memory in GiB, from 0 to {MAX_GIB}")
+    p = offload.choose(scalars, gpu_layers, n_ctx=n_ctx, n_batch=n_batch,
+                       vram=int(vram_gib * GiB) if vram_gib is not None else None)
+    n, mode, reason = p.n_gpu_layers, p.mode, p.reason
+    free = p.free_bytes if mode == "what-if" or (mode == "auto" and p.free_bytes) else None
+    note = ""
+    if mode == "asked" and reason == "no GPU support":  # show where N layers would go, and say they will not
+        n = min(int(parse_gpu_layers(gpu_layers)), n_layer + 1)
+        note = "this llama-cpp-python has no CUDA support, so the engine would run everything on the CPU here" if n \
+            else ""
+    on_gpu = min(n, n_layer)
+    weights = sum(t.nbytes for t in info.tensors)
+    weights_gpu = sum(sizes.layer_bytes[:on_gpu]) + (sizes.output_bytes if n > n_layer else 0)
+    kv_gpu = sizes.kv_bytes_per_layer * on_gpu
+    return Memory(n_ctx=n_ctx, n_batch=n_batch, gpu_layers=n, n_layer=n_layer, mode=mode, reason=reason,
+                  free_vram=free, weights_gpu=weights_gpu, weights_cpu=weights - weights_gpu, kv_gpu=kv_gpu,
+                  kv_cpu=sizes.kv_bytes_per_layer * n_layer - kv_gpu, compute=sizes.compute_bytes,
+                  cuda_context=offload.CUDA_CONTEXT_BYTES if n else 0, note=note)
+
+
+def check_file(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give a .gguf file or the name of a model in your store")
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; give a .gguf file (convert a checkpoint folder with "
+                        "`malhae convert`)")
+
+
+def describe(path: Path, *, n_ctx: int | None = None, gpu_layers: str | int = "auto",
+             vram_gib: float | None = None) -> ModelInfo:
+    check_file(path)
+    info = read_info(path, arrays=(Keys.Tokenizer.LIST, Keys.Tokenizer.TOKEN_TYPE))
+    mix = [TypeShare(t, n, b) for t, (n, b) in sorted(info.type_counts().items(), key=lambda kv: -kv[1][1])]
+    n_layer = info.arch_int(Keys.LLM.BLOCK_COUNT)
+    n_head = info.arch_int(Keys.Attention.HEAD_COUNT)
+    return ModelInfo(
+        path=path, file_size=info.file_size, gguf_version=info.version, architecture=info.architecture,
+        supported=info.architecture == "gptneox", name=info.name, license=info.license, source=info.source,
+        parameters=info.n_params, context_length=info.arch_int(Keys.LLM.CONTEXT_LENGTH), n_layer=n_layer,
+        d_model=info.arch_int(Keys.LLM.EMBEDDING_LENGTH), n_head=n_head,
+        n_head_kv=info.arch_int(Keys.Attention.HEAD_COUNT_KV) or n_head,
+        rotary_dims=info.arch_int(Keys.Rope.DIMENSION_COUNT), d_ff=info.arch_int(Keys.LLM.FEED_FORWARD_LENGTH),
+        file_type=info.file_type, quantization=mix, tensor_bytes=info.tensor_bytes, tokenizer=_tokenizer(info),
+        chat_template=_chat_template(info, info.name or path.stem),
+        memory=memory(info, n_ctx, gpu_layers, vram_gib) if n_layer else None)

@@ -1,0 +1,79 @@
+"""`malhae info` on the terminal: the file's facts, its tensor types, and the memory plan (or all of it as JSON)."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+from app import units
+from app.ui import err, json_result, out
+
+
+def info_report(mi, as_json: bool = False) -> None:
+    """`malhae info`: the file's facts, its tensor types, and the engine's memory plan for it."""
+    if as_json:
+        json_result(mi.as_dict())
+        return
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    arch = f"{mi.architecture or 'unknown'} (GGUF v{mi.gguf_version})"
+    if not mi.supported:
+        arch += " — malhae runs GPT-NeoX (gptneox) models only"
+    facts.add_row("architecture", arch)
+    facts.add_row("parameters", f"{units.params(mi.parameters)} ({mi.parameters:,})")
+    facts.add_row("file", f"{units.size(mi.file_size)} ({mi.file_size:,} bytes), {mi.file_type or '?'}, "
+                          f"{mi.bits_per_weight:.2f} bits/weight")
+    if mi.context_length:
+        facts.add_row("context", f"{mi.context_length:,} tokens (trained)")
+    if mi.n_layer:
+        head_dim = f" of {mi.d_model // mi.n_head}" if mi.d_model and mi.n_head else ""
+        kv = f", {mi.n_head_kv} KV heads" if mi.n_head_kv and mi.n_head_kv != mi.n_head else ""
+        facts.add_row("shape", f"{mi.n_layer} layers, d_model {mi.d_model}, {mi.n_head} heads{head_dim}{kv}, "
+                               f"rotary {mi.rotary_dims} dims, feed-forward {mi.d_ff}")
+    tok = mi.tokenizer
+    specials = ", ".join(f"{s.role} {s.id} {s.text}" for s in tok.specials) or "none"
+    facts.add_row("tokenizer", f"{tok.model or '?'}, pre-tokenizer {tok.pre or '?'}, {tok.vocab_size:,} tokens "
+                               f"({tok.control_tokens} control); {specials}")
+    ct = mi.chat_template
+    template = {"malhae": f"{ct.name} (malhae's, {ct.chars} characters of Jinja)",
+                "custom": f"custom Jinja ({ct.chars} characters); ask and chat render it",
+                "none": f"none in the file; ask and chat use {ct.used}"}[ct.kind]
+    facts.add_row("chat template", template)
+    for label, value in (("name", mi.name), ("license", mi.license), ("source", mi.source)):
+        if value:
+            facts.add_row(label, value)
+    out.print(f"[bold]{escape(mi.name or mi.path.name)}[/bold] — {escape(str(mi.path))}", soft_wrap=True)
+    out.print(facts)
+
+    mix = Table(title="tensor types")
+    for col in ("type", "tensors", "bytes", "share"):
+        mix.add_column(col, justify="left" if col == "type" else "right")
+    for t in mi.quantization:
+        mix.add_row(t.type, str(t.tensors), units.gib(t.bytes), f"{t.bytes / mi.tensor_bytes:.1%}" if mi.tensor_bytes
+                    else "—")
+    out.print(mix)
+
+    m = mi.memory
+    if m is None:
+        return
+    where = ("CPU only" if not m.gpu_layers else "all layers on the GPU" if m.gpu_layers > m.n_layer
+             else f"{m.gpu_layers} of {m.n_layer} layers on the GPU")
+    basis = {"auto": "--gpu-layers auto on this machine", "asked": f"--gpu-layers {m.gpu_layers}",
+             "what-if": f"a GPU with {units.gib(m.free_vram or 0)} free"}[m.mode]
+    out.print(f"estimated memory for context {m.n_ctx:,}, {where} ({basis}: {m.reason}):", soft_wrap=True)
+    mem = Table()
+    for col in ("", "VRAM", "RAM"):
+        mem.add_column(col, justify="left" if not col else "right")
+
+    def cell(n: int) -> str:
+        return units.gib(n) if n else "—"
+
+    mem.add_row("weights", cell(m.weights_gpu), cell(m.weights_cpu))
+    mem.add_row("KV cache (f16)", cell(m.kv_gpu), cell(m.kv_cpu))
+    mem.add_row("compute buffer", cell(m.compute if m.gpu_layers else 0), cell(0 if m.gpu_layers else m.compute))
+    mem.add_row("CUDA context", cell(m.cuda_context), "—")
+    mem.add_row("[bold]total[/bold]", f"[bold]{cell(m.vram)}[/bold]", f"[bold]{cell(m.ram)}[/bold]")
+    out.print(mem)
+    if m.note:
+        err.print(f"[dim]malhae: {escape(m.note)}[/dim]", soft_wrap=True)

@@ -1,0 +1,111 @@
+"""Rendering for `malhae models`: the store table, its JSON, and the copy progress bar. Results go to stdout, status
+to stderr, like the rest of the CLI (app/ui.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from app import units
+from app.store.local import Entry
+from app.ui import err, note, out
+
+BIG_FILE = 64 << 20  # smaller copies finish before a bar would be worth drawing
+
+
+def is_default(entry: Entry, default: str | None) -> bool:
+    if not default:
+        return False
+    if default == entry.name:
+        return True
+    try:
+        return Path(default).expanduser().resolve() == entry.path.resolve()
+    except OSError:
+        return False
+
+
+def models_table(entries: list[Entry], root: Path, default: str | None, config_path: Path, as_json: bool) -> None:
+    if as_json:
+        data = {"dir": str(root), "default": default, "config": str(config_path),
+                "models": [e.as_dict() | {"default": is_default(e, default)} for e in entries]}
+        sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+        return
+    if not entries:
+        out.print(f"no models in the store yet ({escape(str(root))}). Add one with "
+                  "`malhae convert DIR --type q4_k_m --add`, `malhae models import FILE.gguf` or "
+                  "`malhae pull polyglot-ko-1.3b`.", soft_wrap=True, markup=False)
+        return
+    table = Table(title="malhae models")
+    for col, justify in (("", "left"), ("name", "left"), ("type", "left"), ("size (GB)", "right"),
+                         ("params", "right"), ("source", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for e in entries:
+        mark = "*" if is_default(e, default) else ""
+        if e.error:
+            table.add_row(mark, escape(e.name), "[red]unreadable[/red]", units.gb(e.size), "?", escape(e.error))
+        else:
+            table.add_row(mark, escape(e.name), e.type, units.gb(e.size), units.params(e.params),
+                          escape(e.source or ""))
+    out.print(table)
+    legend = "* the default model (`malhae models default NAME`)" if any(
+        is_default(e, default) for e in entries) else "no default model among these: `malhae models default NAME`"
+    err.print(f"[dim]{escape(str(root))} · {legend}[/dim]", soft_wrap=True)
+
+
+def default_line(default: str | None, config_path: Path, exists: bool, resolved: str | None) -> None:
+    if default:
+        where = f" → {resolved}" if resolved and resolved != default else ""
+        out.print(f"default model: {default}{where} (default_model in {config_path})", markup=False, soft_wrap=True)
+    else:
+        place = config_path if exists else f"{config_path}, not created yet"
+        out.print(f"no default model set ({place}); commands use the bundled demo model. Set one with "
+                  "`malhae models default NAME`.", markup=False, soft_wrap=True)
+
+
+class CopyProgress:
+    """A byte progress bar for copies into the store, drawn only for large files on a terminal."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self.enabled = total >= BIG_FILE and err.is_terminal
+        self._progress = Progress(TextColumn(escape(label)), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                                  TimeRemainingColumn(), console=err, transient=True)
+        self._task = self._progress.add_task(label, total=total)
+
+    def __enter__(self) -> CopyProgress:
+        if self.enabled:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._progress.stop()
+
+    def update(self, done: int, total: int) -> None:
+        if self.enabled:
+            self._progress.update(self._task, completed=done, total=total)
+
+
+def added(entry: Entry, root: Path) -> None:
+    out.print(f"added {entry.name} ({entry.type}, {units.size(entry.size)}) to {root}; run it with "
+              f"malhae chat -m {entry.name}", markup=False, soft_wrap=True)
+
+
+def removed(entry: Entry) -> None:
+    out.print(f"removed {entry.name} ({entry.path})", markup=False, soft_wrap=True)
+
+
+def default_removed(config_path: Path) -> None:
+    note(f"it was the default model; default_model removed from {config_path} (the bundled demo is the default "
+         "until you set another with `malhae models default NAME`)")
+
+
+def default_set(value: str | None, config_path: Path) -> None:
+    if value is None:
+        out.print(f"default model cleared in {config_path}", markup=False, soft_wrap=True)
+    else:
+        out.print(f"default model: {value} (default_model in {config_path})", markup=False, soft_wrap=True)

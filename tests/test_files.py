@@ -1,0 +1,90 @@
+"""How malhae writes files: whole or not at all, through one partial-file scheme whose leftovers (a run killed
+outright, kill -9) are removed by the next write into the folder, and only those; and where its files live."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from app import files
+from app.store import local
+from convert import pipeline
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _partial(directory, name: str, age: float):
+    path = directory / name
+    path.write_bytes(b"GGUF" + b"\0" * 100)
+    then = time.time() - age
+    os.utime(path, (then, then))
+    return path
+
+
+def test_only_old_files_of_finished_processes_are_removed(tmp_path):
+    dead, alive = _dead_pid(), os.getppid()
+    stale = _partial(tmp_path, f".m.gguf.{dead}.partial", 3600)
+    staged = _partial(tmp_path, f".m-q4_k_m.gguf.{dead}.staged.partial", 3600)
+    recent = _partial(tmp_path, f".n.gguf.{dead}.partial", 10)  # maybe another machine's write, still going
+    running = _partial(tmp_path, f".o.gguf.{alive}.partial", 3600)
+    mine = _partial(tmp_path, f".p.gguf.{os.getpid()}.partial", 3600)
+    other = _partial(tmp_path, f"notes.{dead}.partial", 3600)  # not hidden: not one of malhae's
+    assert sorted(files.sweep(tmp_path)) == sorted([stale, staged])
+    assert not stale.exists() and not staged.exists()
+    assert all(p.exists() for p in (recent, running, mine, other))
+    assert files.sweep(tmp_path / "missing") == []
+
+
+def test_a_store_import_and_a_conversion_clean_up_before_writing(tmp_path, checkpoints):
+    models = tmp_path / "models"
+    models.mkdir()
+    killed_import = _partial(models, f".big.gguf.{_dead_pid()}.partial", 3600)
+    gguf = pipeline.convert(checkpoints("tf4-st-f16"), "f16", tmp_path / "m.gguf").path
+    local.open_store(models).add(gguf, "m")
+    assert not killed_import.exists() and (models / "m.gguf").is_file()
+
+    killed_convert = _partial(gguf.parent, f".m2.gguf.{_dead_pid()}.quantized.partial", 3600)
+    pipeline.convert(checkpoints("tf4-st-f16"), "f16", gguf.parent / "m2.gguf")
+    assert not killed_convert.exists()
+
+
+def test_small_files_are_written_whole_through_the_same_scheme(tmp_path):
+    """config.toml and saved chats go through files.write_text: the old file or the new one, and a leftover of a
+    killed write of either is swept like a GGUF's."""
+    from app.chat.conversation import Conversation, save
+    from app.runtime import templates
+    from app.store import config
+
+    target = tmp_path / "config.toml"
+    assert files.partial_path(target).name == f".config.toml.{os.getpid()}.partial"
+    assert files.PARTIAL.match(files.partial_path(target, "staged").name)
+    killed_config = _partial(tmp_path, f".config.toml.{_dead_pid()}.partial", 3600)
+    killed_chat = _partial(tmp_path, f".chat.json.{_dead_pid()}.partial", 3600)
+    config.set_default_model("m", target)
+    assert not killed_config.exists() and not killed_chat.exists()
+    assert config.load(target).default_model == "m"
+    save(Conversation(templates.get("base")), tmp_path / "chat.json")
+    assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+
+
+def test_where_files_live_follows_malhae_home(tmp_path, monkeypatch):
+    import platformdirs
+
+    from app.chat import reader
+    from app.store import config
+
+    monkeypatch.setenv("MALHAE_HOME", str(tmp_path / "home"))
+    assert files.data_dir() == files.config_dir() == tmp_path / "home"
+    assert local.models_dir() == tmp_path / "home" / "models"
+    assert config.config_path() == tmp_path / "home" / "config.toml"
+    assert reader.history_path() == tmp_path / "home" / "chat_history"
+    monkeypatch.delenv("MALHAE_HOME")
+    assert files.data_dir() == Path(platformdirs.user_data_dir("malhae"))
+    assert files.config_dir() == Path(platformdirs.user_config_dir("malhae"))

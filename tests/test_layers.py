@@ -1,0 +1,162 @@
+"""The house rules a newcomer reads from the tree, checked on the source (an AST walk, no imports run).
+
+- only app/runtime imports llama_cpp;
+- layers depend one way: the shared modules (errors, flags, files, units, ui) on nothing above them; runtime on them;
+  chat, store and eval on runtime and not on each other; the CLI on everything; convert/ on runtime and the shared
+  modules, never on the CLI or a view;
+- no two app or convert modules import each other, however indirectly (function-level imports count: a cycle hidden
+  inside a function is still a cycle, and it once hid behind a swallowed ImportError);
+- no module reaches into another's private names (`from m import _x`, `m._x`).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = {"app", "app.errors", "app.flags", "app.files", "app.units", "app.ui"}
+MIDDLE = ("app.chat", "app.store", "app.eval")
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for top in ("app", "convert"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+MODULES = modules()
+
+
+def imports(name: str) -> list[tuple[str, list[str], int]]:
+    """(module imported, names taken from it, line) for every import statement, wherever it stands."""
+    out = []
+    for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, [], node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{name}:{node.lineno}: the house uses absolute imports"
+            out.append((node.module, [a.name for a in node.names], node.lineno))
+    return out
+
+
+def edges(name: str) -> set[str]:
+    """The app/convert modules `name` depends on (`from pkg import mod` counts as mod)."""
+    out = set()
+    for module, names, _ in imports(name):
+        subs = {f"{module}.{n}" for n in names} & MODULES.keys()
+        out |= subs or ({module} & MODULES.keys())
+    return out - {name}
+
+
+def layer(name: str) -> str:
+    if name in SHARED:
+        return "shared"
+    if name == "app.__main__":  # python -m app
+        return "app.cli"
+    for prefix in ("app.runtime", *MIDDLE, "app.cli", "convert"):
+        if name == prefix or name.startswith(prefix + "."):
+            return prefix
+    raise AssertionError(f"{name} is in no layer: put it in one of the packages")
+
+
+ALLOWED = {
+    "shared": {"shared"},
+    "app.runtime": {"shared", "app.runtime"},
+    "app.chat": {"shared", "app.runtime", "app.chat"},
+    "app.eval": {"shared", "app.runtime", "app.eval"},
+    "app.store": {"shared", "app.runtime", "app.store", "convert"},  # pull and the catalog call the converter
+    "convert": {"shared", "app.runtime", "convert"},
+    "app.cli": {"shared", "app.runtime", *MIDDLE, "app.cli", "convert"},
+}
+
+
+def test_only_the_runtime_imports_llama_cpp():
+    offenders = [f"{name}:{line}" for name in MODULES for module, _, line in imports(name)
+                 if module.split(".")[0] == "llama_cpp" and layer(name) != "app.runtime"]
+    assert not offenders, offenders
+
+
+def test_layers_depend_one_way():
+    wrong = sorted(f"{name} → {dep}" for name in MODULES for dep in edges(name)
+                   if layer(dep) not in ALLOWED[layer(name)])
+    assert not wrong, wrong
+
+
+def test_convert_never_imports_a_view_or_the_cli():
+    views = {m for m in MODULES if m == "app.ui" or m.endswith(("_view", ".views", ".render", ".writer"))}
+    wrong = [f"{name} → {dep}" for name in MODULES if layer(name) == "convert" for dep in edges(name)
+             if dep in views or layer(dep) == "app.cli"]
+    assert not wrong, wrong
+
+
+def test_no_import_cycles():
+    graph = {name: edges(name) for name in MODULES}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep] if dep in path else [node, dep])
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, [" → ".join(c) for c in cycles]
+
+
+def test_no_private_names_across_modules():
+    wrong = []
+    for name in MODULES:
+        tree = ast.parse(MODULES[name].read_text(encoding="utf-8"))
+        ours = set()  # local names bound to app/convert modules
+        for module, names, line in imports(name):
+            if module.split(".")[0] not in ("app", "convert"):
+                continue
+            wrong += [f"{name}:{line} imports {n}" for n in names if n.startswith("_") and n != "__version__"]
+            ours |= {n for n in names if f"{module}.{n}" in MODULES}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                ours |= {a.asname for a in node.names if a.asname and a.name in MODULES}
+            elif isinstance(node, ast.ImportFrom):
+                ours |= {a.asname for a in node.names if a.asname and f"{node.module}.{a.name}" in MODULES}
+            elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ours
+                  and node.attr.startswith("_") and not node.attr.startswith("__")):
+                wrong.append(f"{name}:{node.lineno} uses {node.value.id}.{node.attr}")
+    assert not wrong, wrong
+
+
+def test_the_walk_sees_what_it_checks():
+    """The rules above would pass vacuously on an empty or misread tree."""
+    assert {"app.runtime.llama", "app.runtime.engine", "app.chat.repl", "app.store.local", "app.eval.perplexity",
+            "app.cli.main", "convert.pipeline"} <= MODULES.keys()
+    assert "llama_cpp" in {m for m, _, _ in imports("app.runtime.llama")}
+    assert {"app.runtime.engine", "app.runtime.settings"} <= edges("app.chat.oneshot")
+    assert layer("app.store.pull") == "app.store" and "convert.pipeline" in edges("app.store.pull")
+
+
+def test_the_rules_catch_planted_violations(tmp_path, monkeypatch):
+    import pytest
+
+    chat = tmp_path / "fake_chat.py"
+    chat.write_text("import llama_cpp\nfrom app.cli import main\nfrom app.store.local import _copy\n"
+                    "from app.runtime import fake_runtime\n", encoding="utf-8")
+    runtime = tmp_path / "fake_runtime.py"
+    runtime.write_text("def f():\n    from app.chat import fake_chat\n", encoding="utf-8")
+    convert = tmp_path / "fake_convert.py"
+    convert.write_text("from app.store import models_view\n", encoding="utf-8")
+    monkeypatch.setitem(MODULES, "app.chat.fake_chat", chat)
+    monkeypatch.setitem(MODULES, "app.runtime.fake_runtime", runtime)
+    monkeypatch.setitem(MODULES, "convert.fake_convert", convert)
+    for rule in (test_only_the_runtime_imports_llama_cpp, test_layers_depend_one_way, test_no_import_cycles,
+                 test_no_private_names_across_modules, test_convert_never_imports_a_view_or_the_cli):
+        with pytest.raises(AssertionError):
+            rule()

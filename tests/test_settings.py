@@ -1,0 +1,99 @@
+"""The settings table: one rule per setting, and every entry point (flags, config.toml, /set, saved chats) obeys it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from app.errors import UserError
+from app.runtime.settings import SAMPLING_KEYS, SETTINGS, Sampling, check, context_size, gpu_layers, parse
+
+
+@pytest.mark.parametrize(("key", "raw", "value"), [
+    ("temperature", "0", 0.0), ("temperature", "1.5", 1.5), ("top_p", "1", 1.0), ("top_k", "0", 0),
+    ("min_p", "0.1", 0.1), ("repeat_penalty", "1.2", 1.2), ("max_tokens", "64", 64), ("seed", "42", 42),
+    ("seed", "random", None), ("ctx", "2048", 2048), ("ctx", "default", None),
+])
+def test_settings_parse(key, raw, value):
+    assert parse(key, raw) == value
+
+
+@pytest.mark.parametrize(("key", "raw", "says"), [
+    ("temperature", "hot", "is not valid"), ("temperature", "-1", "from 0 to 10"), ("top_p", "0", "above 0"),
+    ("top_k", "2.5", "is not valid"), ("min_p", "1", "up to 1"), ("max_tokens", "0", "1 or more"),
+    ("seed", "-3", "0 to 4294967295"), ("ctx", "8", "16 or more"), ("temperature", "nan", "from 0 to 10"),
+    ("warmth", "1", "unknown setting"),
+])
+def test_bad_settings_are_one_line_hints(key, raw, says):
+    with pytest.raises(UserError) as e:
+        parse(key, raw)
+    assert says in str(e.value) and "\n" not in str(e.value)
+
+
+def test_setting_types_from_files_and_options():
+    assert check("top_k", 40.0, "x") == 40
+    for key, value in (("top_k", True), ("temperature", "0.7"), ("top_k", 2.5), ("max_tokens", None)):
+        with pytest.raises(UserError):
+            check(key, value, "x")
+
+
+def test_sampling_defaults_are_the_tables():
+    """The built-ins as documented in the README; Sampling(), the table and the settings file agree on them."""
+    documented = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1,
+                  "repeat_last_n": 64, "max_tokens": 512, "seed": None}
+    assert {k: SETTINGS[k].default for k in SAMPLING_KEYS} == documented
+    assert {f.name: f.default for f in dataclasses.fields(Sampling) if f.name in SAMPLING_KEYS} == documented
+
+
+BAD = [("temperature", -1.0), ("temperature", float("nan")), ("temperature", float("inf")), ("top_p", 2.0),
+       ("top_p", float("nan")), ("top_k", -3), ("min_p", 5.0), ("repeat_penalty", float("nan")),
+       ("repeat_last_n", -9), ("max_tokens", -1), ("seed", -1)]
+
+
+def _toml(value: float) -> str:
+    return {"nan": "nan", "inf": "inf"}.get(str(value), repr(value))
+
+
+@pytest.mark.parametrize(("key", "bad"), BAD)
+def test_every_entry_point_refuses_the_same_values(key, bad, tmp_path, capsys):
+    """One table, five doors: a flag, config.toml, /set, a saved chat and the command line itself."""
+    import json
+
+    from app.chat.conversation import Conversation
+    from app.cli import main
+    from app.runtime import templates
+    from app.runtime.settings import SETTABLE
+    from app.store import config
+
+    with pytest.raises(UserError):
+        check(key, bad)
+    with pytest.raises(UserError, match=key):  # a flag, as complete/ask/chat pass it
+        config.sampling_values("ask", {key: bad}, config.Settings(tmp_path / "none.toml"))
+    path = tmp_path / "config.toml"
+    path.write_text(f"[sampling]\n{key} = {_toml(bad)}\n", encoding="utf-8")
+    with pytest.raises(UserError, match="line 2"):
+        config.load(path)
+    if key in SETTABLE:
+        with pytest.raises(UserError):
+            parse(key, str(bad), f"/set {key}")
+        saved = Conversation(templates.get("base")).to_dict()
+        saved["settings"][key] = bad
+        with pytest.raises(UserError, match=f"settings.{key}"):
+            Conversation.from_dict(json.loads(json.dumps(saved)))
+    flag = "--" + key.replace("_", "-") if key != "max_tokens" else "-n"
+    assert main(["complete", "대한민국의 주권은", flag, str(bad), "--gpu-layers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("malhae: error:") == 1 and key in err and "Traceback" not in err
+
+
+def test_gpu_layers_and_context_rules():
+    assert gpu_layers(None) == "auto" and gpu_layers("auto") == "auto" and gpu_layers("AUTO") == "auto"
+    assert gpu_layers("12") == 12 and gpu_layers(0) == 0
+    for bad in ("-1", "all", "1.5", -2, True):
+        with pytest.raises(UserError, match="gpu_layers"):
+            gpu_layers(bad)
+    assert context_size(None, 2048) == 2048 and context_size(None, 8192) == 4096 and context_size(None, None) == 2048
+    assert context_size(300, 2048) == 300
+    with pytest.raises(UserError, match="16 or more"):
+        context_size(8, 2048)
