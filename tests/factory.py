@@ -36,6 +36,8 @@ class Spec:
     ctx: int = 256
     init_std: float = 0.02
     seed: int = 0
+    never_eos: bool = False  # the end-of-text token gets a logit near -1000 whatever the input: answers never end
+
 
     def but(self, **changes) -> Spec:
         return replace(self, **changes)
@@ -87,6 +89,10 @@ def build(out: Path, spec: Spec) -> Path:
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * torch.randn_like(p))
             elif name.endswith(".bias"):
                 p.copy_(0.02 * torch.randn_like(p))
+        if spec.never_eos:  # one hidden unit is a constant 1 after the final norm; EOS's output row weighs it -1000
+            norm = model.gpt_neox.final_layer_norm
+            norm.weight[0], norm.bias[0] = 0.0, 1.0
+            model.get_output_embeddings().weight[0, 0] = -1000.0  # token 0 is <|endoftext|>, the eos
 
     config = cfg.to_dict()
     if spec.schema == "tf4":  # what the published polyglot-ko config.json looks like
