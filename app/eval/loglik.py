@@ -22,7 +22,7 @@ from gguf import Keys
 from app.errors import UserError
 from app.eval.scoring import log_prob
 from app.runtime.gguf_info import GGUFInfo
-from app.runtime.llama import Batch, Context, Model
+from app.runtime.llama import Batch, Context, Model, Owned
 from app.runtime.settings import DEFAULT_BATCH
 
 SPARE = 512  # cache room for the choices' own tokens, beyond the prompt
@@ -45,7 +45,7 @@ class Choice:
     greedy: bool
 
 
-class Scorer:
+class Scorer(Owned):
     """Scores continuations on one llama.cpp context; max_length is the model's window (the harness's max_length)."""
 
     def __init__(self, model: Model, *, max_length: int | None = None, max_choices: int = 4,
@@ -72,14 +72,6 @@ class Scorer:
             self.ctx.close()
             self.ctx = None
 
-    def __enter__(self) -> Scorer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     def score(self, context: list[int], continuations: list[list[int]]) -> list[Choice]:
         """log p(continuation | context) for each continuation, the prompt decoded once per group of choices."""

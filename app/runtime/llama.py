@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import llama_cpp as lc
 import numpy as np
@@ -86,7 +87,27 @@ def use_extra_buffer_types() -> bool:
     return not _cpu_has_amx()
 
 
-class Model:
+T = TypeVar("T", bound="Owned")
+
+
+class Owned:
+    """Holds memory llama.cpp allocated: freed by close(), at the end of a with-block, or by the garbage collector
+    (close() must be safe to call twice and on a half-made object)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: T) -> T:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class Model(Owned):
     """A loaded GGUF model (or only its vocabulary); free it with close() or a with-block."""
 
     def __init__(self, path: Path, *, vocab_only: bool = False, n_gpu_layers: int = 0, use_mmap: bool = True):
@@ -111,14 +132,6 @@ class Model:
             lc.llama_model_free(self.ptr)
             self.ptr = None
 
-    def __enter__(self) -> Model:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     @property
     def n_ctx_train(self) -> int:
@@ -157,7 +170,7 @@ class Model:
         return buf.raw[:n]
 
 
-class Context:
+class Context(Owned):
     """An inference context on a Model; precise=True keeps K/V in f32 and turns flash attention off (for parity)."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int = DEFAULT_BATCH, threads: int | None = None,
@@ -188,14 +201,6 @@ class Context:
             lc.llama_free(self.ptr)
             self.ptr = None
 
-    def __enter__(self) -> Context:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
 
     def clear(self) -> None:
         lc.llama_memory_clear(lc.llama_get_memory(self.ptr), True)
@@ -231,7 +236,7 @@ class Context:
         return seq[len(prompt):]
 
 
-class Batch:
+class Batch(Owned):
     """A llama_batch of up to `capacity` tokens, each in up to `n_seq_max` sequences, with numpy views of its arrays
     so that callers fill thousands of positions without a Python loop per field."""
 
@@ -276,11 +281,3 @@ class Batch:
             lc.llama_batch_free(self.ptr)
             self.ptr = None
 
-    def __enter__(self) -> Batch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
