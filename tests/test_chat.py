@@ -462,6 +462,9 @@ def terminal(tmp_path):
 def _quit(child) -> str:
     import pexpect
 
+    # only once an empty prompt is drawn is the terminal in prompt_toolkit's raw mode: a ^D sent while a command is
+    # still running reaches a terminal in its normal mode, whose driver takes it as an end-of-file and drops it
+    child.expect_exact("/? 도움말")
     child.send("\x04")
     child.expect(pexpect.EOF)
     child.close()
