@@ -42,7 +42,7 @@ def convert(
     if src is None:
         raise UserError("give the model directory: malhae convert ./polyglot-ko-1.3b --type q4_k_m")
     out_types.get(type_name)  # an unknown --type is the cheapest mistake to report
-    threads = o.resolve("convert", threads=threads)[0]["threads"]
+    threads = o.settings_for("convert", threads=threads)[0]["threads"]
     target = None
     if add:  # a taken store name is refused now, not after minutes of converting
         from app.store.local import open_store
@@ -86,7 +86,7 @@ def pull(
     from app.store import catalog_view, convert_view
     from app.store import pull as pull_mod
 
-    threads = o.resolve("pull", threads=threads)[0]["threads"]
+    threads = o.settings_for("pull", threads=threads)[0]["threads"]
     init(o.verbose())
     with catalog_view.LazyConvertProgress() as progress:
         pulled = pull_mod.pull(model, type_name, name=name, force=force, revision=revision, threads=threads,

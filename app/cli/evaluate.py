@@ -38,7 +38,7 @@ def eval_ppl(
     from app.store import models
 
     read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
-    run_opts = o.resolve("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers)[0]
     init(o.verbose())
     path = models.resolve(model, ui.note)
     with views.WindowProgress("perplexity", "ppl {:.3f}") as progress:
@@ -62,7 +62,7 @@ def eval_compare(
     from app.store import models
 
     read_text(text)  # a wrong --text is the likelier mistake: say so before loading two models
-    run_opts = o.resolve("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers)[0]
     init(o.verbose())
     path_a, path_b = models.resolve(model_a, ui.note), models.resolve(model_b, ui.note)
     with views.WindowProgress("comparing", "KL {:.5f}") as progress:
@@ -105,7 +105,7 @@ def eval_kobest(
     if src.kind == "sample":
         ui.note("no --data given: using the bundled sample (models/data/kobest-sample), written by malhae — "
                 "not KoBEST, its scores mean nothing. Pass --data DIR with the skt/kobest_v1 files.")
-    run_opts = o.resolve("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers)[0]
     init(o.verbose())
     path = models.resolve(model, ui.note)
     with kobest_render.KobestProgress() as progress:
@@ -133,7 +133,7 @@ def bench(
     from app.runtime.engine import Engine
     from app.store import models
 
-    run_opts = o.resolve("bench", threads=threads, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("bench", threads=threads, gpu_layers=gpu_layers)[0]
     path = models.resolve(model, ui.note)
     with Engine(path, n_ctx=ctx or max(n_prompt + 16, 16 + n_gen + 8), threads=run_opts["threads"],
                 gpu_layers=run_opts["gpu_layers"], verbose=o.verbose(), notify=ui.note) as engine:

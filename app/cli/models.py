@@ -127,7 +127,7 @@ def info(
     from app.store import info_view, models
     from app.store.info import describe
 
-    run_opts = o.resolve("info", ctx=ctx, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("info", ctx=ctx, gpu_layers=gpu_layers)[0]
     if vram is not None and gpu_layers is None:
         run_opts["gpu_layers"] = "auto"  # --vram plans the automatic offload, whatever the settings file says
     path = models.resolve(model, ui.note)

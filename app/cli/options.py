@@ -1,6 +1,6 @@
 """The options several commands share, declared once: the same flag has the same name, help and default everywhere.
 
-Every option the settings file can set defaults to None here, so that `settings()` can apply flag > config.toml >
+Every option the settings file can set defaults to None here, so that `settings_for()` applies flag > config.toml >
 built-in (app.store.config) — and the built-in shown in --help is the settings table's (app.runtime.settings).
 """
 
@@ -47,7 +47,7 @@ Window = Annotated[int, typer.Option("--ctx", help="Tokens per window; the secon
 Batch = Annotated[int, typer.Option("--batch", help="Tokens per decode; batch/ctx windows go together.")]
 
 
-def resolve(command: str, stop: tuple[str, ...] = (), **flags: object):
+def settings_for(command: str, stop: tuple[str, ...] = (), **flags: object):
     """(ctx/threads/gpu_layers, Sampling) for a command: each flag given, else config.toml's, else the built-in.
 
     `flags` holds the command's own options by setting name (None: not given); a command without sampling

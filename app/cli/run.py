@@ -14,7 +14,7 @@ def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, t
     from app.chat import oneshot, writer
     from app.store import models
 
-    run_opts, sampling = o.resolve(kind, tuple(stop), **flags)
+    run_opts, sampling = o.settings_for(kind, tuple(stop), **flags)
     text = oneshot.read_prompt(prompt)
     path = models.resolve(model, ui.note)
     shot = oneshot.run(kind, text, path, sampling, n_ctx=run_opts["ctx"], threads=run_opts["threads"],
@@ -68,9 +68,9 @@ def chat(
     from app.chat import repl
     from app.store import models
 
-    run_opts, sampling = o.resolve("chat", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                   repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed, ctx=ctx,
-                                   threads=threads, gpu_layers=gpu_layers)
+    run_opts, sampling = o.settings_for("chat", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                        repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed, ctx=ctx,
+                                        threads=threads, gpu_layers=gpu_layers)
     repl.open_chat(model=model, resolve=models.resolve, template=template, system=system, sampling=sampling,
                    ctx=run_opts["ctx"], threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
                    no_color=no_color, verbose=o.verbose()).run()
