@@ -138,9 +138,8 @@ class Sampling:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: random-weight models emit end tokens at random
 
-    def checked(self, where: Callable[[str, object], str] | None = None) -> Sampling:
-        """Self, after every table value has been checked; `where(name, value)` names the source in messages."""
+    def checked(self) -> Sampling:
+        """Self, after every table value has been checked (a library caller may build one by hand)."""
         for name in SAMPLING_KEYS:
-            value = getattr(self, name)
-            check(name, value, where(name, value) if where else None)
+            check(name, getattr(self, name))
         return self
