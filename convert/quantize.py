@@ -3,7 +3,9 @@
 A child process because llama_model_quantize cannot be interrupted from Python: on Ctrl-C the parent ends the child
 and the caller removes the partial file, and a crash inside llama.cpp becomes an error message instead of a dead CLI.
 The child is `python -m convert.quantize` (not multiprocessing, which re-imports the caller's __main__) in its own
-session, so a terminal's Ctrl-C reaches only the parent. Progress comes from llama.cpp's per-tensor log line
+session, so a terminal's Ctrl-C reaches only the parent; and it dies with the parent (app.children), so a
+`kill -9` of convert does not leave it writing gigabytes into a partial file nobody will rename.
+Progress comes from llama.cpp's per-tensor log line
 "[  12/ 291] name - ...", passed up as "progress I N" lines on stdout.
 """
 
@@ -16,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from app import children
 from app.errors import UserError
 
 _PROGRESS = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
@@ -26,8 +29,8 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
     root = str(Path(__file__).resolve().parent.parent)  # so the child imports this same copy of malhae
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "convert.quantize", str(src), str(dst), str(int(ftype)), str(threads or 0)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+    proc = children.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True, lifeline=True)
     result: list[str] | None = None
     try:
         assert proc.stdout is not None
@@ -51,6 +54,7 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
 
 
 def _child(src: str, dst: str, ftype: int, threads: int) -> int:
+    children.watch_parent()
     from app.runtime import llama, quant
 
     last_error: list[str] = []

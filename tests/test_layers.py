@@ -1,7 +1,8 @@
 """The house rules a newcomer reads from the tree, checked on the source (an AST walk, no imports run).
 
 - only app/runtime imports llama_cpp;
-- layers depend one way: the shared modules (errors, flags, files, units, ui) on nothing above them; runtime on them;
+- layers depend one way: the shared modules (errors, flags, files, units, ui, children) on nothing above them;
+  runtime on them;
   chat, store and eval on runtime and not on each other; the CLI on everything; convert/ on runtime and the shared
   modules, never on the CLI or a view;
 - no two app or convert modules import each other, however indirectly (function-level imports count: a cycle hidden
@@ -15,7 +16,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = {"app", "app.errors", "app.flags", "app.files", "app.units", "app.ui"}
+SHARED = {"app", "app.children", "app.errors", "app.flags", "app.files", "app.units", "app.ui"}
 MIDDLE = ("app.chat", "app.store", "app.eval")
 
 

@@ -13,6 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 
+from app import children
 from app.errors import UserError
 from app.eval.windows import DEFAULT_BATCH
 from app.runtime import hardware, llama
@@ -41,14 +42,18 @@ def run_llama_bench(exe: Path, model: Path, n_prompt: int, n_gen: int, threads: 
                         "benchmarks/build_llama_tools.py)")
     # same weight layout as the engine: extra CPU buffers off on AMX CPUs (see llama.use_extra_buffer_types)
     repack = "1" if llama.use_extra_buffer_types() else "0"
-    cmd = [str(exe), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
+    cmd = [str(exe.absolute()), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
            "-ngl", str(gpu_layers), "-r", str(repetitions), "--repack", repack, "-o", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=same_libraries_env())
+    proc = children.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=same_libraries_env())
     if proc.returncode != 0:
         raise UserError(f"llama-bench failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
-    rows = json.loads(proc.stdout)
-    pp = next(r["avg_ts"] for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0)
-    tg = next(r["avg_ts"] for r in rows if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0)
+    try:
+        rows = json.loads(proc.stdout)
+        pp = next(r["avg_ts"] for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0)
+        tg = next(r["avg_ts"] for r in rows if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0)
+    except (ValueError, TypeError, AttributeError, KeyError, StopIteration):
+        raise UserError(f"--llama-bench {exe} did not answer as llama-bench does (no JSON with prompt and "
+                        "generation rows); give the path of llama.cpp's llama-bench") from None
     return float(pp), float(tg)
 
 
@@ -66,7 +71,8 @@ def run_llama_perplexity(exe: Path, model_path: Path, text_path: Path, *, n_ctx:
            "-t", str(threads or hardware.physical_cores()), "-ngl", "0",
            "--repack" if llama.use_extra_buffer_types() else "--no-repack"]
     for _attempt in range(3):  # its logger writes from a thread and can exit before the last lines are out
-        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", env=same_libraries_env())
+        proc = children.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                            env=same_libraries_env())
         found = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", proc.stdout + proc.stderr)
         if found or proc.returncode != 0:
             break
