@@ -114,72 +114,130 @@ def _int(value: object) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-class _Buffer:
-    """Reads forward through the file in large chunks; the header of a GGUF is at most a few MB."""
+class _Corrupt(Exception):
+    """What is wrong in a header, said as the user's error message says it."""
 
-    def __init__(self, f) -> None:
+
+MAX_DIMS = 4  # GGML_MAX_DIMS
+# the fewest bytes each record can take, so a count read from the file is bounded by what the file can hold
+_MIN_KV = 8 + 4 + 1  # key length, value type, a one-byte value
+_MIN_TENSOR = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dimension, type, offset
+
+
+class _Buffer:
+    """Reads forward through the file in large chunks; the header of a GGUF is at most a few MB.
+
+    Every count and length comes from the file, so each is checked against what is left of the file before anything
+    is allocated or looped over: a corrupt header is a one-line message, never a MemoryError or a long hang."""
+
+    def __init__(self, f, size: int) -> None:
         self.f = f
+        self.size = size
         self.data = b""
         self.pos = 0
         self.base = 0  # file offset of data[0]
 
-    def need(self, n: int) -> None:
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+    def left(self) -> int:
+        return self.size - self.offset
+
+    def need(self, n: int, what: str = "a value") -> None:
+        if n > self.left():
+            raise _Corrupt(f"{what} at byte {self.offset} needs {n} bytes but the file ends after {self.left()}")
         if self.pos + n > len(self.data):
             chunk = self.f.read(max(n, 4 << 20))
             self.base += self.pos
             self.data = self.data[self.pos:] + chunk
             self.pos = 0
             if n > len(self.data):
-                raise EOFError
+                raise _Corrupt(f"the file ends early, at byte {self.offset + len(self.data)}")
 
-    def unpack(self, fmt: str):
+    def unpack(self, fmt: str, what: str = "a value"):
         size = struct.calcsize(fmt)
-        self.need(size)
+        self.need(size, what)
         value = struct.unpack_from(fmt, self.data, self.pos)
         self.pos += size
         return value[0] if len(value) == 1 else value
 
-    def string(self) -> str:
-        n = self.unpack("<Q")
-        self.need(n)
+    def count(self, what: str, smallest: int) -> int:
+        """A count of records that take at least `smallest` bytes each: at most what the rest of the file holds."""
+        at = self.offset
+        n = self.unpack("<Q", what)
+        if n * smallest > self.left():
+            raise _Corrupt(f"{what} {n} at byte {at} is more than the file's {self.size} bytes can hold")
+        return n
+
+    def string(self, what: str = "a string") -> str:
+        n = self.count(f"the length of {what}", 1)
+        self.need(n, what)
         s = self.data[self.pos:self.pos + n].decode("utf-8", "replace")
         self.pos += n
         return s
 
-    def skip_value(self, vtype: GGUFValueType):
+    def vtype(self, key: str) -> GGUFValueType:
+        at = self.offset
+        raw = self.unpack("<I", f"the type of {key!r}")
+        try:
+            return GGUFValueType(raw)
+        except ValueError:
+            raise _Corrupt(f"unknown value type {raw} for {key!r} at byte {at}") from None
+
+    def array_head(self, key: str) -> tuple[GGUFValueType, int]:
+        etype = self.vtype(key)
+        smallest = struct.calcsize(_SCALARS[etype]) if etype in _SCALARS else 8 if etype == STRING else 12
+        return etype, self.count(f"the length of {key!r}", smallest)
+
+    def skip_value(self, vtype: GGUFValueType, key: str) -> None:
         if vtype == STRING:
-            n = self.unpack("<Q")
-            self.need(n)
+            n = self.count(f"the length of {key!r}", 1)
+            self.need(n, key)
             self.pos += n
         elif vtype == ARRAY:
-            self.skip_array()
+            self.skip_array(key)
         else:
-            self.need(struct.calcsize(_SCALARS[vtype]))
+            self.need(struct.calcsize(_SCALARS[vtype]), key)
             self.pos += struct.calcsize(_SCALARS[vtype])
 
-    def skip_array(self) -> int:
-        """Skip an array value (its type and count already next); return its length."""
-        etype, count = GGUFValueType(self.unpack("<I")), self.unpack("<Q")
+    def skip_array(self, key: str) -> int:
+        """Skip an array value (its type and count next); return its length."""
+        etype, count = self.array_head(key)
         if etype in _SCALARS:
             size = struct.calcsize(_SCALARS[etype]) * count
-            self.need(size)
+            self.need(size, key)
             self.pos += size
         else:
             for _ in range(count):
-                self.skip_value(etype)
+                self.skip_value(etype, key)
         return count
 
-    def value(self, vtype: GGUFValueType):
+    def value(self, vtype: GGUFValueType, key: str):
         if vtype == STRING:
-            return self.string()
+            return self.string(repr(key))
         if vtype == ARRAY:
-            etype, count = GGUFValueType(self.unpack("<I")), self.unpack("<Q")
-            return [self.value(etype) for _ in range(count)]
-        return self.unpack(_SCALARS[vtype])
+            etype, count = self.array_head(key)
+            return [self.value(etype, key) for _ in range(count)]
+        return self.unpack(_SCALARS[vtype], key)
 
-    @property
-    def offset(self) -> int:
-        return self.base + self.pos
+    def tensor(self) -> TensorInfo:
+        at = self.offset
+        name = self.string("a tensor name")
+        n_dims = self.unpack("<I", f"the dimensions of {name!r}")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise _Corrupt(f"tensor {name!r} at byte {at} has {n_dims} dimensions (llama.cpp allows 1 to {MAX_DIMS})")
+        shape = tuple(self.unpack("<Q", f"the shape of {name!r}") for _ in range(n_dims))
+        raw, offset = self.unpack("<I", f"the type of {name!r}"), self.unpack("<Q", f"the offset of {name!r}")
+        try:
+            ttype = GGMLQuantizationType(raw)
+            block, type_size = GGML_QUANT_SIZES[ttype]
+        except (ValueError, KeyError):
+            raise _Corrupt(f"tensor {name!r} has an unknown type {raw}") from None
+        n = math.prod(shape)
+        if n % block:
+            raise _Corrupt(f"tensor {name!r} has {n} values, not a whole number of {ttype.name} blocks of {block}")
+        return TensorInfo(name, shape, ttype, offset, n // block * type_size)
 
 
 def read_info(path: Path, arrays: tuple[str, ...] = ()) -> GGUFInfo:
@@ -189,29 +247,35 @@ def read_info(path: Path, arrays: tuple[str, ...] = ()) -> GGUFInfo:
         with open(path, "rb") as f:
             if f.read(4) != GGUF_MAGIC_BYTES:
                 raise UserError(f"{path} is not a GGUF file")
-            buf = _Buffer(f)
+            buf = _Buffer(f, size)
             buf.base = 4
-            version, n_tensors, n_kv = buf.unpack("<I"), buf.unpack("<Q"), buf.unpack("<Q")
+            version = buf.unpack("<I", "the version")
             if version < 2:
                 raise UserError(f"{path} is a GGUF version {version} file, too old for llama.cpp")
+            if version > 3:
+                raise UserError(f"{path} says it is a GGUF version {version} file; llama.cpp reads versions 2 and 3 "
+                                "(a corrupt file, or one written by a newer llama.cpp)")
+            n_tensors = buf.count("the number of tensors", _MIN_TENSOR)
+            n_kv = buf.count("the number of metadata keys", _MIN_KV)
             meta: dict[str, object] = {}
             for _ in range(n_kv):
-                key, vtype = buf.string(), GGUFValueType(buf.unpack("<I"))
+                key = buf.string("a metadata key")
+                vtype = buf.vtype(key)
                 if vtype == ARRAY and key not in arrays:
-                    meta[key] = buf.skip_array()
+                    meta[key] = buf.skip_array(key)
                 else:
-                    meta[key] = buf.value(vtype)
-            tensors = []
-            for _ in range(n_tensors):
-                name, n_dims = buf.string(), buf.unpack("<I")
-                shape = tuple(buf.unpack("<Q") for _ in range(n_dims))
-                ttype, offset = GGMLQuantizationType(buf.unpack("<I")), buf.unpack("<Q")
-                block, type_size = GGML_QUANT_SIZES[ttype]
-                tensors.append(TensorInfo(name, shape, ttype, offset, math.prod(shape) // block * type_size))
-            alignment = int(meta.get(Keys.General.ALIGNMENT, 32))
+                    meta[key] = buf.value(vtype, key)
+            tensors = [buf.tensor() for _ in range(n_tensors)]
+            alignment = meta.get(Keys.General.ALIGNMENT, 32)
+            if not isinstance(alignment, int) or isinstance(alignment, bool) or alignment <= 0 \
+                    or alignment & (alignment - 1):
+                raise _Corrupt(f"{Keys.General.ALIGNMENT} is {alignment!r}, not a power of two")
             data_offset = -(-buf.offset // alignment) * alignment
-    except (EOFError, struct.error, ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a valid GGUF file (truncated or corrupt header: {e})") from e
+    except _Corrupt as e:
+        raise UserError(f"{path} is not a valid GGUF file (corrupt header: {e}); convert or download it again"
+                        ) from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory, not a GGUF file") from None
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from e
     info = GGUFInfo(path, version, meta, tensors, data_offset, size)

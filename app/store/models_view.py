@@ -46,8 +46,9 @@ def models_table(entries: list[Entry], root: Path, default: str | None, config_p
         table.add_column(col, justify=justify, overflow="fold")
     for e in entries:
         mark = "*" if is_default(e, default) else ""
-        if e.error:
-            table.add_row(mark, escape(e.name), "[red]unreadable[/red]", units.gb(e.size), "?", escape(e.error))
+        if e.error:  # the reason is long: `malhae info NAME` says it; the table says what to do
+            table.add_row(mark, escape(e.name), "[red]unreadable[/red]", units.gb(e.size), "?",
+                          escape(f"broken: see `malhae info {e.name}`, remove with `malhae models rm {e.name}`"))
         else:
             table.add_row(mark, escape(e.name), e.type, units.gb(e.size), units.params(e.params),
                           escape(e.source or ""))
