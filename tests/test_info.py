@@ -71,7 +71,7 @@ def test_demo_model_facts_match_gguf_reader():
     mi = describe(DEMO)
     assert mi.parameters == 8_605_696
     assert mi.architecture == "gptneox" and mi.supported
-    assert mi.chat_template.kind == "none" and mi.chat_template.used.startswith("base")
+    assert mi.chat_template.kind == "malhae" and mi.chat_template.name == "base"  # written in since issue 12
 
 
 def test_quantized_file_facts_match_gguf_reader(q4):
@@ -177,6 +177,12 @@ def test_errors_are_one_line(tmp_path):
         describe(DEMO, n_ctx=8)
     with pytest.raises(UserError, match="either --vram or --gpu-layers"):
         describe(DEMO, gpu_layers="2", vram_gib=8)
+
+
+def test_a_gguf_without_a_chat_template(checkpoints, tmp_path):
+    plain = pipeline.convert(checkpoints("tf4-st-f16"), "f16", tmp_path / "plain.gguf").path
+    ct = describe(plain).chat_template
+    assert ct.kind == "none" and ct.used.startswith("base")
 
 
 def test_chat_template_kinds(tmp_path):

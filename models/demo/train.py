@@ -1,6 +1,7 @@
 """Train malhae's demo model end to end: tokenizer, a tiny Polyglot-Ko-shaped GPT-NeoX, HF checkpoint, GGUF.
 
     python models/demo/train.py [--hf-out models/demo/hf] [--gguf-out models/malhae-demo-ko-f16.gguf] [--steps N]
+    python models/demo/train.py --convert-only    # after a converter change: the same weights, converted again
 
 Why this exists: the app has to work offline out of the box, and no real Polyglot-Ko checkpoint (2.6 GB and up) can be
 shipped with it or downloaded where it runs. So the project trains its own: the same architecture (GPT-NeoX with
@@ -337,12 +338,13 @@ def convert_and_check(args: argparse.Namespace, held_out: str) -> dict:
     from convert import pipeline
 
     out = args.gguf_out
-    result = pipeline.convert(args.hf_out, "f16", out, force=True, name=GGUF_NAME)
+    # the base template written in (tokenizer.chat_template), so other GGUF runners frame prompts as malhae does
+    result = pipeline.convert(args.hf_out, "f16", out, force=True, name=GGUF_NAME, template="base")
     if result.size > 20 * 10**6:
         q8 = out.with_name(out.name.replace("-f16", "-q8_0"))
         print(f"{out.name} is {result.size / 1e6:.1f} MB, over 20 MB: writing {q8.name} instead", flush=True)
         out.unlink()
-        result = pipeline.convert(args.hf_out, "q8_0", q8, force=True, name=GGUF_NAME)
+        result = pipeline.convert(args.hf_out, "q8_0", q8, force=True, name=GGUF_NAME, template="base")
         out = q8
     with Model(out) as model, Context(model, n_ctx=64) as ctx:
         new = ctx.greedy(model.tokenize(PROMPT), 20)
@@ -385,8 +387,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # machine was idle and made every step 10× slower whenever another process was busy (OpenMP threads spin-wait).
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in float32 (slower)")
+    p.add_argument("--convert-only", action="store_true",
+                   help="skip training: convert the checkpoint already in --hf-out again (a converter change)")
     return p.parse_args(argv)
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    options = parse_args()
+    if options.convert_only:
+        print(json.dumps(convert_and_check(options, load_corpus().held_out), ensure_ascii=False, indent=1))
+    else:
+        train(options)
