@@ -12,13 +12,21 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
+
+def soft_wrap(console: Console) -> bool:
+    """How a console breaks long messages: on a terminal rich wraps them at spaces to its width (left to the
+    terminal, they break mid-word); into a pipe or a file each stays one line, as scripts and logs read them."""
+    return not console.is_terminal
+
+
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
+err.soft_wrap = soft_wrap(err)
 
 
 def note(message: str) -> None:
     """A one-time remark about what malhae decided for the user (stderr, never mixed into the output)."""
-    err.print(f"[dim]malhae: {escape(message)}[/dim]", soft_wrap=True)
+    err.print(f"[dim]malhae: {escape(message)}[/dim]")
 
 
 def json_result(data: dict) -> None:

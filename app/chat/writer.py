@@ -50,10 +50,13 @@ class _CtrlC:
             raise AnswerInterrupted
 
 
-class _KeepOutput:
-    """On a terminal, Ctrl-C makes the terminal driver throw away output written but not yet displayed (unless
-    NOFLSH is set), so the screen would show less than the conversation keeps. NOFLSH is set while an answer is
-    written and the terminal's own settings come back afterwards."""
+class _AnswerTerminal:
+    """The terminal's settings while an answer is written, restored afterwards.
+
+    NOFLSH: on Ctrl-C the driver would throw away output written but not yet displayed, so the screen would show
+    less than the conversation keeps. ECHO off: prompt_toolkit has handed the terminal back to its normal mode, whose
+    driver echoes every key typed meanwhile into the answer ("…구성합니다/exit"); what is typed is kept, unseen, and
+    appears at the next prompt as typed-ahead input."""
 
     def __init__(self, stream: TextIO) -> None:
         self.fd: int | None = None
@@ -61,13 +64,13 @@ class _KeepOutput:
         with contextlib.suppress(AttributeError, OSError, ValueError):
             self.fd = stream.fileno()
 
-    def __enter__(self) -> _KeepOutput:
+    def __enter__(self) -> _AnswerTerminal:
         if self.fd is None or termios is None:
             return self
         try:
             self.saved = termios.tcgetattr(self.fd)
             changed = list(self.saved)
-            changed[3] |= termios.NOFLSH
+            changed[3] = (changed[3] | termios.NOFLSH) & ~termios.ECHO
             termios.tcsetattr(self.fd, termios.TCSANOW, changed)
         except (OSError, termios.error):
             self.saved = None
@@ -133,7 +136,7 @@ def write_answer(pieces: Iterator[str], out: TextIO, *, terminal: bool) -> tuple
     guard = _CtrlC()
     waiting = None
     try:
-        with guard, _KeepOutput(out) if terminal else contextlib.nullcontext():
+        with guard, _AnswerTerminal(out) if terminal else contextlib.nullcontext():
             try:
                 waiting = _Waiting(out) if terminal else None
                 for piece in pieces:
