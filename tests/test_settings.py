@@ -97,3 +97,30 @@ def test_gpu_layers_and_context_rules():
     assert context_size(300, 2048) == 300
     with pytest.raises(UserError, match="16 or more"):
         context_size(8, 2048)
+
+
+def test_threads_are_bounded_everywhere_they_are_taken(tmp_path, capsys, monkeypatch, k_quant_checkpoint):
+    """--threads 10000 made 10,001 threads and hung a 2-core machine: every command that takes threads refuses more
+    than 4 × the logical CPUs, from a flag or from config.toml, before it loads or writes anything."""
+    import os
+
+    from app.cli import main
+    from app.runtime.settings import MAX_THREADS
+
+    assert 4 * (os.cpu_count() or 1) == MAX_THREADS
+    text = tmp_path / "t.txt"
+    text.write_text("대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. " * 20, encoding="utf-8")
+    too_many = str(MAX_THREADS + 1)
+    commands = [["complete", "가"], ["ask", "가"], ["chat"], ["bench"], ["eval", "ppl", "--text", str(text)],
+                ["convert", str(k_quant_checkpoint), "--type", "q8_0", "-o", str(tmp_path / "out.gguf")]]
+    for command in commands:
+        assert main([*command, "--threads", too_many]) == 2, command
+        err = capsys.readouterr().err
+        assert err.count("malhae: error:") == 1 and f"from 1 to {MAX_THREADS}" in err, (command, err)
+    assert main(["complete", "가", "-n", "1", "--threads", str(MAX_THREADS)]) == 0  # the bound itself is fine
+    monkeypatch.setenv("MALHAE_CONFIG", str(tmp_path / "config.toml"))
+    (tmp_path / "config.toml").write_text(f"threads = {too_many}\n", encoding="utf-8")
+    for command in [*commands, ["info"]]:
+        assert main(command) == 2, command
+        assert "config.toml, line 1: threads" in capsys.readouterr().err, command
+    assert not (tmp_path / "out.gguf").exists()

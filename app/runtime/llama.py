@@ -20,7 +20,7 @@ import llama_cpp as lc
 import numpy as np
 
 from app.errors import UserError
-from app.runtime.settings import DEFAULT_BATCH
+from app.runtime.settings import DEFAULT_BATCH, check
 
 _backend_ready = False
 _log_sink: Callable[[int, str], None] | None = None
@@ -184,7 +184,7 @@ class Context(Owned):
         params.kv_unified = unified_kv
         params.no_perf = True
         if threads:
-            params.n_threads = params.n_threads_batch = threads
+            params.n_threads = params.n_threads_batch = check("threads", threads)  # bounded wherever it came from
         if precise:
             params.type_k = params.type_v = lc.GGML_TYPE_F32
             params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED

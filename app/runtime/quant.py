@@ -21,6 +21,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from app.runtime import llama
+from app.runtime.settings import check
 
 ROWS_PER_TASK_ELEMENTS = 1 << 21  # 2 Mi values (8 MiB of f32) per task
 
@@ -76,6 +77,6 @@ def quantize_file(src: Path, dst: Path, ftype: int, threads: int = 0, *, dry_run
     llama.init()
     params = lc.llama_model_quantize_default_params()
     params.ftype = ftype
-    params.nthread = threads
+    params.nthread = check("threads", threads) if threads else 0  # bounded wherever it came from
     params.dry_run = dry_run
     return lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params)

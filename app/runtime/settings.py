@@ -9,6 +9,7 @@ temperature of -1 was refused by /set and accepted by `ask`). `Sampling`'s defau
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +18,9 @@ from app.errors import UserError
 DEFAULT_MAX_CTX = 4096  # the family trains at 2048; larger contexts only cost memory
 DEFAULT_BATCH = 512  # tokens per llama_decode (llama.cpp's default), capped by the context
 ONESHOT_MAX_TOKENS = 256  # complete and ask stop sooner than a chat answer unless told otherwise
+# more threads than this only contend (llama.cpp's own cap is 512): 10,000 asked for made 10,001 threads and hung a
+# 2-core machine
+MAX_THREADS = 4 * (os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,9 @@ SETTINGS: dict[str, Setting] = _table(
             none_words=("random", "none")),
     Setting("ctx", int, None, lambda v: 16 <= v <= 1 << 20, "a whole number of tokens, 16 or more, or default",
             "4096", table=None, none_words=("default", "none", "auto")),
-    Setting("threads", int, None, lambda v: v >= 1, "a whole number, 1 or more", "8", table=None, settable=False),
+    Setting("threads", int, None, lambda v: 1 <= v <= MAX_THREADS, f"a whole number from 1 to {MAX_THREADS} (4 × "
+            f"this machine's {os.cpu_count() or 1} logical CPUs)", str(min(8, MAX_THREADS)), table=None,
+            settable=False),
     Setting("gpu_layers", int, "auto", lambda v: v >= 0, '"auto" or a whole number of layers (0 = CPU only)',
             "auto", table=None, none_words=("auto",), settable=False),
 )
