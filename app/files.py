@@ -14,12 +14,16 @@ the second guard matters on a folder shared with other machines, where a PID say
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from app.errors import UserError
 
 PARTIAL = re.compile(r"^\..+\.(\d+)(?:\.[a-z]+)?\.partial$")
 STALE_SECONDS = 600
@@ -47,6 +51,85 @@ def config_dir() -> Path:
     return home() or Path(platformdirs.user_config_dir("malhae"))
 
 
+# --- what may be written over ------------------------------------------------------------------------------------
+
+def not_regular(path: Path) -> str | None:
+    """What `path` is when it exists and is not a regular file ("a directory", "a character device" …), else None."""
+    try:
+        return _kind(path.stat().st_mode)
+    except OSError:
+        return None
+
+
+def _kind(mode: int) -> str | None:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return None if stat.S_ISREG(mode) else "not a regular file"
+
+
+def check_target(path: Path, force: bool, *, replace_hint: str = "add --force to replace it",
+                 other_hint: str = "choose another name") -> None:
+    """The one rule for every file malhae writes: a new path, or a regular file only when told (`force`).
+
+    Writing goes through a partial file renamed over the target (see `partial`), so a device, a FIFO or a socket
+    would not be written *into* but replaced by a regular file — as root, `-o /dev/null --force` replaced the
+    system's /dev/null. So anything but a regular file (followed through symlinks) is refused, --force or not, and
+    the folder must exist. UserError with the hints the caller's command uses.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}; {other_hint}") from None
+    if st is not None:
+        kind = _kind(st.st_mode)
+        if kind:
+            raise UserError(f"{path} is {kind}; malhae writes only regular files, so {other_hint}")
+        if not force:
+            raise UserError(f"{path} already exists; {replace_hint}, or {other_hint}")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {path}: the folder {parent} does not exist; create it first or {other_hint}")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write {path}: the folder {parent} is not writable; {other_hint}")
+
+
+# --- what may be read -----------------------------------------------------------------------------------------
+
+def read_bytes(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; OSError (strerror says why) for the caller to word.
+
+    A settings file or a saved chat that is a FIFO would block malhae forever, and /dev/zero would fill the memory;
+    so the file is opened without blocking, and what it is and its size are checked before anything is read."""
+    kind = _kind(os.stat(path).st_mode)  # first: a socket cannot even be opened
+    if kind and kind != "a directory":
+        raise OSError(errno.EINVAL, f"it is {kind}, not a regular file", str(path))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)  # again: what was opened, if the path changed in between
+        kind = _kind(st.st_mode)
+        if kind == "a directory":
+            raise IsADirectoryError(errno.EISDIR, "it is a directory", str(path))
+        if kind:
+            raise OSError(errno.EINVAL, f"it is {kind}, not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1) if st.st_size <= limit else b""
+        if st.st_size > limit or len(data) > limit:
+            raise OSError(errno.EFBIG, f"it is larger than such a file can be ({limit:,} bytes)", str(path))
+        return data
+    finally:
+        os.close(fd)
+
+
+def read_text(path: Path, limit: int) -> str:
+    """read_bytes, as UTF-8 (UnicodeDecodeError for the caller to word)."""
+    return read_bytes(path, limit).decode("utf-8")
+
+
 # --- how ---------------------------------------------------------------------------------------------------------
 
 def partial_path(target: Path, step: str | None = None) -> Path:
@@ -65,7 +148,12 @@ def partial(target: Path, step: str | None = None) -> Iterator[Path]:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically, creating its folder; OSError for the caller to explain."""
+    """Write `text` (UTF-8) to `path` atomically, creating its folder; OSError for the caller to explain.
+
+    Never over something that is not a regular file (see check_target): that is an OSError too."""
+    kind = not_regular(path)
+    if kind:
+        raise OSError(errno.EINVAL, f"it is {kind}, not a regular file")
     path.parent.mkdir(parents=True, exist_ok=True)
     sweep(path.parent)
     with partial(path) as tmp:

@@ -95,14 +95,8 @@ def find_license(src: Path, name: str) -> str | None:
 
 
 def _check_output(out: Path, force: bool) -> None:
-    if out.is_dir():
-        raise UserError(f"output {out} is a directory; give a file name ending in .gguf")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; add --force to overwrite it or choose another name with -o")
-    if not out.parent.is_dir():
-        raise UserError(f"output directory {out.parent} does not exist; create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise UserError(f"cannot write to {out.parent}; choose another output directory with -o")
+    files.check_target(out, force, replace_hint="add --force to overwrite it",
+                       other_hint="choose another name with -o")
 
 
 def _check_space(directory: Path, needed: int) -> None:

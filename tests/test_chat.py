@@ -13,6 +13,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -361,6 +362,30 @@ def test_model_switch_by_store_name(model, tmp_path, monkeypatch):
     assert len(s.hints("no model named '작은모델x'")) == 1
 
 
+def test_save_never_overwrites_the_model_or_any_other_file(model, tmp_path):
+    """`cp model.gguf x.gguf; /save x.gguf` turned the 17.7 MB model in use into 288 bytes of JSON. An existing
+    file is replaced only with --force and only if it is an earlier /save; a folder that cannot be written is one
+    hint, and the chat goes on."""
+    running = tmp_path / "x.gguf"
+    shutil.copy(model, running)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("내 메모", encoding="utf-8")
+    chat = tmp_path / "c.json"
+    keys = (f"/save {running}\r/save {running} --force\r/save {notes} --force\r안녕\r/save {chat}\r"
+            f"/save {chat}\r다음\r/save {chat} --force\r")
+    if Path("/sys/kernel").is_dir():  # a real folder where no one, root included, can create a file
+        keys += "/save /sys/kernel/malhae-chat.json\r"
+    s = talk(running, keys)
+    assert running.read_bytes() == model.read_bytes() and notes.read_text(encoding="utf-8") == "내 메모"
+    assert len(s.hints("is not a malhae chat file")) == 3
+    assert len(s.hints("holds an earlier saved chat")) == 1 and "--force" in s.hints("holds an earlier saved chat")[0]
+    assert [t["text"] for t in json.loads(chat.read_text(encoding="utf-8"))["turns"][::2]] == ["안녕", "다음"]
+    if Path("/sys/kernel").is_dir():
+        assert len(s.hints("cannot save to /sys/kernel/malhae-chat.json")) == 1
+    assert "internal error" not in s.err
+    assert not list(tmp_path.glob(".*.partial"))
+
+
 def test_save_load_round_trip_and_broken_files(model, tmp_path):
     saved = tmp_path / "대화.json"
     (tmp_path / "broken.json").write_text('{"format": "malhae-chat", "version": 1, "turns": [', encoding="utf-8")
@@ -529,6 +554,40 @@ def test_ctrl_c_in_a_terminal_stops_the_answer(terminal, endless_model, tmp_path
     # last piece is flushed: the echo is the terminal's, not the answer's
     on_screen = plain(transcript).replace("^C", "")
     assert kept.translate(writer.UNPRINTABLE) in on_screen  # the conversation keeps what was on the screen
+
+
+def test_keys_typed_during_an_answer_are_not_echoed_into_it(terminal, endless_model, tmp_path):
+    """In its normal mode the terminal echoes keys into the answer being written ("…구성합니다/exit" was seen); they
+    must stay unseen and arrive at the next prompt as typed-ahead input."""
+    child = terminal("-m", str(endless_model), "--ctx", "32768", "-n", "100000", "--seed", "1")
+    child.send("끝없이 말해 주세요\r")
+    child.expect_exact("\x1b[?2004l")  # the answer starts
+    time.sleep(0.3)
+    child.send("/show")
+    time.sleep(0.5)
+    child.send("\x03")
+    child.expect("interrupted")
+    assert "/show" not in plain(child.before)
+    child.expect_exact(">>>")
+    child.expect_exact("/show")  # what was typed ahead is at the prompt, and is the next input
+    child.send("\r")
+    child.expect(r"template\s+base")
+    child.expect_exact(">>>")
+    _quit(child)
+
+
+def test_long_messages_wrap_at_spaces_on_a_terminal(terminal, model, tmp_path):
+    """Left to the terminal, a notice longer than the window breaks mid-word; malhae wraps it at spaces itself."""
+    child = terminal("-m", str(model))
+    value = "아주 많이 높게 해 주세요 " * 12
+    child.send(f"/set temperature {value}\r")
+    child.expect_exact("malhae: ")
+    child.expect_exact(">>>")
+    hint = [line.rstrip() for line in plain("malhae: " + child.before).split("\n") if line.strip()]
+    expected = f"malhae: /set temperature {value.strip()!r} is not valid"
+    assert len(hint) >= 2 and " ".join(hint).startswith(expected)  # broken into lines at spaces only
+    assert all(len(line) <= 120 for line in hint)
+    _quit(child)
 
 
 def test_history_is_shared_and_searchable_and_pastes_are_one_message(terminal, model, tmp_path):

@@ -45,10 +45,19 @@ def listing(capsys, *root: str) -> dict:
 
 
 def test_empty_store_says_how_to_add_one(home, capsys):
-    code, out, _ = run(capsys, "models")
+    code, out, err = run(capsys, "models")
     assert code == 0
     assert str(home / "models") in out and "models import" in out and "--add" in out and "pull" in out
+    assert out.count("\n") == 1 and not err  # one line; no footer about default models glued to it
     assert listing(capsys)["models"] == []
+
+
+def test_a_file_as_the_store_is_an_error_not_an_empty_store(home, capsys, tmp_path):
+    not_a_folder = tmp_path / "models.txt"
+    not_a_folder.write_text("x")
+    for args in (["models"], ["models", "import", str(DEMO)], ["chat", "-m", "anything"]):
+        code, out, err = run(capsys, "--models-dir", str(not_a_folder), *args)
+        assert code == 2 and "is a file, not a folder" in error_line(err) and "no models" not in out, args
 
 
 def test_import_list_default_rm(home, capsys):
@@ -217,3 +226,34 @@ def test_convert_add_with_output_copies_into_the_store(home, capsys, checkpoints
     code, out, err = run(capsys, "complete", "대한민국", "-m", "tiny", "-n", "2", "--json", "--threads", "1")
     assert code == 0, err
     assert json.loads(out)["model"] == str(home / "models" / "tiny.gguf")
+
+
+def test_a_corrupt_gguf_is_one_line_everywhere_and_the_store_still_lists(home, capsys, tmp_path):
+    """n_tensors = 2⁴⁰ once made complete, ask, info, models import and chat /model internal errors, made `malhae
+    models` fail entirely, and `models rm` could not remove the file."""
+    import struct
+
+    data = DEMO.read_bytes()
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(data[:8] + struct.pack("<Q", 1 << 40) + data[16:])
+    text = tmp_path / "t.txt"
+    text.write_text("대한민국의 주권은 국민에게 있다. " * 50, encoding="utf-8")
+    for args in (["complete", "가", "-m", str(bad)], ["ask", "가", "-m", str(bad)], ["info", str(bad)],
+                 ["models", "import", str(bad)], ["eval", "ppl", str(bad), "--text", str(text)]):
+        code, _, err = run(capsys, *args)
+        assert code == 2 and str(bad) in error_line(err) and "corrupt header" in err, args
+    chat = subprocess.run([sys.executable, "-m", "app", "chat", "-m", str(DEMO)], cwd=ROOT, capture_output=True,
+                          input=f"/model {bad}\n/exit\n".encode(), env=os.environ | {"MALHAE_HOME": str(home)})
+    assert chat.returncode == 0 and b"corrupt header" in chat.stderr and b"internal error" not in chat.stderr
+
+    store = home / "models"
+    store.mkdir(parents=True)
+    (store / "broken.gguf").write_bytes(bad.read_bytes())
+    (store / "good.gguf").write_bytes(data)
+    listed = {m["name"]: m for m in listing(capsys)["models"]}
+    assert listed["good"]["error"] is None and listed["good"]["type"] == "f16"
+    assert "corrupt header" in listed["broken"]["error"]
+    code, out, err = run(capsys, "models")
+    assert code == 0 and "good" in out and "broken" in out and "models rm broken" in out
+    code, out, err = run(capsys, "models", "rm", "broken", "--yes")
+    assert code == 0 and not (store / "broken.gguf").exists() and (store / "good.gguf").exists()

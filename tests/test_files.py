@@ -4,10 +4,13 @@ outright, kill -9) are removed by the next write into the folder, and only those
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from app import files
 from app.store import local
@@ -88,3 +91,95 @@ def test_where_files_live_follows_malhae_home(tmp_path, monkeypatch):
     monkeypatch.delenv("MALHAE_HOME")
     assert files.data_dir() == Path(platformdirs.user_data_dir("malhae"))
     assert files.config_dir() == Path(platformdirs.user_config_dir("malhae"))
+
+
+def _specials(tmp_path: Path, suffix: str = "") -> dict[str, Path]:
+    """Things that are not regular files, made for real: a FIFO, a socket, a folder, a symlink to a FIFO, and (as
+    root, where mknod is allowed) a character device — a private copy of /dev/null (1, 3)."""
+    import socket
+    import stat
+
+    made = {"a named pipe (FIFO)": tmp_path / f"fifo{suffix}", "a socket": tmp_path / f"sock{suffix}",
+            "a directory": tmp_path / f"dir{suffix}"}
+    os.mkfifo(made["a named pipe (FIFO)"])
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(made["a socket"]))
+    server.close()
+    made["a directory"].mkdir()
+    link = tmp_path / f"link{suffix}"
+    link.symlink_to(made["a named pipe (FIFO)"])
+    made["a named pipe (FIFO) "] = link  # the same kind, reached through a symlink
+    if os.geteuid() == 0:
+        device = tmp_path / f"null{suffix}"
+        try:
+            os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+            made["a character device"] = device
+        except OSError:  # a container without CAP_MKNOD
+            pass
+    return made
+
+
+def _unchanged(specials: dict[str, Path]) -> None:
+    import stat
+
+    for kind, path in specials.items():
+        mode = path.stat().st_mode
+        assert not stat.S_ISREG(mode), f"{path} ({kind}) was replaced by a regular file"
+
+
+def test_writes_refuse_anything_but_a_regular_file_even_with_force(tmp_path):
+    """`-o /dev/null --force`, as root, replaced the system's /dev/null with a regular file."""
+    from app.errors import UserError
+
+    specials = _specials(tmp_path)
+    for kind, path in specials.items():
+        for force in (False, True):
+            with pytest.raises(UserError) as e:
+                files.check_target(path, force)
+            assert f"is {kind.strip()}" in str(e.value) and "\n" not in str(e.value)
+        if kind != "a directory":
+            with pytest.raises(OSError, match="not a regular file"):
+                files.write_text(path, "x")
+    _unchanged(specials)
+    regular = tmp_path / "regular"
+    regular.write_text("old")
+    with pytest.raises(UserError, match="already exists; add --force"):
+        files.check_target(regular, False)
+    files.check_target(regular, True)
+    files.check_target(tmp_path / "new", False)
+    with pytest.raises(UserError, match="does not exist"):
+        files.check_target(tmp_path / "no" / "such" / "x", True)
+
+
+def test_every_command_that_writes_refuses_a_device(tmp_path, checkpoints, capsys, monkeypatch):
+    """The same rule through convert -o, models import (a special file where the store's copy would go), /save and
+    the settings file."""
+    from app.chat.conversation import Conversation, save
+    from app.cli import main
+    from app.errors import UserError
+    from app.runtime import templates
+    from app.store import config, models
+    from app.store.local import Store
+
+    specials = _specials(tmp_path)
+    src = checkpoints("tf4-st-f16")
+    for kind, path in specials.items():
+        assert main(["convert", str(src), "--type", "f16", "-o", str(path), "--force"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("malhae: error:") == 1 and kind.strip() in err
+        with pytest.raises(UserError, match=re.escape(kind.strip())):
+            save(Conversation(templates.get("base")), path, force=True)
+        with pytest.raises(UserError, match="settings file .*" + re.escape(kind.strip())):
+            config.set_default_model("x", path)
+    _unchanged(specials)
+    store = Store(tmp_path / "store")
+    store.root.mkdir()
+    in_store = _specials(store.root, ".gguf")
+    for kind, path in in_store.items():
+        with pytest.raises(UserError, match=re.escape(kind.strip())):
+            store.check_new(path.stem, force=True)
+        assert main(["--models-dir", str(store.root), "models", "import", str(models.demo_model()), "--name",
+                     path.stem, "--force"]) == 2
+        assert kind.strip() in capsys.readouterr().err
+    _unchanged(in_store)
+    assert not list(tmp_path.glob(".*.partial"))

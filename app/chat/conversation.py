@@ -10,6 +10,7 @@ it (/undo, /retry, /system, /template) or when the oldest turns have to go.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -212,13 +213,30 @@ def _known_setting(key: str, where: str) -> bool:
     return True
 
 
-def save(conversation: Conversation, path: Path, model: str | None = None) -> Path:
-    """Write the file whole or not at all: a failure half-way must not destroy an earlier save of the same name."""
+MAX_FILE = 64 << 20  # a chat of a few thousand exchanges is a few MB; /load of anything larger is a mistake
+_CHAT_HEAD = re.compile(rb'^\s*\{\s*"format"\s*:\s*"' + FORMAT.encode() + rb'"')
+
+
+def is_chat_file(path: Path) -> bool:
+    """Whether `path` starts the way every file /save writes does ({"format": "malhae-chat", …})."""
+    try:
+        with open(path, "rb") as f:
+            return bool(_CHAT_HEAD.match(f.read(4096)))
+    except OSError:
+        return False
+
+
+def save(conversation: Conversation, path: Path, model: str | None = None, force: bool = False) -> Path:
+    """Write the file whole or not at all: a failure half-way must not destroy an earlier save of the same name.
+
+    An existing file is replaced only when asked (`force`) and only if it is an earlier save: `/save x.gguf` once
+    turned the model in use into 288 bytes of JSON."""
     path = path.expanduser()
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; give a file name, e.g. /save {path / 'chat.json'}")
-    if not path.parent.is_dir():
-        raise UserError(f"cannot save to {path}: the folder {path.parent} does not exist")
+    if path.is_file() and not is_chat_file(path):
+        raise UserError(f"{path} exists and is not a malhae chat file; /save never replaces it, choose another "
+                        "file name")
+    files.check_target(path, force, replace_hint=f"it holds an earlier saved chat; /save {path} --force replaces "
+                       "it", other_hint="choose another file name")
     text = json.dumps(conversation.to_dict(model), ensure_ascii=False, indent=1) + "\n"
     try:
         files.write_text(path, text)
@@ -232,13 +250,13 @@ def load(path: Path, current: Template | None = None) -> tuple[Conversation, str
     path = path.expanduser()
     where = str(path)
     try:
-        raw = path.read_bytes()
+        raw = files.read_bytes(path, MAX_FILE)
     except FileNotFoundError:
         raise UserError(f"cannot load {where}: no such file") from None
     except IsADirectoryError:
         raise UserError(f"cannot load {where}: it is a directory; give a file saved with /save") from None
     except OSError as e:
-        raise UserError(f"cannot load {where}: {e.strerror or e}") from None
+        raise UserError(f"cannot load {where}: {e.strerror or e}; give a file saved with /save") from None
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name: (arguments, what it does)
     "/show": ("", "model, template, settings and context use"),
     "/retry": ("", "write the last answer again (다시 쓰기)"),
     "/undo": ("", "take back your last message and its answer (되돌리기)"),
-    "/save": ("FILE", "save the conversation as JSON (저장)"),
+    "/save": ("FILE [--force]", "save the conversation as JSON (저장); --force replaces an earlier save"),
     "/load": ("FILE", "continue a saved conversation (불러오기)"),
     "/model": ("PATH", "switch to another model; the conversation stays"),
     "/stats": ("", "statistics of the last answer"),

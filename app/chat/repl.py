@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from app import flags
+from app import flags, ui
 from app.chat import conversation as conv_mod
 from app.chat.conversation import Conversation, Prepared
 from app.chat.reader import (
@@ -65,6 +65,7 @@ class Chat:
         self.reader = reader
         self.out = out
         self.console = console
+        self.soft = ui.soft_wrap(console)  # wrapped at spaces on a terminal, one line per message elsewhere
         self.terminal = terminal
         self.template_fixed = template_fixed  # chosen by the user: kept when the model changes
         self.last_stats: Stats | None = None
@@ -131,13 +132,13 @@ class Chat:
     # --- output ---
 
     def dim(self, message: str) -> None:
-        self.console.print(message, style="dim", markup=False, highlight=False, soft_wrap=True)
+        self.console.print(message, style="dim", markup=False, highlight=False, soft_wrap=self.soft)
 
     def hint(self, message: str) -> None:
-        self.console.print(f"malhae: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+        self.console.print(f"malhae: {message}", style="yellow", markup=False, highlight=False, soft_wrap=self.soft)
 
     def info(self, message: str) -> None:
-        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+        self.console.print(message, markup=False, highlight=False, soft_wrap=self.soft)
 
     # --- answers ---
 
@@ -273,9 +274,12 @@ class Chat:
         self.info(f"took back: {short} (되돌렸습니다)")
 
     def cmd_save(self, arg: str) -> None:
+        words = arg.split()
+        force = bool(words) and words[-1] in ("--force", "-f")
+        arg = arg[:arg.rindex(words[-1])].strip() if force else arg
         if not arg:
-            raise UserError("give a file name: /save chat.json")
-        path = conv_mod.save(self.conv, Path(arg), self.engine.name)
+            raise UserError("give a file name: /save chat.json (add --force to replace an earlier save)")
+        path = conv_mod.save(self.conv, Path(arg), self.engine.name, force=force)
         self.info(f"saved {self.conv.exchanges} exchanges to {path} (저장했습니다)")
 
     def cmd_load(self, arg: str) -> None:
@@ -335,10 +339,11 @@ def open_chat(*, model: str | None, resolve: Resolve, template: str | None = Non
     sampling = sampling or Sampling()
     no_color = no_color or bool(os.environ.get("NO_COLOR"))
     if console is None:
-        console = Console(file=sys.stderr, highlight=False, soft_wrap=True, color_system=None if no_color else "auto")
+        console = Console(file=sys.stderr, highlight=False, color_system=None if no_color else "auto")
 
     def note(message: str) -> None:
-        console.print(f"malhae: {message}", style="dim", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"malhae: {message}", style="dim", markup=False, highlight=False,
+                      soft_wrap=ui.soft_wrap(console))
 
     sampling.checked()
     check("ctx", ctx)

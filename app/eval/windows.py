@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app import files
 from app.errors import UserError
 from app.runtime.llama import Batch, Context, Model
 
@@ -29,14 +30,20 @@ DEFAULT_BATCH = 2048  # llama-perplexity's default: four windows of 512 per deco
 DEFAULT_UBATCH = 512  # llama.cpp's default physical batch; matched so that the matmuls sum in the same order
 
 
+MAX_TEXT = 1 << 30  # 1 GB of text is hours of scoring; more is a wrong file
+
+
 def read_text(path: Path) -> str:
     """The text of a file as llama-perplexity reads it: bytes as they are (no newline translation), one trailing
     newline removed; mistakes become one-line errors."""
-    if not path.exists():
-        raise UserError(f"text file {path} does not exist; give a UTF-8 text file with --text")
-    if path.is_dir():
-        raise UserError(f"{path} is a directory; --text takes one UTF-8 text file")
-    data = path.read_bytes()
+    try:
+        data = files.read_bytes(path, MAX_TEXT)
+    except FileNotFoundError:
+        raise UserError(f"text file {path} does not exist; give a UTF-8 text file with --text") from None
+    except IsADirectoryError:
+        raise UserError(f"{path} is a directory; --text takes one UTF-8 text file") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}; --text takes one UTF-8 text file") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -44,6 +44,9 @@ class Settings:
     sampling: dict[str, float | int] = field(default_factory=dict)
 
 
+MAX_FILE = 1 << 20  # a settings file is a few lines
+
+
 def config_path() -> Path:
     """$MALHAE_CONFIG (a file), else config.toml in malhae's config folder (app.files.config_dir)."""
     explicit = os.environ.get("MALHAE_CONFIG")
@@ -55,7 +58,7 @@ def config_path() -> Path:
 def load(path: Path | None = None) -> Settings:
     path = path or config_path()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = files.read_text(path, MAX_FILE)
     except FileNotFoundError:
         return Settings(path)
     except IsADirectoryError:
@@ -202,7 +205,9 @@ def set_default_model(value: str | None, path: Path | None = None) -> Path:
     """Write (or with None, remove) `default_model`, keeping everything else in the file as it was."""
     path = path or config_path()
     try:
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        text = files.read_text(path, MAX_FILE) if path.exists() else ""
+    except UnicodeDecodeError:
+        raise UserError(f"settings file {path} is not UTF-8 text; save it as UTF-8") from None
     except OSError as e:
         raise UserError(f"cannot read settings file {path}: {e.strerror or e}") from None
     if text:

@@ -47,9 +47,13 @@ class Entry:
 
 def models_dir() -> Path:
     """--models-dir, else models/ in malhae's data folder (app.files.data_dir), next to chat_history."""
-    if flags.MODELS_DIR is not None:
-        return Path(flags.MODELS_DIR).expanduser()
-    return files.data_dir() / "models"
+    root = Path(flags.MODELS_DIR).expanduser() if flags.MODELS_DIR is not None else files.data_dir() / "models"
+    kind = files.not_regular(root) if root.exists() else None
+    if root.exists() and kind != "a directory":  # a file given as the store would read as an empty store
+        what = "a file" if kind is None else kind
+        flag = "--models-dir" if flags.MODELS_DIR is not None else "the model store"
+        raise UserError(f"{flag} {root} is {what}, not a folder; give a folder (it is created when needed)")
+    return root
 
 
 def entry_for(name: str, path: Path, info: GGUFInfo) -> Entry:
@@ -119,11 +123,12 @@ class Store:
     def check_new(self, name: str, force: bool) -> Path:
         """The path for a new model NAME, refused early if it is taken (before minutes of converting or copying)."""
         dest = self.path_for(name)
+        kind = files.not_regular(dest)
+        if kind:
+            raise UserError(f"{dest} is {kind}; remove it or choose another name with --name")
         if dest.exists() and not force:
             raise UserError(f"a model named '{dest.stem}' is already in the store ({dest}); add --force to replace "
                             "it, or choose another name with --name")
-        if dest.is_dir():
-            raise UserError(f"{dest} is a directory; remove it or choose another name with --name")
         return dest
 
     def ensure_root(self) -> None:
