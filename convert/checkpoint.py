@@ -13,7 +13,7 @@ import mmap
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -47,6 +47,13 @@ class RawTensor:
     data: np.ndarray
 
 
+def _leaves_folder(name: str) -> bool:
+    """A shard name that is absolute or climbs out (../other/model.safetensors): judged on the name, not on where
+    it resolves, since a Hugging Face cache snapshot links every file to ../../blobs/ and that is fine."""
+    pure = PurePosixPath(name.replace("\\", "/"))
+    return pure.is_absolute() or ".." in pure.parts or PureWindowsPath(name).drive != ""
+
+
 def find_weight_files(model_dir: Path) -> tuple[str, list[Path]]:
     """Return the weight format ("safetensors" or "pickle") and the files, preferring safetensors."""
     for fmt, index_name, single_name in (
@@ -60,6 +67,10 @@ def find_weight_files(model_dir: Path) -> tuple[str, list[Path]]:
                 shards = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index} is unreadable or has no weight_map ({e}); download it again") from e
+            outside = [s for s in shards if not isinstance(s, str) or _leaves_folder(s)]
+            if outside:
+                raise CheckpointError(f"{index.name} names the shard {outside[0]!r}, outside {model_dir}; a "
+                                      "checkpoint's shards are files in its own folder: download the index again")
             missing = [s for s in shards if not (model_dir / s).is_file()]
             if missing:
                 raise CheckpointError(f"shard {missing[0]} named in {index.name} is missing from {model_dir}; "
@@ -140,15 +151,19 @@ def _torch():
 def _load_pickle(path: Path) -> dict:
     torch = _torch()
     import pickle
+    import warnings
     import zipfile
 
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except (RuntimeError, ValueError) as e:
-            if "mmap" not in str(e) and "zip" not in str(e):  # old non-zip pickles cannot be memory-mapped
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about pickle protocols as it refuses a file; malhae's one-line error says all of it
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except (RuntimeError, ValueError) as e:
+                if "mmap" not in str(e) and "zip" not in str(e):  # old non-zip pickles cannot be memory-mapped
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path.name} holds pickled objects other than tensors, which could run code when "
                               "loaded; malhae refuses it (use a safetensors copy of the model)") from e

@@ -86,13 +86,18 @@ def read_vocab(model_dir: Path, n_vocab: int, config_ids: dict[str, int | None])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path} is not valid JSON ({e}); download it again") from e
 
-    model = tok.get("model") or {}
-    if model.get("type") != "BPE":
-        raise TokenizerError(f"{path.name} is a {model.get('type')} tokenizer; malhae converts byte-level BPE "
+    model = tok.get("model") if isinstance(tok, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("type"), str):
+        raise TokenizerError(f"{path} is not a Hugging Face tokenizers file (no \"model\" with a \"type\"); "
+                             "download the model's tokenizer.json again")
+    if model["type"] != "BPE":
+        raise TokenizerError(f"{path.name} is a {model['type']} tokenizer; malhae converts byte-level BPE "
                              "tokenizers (as Polyglot-Ko's)")
     if tok.get("normalizer"):
-        raise TokenizerError(f"{path.name} has a normalizer ({tok['normalizer'].get('type')}), which llama.cpp "
-                             "does not apply; it cannot be converted faithfully")
+        normalizer = tok["normalizer"]
+        kind = normalizer.get("type") if isinstance(normalizer, dict) else normalizer
+        raise TokenizerError(f"{path.name} has a normalizer ({kind}), which llama.cpp does not apply; it cannot be "
+                             "converted faithfully")
     if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise TokenizerError(f"{path.name} is not a plain byte-level BPE (byte_fallback or subword affixes)")
     pre = choose_pre(tok)
@@ -134,10 +139,12 @@ def read_vocab(model_dir: Path, n_vocab: int, config_ids: dict[str, int | None])
                 data = json.loads(p.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise TokenizerError(f"{p} is not valid JSON ({e}); download it again") from e
+            if not isinstance(data, dict):
+                raise TokenizerError(f"{p} is not a JSON object; download it again")
             for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
                 names.setdefault(key, _token_content(data.get(key)))
     tc_path = model_dir / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}
+    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}  # checked just above
 
     def pick(key: str) -> int | None:
         cid = config_ids.get(key)

@@ -103,6 +103,30 @@ def test_shard_missing(model, tmp_path, capsys):
     assert f"shard {shard.name} named in model.safetensors.index.json is missing" in err
 
 
+def test_shard_index_pointing_outside_the_folder_is_refused(model, tmp_path, capsys):
+    """A shard named ../other/model.safetensors (or an absolute path) was followed out of the checkpoint."""
+    other = tmp_path / "other"
+    other.mkdir()
+    index_path = model / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    shutil.copy(model / first, other / first)  # a real file is there: only the name's escape is refused
+    original = dict(index["weight_map"])
+    for outside in (f"../other/{first}", str(other / first)):
+        index["weight_map"] = {k: (outside if v == first else v) for k, v in original.items()}
+        index_path.write_text(json.dumps(index))
+        _, err = run_cli(capsys, tmp_path / "other", str(model), "-o", str(tmp_path / "o.gguf"))
+        assert "outside" in err and outside in err
+
+
+def test_tokenizer_json_of_the_wrong_kind(model, tmp_path, capsys):
+    for content in ('{"version": "1.0"}', "[1, 2, 3]", '{"model": {"type": "Unigram", "vocab": []}}',
+                    '{"model": {"type": "BPE", "vocab": {}}, "normalizer": "NFC"}'):
+        (model / "tokenizer.json").write_text(content)
+        _, err = run_cli(capsys, tmp_path, str(model), "-o", str(tmp_path / "o.gguf"))
+        assert "None" not in err and "tokenizer" in err, err
+
+
 def test_tensor_with_wrong_shape(model, tmp_path, capsys):
     cfg = json.loads((model / "config.json").read_text())
     cfg["intermediate_size"] = 128  # the weights have 256
@@ -126,6 +150,12 @@ def test_malicious_pickle_is_refused_and_never_run(bin_model, tmp_path, capsys):
     _, err = run_cli(capsys, tmp_path, str(bin_model), "-o", str(tmp_path / "o.gguf"))
     assert "refuses it" in err and "safetensors" in err
     assert not marker.exists(), "the pickle's code ran"
+    # as a user sees it (pytest captures warnings, a real run does not): the one line and nothing of torch's
+    proc = subprocess.run([sys.executable, "-m", "app", "convert", str(bin_model), "-o", str(tmp_path / "o.gguf")],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "refuses it" in lines[0], proc.stderr
+    assert not marker.exists()
 
 
 def test_unknown_type(model, tmp_path, capsys):
