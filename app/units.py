@@ -6,6 +6,12 @@ as it is sold and reported (a "24 GB" card has 24 GiB); parameter counts as mode
 
 from __future__ import annotations
 
+import math
+
+from app.errors import UserError
+
+MAX_GIB = 1 << 20  # --vram/--ram beyond a pebibyte is a typo
+
 
 def size(n: int) -> str:
     """A file's size: 1.42 GB, or 8.6 MB below 0.1 GB."""
@@ -27,3 +33,12 @@ def params(n: int | None) -> str:
     if not n:
         return "?"
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+
+
+def gib_bytes(flag: str, value: float) -> int:
+    """A --vram or --ram value in GiB, as bytes: a finite number from 0 to MAX_GIB (nan and inf were internal
+    errors, and -1 was accepted by one command and refused by another)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_GIB:
+        raise UserError(f"{flag} {value:g}: give a number of GiB from 0 to {MAX_GIB}")
+    return int(value * 2**30)

@@ -58,6 +58,22 @@ def test_json_output(model_path):
     assert {"ttft", "prompt_tps", "stop_reason"} <= set(stats)
 
 
+def test_json_of_a_run_that_generates_nothing():
+    """The demo model ends this sentence at once (its first token is end-of-text): 0 tokens, and a decode speed of
+    0, not the negative -1/seconds it once reported."""
+    from app.store import models
+
+    demo = models.demo_model()
+    if demo is None:
+        pytest.skip("the bundled demo model is not built")
+    proc = malhae("complete", "대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.", "-m", str(demo),
+                  "--temperature", "0", "--json")
+    assert proc.returncode == 0, proc.stderr.decode()
+    stats = json.loads(proc.stdout)["stats"]
+    assert stats["generated_tokens"] == 0 and stats["stop_reason"] == "eos"
+    assert stats["decode_tps"] == 0 and stats["prompt_tps"] > 0
+
+
 def test_invalid_utf8_stdin(model_path):
     err = one_error_line(malhae("complete", "-m", str(model_path), stdin="대한민국".encode("cp949")))
     assert "not valid UTF-8" in err and "iconv" in err
@@ -68,6 +84,18 @@ def test_missing_and_wrong_model_files(tmp_path):
     (tmp_path / "notes.gguf").write_text("not a model")
     assert "not a GGUF file" in one_error_line(malhae("complete", "x", "-m", str(tmp_path / "notes.gguf")))
     assert "is a directory" in one_error_line(malhae("complete", "x", "-m", str(tmp_path)))
+
+
+def test_empty_prompts_and_usage_mistakes_are_one_line(model_path):
+    for kind, what in (("ask", "the question is empty"), ("complete", "the prompt is empty")):
+        for empty in ("", "  \n"):
+            proc = malhae(kind, empty, "-m", str(model_path))
+            assert what in one_error_line(proc) and "loading" not in proc.stderr.decode()
+    for args in (["ask", "x", "--bogus"], ["eval", "ppl"], ["nosuch"]):  # click's own usage block, as one line
+        proc = malhae(*args)
+        err = proc.stderr.decode()
+        assert one_error_line(proc) and err.startswith("malhae: error:") and err.count("\n") == 1, err
+        assert "-h`" in err
 
 
 def test_prompt_longer_than_context(model_path):

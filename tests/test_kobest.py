@@ -388,11 +388,19 @@ def test_cli_same_scores_from_csv_data(capsys, tmp_path):
     (["--data", "/nonexistent/kobest"], "is not a folder"),
     (["--limit", "0"], "--limit 0"),
     (["--data", ".", "--hub"], "either --data DIR or --hub"),
+    (["--shots", "100000"], "from 0 to 100"),  # once exited 0 with every cell skipped
 ])
 def test_cli_user_errors_are_one_line(capsys, args, message):
     assert main(["eval", "kobest", str(GGUF), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and err[0].startswith("malhae: error:")
+
+
+def test_shots_beyond_every_training_split_are_refused_before_the_model_loads(capsys):
+    """The bundled sample has 12 training examples per task: 60 shots can score nothing."""
+    assert main(["eval", "kobest", str(GGUF), "--shots", "60,80"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("malhae: error:")]
+    assert len(errors) == 1 and "at most 12 training examples" in errors[0] and "no cell can be scored" in errors[0]
 
 
 def test_hellaswag_acc_norm_divides_by_the_endings_length_by_hand():

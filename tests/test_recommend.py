@@ -106,3 +106,18 @@ def test_machine_reads_this_machine_without_arguments():
     assert m.ram_bytes > GiB and not m.ram_given
     m = recommend.machine(vram_gb=6, ram_gb=12)
     assert (m.vram_bytes, m.ram_bytes, m.vram_given) == (6 * GiB, 12 * GiB, True)
+
+
+def test_memory_amounts_are_checked_alike_by_info_and_recommend(capsys):
+    """`info --vram nan|inf` and `recommend --ram nan` / `--vram inf` were internal errors; `recommend --vram -1` was
+    accepted while `info --vram -5` was refused. One rule now, one message."""
+    from app.cli import main
+
+    for value in ("nan", "inf", "-1", "2000000"):
+        for args in (["info", "--vram", value], ["recommend", "--vram", value], ["recommend", "--ram", value]):
+            assert main(args) == 2, args
+            err = capsys.readouterr().err
+            errors = [line for line in err.splitlines() if line.startswith("malhae: error:")]
+            assert len(errors) == 1 and "give a number of GiB from 0 to 1048576" in errors[0], (args, err)
+            assert "internal error" not in err
+    assert main(["recommend", "--vram", "8", "--ram", "16"]) == 0

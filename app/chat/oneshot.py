@@ -13,9 +13,14 @@ from app.runtime.engine import Engine, Stats
 from app.runtime.settings import Sampling
 
 
-def read_prompt(arg: str | None) -> str:
-    """The argument, or standard input when the argument is `-` or absent and stdin is a pipe or file."""
+def read_prompt(arg: str | None, kind: str = "complete") -> str:
+    """The argument, or standard input when the argument is `-` or absent and stdin is a pipe or file; refused
+    when empty (before a model is loaded), for `ask` and `complete` alike."""
     if arg is not None and arg != "-":
+        if not arg.strip():
+            what, example = ("question", "malhae ask '대한민국의 수도는?'") if kind == "ask" else \
+                ("prompt", "malhae complete '대한민국의 주권은'")
+            raise UserError(f"the {what} is empty; give some text, e.g. {example}")
         return arg
     if sys.stdin is None or sys.stdin.isatty():
         raise UserError("give the prompt as an argument, or pipe it in: echo '대한민국의 주권은' | malhae complete")

@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         _error("interrupted (중단됨)")
         return 130
-    except _UsageError as e:
-        e.show()
+    except _UsageError as e:  # click's usage block (Usage, Try, a blank line, Error) as malhae's one line
+        ctx = getattr(e, "ctx", None)
+        where = f"; see `{ctx.command_path} -h`" if ctx is not None else ""
+        _error(f"{e.format_message().rstrip('.')}{where}")
         return e.exit_code
     except UserError as e:
         if debug:

@@ -15,7 +15,7 @@ def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, t
     from app.store import models
 
     run_opts, sampling = o.settings_for(kind, tuple(stop), **flags)
-    text = oneshot.read_prompt(prompt)
+    text = oneshot.read_prompt(prompt, kind)
     path = models.resolve(model, ui.note)
     shot = oneshot.run(kind, text, path, sampling, n_ctx=run_opts["ctx"], threads=run_opts["threads"],
                        gpu_layers=run_opts["gpu_layers"], template=template, verbose=o.verbose(), notify=ui.note)

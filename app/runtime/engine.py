@@ -47,7 +47,9 @@ class Stats:
 
     @property
     def decode_tps(self) -> float:
-        return (self.generated_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        # tokens after the first, over the time after it: none (0 or 1 generated) is 0, never negative
+        after_first = self.generated_tokens - 1
+        return after_first / self.decode_seconds if self.decode_seconds > 0 and after_first > 0 else 0.0
 
     def as_dict(self) -> dict:
         return asdict(self) | {"prompt_tps": round(self.prompt_tps, 2), "decode_tps": round(self.decode_tps, 2)}
@@ -55,10 +57,11 @@ class Stats:
 
 def check_model_file(path: Path) -> GGUFInfo:
     if not path.exists():
-        raise UserError(f"model file {path} does not exist; give a .gguf file with --model "
-                        "(make one with `malhae convert`)")
+        # every command names the model its own way (--model, /model, eval compare's A and B): the hint names none
+        raise UserError(f"model file {path} does not exist; give the path of a .gguf file or a name from `malhae "
+                        "models` (make one with `malhae convert`)")
     if path.is_dir():
-        raise UserError(f"{path} is a directory; --model takes a .gguf file (convert a checkpoint folder with "
+        raise UserError(f"{path} is a directory, not a model; give a .gguf file (convert a checkpoint folder with "
                         "`malhae convert`)")
     info = read_info(path)
     if info.architecture not in SUPPORTED_ARCHITECTURES:

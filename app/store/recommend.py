@@ -15,16 +15,14 @@ quality/speed balance. Anyone who prefers quality over speed can still pull a la
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
-from app.errors import UserError
+from app import units
 from app.runtime import offload
 from app.store.catalog import QUALITY_ORDER, Entry
 
 GiB = 2**30
-MAX_GIB = 1 << 20  # beyond a pebibyte, a typo
 VRAM_SIZES_GB = (4, 6, 8, 12, 16, 24)  # the catalog's columns; a "8 GB" card has 8 GiB
 RAM_SIZES_GB = (8, 16, 32)
 RAM_FRACTION = 0.75
@@ -110,17 +108,16 @@ def machine(vram_gb: float | None = None, ram_gb: float | None = None) -> Machin
     """This machine's figures (NVML free VRAM, total RAM), or the ones given (GiB)."""
     from app.runtime import hardware
 
-    for flag, value in (("--vram", vram_gb), ("--ram", ram_gb)):
-        if value is not None and not (math.isfinite(value) and 0 <= value <= MAX_GIB):
-            raise UserError(f"{flag} {value:g}: give a number of GiB from 0 to {MAX_GIB}")
+    given_vram = units.gib_bytes("--vram", vram_gb) if vram_gb is not None else None
+    given_ram = units.gib_bytes("--ram", ram_gb) if ram_gb is not None else None
     names: tuple[str, ...] = ()
-    if vram_gb is not None:
-        vram = int(vram_gb * GiB) if vram_gb > 0 else None
+    if given_vram is not None:
+        vram = given_vram or None
     else:
         gpus = hardware.nvidia_gpus()
         names = tuple(g.name for g in gpus)
         vram = sum(g.free for g in gpus) or None
-    ram = int(ram_gb * GiB) if ram_gb is not None else total_ram()
+    ram = given_ram if given_ram is not None else total_ram()
     return Machine(vram, ram, names, vram_gb is not None, ram_gb is not None)
 
 

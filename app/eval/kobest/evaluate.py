@@ -106,11 +106,23 @@ def cell(task: Task, shots: int, reqs: list[Request], lls: list[list[float]], se
                 acc_norm, round(seconds, 3))
 
 
+MAX_SHOTS = 100  # the model card goes to 50; a 100-shot prompt already exceeds the family's 2,048-token context
+
+
 def check_options(limit: int | None, shots: list[int]) -> None:
     if limit is not None and limit < 1:
         raise UserError(f"--limit {limit}: give at least 1 doc per task")
-    if not shots or any(k < 0 for k in shots):
-        raise UserError("--shots takes numbers of examples, 0 or more (0,5,10,50 as in the model card)")
+    if not shots or any(not 0 <= k <= MAX_SHOTS for k in shots):
+        raise UserError(f"--shots takes numbers of examples from 0 to {MAX_SHOTS} (0,5,10,50 as in the model card)")
+
+
+def check_shots_fit(splits: dict[str, tuple[list, list]], shots: list[int]) -> None:
+    """Refuse before loading the model when no cell could be scored (every k larger than every training split):
+    a run that exits 0 with every cell skipped reads like a result."""
+    if all(k > len(train) for _test, train in splits.values() for k in shots):
+        most = max(len(train) for _test, train in splits.values())
+        raise UserError(f"--shots {','.join(map(str, shots))}: the data has at most {most} training examples per "
+                        f"task, so no cell can be scored; use fewer shots (e.g. --shots 0,{min(5, most)})")
 
 
 def evaluate(model_path: Path, src: data.Source, tasks: list[Task], shots: list[int], *, limit: int | None = None,
@@ -123,6 +135,7 @@ def evaluate(model_path: Path, src: data.Source, tasks: list[Task], shots: list[
 
     check_options(limit, shots)
     splits = {t.name: (data.load(src, t, "test"), data.load(src, t, "train") if any(shots) else []) for t in tasks}
+    check_shots_fit(splits, shots)
     info = check_model_file(model_path)  # the data is checked first, then the model
     shape = Scorer.shape(info, max(len(t.choice_formats) for t in tasks))
     plan = offload.choose(info, gpu_layers, n_ctx=shape.n_ctx, n_batch=shape.n_batch, notify=notify)
