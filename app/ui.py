@@ -31,3 +31,37 @@ def note(message: str) -> None:
 
 def json_result(data: dict) -> None:
     sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
+
+
+class Bars:
+    """Progress bars on stderr, the one way every command shows work in progress.
+
+    Started at the first bar (a command that fails before any work prints its one error line and nothing else) and
+    drawn only on a terminal: in a pipe or a log, rich's final redraw of the bars was a stray blank line in front of
+    the error message. Subclasses say what a bar shows; `bar(key, …)` creates one the first time a key reports."""
+
+    def __init__(self, *columns, transient: bool = True, enabled: bool = True) -> None:
+        from rich.progress import Progress
+
+        self.enabled = enabled and err.is_terminal
+        self._progress = Progress(*columns, console=err, transient=transient, disable=not self.enabled)
+        self._bars: dict[object, int] = {}
+        self._started = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._started:
+            self._progress.stop()
+
+    def bar(self, key: object, description: str, total: int | None, **fields: object) -> int:
+        if not self._started:
+            self._progress.start()
+            self._started = True
+        if key not in self._bars:
+            self._bars[key] = self._progress.add_task(description, total=total, **fields)
+        return self._bars[key]
+
+    def advance(self, key: object, description: str, done: int, total: int | None, **fields: object) -> None:
+        self._progress.update(self.bar(key, description, total, **fields), completed=done, total=total, **fields)

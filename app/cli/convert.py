@@ -88,7 +88,7 @@ def pull(
 
     threads = o.settings_for("pull", threads=threads)[0]["threads"]
     init(o.verbose())
-    with catalog_view.LazyConvertProgress() as progress:
+    with convert_view.ConvertProgress() as progress:
         pulled = pull_mod.pull(model, type_name, name=name, force=force, revision=revision, threads=threads,
                                progress=progress.update, before_convert=catalog_view.pull_starting)
     convert_view.convert_summary(pulled.result)

@@ -3,34 +3,22 @@
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from app.ui import err, json_result, out
+from app.ui import Bars, err, json_result, out
 
 
-class WindowProgress:
+class WindowProgress(Bars):
     """Windows evaluated, with the running value (perplexity, or mean KL) next to the bar."""
 
     def __init__(self, label: str, value_format: str) -> None:
+        super().__init__(TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[value]}"),
+                         TimeElapsedColumn(), TimeRemainingColumn())
         self._format = value_format
-        self._progress = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("{task.fields[value]}"),
-                                  TimeElapsedColumn(), TimeRemainingColumn(), console=err, transient=True,
-                                  disable=not err.is_terminal)  # a bar in a log file is noise
-        self._task: int | None = None
-
-    def __enter__(self) -> WindowProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
 
     def update(self, done: int, total: int, value: float) -> None:
-        if self._task is None:
-            self._task = self._progress.add_task("", total=total, value="")
-        self._progress.update(self._task, completed=done, total=total, value=self._format.format(value))
+        self.advance("windows", "", done, total, value=self._format.format(value))
 
 
 def ppl_result(result, as_json: bool) -> None:

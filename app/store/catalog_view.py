@@ -123,27 +123,3 @@ def pull_starting(source, snapshot, offline: bool) -> None:
     how = "using the checkpoint in the hub cache (offline)" if offline else "downloaded"
     err.print(f"[dim]{escape(source.hub_id)}: {how}; converting to the store as '{escape(source.store_name)}'[/dim]",
               soft_wrap=True)
-
-
-class LazyConvertProgress:
-    """render.ConvertProgress, started at the first report: a pull that stops before converting (a taken name, no
-    hub) prints its one error line and nothing else."""
-
-    def __init__(self) -> None:
-        from app.store.convert_view import ConvertProgress
-
-        self._progress = ConvertProgress()
-        self._started = False
-
-    def __enter__(self) -> LazyConvertProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._started:
-            self._progress.__exit__(*exc)
-
-    def update(self, stage: str, done: int, total: int) -> None:
-        if not self._started:
-            self._progress.__enter__()
-            self._started = True
-        self._progress.update(stage, done, total)

@@ -3,40 +3,31 @@
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from app import units
-from app.ui import err, out
+from app.ui import Bars, err, out
 
 _STAGES = {"reading": "reading checkpoint", "writing": "writing GGUF", "quantizing": "quantizing (llama.cpp)"}
 
 
-class ConvertProgress:
-    """One bar per stage, created when the stage first reports; bytes for writing, tensors for quantizing."""
+class ConvertProgress(Bars):
+    """One bar per stage, created when the stage first reports; bytes for writing, tensors for quantizing. Started
+    at the first report, so a pull or convert that stops before converting prints its one error line only."""
 
     def __init__(self) -> None:
-        self._progress = Progress(TextColumn("{task.description:<24}"), BarColumn(),
-                                  TextColumn("{task.fields[count]}"), TimeRemainingColumn(), console=err)
-        self._tasks: dict[str, int] = {}
-
-    def __enter__(self) -> ConvertProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        super().__init__(TextColumn("{task.description:<24}"), BarColumn(), TextColumn("{task.fields[count]}"),
+                         TimeRemainingColumn(), transient=False)
 
     def update(self, stage: str, done: int, total: int) -> None:
-        if stage not in self._tasks:
-            self._tasks[stage] = self._progress.add_task(_STAGES.get(stage, stage), total=total, count="")
         if stage == "writing":
             count = f"{units.gb(done)}/{units.size(total)}"
         elif stage == "quantizing":
             count = f"{done}/{total} tensors"
         else:
             count = f"{done}/{total} files"
-        self._progress.update(self._tasks[stage], completed=done, total=total, count=count)
+        self.advance(stage, _STAGES.get(stage, stage), done, total, count=count)
 
 
 def convert_summary(result) -> None:

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
 from app import units
 from app.store.local import Entry
-from app.ui import err, note, out
+from app.ui import Bars, err, note, out
 
 BIG_FILE = 64 << 20  # smaller copies finish before a bar would be worth drawing
 
@@ -68,27 +68,17 @@ def default_line(default: str | None, config_path: Path, exists: bool, resolved:
                   "`malhae models default NAME`.", markup=False, soft_wrap=True)
 
 
-class CopyProgress:
+class CopyProgress(Bars):
     """A byte progress bar for copies into the store, drawn only for large files on a terminal."""
 
     def __init__(self, label: str, total: int) -> None:
-        self.enabled = total >= BIG_FILE and err.is_terminal
-        self._progress = Progress(TextColumn(escape(label)), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                                  TimeRemainingColumn(), console=err, transient=True)
-        self._task = self._progress.add_task(label, total=total)
-
-    def __enter__(self) -> CopyProgress:
-        if self.enabled:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self._progress.stop()
+        super().__init__(TextColumn(escape(label)), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                         TimeRemainingColumn(), enabled=total >= BIG_FILE)
+        self._label = label
 
     def update(self, done: int, total: int) -> None:
         if self.enabled:
-            self._progress.update(self._task, completed=done, total=total)
+            self.advance("copy", self._label, done, total)
 
 
 def added(entry: Entry, root: Path) -> None:

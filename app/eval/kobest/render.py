@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from app.eval.kobest.evaluate import Report
 from app.eval.kobest.tasks import all_tasks
+from app.ui import Bars
 
 
-class KobestProgress:
-    """One bar per (task, shots) cell, each created when the cell starts."""
+class KobestProgress(Bars):
+    """One bar per (task, shots) cell, each created when the cell starts, left on the screen as a record."""
 
     def __init__(self) -> None:
-        from app.ui import err
-
-        self._progress = Progress(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeRemainingColumn(), console=err, transient=False)
-        self._bars: dict[tuple[str, int], int] = {}
-
-    def __enter__(self) -> KobestProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._progress.stop()
+        super().__init__(TextColumn("{task.description:<22}"), BarColumn(), MofNCompleteColumn(),
+                         TimeRemainingColumn(), transient=False)
 
     def update(self, title: str, shots: int, done: int, total: int) -> None:
-        key = (title, shots)
-        if key not in self._bars:
-            self._bars[key] = self._progress.add_task(f"{title} {shots}-shot", total=total)
-        self._progress.update(self._bars[key], completed=done)
+        self.advance((title, shots), f"{title} {shots}-shot", done, total)
 
 
 def table(report: Report, as_json: bool) -> None:
