@@ -32,9 +32,16 @@ STALE_SECONDS = 600
 # --- where -------------------------------------------------------------------------------------------------------
 
 def home() -> Path | None:
-    """$MALHAE_HOME, when set: one folder for everything malhae keeps."""
+    """$MALHAE_HOME, when set: one folder for everything malhae keeps (created when needed, never a file)."""
     value = os.environ.get("MALHAE_HOME")
-    return Path(value).expanduser() if value else None
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    kind = not_regular(path) if path.exists() else "a directory"
+    if kind != "a directory":
+        raise UserError(f"MALHAE_HOME={value} is {kind or 'a file'}, not a folder; point it at a folder (it is "
+                        "created when needed) or unset it")
+    return path
 
 
 def data_dir() -> Path:

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from app.chat.reader import MAX_INPUT, too_long
 from app.errors import UserError
 from app.runtime import templates
 from app.runtime.engine import Engine, Stats
@@ -16,15 +17,22 @@ from app.runtime.settings import Sampling
 def read_prompt(arg: str | None, kind: str = "complete") -> str:
     """The argument, or standard input when the argument is `-` or absent and stdin is a pipe or file; refused
     when empty (before a model is loaded), for `ask` and `complete` alike."""
+    what, example = ("question", "malhae ask '대한민국의 수도는?'") if kind == "ask" else \
+        ("prompt", "malhae complete '대한민국의 주권은'")
     if arg is not None and arg != "-":
         if not arg.strip():
-            what, example = ("question", "malhae ask '대한민국의 수도는?'") if kind == "ask" else \
-                ("prompt", "malhae complete '대한민국의 주권은'")
             raise UserError(f"the {what} is empty; give some text, e.g. {example}")
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal's encoding could not decode arrive as lone surrogates
+            raise UserError(f"the {what} is not valid UTF-8 (is the terminal set to UTF-8? `locale` shows it); "
+                            "give UTF-8 text or pipe it in") from None
         return arg
     if sys.stdin is None or sys.stdin.isatty():
         raise UserError("give the prompt as an argument, or pipe it in: echo '대한민국의 주권은' | malhae complete")
-    data = sys.stdin.buffer.read()
+    data = sys.stdin.buffer.read(MAX_INPUT + 1)
+    if len(data) > MAX_INPUT:
+        raise too_long("standard input")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:

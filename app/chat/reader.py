@@ -220,17 +220,35 @@ class PromptReader:
         return self.session.prompt()
 
 
+# what one message, or one-shot prompt, read from a pipe may hold: far more than any context (a 1M-token context is
+# about 3 MB of Korean), and little enough that `malhae chat < /dev/zero` does not fill the memory
+MAX_INPUT = 16 << 20
+
+
+def too_long(where: str) -> UserError:
+    return UserError(f"{where} is longer than {MAX_INPUT >> 20} MB, more than any model's context holds; give a "
+                     "shorter text")
+
+
 class LineReader:
     """Standard input that is not a terminal (a file, a pipe): the same rules as the prompt, no line editing."""
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
         self.first = True
+        self.ended = False  # after an endless line (/dev/zero) there is nothing sensible left to read
 
     def read(self) -> str:
+        if self.ended:
+            raise EOFError
         lines: list[str] = []
+        size = 0
         while True:
-            raw = self.stream.readline()
+            raw = self.stream.readline(MAX_INPUT + 1 - size)
+            size += len(raw)
+            if size > MAX_INPUT:
+                self.ended = True
+                raise too_long("a message on standard input")
             if not raw:
                 if lines:
                     return "\n".join(lines)

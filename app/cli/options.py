@@ -58,7 +58,7 @@ def settings_for(command: str, stop: tuple[str, ...] = (), **flags: object):
     file = config.load()
     run = config.runtime_values({k: flags.get(k) for k in ("ctx", "threads", "gpu_layers")}, file)
     values = config.sampling_values(command, {k: v for k, v in flags.items() if k in SAMPLING_KEYS}, file)
-    return run, Sampling(**values, stop=stop)
+    return run, Sampling(**values, stop=stop).checked()
 
 
 def verbose() -> bool:

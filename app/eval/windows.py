@@ -27,6 +27,8 @@ from app.errors import UserError
 from app.runtime.llama import Batch, Context, Model
 
 DEFAULT_BATCH = 2048  # llama-perplexity's default: four windows of 512 per decode
+MAX_TOKENS = 1 << 20  # the largest context the settings table allows
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold
 DEFAULT_UBATCH = 512  # llama.cpp's default physical batch; matched so that the matmuls sum in the same order
 
 
@@ -65,9 +67,14 @@ class Layout:
     def of(cls, n_ctx: int, n_batch: int = DEFAULT_BATCH) -> Layout:
         if n_ctx < 4:
             raise UserError(f"--ctx {n_ctx} is too small for a perplexity window; use at least 4 (512 is usual)")
-        if n_batch < 1:
-            raise UserError(f"--batch {n_batch} must be at least 1 (default: {DEFAULT_BATCH})")
+        if n_ctx > MAX_TOKENS:
+            raise UserError(f"--ctx {n_ctx} is larger than any context ({MAX_TOKENS}); 512 is usual")
+        if not 1 <= n_batch <= MAX_TOKENS:
+            raise UserError(f"--batch {n_batch} must be from 1 to {MAX_TOKENS} (default: {DEFAULT_BATCH})")
         n_seq = max(1, n_batch // n_ctx)
+        if n_seq > MAX_SEQ:  # --batch 100000000 once asked llama.cpp for a context of 10⁸ tokens
+            raise UserError(f"--batch {n_batch} puts {n_seq} windows of {n_ctx} into one decode; llama.cpp takes at "
+                            f"most {MAX_SEQ}: use --batch {MAX_SEQ * n_ctx} or less")
         return cls(n_ctx, min(n_batch, n_seq * n_ctx), n_seq)
 
     @property

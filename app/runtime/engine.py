@@ -22,7 +22,7 @@ from gguf import Keys
 
 from app.errors import UserError
 from app.runtime import hardware, llama, offload
-from app.runtime.gguf_info import GGUFInfo, read_info
+from app.runtime.gguf_info import GGUFInfo, check_shape, read_info
 from app.runtime.settings import DEFAULT_BATCH, Sampling, context_size
 from app.runtime.stream import TextStream
 
@@ -56,6 +56,12 @@ class Stats:
 
 
 def check_model_file(path: Path) -> GGUFInfo:
+    try:
+        path.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # too long a name, a symlink loop, a component that is a file
+        raise UserError(f"cannot open model file {str(path)[:200]}: {e.strerror or e}") from None
     if not path.exists():
         # every command names the model its own way (--model, /model, eval compare's A and B): the hint names none
         raise UserError(f"model file {path} does not exist; give the path of a .gguf file or a name from `malhae "
@@ -67,6 +73,7 @@ def check_model_file(path: Path) -> GGUFInfo:
     if info.architecture not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"{path.name} is a {info.architecture or 'unknown'} model; malhae runs GPT-NeoX models "
                         "(the Polyglot-Ko family)")
+    check_shape(info)
     return info
 
 

@@ -11,12 +11,14 @@ models` and `malhae info` cannot tell two stories about one file.
 from __future__ import annotations
 
 import math
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
 
+from app import files
 from app.errors import UserError
 
 V = GGUFValueType
@@ -108,6 +110,33 @@ class GGUFInfo:
             n, b = out.get(t.type.name, (0, 0))
             out[t.type.name] = (n + 1, b + t.nbytes)
         return out
+
+
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def check_shape(info: GGUFInfo) -> None:
+    """The hyperparameters the planner and llama.cpp size memory by agree with the tensor table, or a one-line error.
+
+    A header can be well-formed and still lie: gptneox.block_count = 2³¹ made `info` allocate until the kernel killed
+    it and made llama.cpp abort with a core dump. The counts are checked against the tensors themselves."""
+    if not info.architecture:
+        return
+    where = f"{info.path} is corrupt"
+    layers = {int(m.group(1)) for t in info.tensors if (m := _LAYER.match(t.name))}
+    n_layer = info.arch_int(Keys.LLM.BLOCK_COUNT)
+    if layers and n_layer != max(layers) + 1:
+        raise UserError(f"{where}: {info.architecture}.block_count says {n_layer} layers, its tensors have "
+                        f"{max(layers) + 1}; convert or download it again")
+    n_embd = info.arch_int(Keys.LLM.EMBEDDING_LENGTH)
+    embed = next((t for t in info.tensors if t.name == "token_embd.weight"), None)
+    if embed is not None and n_embd != embed.shape[0]:
+        raise UserError(f"{where}: {info.architecture}.embedding_length says {n_embd}, token_embd.weight has rows "
+                        f"of {embed.shape[0]}; convert or download it again")
+    n_head = info.arch_int(Keys.Attention.HEAD_COUNT)
+    if n_embd and (not n_head or n_head < 1 or n_embd % n_head):
+        raise UserError(f"{where}: {info.architecture}.attention.head_count is {n_head}, which does not divide "
+                        f"the embedding length {n_embd}; convert or download it again")
 
 
 def _int(value: object) -> int | None:
@@ -242,6 +271,9 @@ class _Buffer:
 
 def read_info(path: Path, arrays: tuple[str, ...] = ()) -> GGUFInfo:
     """Metadata and tensor table of a GGUF; array values are kept only for the keys in `arrays`."""
+    kind = files.not_regular(path)
+    if kind and kind != "a directory":  # a FIFO would block the read forever, /dev/zero would never end
+        raise UserError(f"{path} is {kind}, not a GGUF file")
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:

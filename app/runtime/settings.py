@@ -148,4 +148,6 @@ class Sampling:
         """Self, after every table value has been checked (a library caller may build one by hand)."""
         for name in SAMPLING_KEYS:
             check(name, getattr(self, name))
+        if any(not isinstance(s, str) or not s for s in self.stop):  # "" is found everywhere: every answer empty
+            raise UserError("--stop '': a stop text cannot be empty; give the text to stop before, e.g. --stop 질문:")
         return self

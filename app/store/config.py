@@ -58,7 +58,7 @@ def config_path() -> Path:
 def load(path: Path | None = None) -> Settings:
     path = path or config_path()
     try:
-        text = files.read_text(path, MAX_FILE)
+        text = files.read_text(path, MAX_FILE).removeprefix("\ufeff")  # Windows editors start files with a BOM
     except FileNotFoundError:
         return Settings(path)
     except IsADirectoryError:
@@ -205,7 +205,7 @@ def set_default_model(value: str | None, path: Path | None = None) -> Path:
     """Write (or with None, remove) `default_model`, keeping everything else in the file as it was."""
     path = path or config_path()
     try:
-        text = files.read_text(path, MAX_FILE) if path.exists() else ""
+        text = files.read_text(path, MAX_FILE).removeprefix("\ufeff") if path.exists() else ""
     except UnicodeDecodeError:
         raise UserError(f"settings file {path} is not UTF-8 text; save it as UTF-8") from None
     except OSError as e:

@@ -15,7 +15,7 @@ from gguf import Keys, TokenType
 from app import units
 from app.errors import UserError
 from app.runtime import offload, templates
-from app.runtime.gguf_info import GGUFInfo, read_info
+from app.runtime.gguf_info import GGUFInfo, check_shape, read_info
 from app.runtime.settings import DEFAULT_BATCH, context_size
 from app.runtime.settings import gpu_layers as parse_gpu_layers
 
@@ -189,6 +189,7 @@ def describe(path: Path, *, n_ctx: int | None = None, gpu_layers: str | int = "a
              vram_gib: float | None = None) -> ModelInfo:
     check_file(path)
     info = read_info(path, arrays=(Keys.Tokenizer.LIST, Keys.Tokenizer.TOKEN_TYPE))
+    check_shape(info)
     mix = [TypeShare(t, n, b) for t, (n, b) in sorted(info.type_counts().items(), key=lambda kv: -kv[1][1])]
     n_layer = info.arch_int(Keys.LLM.BLOCK_COUNT)
     n_head = info.arch_int(Keys.Attention.HEAD_COUNT)

@@ -26,7 +26,14 @@ def demo_model() -> Path | None:
 def is_path(value: str) -> bool:
     seps = {"/", os.sep} | ({os.altsep} if os.altsep else set())
     return (any(s in value for s in seps) or value.lower().endswith(".gguf") or value.startswith("~")
-            or Path(value).exists())
+            or _exists(value))
+
+
+def _exists(value: str) -> bool:
+    try:
+        return Path(value).exists()
+    except OSError:  # a name too long for the file system is no file; the store's name rule will say why
+        return False
 
 
 def resolve(model: str | None, notify=None) -> Path:
