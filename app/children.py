@@ -7,9 +7,10 @@ Two means, both used where they exist:
 - Linux: `prctl(PR_SET_PDEATHSIG, SIGKILL)` in the child before it runs the program, so the kernel kills it when the
   parent dies, whatever the program is (llama-bench too). It fires when the *thread* that started the child ends, so
   children are started from long-lived threads only (the main thread everywhere today).
-- Everywhere (macOS, BSDs, and as a second guard on Linux): a lifeline pipe. The parent keeps the write end and never
-  writes; the kernel closes it when the parent process is gone, however it ended. A Python child started with
-  `lifeline=True` watches the read end (`watch_parent`, called first thing in the child) and exits when it closes.
+- Every POSIX system (macOS, BSDs, and as a second guard on Linux): a lifeline pipe. The parent keeps the write end
+  and never writes; the kernel closes it when the parent process is gone, however it ended. A Python child started
+  with `lifeline=True` watches the read end (`watch_parent`, called first thing in the child) and exits when it
+  closes. (Windows has neither; there the child still ends on Ctrl-C and SIGTERM, through the caller.)
 
 A program that cannot start (not executable, not a program for this machine) is a UserError naming it.
 """
@@ -55,7 +56,7 @@ def popen(cmd: Sequence[str], *, lifeline: bool = False, env: dict[str, str] | N
     """subprocess.Popen, with the child tied to this process (see the module's docstring)."""
     env = dict(os.environ if env is None else env)
     read_end = write_end = None
-    if lifeline:
+    if lifeline and os.name == "posix":  # Windows cannot pass a pipe by number; its children end with Ctrl-C only
         read_end, write_end = os.pipe()
         os.set_inheritable(read_end, True)
         env[LIFELINE_ENV] = str(read_end)

@@ -257,3 +257,5 @@ def test_a_corrupt_gguf_is_one_line_everywhere_and_the_store_still_lists(home, c
     assert code == 0 and "good" in out and "broken" in out and "models rm broken" in out
     code, out, err = run(capsys, "models", "rm", "broken", "--yes")
     assert code == 0 and not (store / "broken.gguf").exists() and (store / "good.gguf").exists()
+    code, out, err = run(capsys, "models", "rm", "broken", "--yes")  # gone: says so, and no advice on adding one
+    assert code == 2 and "nothing was removed" in error_line(err) and "import" not in err

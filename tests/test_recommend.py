@@ -120,4 +120,5 @@ def test_memory_amounts_are_checked_alike_by_info_and_recommend(capsys):
             errors = [line for line in err.splitlines() if line.startswith("malhae: error:")]
             assert len(errors) == 1 and "give a number of GiB from 0 to 1048576" in errors[0], (args, err)
             assert "internal error" not in err
+            assert len(err.strip().splitlines()) == 1, err  # refused before any note about the demo model
     assert main(["recommend", "--vram", "8", "--ram", "16"]) == 0

@@ -61,7 +61,7 @@ def models_rm(
     store = open_store()
     entry = store.get(name)
     if entry is None:
-        raise store.not_found(name)
+        raise store.not_found(name, removing=True)
     if not yes:
         if not sys.stdin.isatty():
             raise UserError(f"removing '{entry.name}' deletes {entry.path}; add --yes to confirm without a terminal")
@@ -123,11 +123,13 @@ def info(
     json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
 ) -> None:
     """Describe a GGUF (정보): architecture, size, tensor types, tokenizer, chat template and memory needed."""
-    from app import ui
+    from app import ui, units
     from app.store import info_view, models
     from app.store.info import describe
 
     run_opts = o.settings_for("info", ctx=ctx, gpu_layers=gpu_layers)[0]
+    if vram is not None:
+        units.gib_bytes("--vram", vram)  # a bad flag is refused before anything is said about the model
     if vram is not None and gpu_layers is None:
         run_opts["gpu_layers"] = "auto"  # --vram plans the automatic offload, whatever the settings file says
     path = models.resolve(model, ui.note)

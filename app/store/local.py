@@ -109,10 +109,13 @@ class Store:
                             "slashes or spaces, not starting with '.' or '-'), e.g. polyglot-ko-1.3b-q4_k_m")
         return self.root / f"{name}{SUFFIX}"
 
-    def not_found(self, name: str) -> UserError:
+    def not_found(self, name: str, removing: bool = False) -> UserError:
         guess = self.suggest(name)
         if guess:
             return UserError(f"no model named '{name}' in {self.root}; see `malhae models` (did you mean '{guess}'?)")
+        if removing:  # nothing to add or convert: the user wants one gone
+            return UserError(f"no model named '{name}' in {self.root}, so nothing was removed; see `malhae models` "
+                             "for the names")
         if not self.names():
             return UserError(f"no model named '{name}' in {self.root} (the store is empty); give a path to a .gguf "
                              "file, or add one with `malhae models import FILE.gguf` or `malhae convert … --add`")
@@ -208,7 +211,7 @@ class Store:
     def remove(self, name: str) -> Entry:
         entry = self.get(name)
         if entry is None:
-            raise self.not_found(name)
+            raise self.not_found(name, removing=True)
         try:
             entry.path.unlink()
         except OSError as e:
