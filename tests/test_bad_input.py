@@ -130,3 +130,16 @@ def test_an_error_during_a_progress_bar_is_one_line_with_no_blank_line_before(tm
                        "--shots", "0")
     one_error(code, err)
     assert not err.startswith("\n") and "\n\n" not in err, repr(err)
+
+
+def test_a_kv_cache_larger_than_the_ram_is_refused_before_it_is_allocated(monkeypatch, capsys):
+    """Linux overcommits, so an oversized cache is granted and the process killed later, mid-answer. The machine's
+    answer is faked (4 GiB of RAM, as a small laptop has): the demo at --ctx 1048576 needs 6 GiB of f16 K and V."""
+    from app.cli import main
+    from app.runtime import hardware
+
+    monkeypatch.setattr(hardware, "total_ram", lambda: 4 << 30)
+    assert main(["complete", "대한민국", "-m", str(DEMO), "-n", "2", "--ctx", "1048576"]) == 2
+    err = capsys.readouterr().err
+    assert "needs 6.00 GiB of KV cache in RAM, more than this machine's 4.00 GiB" in err and "--ctx" in err
+    assert main(["complete", "대한민국", "-m", str(DEMO), "-n", "2", "--ctx", "65536"]) == 0  # 384 MiB: fine

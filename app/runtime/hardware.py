@@ -69,6 +69,14 @@ def nvidia_gpus() -> tuple[GPU, ...]:
     return tuple(gpus)
 
 
+def total_ram() -> int:
+    """Physical memory in bytes (8 GiB where the platform cannot say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 << 30
+
+
 def llama_supports_gpu() -> bool:
     import llama_cpp
 

@@ -124,6 +124,7 @@ class Model(Owned):
             reason = errors[-1].strip() if errors else "llama.cpp could not load it"
             raise UserError(f"cannot load {path}: {reason}")
         self.path = path
+        self.n_gpu_layers = n_gpu_layers
         self.vocab = lc.llama_model_get_vocab(self.ptr)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
 
@@ -170,6 +171,27 @@ class Model(Owned):
         return buf.raw[:n]
 
 
+def _check_kv_fits(model: Model, n_ctx: int, element_bytes: int) -> None:
+    """Refuse a KV cache larger than this machine's RAM before llama.cpp allocates it.
+
+    Linux overcommits: an allocation far beyond RAM may well succeed, and the process is killed later, mid-answer,
+    when the pages are touched (the 1.3B model at --ctx 1048576 asks for 200 GB). Only the layers left on the CPU count
+    (an offloaded layer keeps its cache on the GPU)."""
+    from app import units
+    from app.runtime import hardware
+
+    n_layer = lc.llama_model_n_layer(model.ptr)
+    n_embd_kv = lc.llama_model_n_embd(model.ptr) * lc.llama_model_n_head_kv(model.ptr) // max(
+        1, lc.llama_model_n_head(model.ptr))
+    host_layers = max(0, n_layer - model.n_gpu_layers)
+    need = 2 * n_ctx * host_layers * n_embd_kv * element_bytes
+    ram = hardware.total_ram()
+    if need > ram:
+        raise UserError(f"a context of {n_ctx:,} tokens needs {units.gib(need)} of KV cache in RAM, more than this "
+                        f"machine's {units.gib(ram)}; use a smaller --ctx (the model was trained with "
+                        f"{lc.llama_model_n_ctx_train(model.ptr):,})")
+
+
 class Context(Owned):
     """An inference context on a Model; precise=True keeps K/V in f32 and turns flash attention off (for parity)."""
 
@@ -191,6 +213,7 @@ class Context(Owned):
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch
+        _check_kv_fits(model, n_ctx, 4 if precise else 2)
         self.ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path} "

@@ -15,7 +15,6 @@ quality/speed balance. Anyone who prefers quality over speed can still pull a la
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from app import units
@@ -117,12 +116,7 @@ def machine(vram_gb: float | None = None, ram_gb: float | None = None) -> Machin
         gpus = hardware.nvidia_gpus()
         names = tuple(g.name for g in gpus)
         vram = sum(g.free for g in gpus) or None
-    ram = given_ram if given_ram is not None else total_ram()
+    ram = given_ram if given_ram is not None else hardware.total_ram()
     return Machine(vram, ram, names, vram_gb is not None, ram_gb is not None)
 
 
-def total_ram() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 * GiB
