@@ -62,7 +62,12 @@ def popen(cmd: Sequence[str], *, lifeline: bool = False, env: dict[str, str] | N
         env[LIFELINE_ENV] = str(read_end)
         kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), read_end)
     try:
-        proc = subprocess.Popen(list(cmd), env=env, preexec_fn=_die_with(os.getpid()), **kwargs)
+        try:
+            proc = subprocess.Popen(list(cmd), env=env, preexec_fn=_die_with(os.getpid()), **kwargs)
+        except BaseException:
+            if write_end is not None:
+                os.close(write_end)
+            raise
     except PermissionError:
         raise UserError(f"cannot run {cmd[0]}: it is not executable (chmod +x it, or give the right file)") from None
     except FileNotFoundError:
