@@ -47,17 +47,22 @@ WATCHER = [sys.executable, "-c", "from app import children; import time; childre
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to see processes")
 
 
-def _kill_parent_and_check_child(parent: subprocess.Popen) -> None:
-    child = int(parent.stdout.readline())
+def _kill_9_and_expect_gone(parent: subprocess.Popen, child: int) -> None:
+    """SIGKILL the parent; the child must be gone within 10 s (and is killed here either way, to leave nothing)."""
     try:
-        assert _alive(child)
-        time.sleep(0.3)  # the child is past its start-up, doing its work
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         assert _gone_within(child, 10), "the child outlived its parent's SIGKILL"
     finally:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def _kill_parent_and_check_child(parent: subprocess.Popen) -> None:
+    child = int(parent.stdout.readline())
+    assert _alive(child)
+    time.sleep(0.3)  # the child is past its start-up, doing its work
+    _kill_9_and_expect_gone(parent, child)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
@@ -137,14 +142,8 @@ def test_kill_9_of_convert_takes_its_quantizer_along(k_quant_checkpoint, tmp_pat
             time.sleep(0.005)
         if child is None:
             continue
-        try:
-            os.kill(child, signal.SIGSTOP)
-            convert.send_signal(signal.SIGKILL)
-            convert.wait()
-            assert _gone_within(child, 10), "the quantizer outlived convert's SIGKILL"
-        finally:
-            if _alive(child):
-                os.kill(child, signal.SIGKILL)
+        os.kill(child, signal.SIGSTOP)
+        _kill_9_and_expect_gone(convert, child)
         return
     pytest.fail("never caught the quantizer running")
 
