@@ -41,14 +41,16 @@ def test_setting_types_from_files_and_options():
 def test_sampling_defaults_are_the_tables():
     """The built-ins as documented in the README; Sampling(), the table and the settings file agree on them."""
     documented = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1,
-                  "repeat_last_n": 64, "max_tokens": 512, "seed": None}
+                  "frequency_penalty": 0.0, "presence_penalty": 0.0, "repeat_last_n": 64, "max_tokens": 512,
+                  "seed": None}
     assert {k: SETTINGS[k].default for k in SAMPLING_KEYS} == documented
     assert {f.name: f.default for f in dataclasses.fields(Sampling) if f.name in SAMPLING_KEYS} == documented
 
 
 BAD = [("temperature", -1.0), ("temperature", float("nan")), ("temperature", float("inf")), ("top_p", 2.0),
        ("top_p", float("nan")), ("top_k", -3), ("min_p", 5.0), ("repeat_penalty", float("nan")),
-       ("repeat_last_n", -9), ("max_tokens", -1), ("seed", -1)]
+       ("repeat_last_n", -9), ("max_tokens", -1), ("seed", -1), ("frequency_penalty", 3.0),
+       ("presence_penalty", float("nan"))]
 
 
 def _toml(value: float) -> str:

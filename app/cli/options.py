@@ -36,6 +36,10 @@ TopP = Annotated[float | None, typer.Option("--top-p", help=_default("top_p"))]
 TopK = Annotated[int | None, typer.Option("--top-k", help=_default("top_k"))]
 MinP = Annotated[float | None, typer.Option("--min-p", help=_default("min_p"))]
 RepeatPenalty = Annotated[float | None, typer.Option("--repeat-penalty", help=_default("repeat_penalty"))]
+FrequencyPenalty = Annotated[float | None, typer.Option("--frequency-penalty", help="-2 to 2, per repetition "
+                                                                                  f"{_default('frequency_penalty')}.")]
+PresencePenalty = Annotated[float | None, typer.Option("--presence-penalty", help="-2 to 2, once a token has appeared "
+                                                                                f"{_default('presence_penalty')}.")]
 RepeatLastN = Annotated[int | None, typer.Option("--repeat-last-n", help=_default("repeat_last_n"))]
 Seed = Annotated[int | None, typer.Option("--seed", help="Fix the sampling seed for repeatable output.")]
 OneShotMaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens to generate (default: "

@@ -33,26 +33,30 @@ def complete(
     prompt: str | None = PROMPT_ARG, model: o.ModelOption = None, max_tokens: o.OneShotMaxTokens = None,
     temperature: o.Temperature = None, top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None,
     repeat_penalty: o.RepeatPenalty = None, repeat_last_n: o.RepeatLastN = None, seed: o.Seed = None,
-    stop: list[str] = STOP, ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
+    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
     json_out: o.Json = False,
 ) -> None:
     """Continue a text as it is (raw completion, for base models)."""
     _oneshot("complete", prompt, model, json_out, None, stop, max_tokens=max_tokens, temperature=temperature,
              top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-             seed=seed, ctx=ctx, threads=threads, gpu_layers=gpu_layers)
+             seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
+             threads=threads, gpu_layers=gpu_layers)
 
 
 def ask(
     prompt: str | None = PROMPT_ARG, model: o.ModelOption = None, max_tokens: o.OneShotMaxTokens = None,
     temperature: o.Temperature = None, top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None,
     repeat_penalty: o.RepeatPenalty = None, repeat_last_n: o.RepeatLastN = None, seed: o.Seed = None,
-    stop: list[str] = STOP, ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
+    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
     template: o.Template = None, json_out: o.Json = False,
 ) -> None:
     """Ask one question, framed in the model's prompt format, and print the answer."""
     _oneshot("ask", prompt, model, json_out, template, stop, max_tokens=max_tokens, temperature=temperature,
              top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-             seed=seed, ctx=ctx, threads=threads, gpu_layers=gpu_layers)
+             seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
+             threads=threads, gpu_layers=gpu_layers)
 
 
 def chat(

@@ -1,9 +1,5 @@
-"""Log-probabilities from logits, and the running sums a perplexity and its ± come from.
-
-One log-softmax for every evaluation (perplexity, quantization loss, multiple-choice log-likelihoods), all in float64:
-the KL of a good quantization (~1e-4 nats) is a small difference of large sums, and 30,080 float32 exponentials would
-put an error of ~1e-7 on each row's normaliser.
-"""
+"""The running sums a perplexity and its ± come from; the log-softmax itself is the runtime's (app.runtime.logprobs),
+shared with the server's prompt log-probabilities so that both score a text alike."""
 
 from __future__ import annotations
 
@@ -12,22 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from app.runtime.logprobs import log_prob, log_softmax, log_z
 
-def log_z(logits: np.ndarray) -> np.ndarray:
-    """log Σ exp(row) for each row, stable (the row's maximum taken out first)."""
-    x = logits.astype(np.float64)
-    peak = x.max(axis=-1, keepdims=True)
-    return peak[:, 0] + np.log(np.exp(x - peak).sum(axis=-1))
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Every row's log-probabilities [rows, n_vocab] (the KL of `eval compare` needs them all)."""
-    return logits.astype(np.float64) - log_z(logits)[:, None]
-
-
-def log_prob(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """log p(target) for each row: a choice's log-likelihood is their sum, a token's NLL their negative."""
-    return logits[np.arange(len(targets)), targets].astype(np.float64) - log_z(logits)
+__all__ = ["NLLSum", "log_prob", "log_softmax", "log_z"]
 
 
 @dataclass

@@ -21,7 +21,7 @@ import llama_cpp as lc
 from gguf import Keys
 
 from app.errors import UserError
-from app.runtime import hardware, llama, offload
+from app.runtime import hardware, llama, offload, sampler
 from app.runtime.gguf_info import GGUFInfo, check_shape, read_info
 from app.runtime.settings import DEFAULT_BATCH, Sampling, context_size
 from app.runtime.stream import TextStream
@@ -80,7 +80,9 @@ def check_model_file(path: Path) -> GGUFInfo:
 class Engine:
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  gpu_layers: str | int | None = "auto", n_batch: int = DEFAULT_BATCH, verbose: bool = False,
-                 notify: Notify | None = None) -> None:
+                 notify: Notify | None = None, n_seq: int = 1) -> None:
+        """`n_ctx` is each sequence's context; `n_seq` sequences (the server's slots) each get their own part of one
+        KV cache, so memory is n_seq × n_ctx tokens."""
         self.path = path
         self.info = check_model_file(path)
         self.notify = notify or (lambda message: None)
@@ -88,7 +90,9 @@ class Engine:
         self.n_ctx = context_size(n_ctx, self.info.arch_int(Keys.LLM.CONTEXT_LENGTH))
         self.n_batch = min(n_batch, self.n_ctx)
         self.threads = threads or hardware.physical_cores()
-        self.plan = offload.choose(self.info, gpu_layers, n_ctx=self.n_ctx, n_batch=self.n_batch, notify=self.notify)
+        self.n_seq = n_seq
+        self.plan = offload.choose(self.info, gpu_layers, n_ctx=self.n_ctx * n_seq, n_batch=self.n_batch,
+                                   notify=self.notify)
         self.n_gpu_layers = self.plan.n_gpu_layers
         self.model: llama.Model | None = None
         self.ctx = None
@@ -106,7 +110,8 @@ class Engine:
         while True:
             try:
                 self.model = llama.Model(self.path, n_gpu_layers=layers)
-                self.ctx = llama.Context(self.model, n_ctx=self.n_ctx, n_batch=self.n_batch, threads=self.threads)
+                self.ctx = llama.Context(self.model, n_ctx=self.n_ctx * self.n_seq, n_batch=self.n_batch,
+                                         threads=self.threads, n_seq=self.n_seq)
                 break
             except UserError:
                 if self.model is not None:
@@ -153,31 +158,7 @@ class Engine:
     # --- generation ------------------------------------------------------------------------------------------
 
     def _sampler(self, s: Sampling, history: list[int]):
-        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-        add = lc.llama_sampler_chain_add
-        if s.ignore_eos:
-            eog = [t for t in range(self.n_vocab) if lc.llama_vocab_is_eog(self.vocab, t)]
-            if eog:
-                biases = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
-                add(chain, lc.llama_sampler_init_logit_bias(self.n_vocab, len(eog), biases))
-        if s.repeat_penalty != 1.0 and s.repeat_last_n != 0:
-            add(chain, lc.llama_sampler_init_penalties(self.n_vocab, s.repeat_last_n, s.repeat_penalty, 0.0, 0.0))
-        if s.temperature <= 0:
-            add(chain, lc.llama_sampler_init_greedy())
-        else:
-            if s.top_k > 0:
-                add(chain, lc.llama_sampler_init_top_k(s.top_k))
-            if 0 < s.top_p < 1:
-                add(chain, lc.llama_sampler_init_top_p(s.top_p, 1))
-            if s.min_p > 0:
-                add(chain, lc.llama_sampler_init_min_p(s.min_p, 1))
-            add(chain, lc.llama_sampler_init_temp(s.temperature))
-            seed = lc.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
-            add(chain, lc.llama_sampler_init_dist(seed))
-        window = history[-s.repeat_last_n:] if s.repeat_last_n > 0 else history
-        for token in window:  # the penalties see the prompt, as in llama.cpp's own tools
-            lc.llama_sampler_accept(chain, token)
-        return chain
+        return sampler.chain(self.vocab, self.n_vocab, s, history)
 
     def _evaluate(self, tokens: list[int]) -> None:
         """Bring the KV cache to exactly `tokens`, evaluating only what is not cached (at least the last token)."""
@@ -211,7 +192,7 @@ class Engine:
         self._evaluate(tokens)
         stats.prompt_seconds = time.perf_counter() - start
         max_new = min(s.max_tokens, self.n_ctx - len(tokens))
-        sampler = self._sampler(s, tokens)
+        chain = self._sampler(s, tokens)
         stream = TextStream(s.stop)
         vocab, ctx = self.vocab, self.ctx.ptr
         sample, is_eog, to_piece, decode, get_one = (lc.llama_sampler_sample, lc.llama_vocab_is_eog,
@@ -228,7 +209,7 @@ class Engine:
                 if n >= max_new:
                     stats.stop_reason = "length" if n >= s.max_tokens else "context"
                     break
-                token = sample(sampler, ctx, -1)
+                token = sample(chain, ctx, -1)
                 if n == 0:
                     first = time.perf_counter()
                     stats.ttft = first - start
@@ -257,7 +238,7 @@ class Engine:
         finally:
             stats.generated_tokens = n
             stats.decode_seconds = time.perf_counter() - first if first else 0.0
-            lc.llama_sampler_free(sampler)
+            lc.llama_sampler_free(chain)
 
     def complete(self, prompt: str | list[int], sampling: Sampling | None = None) -> tuple[str, Stats]:
         text = "".join(self.generate(prompt, sampling))

@@ -52,6 +52,12 @@ SETTINGS: dict[str, Setting] = _table(
     Setting("min_p", float, 0.05, lambda v: 0 <= v < 1, "a number from 0 up to 1 (0 = off)", "0.05"),
     Setting("repeat_penalty", float, 1.1, lambda v: 0 < v <= 10, "a number above 0 and at most 10 (1 = off)", "1.1"),
     # llama.cpp reads -1 as "the whole context"; malhae asks for the number
+    # OpenAI's two penalties (server requests, config.toml): subtracted once for a token present in the window, and
+    # once per occurrence; llama.cpp's penalties sampler applies them with repeat_penalty
+    Setting("frequency_penalty", float, 0.0, lambda v: -2 <= v <= 2, "a number from -2 to 2 (0 = off)", "0.5",
+            settable=False),
+    Setting("presence_penalty", float, 0.0, lambda v: -2 <= v <= 2, "a number from -2 to 2 (0 = off)", "0.5",
+            settable=False),
     Setting("repeat_last_n", int, 64, lambda v: v >= 0, "a whole number of tokens, 0 or more (0 = off)", "64",
             settable=False),
     Setting("max_tokens", int, 512, lambda v: v >= 1, "a whole number, 1 or more", "512"),
@@ -138,6 +144,8 @@ class Sampling:
     top_p: float = _default("top_p")
     min_p: float = _default("min_p")
     repeat_penalty: float = _default("repeat_penalty")
+    frequency_penalty: float = _default("frequency_penalty")
+    presence_penalty: float = _default("presence_penalty")
     repeat_last_n: int = _default("repeat_last_n")
     seed: int | None = _default("seed")  # None: a different seed each time
     max_tokens: int = _default("max_tokens")
