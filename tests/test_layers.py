@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = {"app", "app.children", "app.errors", "app.flags", "app.files", "app.units", "app.ui"}
-MIDDLE = ("app.chat", "app.store", "app.eval")
+MIDDLE = ("app.chat", "app.store", "app.eval", "app.serve")
 
 
 def modules() -> dict[str, Path]:
@@ -69,6 +69,7 @@ ALLOWED = {
     "app.runtime": {"shared", "app.runtime"},
     "app.chat": {"shared", "app.runtime", "app.chat"},
     "app.eval": {"shared", "app.runtime", "app.eval"},
+    "app.serve": {"shared", "app.runtime", "app.serve"},
     "app.store": {"shared", "app.runtime", "app.store", "convert"},  # pull and the catalog call the converter
     "convert": {"shared", "app.runtime", "convert"},
     "app.cli": {"shared", "app.runtime", *MIDDLE, "app.cli", "convert"},

@@ -18,7 +18,7 @@ try:  # typer ≥ 0.29 vendors click; older versions raise the click package's u
 except ImportError:  # pragma: no cover
     from click import ClickException as _UsageError
 
-from app.cli import convert, evaluate, models, run
+from app.cli import convert, evaluate, models, run, serve
 from app.errors import UserError
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
@@ -51,6 +51,7 @@ app.command()(convert.convert)
 app.command("complete")(run.complete)
 app.command("ask")(run.ask)
 app.command()(run.chat)
+app.command()(serve.serve)
 app.command()(evaluate.bench)
 app.command()(models.info)
 app.command()(models.recommend)

@@ -1,0 +1,64 @@
+"""`malhae serve`: an OpenAI- and Ollama-compatible HTTP server on a local model (app/serve)."""
+
+from __future__ import annotations
+
+import typer
+
+from app.cli import options as o
+from app.errors import UserError
+
+MAX_PARALLEL = 64
+MAX_QUEUE = 4096
+
+
+def serve(
+    model: o.ModelOption = None,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 reaches every network "
+                             "(set --api-key then)."),
+    port: int = typer.Option(8080, "--port", help="TCP port (0: any free one)."),
+    parallel: int = typer.Option(4, "--parallel", "-np", help="Requests generated at once (slots); each has its own "
+                                 "--ctx of KV cache."),
+    queue: int = typer.Option(64, "--queue", help="Requests that may wait for a slot; more get 503 (Retry-After)."),
+    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, template: o.Template = None,
+    api_key: str | None = typer.Option(None, "--api-key", envvar="MALHAE_API_KEY", show_envvar=True,
+                                       help="Require `Authorization: Bearer KEY` on every endpoint but /health."),
+) -> None:
+    """Serve a model over HTTP (OpenAI and Ollama APIs) for other programs: editors, Open WebUI, lm-eval, scripts."""
+    from app import ui
+    from app.runtime import templates
+    from app.runtime.engine import check_model_file
+    from app.serve import server
+    from app.store import models
+
+    missing = server.missing_extra()
+    if missing:
+        raise UserError(missing)
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port}: a port is a whole number from 0 to 65535, e.g. --port 8080")
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise UserError(f"--parallel {parallel}: give 1 to {MAX_PARALLEL} slots, e.g. --parallel 4")
+    if not 0 <= queue <= MAX_QUEUE:
+        raise UserError(f"--queue {queue}: give 0 to {MAX_QUEUE} waiting requests, e.g. --queue 64")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key is empty; give a key (or leave it out to serve without one)")
+    if template:
+        templates.get(template)
+    run_opts, _ = o.settings_for("serve", ctx=ctx, threads=threads, gpu_layers=gpu_layers)
+    path = models.resolve(model, ui.note)
+    check_model_file(path)  # a wrong file is one line now, not a server that starts and then stops
+    options = server.Options(path=path, model_id=path.stem, host=host, port=port, parallel=parallel, queue=queue,
+                             n_ctx=run_opts["ctx"], threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
+                             template=template, api_key=api_key, verbose=o.verbose(), notify=ui.note)
+    srv = server.Server(options)  # binds now: a port in use is an error before anything loads
+    if not server.is_loopback(host) and not api_key:
+        ui.err.print(f"[bold yellow]malhae: warning:[/] serving on {host} without --api-key: anyone who can reach "
+                     "this machine can use the model; set --api-key KEY (or MALHAE_API_KEY)")
+    ui.note(f"loading {path.name}; serving on {srv.url} (OpenAI: {srv.url}/v1, Ollama: {srv.url}/api)")
+
+    def ready() -> None:
+        svc = srv.state.service
+        ui.note(f"ready: {svc.model_id}, {parallel} slot{'s' if parallel > 1 else ''} of {svc.n_ctx} tokens; "
+                "Ctrl-C stops")
+
+    srv.serve_forever(ready)
+    ui.note("stopped")

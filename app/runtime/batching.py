@@ -1,0 +1,395 @@
+"""Continuous batching: several requests generate at once in one llama.cpp context, one llama_decode per step.
+
+Why: one stream on a CPU or GPU leaves most of the hardware idle (decode is bound by reading the weights once per
+step, whatever the batch holds), so N streams in one decode cost little more than one. Each step holds one token for
+every generating sequence plus chunks of the prompts of newly admitted requests; a request starts at the next step,
+never waiting for the running ones to finish.
+
+Each slot is one llama.cpp sequence with its own part of the KV cache (`Engine(n_seq=N)`) and its own native sampler
+chain. A slot remembers the tokens in its cache after its request ends, and a new request goes to the free slot that
+shares the longest prefix with it: a chat client that resends the whole conversation pays for its new turn only.
+
+The scheduler runs in one thread that alone touches the context; `submit` and `Job.cancel` may be called from any
+thread. Results go out through each job's `emit` callback, called on the scheduler thread (keep it short).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp as lc
+import numpy as np
+
+from app.errors import UserError
+from app.runtime import logprobs as lp
+from app.runtime import sampler
+from app.runtime.engine import Engine
+from app.runtime.llama import Batch
+from app.runtime.settings import Sampling
+from app.runtime.stream import TextStream
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; the legacy completions limit is 5, and lm-eval asks for 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (the raw distribution, before temperature or top-k) and the likeliest
+    alternatives at its position; `logprob` is None for the first prompt token, which nothing predicts."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token: `text` is what may be shown now (whole characters, never a stop string; often "")."""
+
+    token: int
+    text: str
+    logprob: TokenLogprob | None = None
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The prompt's own log-probabilities (echo), sent once before any generated token."""
+
+    tokens: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
+class Done:
+    """The end of a job: finish_reason "stop" (end token or stop text), "length" (max_tokens or the context), or
+    "error" with `error` saying why."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    text: str  # all released text of the answer
+    error: str = ""
+    seconds: float = 0.0
+    ttft: float = 0.0
+
+
+Event = Token | Prompt | Done
+
+
+@dataclass
+class Job:
+    """One sequence to generate: `tokens` is the whole prompt, `max_new` at most what the slot's context has left."""
+
+    tokens: list[int]
+    sampling: Sampling
+    max_new: int
+    emit: Callable[[Event], None]
+    logprobs: int | None = None  # None: none; n: each generated token's log-probability and its n likeliest rivals
+    echo: bool = False  # also the prompt's log-probabilities (needs its logits: the cache is not reused)
+    cancelled: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the slot is freed at the next step."""
+        self.cancelled = True
+
+
+class Busy(Exception):
+    """The queue is full: try again later (HTTP 503 with Retry-After)."""
+
+
+class _Slot:
+    def __init__(self, seq: int) -> None:
+        self.seq = seq
+        self.cache: list[int] = []  # tokens whose K/V this sequence holds, in order
+        self.job: Job | None = None
+        self.chain = None
+        self.stream: TextStream | None = None
+        self.fed = 0  # prompt tokens in the cache (prefill is done when it reaches len(job.tokens))
+        self.pending: int | None = None  # the last sampled token, to be decoded next step
+        self.generated = 0
+        self.cached = 0
+        self.row = -1  # batch index of this slot's sampling row in the current step, -1 when none
+        self.echo_rows: list[tuple[int, int]] = []  # (batch index, position) of prompt rows wanting logits
+        self.prompt_lp: list[TokenLogprob] = []
+        self.started = 0.0
+        self.ttft = 0.0
+        self.last_used = 0.0
+
+    @property
+    def busy(self) -> bool:
+        return self.job is not None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Scheduler:
+    """N slots on one Engine (made with n_seq=N); at most `queue` jobs wait for a slot, more are refused (Busy)."""
+
+    def __init__(self, engine: Engine, *, queue: int = 64) -> None:
+        self.engine = engine
+        self.model = engine.model
+        self.ctx = engine.ctx.ptr
+        self.mem = lc.llama_get_memory(self.ctx)
+        self.n_slot_ctx = engine.n_ctx
+        self.n_batch = engine.n_batch
+        self.slots = [_Slot(i) for i in range(engine.n_seq)]
+        self.queue_limit = queue
+        self.waiting: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._batch = Batch(self.n_batch)
+        self._buf = ctypes.create_string_buffer(256)
+        self.steps = 0  # decodes done (tests check that requests really shared steps)
+        self._thread = threading.Thread(target=self._run, name="malhae-scheduler", daemon=True)
+        self._thread.start()
+
+    # --- any thread ------------------------------------------------------------------------------------------
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue these jobs together (the n choices of one request), or refuse them all with Busy."""
+        with self._cv:
+            if self._stop:
+                raise Busy("the server is shutting down")
+            free = sum(not s.busy for s in self.slots)
+            if len(self.waiting) + len(jobs) > self.queue_limit + free:
+                raise Busy(f"{len(self.waiting)} requests are already waiting for a slot")
+            self.waiting.extend(jobs)
+            self._cv.notify()
+
+    def wake(self) -> None:
+        """Look at cancelled jobs now rather than at the next step."""
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def active(self) -> int:
+        return sum(s.busy for s in self.slots)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+        for slot in self.slots:
+            self._release(slot)
+        self._batch.close()
+
+    # --- the scheduler thread --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.waiting and not any(s.busy for s in self.slots):
+                    self._cv.wait()
+                if self._stop:
+                    break
+                admitted = self._admit()
+            for slot, job in admitted:
+                self._start(slot, job)
+            try:
+                self._step()
+            except Exception as e:  # never leave a job waiting for ever: fail the running ones and go on
+                for slot in self.slots:
+                    if slot.busy:
+                        self._finish(slot, "error", f"internal error in the scheduler ({type(e).__name__}: {e})")
+        for job in self.waiting:
+            self._send(job, Done("error", len(job.tokens), 0, 0, "", "the server is shutting down"))
+        self.waiting.clear()
+
+    def _admit(self) -> list[tuple[_Slot, Job]]:
+        """Give waiting jobs free slots (called holding the lock): the slot sharing the longest prefix with the
+        job's prompt, else the one unused longest."""
+        out = []
+        while self.waiting:
+            job = self.waiting[0]
+            if job.cancelled:
+                self.waiting.popleft()
+                continue
+            free = [s for s in self.slots if not s.busy and all(s is not t for t, _ in out)]
+            if not free:
+                break
+            self.waiting.popleft()
+            best = max(free, key=lambda s: (0 if job.echo else common_prefix(s.cache, job.tokens), -s.last_used))
+            best.job = job  # taken now, so that the next job in the queue does not choose it too
+            out.append((best, job))
+        return out
+
+    def _start(self, slot: _Slot, job: Job) -> None:
+        common = 0 if job.echo else min(common_prefix(slot.cache, job.tokens), len(job.tokens) - 1)
+        lc.llama_memory_seq_rm(self.mem, slot.seq, common, -1)
+        slot.cache = slot.cache[:common]
+        slot.job = job
+        slot.fed = common
+        slot.cached = common
+        slot.pending = None
+        slot.generated = 0
+        slot.prompt_lp = []
+        slot.started = time.perf_counter()
+        slot.ttft = 0.0
+        slot.chain = sampler.chain(self.model.vocab, self.model.n_vocab, job.sampling, job.tokens)
+        slot.stream = TextStream(job.sampling.stop)
+        if job.echo:
+            slot.prompt_lp.append(TokenLogprob(job.tokens[0], None))
+
+    def _step(self) -> None:
+        for slot in self.slots:
+            if slot.busy and slot.job.cancelled:
+                self._release(slot)
+        batch = self._batch
+        n = 0
+        # one token for every generating sequence first, so that running answers never wait for new prompts
+        for slot in self.slots:
+            slot.row = -1
+            slot.echo_rows = []
+            if slot.busy and slot.pending is not None:
+                self._put(n, slot.pending, len(slot.cache), slot.seq, True)
+                slot.row = n
+                slot.cache.append(slot.pending)
+                slot.pending = None
+                n += 1
+        # then prompt chunks, in order of arrival, as far as the batch has room
+        for slot in sorted((s for s in self.slots if s.busy and s.fed < len(s.job.tokens)),
+                           key=lambda s: s.job.submitted):
+            room = self.n_batch - n
+            if room <= 0:
+                break
+            tokens = slot.job.tokens
+            end = min(len(tokens), slot.fed + room)
+            for pos in range(slot.fed, end):
+                last = pos == len(tokens) - 1
+                want = last or slot.job.echo
+                self._put(n, tokens[pos], pos, slot.seq, want)
+                if slot.job.echo and not last:
+                    slot.echo_rows.append((n, pos))
+                if last:
+                    slot.row = n
+                n += 1
+            slot.cache.extend(tokens[slot.fed:end])
+            slot.fed = end
+        if n == 0:
+            return
+        batch.n_tokens = n
+        rc = lc.llama_decode(self.ctx, batch.ptr)
+        self.steps += 1
+        if rc != 0:
+            for slot in self.slots:
+                if slot.busy and (slot.row >= 0 or slot.echo_rows or slot.fed < len(slot.job.tokens)):
+                    slot.cache = []
+                    lc.llama_memory_seq_rm(self.mem, slot.seq, 0, -1)
+                    self._finish(slot, "error", f"llama.cpp could not evaluate a batch of {n} tokens "
+                                                f"(llama_decode → {rc})")
+            return
+        for slot in self.slots:
+            if slot.busy and slot.echo_rows:
+                self._prompt_logprobs(slot)
+            if slot.busy and slot.row >= 0:
+                self._sample(slot)
+
+    def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+        b = self._batch
+        b.token[i] = token
+        b.pos[i] = pos
+        b.n_seq_id[i] = 1
+        b.ptr.seq_id[i][0] = seq
+        b.wants_logits[i] = logits
+
+    def _row(self, i: int) -> np.ndarray:
+        return np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, i), shape=(1, self.model.n_vocab))
+
+    def _logprob(self, i: int, token: int, n_top: int) -> TokenLogprob:
+        row = lp.log_softmax(self._row(i))[0]
+        return TokenLogprob(token, float(row[token]), tuple(lp.top(row, n_top)))
+
+    def _prompt_logprobs(self, slot: _Slot) -> None:
+        job = slot.job
+        n_top = job.logprobs or 0
+        for i, pos in slot.echo_rows:
+            slot.prompt_lp.append(self._logprob(i, job.tokens[pos + 1], n_top))
+
+    def _sample(self, slot: _Slot) -> None:
+        job = slot.job
+        if slot.generated == 0 and job.echo:  # the prompt is complete: its log-probabilities go out first
+            self._send(job, Prompt(tuple(slot.prompt_lp)))
+            slot.prompt_lp = []
+        if slot.generated >= job.max_new:  # max_tokens 0: the prompt was all that was asked for
+            self._finish(slot, "length")
+            return
+        token = lc.llama_sampler_sample(slot.chain, self.ctx, slot.row)
+        if slot.generated == 0:
+            slot.ttft = time.perf_counter() - job.submitted  # waiting in the queue counts: the client waited
+        if lc.llama_vocab_is_eog(self.model.vocab, token):
+            self._finish(slot, "stop")
+            return
+        slot.generated += 1
+        logprob = self._logprob(slot.row, token, job.logprobs) if job.logprobs is not None else None
+        size = lc.llama_token_to_piece(self.model.vocab, token, self._buf, len(self._buf), 0, False)
+        text = slot.stream.feed(self._buf.raw[:max(0, size)])
+        self._send(job, Token(token, text, logprob))
+        if slot.stream.stopped:
+            self._finish(slot, "stop")
+        elif slot.generated >= job.max_new or len(slot.cache) >= self.n_slot_ctx:
+            self._finish(slot, "length")
+        else:
+            slot.pending = token
+
+    def _finish(self, slot: _Slot, reason: str, error: str = "") -> None:
+        job = slot.job
+        if job is None:
+            return
+        if reason != "error" and not slot.stream.stopped:
+            tail = slot.stream.finish()
+            if tail:
+                self._send(job, Token(-1, tail))
+        text = slot.stream.text if slot.stream else ""
+        self._send(job, Done(reason, len(job.tokens), slot.generated, slot.cached, text, error,
+                             time.perf_counter() - slot.started, slot.ttft))
+        self._release(slot)
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.chain is not None:
+            sampler.free(slot.chain)
+            slot.chain = None
+        if slot.job is not None and slot.fed < len(slot.job.tokens):
+            # a half-evaluated prompt stays a valid prefix: keep exactly what the cache holds
+            slot.cache = slot.cache[:slot.fed]
+        slot.job = None
+        slot.pending = None
+        slot.last_used = time.perf_counter()
+
+    def _send(self, job: Job, event: Event) -> None:
+        if job.cancelled:
+            return
+        try:
+            job.emit(event)
+        except Exception:  # a receiver that cannot take it is gone: stop its generation
+            job.cancel()
+
+
+def check_request(engine: Engine, tokens: list[int], max_new: int | None) -> int:
+    """How many tokens a request may generate in a slot (`max_new` None: up to the end of the context); a prompt or a
+    max_tokens the context cannot take is a UserError."""
+    n_ctx = engine.n_ctx
+    if not tokens:
+        raise UserError("the prompt is empty")
+    if len(tokens) >= n_ctx:
+        raise UserError(f"the prompt is {len(tokens)} tokens; this server's context is {n_ctx} per request, with "
+                        "room for at least one more token")
+    room = n_ctx - len(tokens)
+    if max_new is None:
+        return room
+    if max_new > room:
+        raise UserError(f"max_tokens {max_new} does not fit: the prompt is {len(tokens)} tokens and the context "
+                        f"{n_ctx}, which leaves {room}")
+    return max_new

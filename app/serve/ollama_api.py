@@ -1,0 +1,148 @@
+"""Ollama's own API, enough for Ollama clients: /api/tags, /api/chat, /api/generate (NDJSON streaming), /api/version.
+
+Ollama frames `/api/generate` prompts with the model's template unless `raw` is true, streams by default, reads
+sampling from `options` (num_predict for max tokens, the rest by llama.cpp's names), ignores options it does not
+know, and answers errors as `{"error": "…"}`; so does this.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+from app import __version__
+from app.runtime.batching import Done, Token
+from app.serve import fields
+from app.serve.errors import ApiError
+from app.serve.fields import Body
+from app.serve.jobs import Request
+from app.serve.openai_api import render_chat
+from app.serve.service import Service
+from app.serve.sse import JobStream
+
+GENERATE_FIELDS = ("model", "prompt", "system", "stream", "options", "raw", "keep_alive", "format", "images",
+                   "template", "context", "suffix", "think")
+CHAT_FIELDS = ("model", "messages", "stream", "options", "keep_alive", "format", "tools", "think")
+OPTION_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                "repeat_penalty": "repeat_penalty", "repeat_last_n": "repeat_last_n",
+                "frequency_penalty": "frequency_penalty", "presence_penalty": "presence_penalty", "seed": "seed"}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def version() -> dict:
+    return {"version": __version__}
+
+
+def tags(svc: Service) -> dict:
+    path = svc.engine.path
+    stat = path.stat()
+    info = svc.engine.info
+    return {"models": [{
+        "name": svc.model_id, "model": svc.model_id, "size": stat.st_size,
+        "modified_at": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat().replace("+00:00", "Z"),
+        "details": {"format": "gguf", "family": info.architecture or "gptneox", "families": [info.architecture],
+                    "parameter_size": info.metadata.get("general.size_label") or "",
+                    "quantization_level": info.file_type or ""},
+    }]}
+
+
+def _options(body: Body, svc: Service):
+    options = body.get("options", (dict,), {})
+    values = {key: options.get(name) for name, key in OPTION_NAMES.items()}
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ApiError(f"options.{name} must be a number", param="options")
+    stop = fields.stops(options.get("stop"), "options.stop")
+    num_predict = options.get("num_predict")
+    if num_predict is not None and (isinstance(num_predict, bool) or not isinstance(num_predict, int)):
+        raise ApiError("options.num_predict must be a whole number", param="options")
+    max_new = None if num_predict is None or num_predict < 0 else num_predict  # -1: until the context ends
+    return values, stop, max_new
+
+
+def _check_format(body: Body) -> None:
+    body.forbid("format", ("",), "no JSON mode")
+    body.forbid("images", ([],), "this model reads text")
+    body.forbid("tools", ([],), "no tool calls")
+    body.forbid("suffix", ("",), "no fill-in-the-middle")
+    body.forbid("template", ("",), "the model's own template is used")
+    body.forbid("context", ([],), "send the conversation to /api/chat instead")
+
+
+async def generate(request, svc: Service):
+    body = Body(await fields.read_json(request), GENERATE_FIELDS)
+    _check_format(body)
+    prompt = body.get("prompt", (str,), "")
+    system = body.get("system", (str,), None)
+    raw = body.flag("raw")
+    values, stop, max_new = _options(body, svc)
+    stream = body.flag("stream", True)
+    if not prompt:  # Ollama answers an empty prompt with an empty, finished response (it only loads the model)
+        return _finish_line(svc, {"response": ""}, None, "load")
+    text = prompt if raw else svc.template.prompt([("user", prompt)], system=system)
+    stop = stop if raw else tuple(dict.fromkeys(svc.template.stop + stop))
+    return await _run(request, svc, body, text, fields.sampling(values, stop, {k: f"options.{k}" for k in values}),
+                      max_new, stream, lambda piece: {"response": piece})
+
+
+async def chat(request, svc: Service):
+    body = Body(await fields.read_json(request), CHAT_FIELDS)
+    _check_format(body)
+    values, stop, max_new = _options(body, svc)
+    stream = body.flag("stream", True)
+    text = render_chat(svc, body.data.get("messages"))
+    stop = tuple(dict.fromkeys(svc.template.stop + stop))
+    return await _run(request, svc, body, text, fields.sampling(values, stop, {k: f"options.{k}" for k in values}),
+                      max_new, stream, lambda piece: {"message": {"role": "assistant", "content": piece}})
+
+
+def _finish_line(svc: Service, content: dict, done: Done | None, reason: str | None = None) -> dict:
+    line = {"model": svc.model_id, "created_at": _now(), **content, "done": True,
+            "done_reason": reason or ("length" if done and done.finish_reason == "length" else "stop")}
+    if done is not None:
+        ns = 1_000_000_000
+        line |= {"total_duration": int(done.seconds * ns), "load_duration": 0,
+                 "prompt_eval_count": done.prompt_tokens - done.cached_tokens,
+                 "prompt_eval_duration": int(done.ttft * ns), "eval_count": done.completion_tokens,
+                 "eval_duration": int(max(0.0, done.seconds - done.ttft) * ns)}
+    return line
+
+
+async def _run(request, svc: Service, body: Body, text: str, sampling, max_new, stream: bool, shape):
+    tokens = svc.tokenize(text)
+    budget = svc.fit(tokens, max_new)
+    req = Request(svc.scheduler)
+    req.add(tokens, sampling, budget)
+    req.submit()
+    if stream:
+        return JobStream(req, _lines(svc, req, shape), media_type="application/x-ndjson")
+    try:
+        answer, done = "", None
+        async for _, event in req.events(request.is_disconnected):
+            if isinstance(event, Token):
+                answer += event.text
+            elif isinstance(event, Done):
+                done = event
+    finally:
+        req.cancel()
+    if done is None:
+        raise ApiError("the request was cancelled", 499)
+    if done.error:
+        raise ApiError(done.error, 500, kind="server_error")
+    return _finish_line(svc, shape(answer), done)
+
+
+async def _lines(svc: Service, req: Request, shape):
+    async for _, event in req.events():
+        if isinstance(event, Token) and event.text:
+            line = {"model": svc.model_id, "created_at": _now(), **shape(event.text), "done": False}
+            yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
+        elif isinstance(event, Done):
+            if event.error:
+                yield (json.dumps({"error": event.error}) + "\n").encode()
+            else:
+                yield (json.dumps(_finish_line(svc, shape(""), event), ensure_ascii=False) + "\n").encode()
+

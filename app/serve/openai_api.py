@@ -1,0 +1,339 @@
+"""OpenAI's `/v1/completions` and `/v1/chat/completions` on the scheduler, streamed (SSE) or whole.
+
+Completions take the prompt as a string, a list of strings, a list of token ids or a list of such lists, and with
+`echo` + `logprobs` give one log-probability per prompt token (the first null) in the legacy shape — what
+lm-evaluation-harness's `local-completions` reads to score a continuation (it sends `max_tokens: 1`, reads
+`token_logprobs[ctxlen:-1]` and compares each with the best of its `top_logprobs`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from app.runtime.batching import MAX_TOP_LOGPROBS, Done, Prompt, Token, TokenLogprob
+from app.serve import fields
+from app.serve.errors import ApiError
+from app.serve.fields import Body
+from app.serve.jobs import Request
+from app.serve.service import MAX_PROMPTS, Service, offsets
+from app.serve.sse import JobStream
+
+MAX_N = 16
+COMMON = ("model", "stream", "stream_options", "max_tokens", "n", "stop", "seed", "user", "logit_bias",
+          *fields.SAMPLING_FIELDS)
+COMPLETION_FIELDS = (*COMMON, "prompt", "echo", "logprobs", "suffix", "best_of")
+CHAT_FIELDS = (*COMMON, "messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format", "tools",
+               "tool_choice", "functions", "function_call", "parallel_tool_calls")
+HARMLESS = ("metadata", "store", "service_tier", "modalities", "reasoning_effort", "prediction_none")
+
+
+def _sampling(body: Body, stop: tuple[str, ...]):
+    values = {k: body.get(k, (int, float)) for k in fields.SAMPLING_FIELDS}
+    return fields.sampling(values, stop)
+
+
+def _seeded(sampling, i: int):
+    """Choice i of n: the same settings, the next seed (n equal answers would be useless)."""
+    from dataclasses import replace
+
+    return sampling if sampling.seed is None or i == 0 else replace(sampling, seed=(sampling.seed + i) % 2**32)
+
+
+def _include_usage(body: Body) -> bool:
+    options = body.get("stream_options", (dict,), {})
+    extra = set(options) - {"include_usage", "continuous_usage_stats"}
+    if extra:
+        raise ApiError(f"stream_options: unknown field {sorted(extra)[0]!r}", param="stream_options")
+    usage = options.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise ApiError("stream_options.include_usage must be true or false", param="stream_options")
+    return usage
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+@dataclass
+class _Choice:
+    """What one job has produced so far."""
+
+    text: str = ""
+    finish: str | None = None
+    error: str = ""
+    done: Done | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt: list[TokenLogprob] = field(default_factory=list)
+
+
+def _collect(choice: _Choice, event) -> None:
+    if isinstance(event, Token):
+        choice.text += event.text
+        if event.logprob is not None:
+            choice.logprobs.append(event.logprob)
+    elif isinstance(event, Prompt):
+        choice.prompt = list(event.tokens)
+    elif isinstance(event, Done):
+        choice.done = event
+        choice.finish = "length" if event.finish_reason == "length" else "stop"
+        choice.error = event.error
+
+
+def _server_error(choices: list[_Choice]) -> ApiError | None:
+    failed = next((c for c in choices if c.error), None)
+    return ApiError(failed.error, 500, code="generation_failed", kind="server_error") if failed else None
+
+
+def _sse(data: object) -> bytes:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+# --- /v1/completions -------------------------------------------------------------------------------------------
+
+def _prompts(svc: Service, value: object) -> list[tuple[list[int], str | None]]:
+    """The prompts of a completions request as (token ids, text as given or None for ids)."""
+    if isinstance(value, str):
+        return [(svc.tokenize(value), value)]
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return [(svc.tokenize(p), p) for p in value[:MAX_PROMPTS + 1]]
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            return [(svc.check_ids(value, "prompt"), None)]
+        if all(isinstance(p, list) for p in value):
+            return [(svc.check_ids(p, f"prompt[{i}]"), None) for i, p in enumerate(value[:MAX_PROMPTS + 1])]
+    raise ApiError("prompt must be a string, an array of strings, an array of token ids or an array of arrays of "
+                   "token ids (none empty)", param="prompt", code="invalid_prompt")
+
+
+def _legacy(svc: Service, choice: _Choice, prompt: list[int], echo: bool, echo_text: str) -> dict:
+    """OpenAI's legacy logprobs: tokens, token_logprobs, top_logprobs (a dict per token) and text_offset."""
+    entries = (choice.prompt if echo else []) + choice.logprobs
+    pieces = [svc.piece(e.token) for e in entries]
+    start_gen = len(choice.prompt) if echo else 0
+    offs = offsets(pieces[:start_gen]) + offsets(pieces[start_gen:], len(echo_text) if echo else 0)
+    tops = [None if e.logprob is None else {svc.token_text(t): lp for t, lp in e.top} for e in entries]
+    return {"tokens": [svc.token_text(e.token) for e in entries], "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": tops, "text_offset": offs}
+
+
+async def completions(request, svc: Service):
+    body = Body(await fields.read_json(request), COMPLETION_FIELDS, HARMLESS)
+    if "prompt" not in body.data:
+        raise ApiError("prompt is required", param="prompt", code="missing_field")
+    body.forbid("suffix", ("",), "no fill-in-the-middle")
+    body.forbid("best_of", (1,), "use n")
+    body.forbid("logit_bias", ({},), "no logit bias")
+    n = body.integer("n", 1, 1, MAX_N)
+    max_tokens = body.integer("max_tokens", 16, 0)
+    n_logprobs = body.integer("logprobs", None, 0, MAX_TOP_LOGPROBS)
+    echo = body.flag("echo")
+    stream = body.flag("stream")
+    include_usage = _include_usage(body)
+    sampling = _sampling(body, fields.stops(body.data.get("stop")))
+    prompts = _prompts(svc, body.data["prompt"])
+    if len(prompts) * n > MAX_PROMPTS:
+        raise ApiError(f"{len(prompts)} prompts × n {n} is more than {MAX_PROMPTS} sequences in one request",
+                       param="prompt", code="too_many_prompts")
+    req = Request(svc.scheduler)
+    echo_texts = []
+    for tokens, text in prompts:
+        budget = svc.fit(tokens, max_tokens)
+        echo_texts.append(text if text is not None else svc.detokenize(tokens))
+        for i in range(n):
+            req.add(tokens, _seeded(sampling, i), budget, logprobs=n_logprobs, echo=echo and n_logprobs is not None)
+    ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+    head = {"id": ident, "object": "text_completion", "created": created, "model": svc.model_id}
+    req.submit()
+    if stream:
+        return JobStream(req, _completion_events(svc, req, head, n, prompts, echo, echo_texts, n_logprobs,
+                                                 include_usage))
+    try:
+        choices = [_Choice() for _ in req.jobs]
+        async for index, event in req.events(request.is_disconnected):
+            _collect(choices[index], event)
+    finally:
+        req.cancel()
+    error = _server_error(choices)
+    if error:
+        raise error
+    out = []
+    for index, choice in enumerate(choices):
+        p = index // n
+        text = (echo_texts[p] if echo else "") + choice.text
+        logprobs = _legacy(svc, choice, prompts[p][0], echo, echo_texts[p]) if n_logprobs is not None else None
+        out.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish})
+    return head | {"choices": out, "usage": _total_usage(choices, n)}
+
+
+def _total_usage(choices: list[_Choice], n: int) -> dict:
+    """Prompt tokens count once per prompt (not once per choice), as OpenAI counts them."""
+    dones = [c.done for c in choices if c.done]
+    prompt = sum(d.prompt_tokens for i, d in enumerate(dones) if i % n == 0)
+    cached = sum(d.cached_tokens for i, d in enumerate(dones) if i % n == 0)
+    return _usage(prompt, sum(d.completion_tokens for d in dones), cached)
+
+
+async def _completion_events(svc, req, head, n, prompts, echo, echo_texts, n_logprobs, include_usage):
+    choices = [_Choice() for _ in req.jobs]
+    for index in range(len(req.jobs)) if echo else ():
+        yield _sse(head | {"choices": [{"index": index, "text": echo_texts[index // n], "logprobs": None,
+                                        "finish_reason": None}]})
+    async for index, event in req.events():
+        choice = choices[index]
+        _collect(choice, event)
+        if isinstance(event, Token) and (event.text or event.logprob is not None):
+            logprobs = None
+            if event.logprob is not None:
+                e = event.logprob
+                logprobs = {"tokens": [svc.token_text(e.token)], "token_logprobs": [e.logprob],
+                            "top_logprobs": [{svc.token_text(t): v for t, v in e.top}], "text_offset": [0]}
+            yield _sse(head | {"choices": [{"index": index, "text": event.text, "logprobs": logprobs,
+                                            "finish_reason": None}]})
+        elif isinstance(event, Done):
+            if choice.error:
+                yield _sse(ApiError(choice.error, 500, kind="server_error").body())
+                continue
+            yield _sse(head | {"choices": [{"index": index, "text": "", "logprobs": None,
+                                            "finish_reason": choice.finish}]})
+    if include_usage:
+        yield _sse(head | {"choices": [], "usage": _total_usage(choices, n)})
+    yield DONE
+
+
+# --- /v1/chat/completions --------------------------------------------------------------------------------------
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(f"messages[{i}].content: only text parts are supported (this model reads text)",
+                               param="messages", code="unsupported")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ApiError(f"messages[{i}].content must be a string or an array of text parts", param="messages",
+                   code="invalid_type")
+
+
+def render_chat(svc: Service, messages: object) -> str:
+    """The prompt for a message list, in the model's chat format (its GGUF template, else malhae's by name)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError("messages must be a non-empty array", param="messages", code="invalid_type")
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for i, m in enumerate(messages[:10_000]):
+        if not isinstance(m, dict):
+            raise ApiError(f"messages[{i}] must be an object", param="messages", code="invalid_type")
+        role = m.get("role")
+        if role in ("system", "developer"):
+            system.append(_content(m, i))
+        elif role in ("user", "assistant"):
+            turns.append((role, _content(m, i)))
+        else:
+            raise ApiError(f"messages[{i}].role must be system, user or assistant, not {role!r}", param="messages",
+                           code="invalid_value")
+    if not turns or turns[-1][0] != "user":
+        raise ApiError("the last message must be the user's (the model answers it)", param="messages",
+                       code="invalid_value")
+    from app.errors import UserError
+
+    try:
+        return svc.template.prompt(turns, system="\n".join(system) if system else None)
+    except UserError as e:
+        raise ApiError(str(e), code="template_error") from None
+
+
+def _chat_logprobs(svc: Service, entries: list[TokenLogprob]) -> dict:
+    def item(token: int, logprob: float) -> dict:
+        return {"token": svc.token_text(token), "logprob": logprob, "bytes": list(svc.piece(token))}
+
+    return {"content": [item(e.token, e.logprob) | {"top_logprobs": [item(t, v) for t, v in e.top]}
+                        for e in entries]}
+
+
+async def chat(request, svc: Service):
+    body = Body(await fields.read_json(request), CHAT_FIELDS, HARMLESS)
+    body.forbid("tools", ([],), "no tool calls")
+    body.forbid("functions", ([],), "no tool calls")
+    body.forbid("tool_choice", ("none", "auto"), "no tool calls")
+    body.forbid("function_call", ("none", "auto"), "no tool calls")
+    body.forbid("parallel_tool_calls", (True, False), "")
+    body.forbid("logit_bias", ({},), "no logit bias")
+    body.forbid("response_format", ({"type": "text"},), "no JSON mode")
+    n = body.integer("n", 1, 1, MAX_N)
+    max_tokens = body.integer("max_completion_tokens", None, 0)
+    if max_tokens is None:
+        max_tokens = body.integer("max_tokens", None, 0)
+    want_logprobs = body.flag("logprobs")
+    top = body.integer("top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not want_logprobs:
+        raise ApiError("top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
+    n_logprobs = (top or 0) if want_logprobs else None
+    stream = body.flag("stream")
+    include_usage = _include_usage(body)
+    stop = tuple(dict.fromkeys(svc.template.stop + fields.stops(body.data.get("stop"))))
+    sampling = _sampling(body, stop)
+    tokens = svc.tokenize(render_chat(svc, body.data.get("messages")))
+    budget = svc.fit(tokens, max_tokens)
+    req = Request(svc.scheduler)
+    for i in range(n):
+        req.add(tokens, _seeded(sampling, i), budget, logprobs=n_logprobs)
+    ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+    head = {"id": ident, "created": created, "model": svc.model_id}
+    req.submit()
+    if stream:
+        return JobStream(req, _chat_events(svc, req, head | {"object": "chat.completion.chunk"}, include_usage))
+    try:
+        choices = [_Choice() for _ in req.jobs]
+        async for index, event in req.events(request.is_disconnected):
+            _collect(choices[index], event)
+    finally:
+        req.cancel()
+    error = _server_error(choices)
+    if error:
+        raise error
+    out = [{"index": i, "message": {"role": "assistant", "content": c.text},
+            "logprobs": _chat_logprobs(svc, c.logprobs) if n_logprobs is not None else None,
+            "finish_reason": c.finish} for i, c in enumerate(choices)]
+    return head | {"object": "chat.completion", "choices": out, "usage": _total_usage(choices, n)}
+
+
+async def _chat_events(svc, req, head, include_usage):
+    choices = [_Choice() for _ in req.jobs]
+    for index in range(len(req.jobs)):
+        yield _sse(head | {"choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
+                                        "logprobs": None, "finish_reason": None}]})
+    pending: dict[int, list[TokenLogprob]] = {}
+    async for index, event in req.events():
+        choice = choices[index]
+        _collect(choice, event)
+        if isinstance(event, Token):
+            if event.logprob is not None:
+                pending.setdefault(index, []).append(event.logprob)
+            if event.text:
+                held = pending.pop(index, None)
+                yield _sse(head | {"choices": [{"index": index, "delta": {"content": event.text},
+                                                "logprobs": _chat_logprobs(svc, held) if held else None,
+                                                "finish_reason": None}]})
+        elif isinstance(event, Done):
+            if choice.error:
+                yield _sse(ApiError(choice.error, 500, kind="server_error").body())
+                continue
+            held = pending.pop(index, None)
+            yield _sse(head | {"choices": [{"index": index, "delta": {},
+                                            "logprobs": _chat_logprobs(svc, held) if held else None,
+                                            "finish_reason": choice.finish}]})
+    if include_usage:
+        yield _sse(head | {"choices": [], "usage": _total_usage(choices, len(choices))})
+    yield DONE

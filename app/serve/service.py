@@ -1,0 +1,114 @@
+"""What every endpoint needs once the model is loaded: the engine, its scheduler, its chat format, and how its tokens
+read as text. One object, made when loading ends, so that a handler never sees a half-loaded model."""
+
+from __future__ import annotations
+
+import codecs
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gguf import Keys
+
+from app.errors import UserError
+from app.runtime import templates
+from app.runtime.batching import Scheduler
+from app.runtime.engine import Engine
+from app.serve.errors import ApiError
+
+MAX_PROMPTS = 64  # prompts × n in one request: each is a sequence in the queue
+
+
+@dataclass
+class Service:
+    engine: Engine
+    scheduler: Scheduler
+    template: templates.Template
+    model_id: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @classmethod
+    def load(cls, path: Path, *, model_id: str, parallel: int, queue: int, n_ctx: int | None, threads: int | None,
+             gpu_layers: str | int | None, template: str | None = None, verbose: bool = False, notify=None
+             ) -> Service:
+        engine = Engine(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=notify,
+                        n_seq=parallel)
+        try:
+            chosen = templates.get(template) if template else templates.for_engine(engine)
+            return cls(engine, Scheduler(engine, queue=queue), chosen, model_id)
+        except BaseException:
+            engine.close()
+            raise
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.engine.close()
+
+    # --- tokens ----------------------------------------------------------------------------------------------
+
+    @property
+    def n_vocab(self) -> int:
+        return self.engine.n_vocab
+
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.n_ctx
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.engine.tokenize(text)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.engine.detokenize(tokens)
+
+    def piece(self, token: int) -> bytes:
+        return self.engine.model.token_bytes(token, special=True)
+
+    def token_text(self, token: int) -> str:
+        """A token as logprobs name it: its text, or `bytes:\\xNN…` when it holds part of a character (as OpenAI
+        writes such tokens)."""
+        data = self.piece(token)
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
+
+    def special_text(self, key: str) -> str | None:
+        token = self.engine.info.metadata.get(key)
+        return self.piece(int(token)).decode("utf-8", "replace") if isinstance(token, int) else None
+
+    @property
+    def eos_text(self) -> str | None:
+        return self.special_text(Keys.Tokenizer.EOS_ID)
+
+    @property
+    def chat_template(self) -> str:
+        own = self.engine.info.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
+        return own if isinstance(own, str) and own.strip() else self.template.chat_template
+
+    def check_ids(self, tokens: list[int], where: str) -> list[int]:
+        for t in tokens:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.n_vocab:
+                raise ApiError(f"{where}: token id {t!r} is not in the vocabulary (0 … {self.n_vocab - 1})",
+                               param=where, code="invalid_token")
+        return tokens
+
+    def fit(self, tokens: list[int], max_new: int | None) -> int:
+        """How many tokens this prompt may generate (ApiError when the prompt or max_tokens does not fit)."""
+        from app.runtime.batching import check_request
+
+        try:
+            return check_request(self.engine, tokens, max_new)
+        except UserError as e:
+            raise ApiError(str(e), code="context_length_exceeded", param="max_tokens" if max_new else "prompt"
+                           ) from None
+
+
+def offsets(pieces: list[bytes], start: int = 0) -> list[int]:
+    """Where each token's text begins in the decoded text (characters; a token that starts inside a character
+    begins where that character does)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out, at = [], start
+    for data in pieces:
+        out.append(at)
+        at += len(decoder.decode(data))
+    return out

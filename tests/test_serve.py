@@ -1,0 +1,435 @@
+"""`malhae serve` over real HTTP on 127.0.0.1: the openai client, lm-eval's echo scoring, continuous batching,
+disconnects, the queue, bad requests, the API key and Ollama's API. No mocks: real llama.cpp, real models."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+import factory  # noqa: E402
+
+from app.eval.loglik import Scorer  # noqa: E402
+from app.runtime.llama import Model  # noqa: E402
+from app.serve.server import Options, Server, State, build_app  # noqa: E402
+from app.store import models  # noqa: E402
+from convert import pipeline  # noqa: E402
+
+PROMPTS = ["대한민국은", "모든 국민은", "국회는", "대통령은", "헌법", "법률은", "국가는", "제1조"]
+
+
+@contextmanager
+def serving(path: Path, **options):
+    opts = Options(path=path, model_id=path.stem, port=0, threads=2, **({"parallel": 4, "n_ctx": 512} | options))
+    with Server(opts) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def demo_path() -> Path:
+    path = models.demo_model()
+    assert path is not None
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(demo_path):
+    with serving(demo_path, parallel=8) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def endless_path(tmp_path_factory) -> Path:
+    """A model that never ends an answer by itself (see tests/factory.py), so a stream runs until it is stopped."""
+    root = tmp_path_factory.mktemp("serve-endless")
+    src = factory.build(root / "ckpt", factory.Spec("endless", hidden=256, heads=4, ff=512, weights="safetensors",
+                                                    never_eos=True, ctx=4096))
+    return pipeline.convert(src, "q8_0", root / "m.gguf").path
+
+
+@pytest.fixture(scope="module")
+def endless(endless_path):
+    with serving(endless_path, parallel=2, queue=1, n_ctx=4096) as server:
+        yield server
+
+
+def client(server, key: str = "none"):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def request(server, method: str, path: str, body: object = None, headers: dict | None = None, raw: bytes | None = None):
+    """(status, headers, parsed JSON or text) of one plain HTTP request."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    conn.close()
+    try:
+        return resp.status, dict(resp.getheaders()), json.loads(text)
+    except ValueError:
+        return resp.status, dict(resp.getheaders()), text
+
+
+def health(server) -> dict:
+    return request(server, "GET", "/health")[2]
+
+
+def wait_idle(server, timeout: float = 10) -> dict:
+    end = time.monotonic() + timeout
+    while True:
+        h = health(server)
+        if h["slots_busy"] == 0 and h["waiting"] == 0 or time.monotonic() > end:
+            return h
+        time.sleep(0.05)
+
+
+# --- the openai client ------------------------------------------------------------------------------------------
+
+def test_chat_streamed_equals_whole(demo):
+    c = client(demo)
+    messages = [{"role": "user", "content": "대한민국의 주권은 누구에게 있나요?"}]
+    whole = c.chat.completions.create(model="any", messages=messages, temperature=0, max_tokens=24)
+    text = whole.choices[0].message.content
+    assert text.strip() and "\ufffd" not in text
+    assert whole.object == "chat.completion" and whole.model == demo.options.model_id
+    assert whole.usage.completion_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+    parts, usage, reasons = [], None, []
+    for chunk in c.chat.completions.create(model="any", messages=messages, temperature=0, max_tokens=24,
+                                           stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            reasons.append(choice.finish_reason)
+    assert "".join(parts) == text
+    assert reasons[-1] == whole.choices[0].finish_reason
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.prompt_tokens == whole.usage.prompt_tokens
+
+
+def test_completion_usage_counts_real_tokens(demo, demo_path):
+    c = client(demo)
+    out = c.completions.create(model="m", prompt="대한민국은 민주공화국이다.", max_tokens=8, temperature=0)
+    ids = request(demo, "POST", "/tokenize", {"prompt": "대한민국은 민주공화국이다."})[2]["tokens"]
+    assert out.usage.prompt_tokens == len(ids) > 0
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="m", prompt="대한민국은 민주공화국이다.", max_tokens=8, temperature=0, stream=True) if ch.choices)
+    assert streamed == out.choices[0].text
+
+
+def test_max_tokens_ends_with_length(endless):
+    c = client(endless)
+    out = c.completions.create(model="m", prompt="대한민국", max_tokens=7, temperature=0)
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage.completion_tokens == 7
+
+
+def test_chat_logprobs_are_the_models(demo):
+    out = client(demo).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "국회는 무엇을 하나요?"}], temperature=0, max_tokens=6,
+        logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    assert len(content) == out.usage.completion_tokens
+    for item in content:
+        assert len(item.top_logprobs) == 3
+        values = [t.logprob for t in item.top_logprobs]
+        assert values == sorted(values, reverse=True) and all(v <= 0 for v in values)
+        assert item.token == item.top_logprobs[0].token  # greedy: the chosen token is the likeliest
+        assert item.logprob == values[0]
+    assert b"".join(bytes(i.bytes) for i in content).decode("utf-8", "replace").strip()
+
+
+def test_n_choices_and_several_prompts(demo):
+    c = client(demo)
+    out = c.completions.create(model="m", prompt=["대한민국은", "국회는"], max_tokens=4, n=2, temperature=0.8,
+                               seed=7)
+    assert sorted(ch.index for ch in out.choices) == [0, 1, 2, 3]
+    one = c.completions.create(model="m", prompt="국회는", max_tokens=4, temperature=0.8, seed=7)
+    assert out.choices[2].text == one.choices[0].text  # choice 0 of a prompt uses the seed as given
+
+
+# --- echo: what lm-evaluation-harness reads ---------------------------------------------------------------------
+
+def test_echo_logprobs_equal_malhae_eval_scoring(demo, demo_path):
+    text = "대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다."
+    ids = request(demo, "POST", "/tokenize", {"prompt": text, "add_special_tokens": False})[2]["tokens"]
+    status, _, out = request(demo, "POST", "/v1/completions", {"model": "m", "prompt": [ids], "max_tokens": 0,
+                                                                "echo": True, "logprobs": 1, "temperature": 0})
+    assert status == 200, out
+    lp = out["choices"][0]["logprobs"]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert len(lp["token_logprobs"]) == len(ids)
+    assert out["choices"][0]["text"] == text
+    with Model(demo_path) as model, Scorer(model, threads=2) as scorer:
+        for k in (1, 3, len(ids) // 2, len(ids) - 1):
+            ref = scorer.score(ids[:k], [ids[k:]])[0].loglik
+            assert abs(sum(lp["token_logprobs"][k:]) - ref) < 1e-4, k
+
+
+def test_echo_in_lm_eval_shape(demo):
+    """lm-eval's local-completions: prompt ids, max_tokens 1, echo, logprobs 1; it reads token_logprobs[ctxlen:-1]
+    and calls a continuation greedy when each equals the best of its top_logprobs."""
+    text = "모든 국민은 법 앞에 평등하다."
+    ids = request(demo, "POST", "/tokenize", {"prompt": text, "add_special_tokens": False})[2]["tokens"]
+    _, _, out = request(demo, "POST", "/v1/completions", {"model": "m", "prompt": [ids, ids[:3]], "max_tokens": 1,
+                                                          "echo": True, "logprobs": 1, "temperature": 0,
+                                                          "seed": 1234})
+    first, second = sorted(out["choices"], key=lambda c: c["index"])
+    assert len(first["logprobs"]["token_logprobs"]) == len(ids) + 1
+    assert len(second["logprobs"]["token_logprobs"]) == 3 + 1
+    lps, tops = first["logprobs"]["token_logprobs"], first["logprobs"]["top_logprobs"]
+    for value, top in zip(lps[1:], tops[1:], strict=True):
+        assert len(top) == 1 and value <= max(top.values())
+    assert lps[-1] == max(tops[-1].values())  # the generated token at temperature 0 is the likeliest
+    offsets = first["logprobs"]["text_offset"]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+
+
+# --- continuous batching ----------------------------------------------------------------------------------------
+
+def _stream_text(server, prompt: str, max_tokens: int) -> str:
+    chunks = client(server).completions.create(model="m", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                               stream=True)
+    return "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+
+def test_eight_concurrent_greedy_streams_equal_eight_alone(demo):
+    alone = [_stream_text(demo, p, 24) for p in PROMPTS]
+    steps_before = demo.state.service.scheduler.steps
+    results: dict[int, str] = {}
+    barrier = threading.Barrier(len(PROMPTS))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = _stream_text(demo, PROMPTS[i], 24)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [results[i] for i in range(len(PROMPTS))] == alone
+    steps = demo.state.service.scheduler.steps - steps_before
+    generated = sum(len(request(demo, "POST", "/tokenize", {"prompt": t})[2]["tokens"]) for t in alone)
+    assert steps < generated * 0.6  # they shared decodes: alone, each token costs one step
+
+
+def test_prompt_prefix_is_reused(demo):
+    c = client(demo)
+    history = [{"role": "user", "content": "대한민국의 수도는 어디인가요? 길게 설명해 주세요."}]
+    first = c.chat.completions.create(model="m", messages=history, temperature=0, max_tokens=12)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "국회는 무엇을 하나요?"}]
+    second = c.chat.completions.create(model="m", messages=history, temperature=0, max_tokens=4)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens - 1  # at least the first turn's prompt was not evaluated again
+
+
+def _open_stream(server, body: dict):
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def test_disconnect_frees_the_slot(endless):
+    sock = _open_stream(endless, {"prompt": "대한민국", "max_tokens": 3000, "stream": True, "temperature": 0})
+    got = b""
+    while got.count(b"data:") < 3:
+        got += sock.recv(4096)
+    assert health(endless)["slots_busy"] == 1
+    sock.close()
+    assert wait_idle(endless, 5)["slots_busy"] == 0
+
+
+def test_disconnect_frees_the_slot_without_streaming(endless):
+    sock = _open_stream(endless, {"prompt": "대한민국", "max_tokens": 3000, "temperature": 0})
+    end = time.monotonic() + 5
+    while health(endless)["slots_busy"] == 0 and time.monotonic() < end:
+        time.sleep(0.02)
+    assert health(endless)["slots_busy"] == 1
+    sock.close()
+    assert wait_idle(endless, 5)["slots_busy"] == 0
+
+
+def test_queue_overflow_is_503_with_retry_after(endless):
+    body = {"prompt": "대한민국", "max_tokens": 3000, "stream": True, "temperature": 0}
+    socks = [_open_stream(endless, body) for _ in range(3)]  # two slots and one place in the queue
+    end = time.monotonic() + 10
+    while (health(endless)["slots_busy"], health(endless)["waiting"]) != (2, 1) and time.monotonic() < end:
+        time.sleep(0.02)
+    status, headers, out = request(endless, "POST", "/v1/completions", body | {"stream": False})
+    assert status == 503 and headers.get("retry-after") == "1", out
+    assert out["error"]["code"] == "server_busy"
+    with pytest.raises(openai.APIStatusError) as caught:
+        client(endless).completions.create(model="m", prompt="x", max_tokens=2)
+    assert caught.value.status_code == 503
+    for s in socks:
+        s.close()
+    assert wait_idle(endless, 5) == {"status": "ok", "slots_idle": 2, "slots_busy": 0, "waiting": 0}
+
+
+# --- bad requests -----------------------------------------------------------------------------------------------
+
+BAD = [
+    ("/v1/completions", b"{not json", 400, "invalid_json"),
+    ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
+    ("/v1/completions", b"", 400, "invalid_json"),
+    ("/v1/completions", b"\xff\xfe", 400, "invalid_json"),
+    ("/v1/completions", b"[" * 100_000, 400, "invalid_json"),
+    ("/v1/completions", {"max_tokens": 4}, 400, "missing_field"),
+    ("/v1/completions", {"prompt": 5}, 400, "invalid_prompt"),
+    ("/v1/completions", {"prompt": []}, 400, "invalid_prompt"),
+    ("/v1/completions", {"prompt": ""}, 400, None),
+    ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": "8"}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 10**9}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"prompt": "국민 " * 2000}, 400, "context_length_exceeded"),
+    ("/v1/completions", {"prompt": [1, 2, 10**9]}, 400, "invalid_token"),
+    ("/v1/completions", {"prompt": [[1, -1]]}, 400, "invalid_token"),
+    ("/v1/completions", {"prompt": [True, 2]}, 400, "invalid_prompt"),
+    ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "seed": -5}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "stop": 3}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 99}, 400, "invalid_value"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "invalid_type"),
+    ("/v1/completions", {"prompt": "x", "frobnicate": 1}, 400, "unknown_field"),
+    ("/v1/completions", {"prompt": "x", "logit_bias": {"5": 100}}, 400, "unsupported"),
+    ("/v1/completions", {"prompt": ["x"] * 100}, 400, "too_many_prompts"),
+    ("/v1/chat/completions", {"messages": []}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "invalid_type"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "unsupported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
+     "unsupported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": {"x": 1}}, 400,
+     None),
+    ("/tokenize", {"prompt": 5}, 400, "invalid_type"),
+    ("/detokenize", {"tokens": [99999999]}, 400, "invalid_token"),
+    ("/detokenize", {"tokens": "abc"}, 400, "invalid_type"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code"), BAD, ids=[f"{p}-{i}" for i, (p, *_) in enumerate(BAD)])
+def test_bad_requests_get_4xx_json(demo, path, body, status, code):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    got, _, out = request(demo, "POST", path, raw=raw)
+    assert got == status, out
+    assert isinstance(out["error"]["message"], str) and out["error"]["message"]
+    assert out["error"]["type"] == "invalid_request_error"
+    if code:
+        assert out["error"]["code"] == code, out
+    assert health(demo)["status"] == "ok"
+
+
+def test_nan_and_huge_bodies_and_unknown_paths(demo):
+    status, _, out = request(demo, "POST", "/v1/completions", raw=b'{"prompt": "x", "temperature": NaN}')
+    assert status == 400 and "temperature" in out["error"]["message"]
+    status, _, out = request(demo, "POST", "/v1/completions", raw=b'{"prompt": "' + b"a" * (9 << 20) + b'"}')
+    assert status == 413 and out["error"]["code"] == "body_too_large"
+    assert request(demo, "GET", "/v2/nothing")[0] == 404
+    assert request(demo, "GET", "/v1/completions")[0] == 405
+    assert wait_idle(demo)["slots_busy"] == 0
+
+
+# --- API key, loading -------------------------------------------------------------------------------------------
+
+def test_api_key(demo_path):
+    with serving(demo_path, parallel=1, api_key="s3cret") as server:
+        assert request(server, "GET", "/health")[0] == 200
+        status, _, out = request(server, "GET", "/v1/models")
+        assert status == 401 and out["error"]["code"] == "invalid_api_key"
+        assert request(server, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert request(server, "POST", "/api/chat", {"messages": []})[0] == 401
+        status, _, out = request(server, "GET", "/v1/models", headers={"Authorization": "Bearer s3cret"})
+        assert status == 200 and out["data"][0]["id"] == demo_path.stem
+        with pytest.raises(openai.AuthenticationError):
+            client(server, "nope").models.list()
+        assert client(server, "s3cret").models.list().data[0].context_length == 512
+
+
+def test_health_is_503_until_the_model_is_loaded():
+    import uvicorn
+
+    state = State()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = uvicorn.Server(uvicorn.Config(build_app(state, None), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        port = sock.getsockname()[1]
+        fake = type("S", (), {"port": port})()
+        end = time.monotonic() + 10
+        while not server.started and time.monotonic() < end:
+            time.sleep(0.02)
+        status, _, out = request(fake, "GET", "/health")
+        assert status == 503 and out == {"status": "loading"}
+        status, headers, out = request(fake, "POST", "/v1/completions", {"prompt": "x"})
+        assert status == 503 and out["error"]["code"] == "loading" and headers.get("retry-after")
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+# --- tokenizer endpoints and Ollama -----------------------------------------------------------------------------
+
+def test_tokenizer_endpoints_as_lm_eval_probes_them(demo):
+    info = request(demo, "GET", "/tokenizer_info")[2]
+    assert info["eos_token"] == "<|endoftext|>" and "chat_template" in info
+    ids = request(demo, "POST", "/tokenize", {"prompt": "대한민국 헌법", "add_special_tokens": False})[2]["tokens"]
+    assert ids and all(isinstance(t, int) for t in ids)
+    assert request(demo, "POST", "/detokenize", {"tokens": ids})[2]["prompt"] == "대한민국 헌법"
+    eos = request(demo, "POST", "/tokenize", {"prompt": info["eos_token"]})[2]["tokens"]
+    assert len(eos) == 1  # a special token's text tokenizes to that one token (lm-eval's eot_token_id)
+
+
+def test_ollama_generate_streams_ndjson(demo):
+    conn = http.client.HTTPConnection("127.0.0.1", demo.port, timeout=60)
+    conn.request("POST", "/api/generate", body=json.dumps({"model": "m", "prompt": "대한민국의 주권은?",
+                                                           "options": {"temperature": 0, "num_predict": 6}}))
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("content-type").startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in resp.read().decode().splitlines() if line.strip()]
+    assert all(not line["done"] for line in lines[:-1]) and lines[-1]["done"]
+    assert lines[-1]["done_reason"] in ("stop", "length") and lines[-1]["eval_count"] <= 6
+    text = "".join(line["response"] for line in lines)
+    status, _, whole = request(demo, "POST", "/api/generate", {"model": "m", "prompt": "대한민국의 주권은?",
+                                                               "stream": False,
+                                                               "options": {"temperature": 0, "num_predict": 6}})
+    assert status == 200 and whole["response"] == text and whole["done"]
+
+
+def test_ollama_chat_tags_version_and_errors(demo):
+    status, _, out = request(demo, "POST", "/api/chat", {"model": "m", "stream": False, "options": {"temperature": 0},
+                                                         "messages": [{"role": "user", "content": "국회는?"}]})
+    assert status == 200 and out["message"]["role"] == "assistant" and out["message"]["content"]
+    tags = request(demo, "GET", "/api/tags")[2]
+    assert tags["models"][0]["name"] == demo.options.model_id and tags["models"][0]["details"]["format"] == "gguf"
+    assert request(demo, "GET", "/api/version")[2]["version"]
+    status, _, out = request(demo, "POST", "/api/chat", {"messages": [{"role": "user", "content": "x"}],
+                                                         "options": {"temperature": "hot"}})
+    assert status == 400 and isinstance(out["error"], str)
