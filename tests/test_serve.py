@@ -317,6 +317,9 @@ def test_queue_overflow_is_503_with_retry_after(endless):
     for s in socks:
         s.close()
     assert wait_idle(endless, 5) == {"status": "ok", "slots_idle": 2, "slots_busy": 0, "waiting": 0}
+    # more sequences than slots and queue together can never be served: 400, not a 503 to retry for ever
+    status, _, out = request(endless, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1, "n": 4})
+    assert status == 400 and out["error"]["code"] == "too_many_prompts" and "at most 3" in out["error"]["message"]
 
 
 # --- bad requests -----------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from app.runtime.batching import Busy, Done, Event, Job, Scheduler
 from app.runtime.settings import Sampling
-from app.serve.errors import busy
+from app.serve.errors import ApiError, busy
 
 
 class Request:
@@ -38,6 +38,10 @@ class Request:
     def submit(self) -> None:
         """Queue every job (all or none: 503 when the queue cannot take them); the caller must `cancel()` in the
         end, or hand the request to a JobStream that does."""
+        most = len(self.scheduler.slots) + self.scheduler.queue_limit
+        if len(self.jobs) > most:  # would be refused however long the client waited: not a 503
+            raise ApiError(f"{len(self.jobs)} sequences (prompts × n) in one request; this server takes at most "
+                           f"{most} at once (--parallel + --queue)", code="too_many_prompts")
         try:
             self.scheduler.submit(self.jobs)
         except Busy as e:
