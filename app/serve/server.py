@@ -137,7 +137,8 @@ def build_app(state: State, api_key: str | None):
         return {"prompt": text, "content": text}
 
     async def tokenizer_info(request, svc):
-        return {"tokenizer_class": "GPTNeoXTokenizerFast", "model": svc.model_id, "eos_token": svc.eos_text,
+        return {"model": svc.model_id, "tokenizer_model": svc.engine.info.text("tokenizer.ggml.model"),
+                "eos_token": svc.eos_text,
                 "bos_token": svc.special_text("tokenizer.ggml.bos_token_id"),
                 "pad_token": svc.special_text("tokenizer.ggml.padding_token_id"),
                 "chat_template": svc.chat_template, "model_max_length": svc.n_ctx, "max_model_len": svc.n_ctx,
@@ -186,8 +187,10 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
         raise UserError(f"cannot serve on host {host!r}: {e.strerror}; use an address such as 127.0.0.1") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, kind, proto, _, address = infos[0]
+    # getaddrinfo's protocol (TCP), not 0: asyncio turns Nagle's algorithm off only on sockets that say TCP, and with
+    # it on every answer on a kept-alive connection waited ~40 ms for the client's delayed ACK (lm-eval reuses them)
+    sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(address)

@@ -99,8 +99,8 @@ class Service:
         try:
             return check_request(self.engine, tokens, max_new)
         except UserError as e:
-            raise ApiError(str(e), code="context_length_exceeded", param="max_tokens" if max_new else "prompt"
-                           ) from None
+            where = "prompt" if max_new is None or len(tokens) >= self.n_ctx else "max_tokens"
+            raise ApiError(str(e), code="context_length_exceeded", param=where) from None
 
 
 def offsets(pieces: list[bytes], start: int = 0) -> list[int]:
