@@ -1,9 +1,11 @@
 """Build llama.cpp's own llama-bench, llama-quantize and llama-perplexity from the installed llama-cpp-python's source.
 
-    python benchmarks/build_llama_tools.py [--dest DIR] [--cuda]
+    python benchmarks/build_llama_tools.py [--dest DIR] [--cuda] [--server]
 
 These are the anchors malhae is measured against (same llama.cpp version as the engine uses). The source comes from
 the llama-cpp-python source distribution on PyPI (`pip download`); nothing is committed. About 9 minutes on 2 cores.
+`--server` also builds upstream `llama-server` (configured with LLAMA_BUILD_SERVER and LLAMA_BUILD_EXAMPLES on, the
+anchor for `malhae serve`; about 8 more minutes on 2 cores); it reconfigures the same build directory.
 Prints the directory holding the binaries.
 """
 
@@ -19,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity"]
+SERVER_TARGETS = ["llama-server"]
 
 
 def main() -> None:
@@ -26,9 +29,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=Path.home() / ".cache" / "malhae" / f"llama-tools-{version}")
     parser.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=on")
+    parser.add_argument("--server", action="store_true", help="also build llama-server (the anchor for malhae serve)")
     args = parser.parse_args()
+    targets = TARGETS + (SERVER_TARGETS if args.server else [])
     bin_dir = args.dest / "build" / "bin"
-    if all((bin_dir / t).is_file() for t in TARGETS):
+    if all((bin_dir / t).is_file() for t in targets):
         print(bin_dir)
         return
     src = args.dest / "llama.cpp"
@@ -40,11 +45,12 @@ def main() -> None:
             with tarfile.open(next(Path(tmp).glob("*.tar.gz"))) as tar:
                 tar.extractall(tmp, filter="data")
             os.replace(next(Path(tmp).glob("llama_cpp_python-*")) / "vendor" / "llama.cpp", src)
-    flags = ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_CURL=OFF",
-             "-DCMAKE_BUILD_TYPE=Release"] + (["-DGGML_CUDA=on"] if args.cuda else [])
+    server = "ON" if args.server else "OFF"
+    flags = ["-DLLAMA_BUILD_TESTS=OFF", f"-DLLAMA_BUILD_EXAMPLES={server}", f"-DLLAMA_BUILD_SERVER={server}",
+             "-DLLAMA_CURL=OFF", "-DCMAKE_BUILD_TYPE=Release"] + (["-DGGML_CUDA=on"] if args.cuda else [])
     subprocess.run(["cmake", "-S", str(src), "-B", str(args.dest / "build"), *flags], check=True)
     subprocess.run(["cmake", "--build", str(args.dest / "build"), "-j", str(os.cpu_count() or 2),
-                    "--target", *TARGETS], check=True)
+                    "--target", *targets], check=True)
     print(bin_dir)
 
 
