@@ -63,7 +63,8 @@ def test_the_readme_example_is_a_valid_settings_file(tmp_path):
     assert s.exists and s.default_model == "polyglot-ko-1.3b-q4_k_m" and s.gpu_layers == "auto" and s.ctx == 2048
     assert s.threads == 8
     assert s.sampling == {"temperature": 0.3, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1,
-                          "repeat_last_n": 64, "max_tokens": 512, "seed": 42}
+                          "frequency_penalty": 0.0, "presence_penalty": 0.0, "repeat_last_n": 64, "max_tokens": 512,
+                          "seed": 42}
     assert isinstance(s.sampling["temperature"], float)
 
 

@@ -367,6 +367,7 @@ BAD = [
      "invalid_value"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": {"x": 1}}, 400,
      None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 10_001}, 400, "invalid_value"),
     ("/tokenize", {"prompt": 5}, 400, "invalid_type"),
     ("/detokenize", {"tokens": [99999999]}, 400, "invalid_token"),
     ("/detokenize", {"tokens": "abc"}, 400, "invalid_type"),
@@ -522,3 +523,27 @@ def test_gpu_plan_counts_every_slots_cache(demo_path, monkeypatch):
         assert 0 < plan.n_gpu_layers <= plan.n_layer, plan
         out = client(server).completions.create(model="m", prompt="대한민국은", max_tokens=4, temperature=0)
         assert out.choices[0].text
+
+
+def test_more_slots_than_a_batch_holds(demo_path):
+    """40 slots of 32 tokens: llama.cpp aborted the whole process (GGML_ASSERT n_outputs_max) when a batch could not
+    hold one output per slot; the engine now sizes the batch for every slot, and all 40 answers finish."""
+    with serving(demo_path, parallel=40, n_ctx=32, queue=0) as server:
+        results: dict[int, object] = {}
+        barrier = threading.Barrier(40)
+
+        def worker(i: int) -> None:
+            barrier.wait()
+            results[i] = request(server, "POST", "/v1/completions", {"prompt": PROMPTS[i % 8], "max_tokens": 8,
+                                                                     "temperature": 0})
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        statuses = [results[i][0] for i in range(40)]
+        assert statuses == [200] * 40, [results[i][2] for i in range(40) if results[i][0] != 200][:1]
+        texts = {i % 8: results[i][2]["choices"][0]["text"] for i in range(8)}
+        assert all(results[i][2]["choices"][0]["text"] == texts[i % 8] for i in range(40))
+        assert health(server)["slots_busy"] == 0

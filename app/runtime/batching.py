@@ -249,7 +249,8 @@ class Scheduler:
                 self._release(slot)
         batch = self._batch
         n = 0
-        # one token for every generating sequence first, so that running answers never wait for new prompts
+        # one token for every generating sequence first, so that running answers never wait for new prompts (a
+        # batch always has room for them: the engine makes n_batch at least the number of slots)
         for slot in self.slots:
             slot.row = -1
             slot.echo_rows = []

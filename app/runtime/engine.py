@@ -88,7 +88,9 @@ class Engine:
         self.notify = notify or (lambda message: None)
         llama.init(verbose)
         self.n_ctx = context_size(n_ctx, self.info.arch_int(Keys.LLM.CONTEXT_LENGTH))
-        self.n_batch = min(n_batch, self.n_ctx)
+        # llama.cpp needs room for one output per sequence in a batch (else it aborts the process: GGML_ASSERT
+        # n_outputs_max), and n sequences of a context each may well be more than one context's tokens
+        self.n_batch = max(min(n_batch, self.n_ctx), n_seq)
         self.threads = threads or hardware.physical_cores()
         self.n_seq = n_seq
         self.plan = offload.choose(self.info, gpu_layers, n_ctx=self.n_ctx * n_seq, n_batch=self.n_batch,

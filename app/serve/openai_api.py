@@ -22,6 +22,7 @@ from app.serve.service import MAX_PROMPTS, Service, offsets
 from app.serve.sse import JobStream
 
 MAX_N = 16
+MAX_MESSAGES = 10_000
 COMMON = ("model", "stream", "stream_options", "max_tokens", "n", "stop", "seed", "user", "logit_bias",
           *fields.SAMPLING_FIELDS)
 COMPLETION_FIELDS = (*COMMON, "prompt", "echo", "logprobs", "suffix", "best_of")
@@ -232,7 +233,10 @@ def render_chat(svc: Service, messages: object) -> str:
         raise ApiError("messages must be a non-empty array", param="messages", code="invalid_type")
     system: list[str] = []
     turns: list[tuple[str, str]] = []
-    for i, m in enumerate(messages[:10_000]):
+    if len(messages) > MAX_MESSAGES:
+        raise ApiError(f"{len(messages)} messages; at most {MAX_MESSAGES} in one request", param="messages",
+                       code="invalid_value")
+    for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise ApiError(f"messages[{i}] must be an object", param="messages", code="invalid_type")
         role = m.get("role")
