@@ -177,6 +177,20 @@ def test_echo_logprobs_equal_malhae_eval_scoring(demo, demo_path):
             assert abs(sum(lp["token_logprobs"][k:]) - ref) < 1e-4, k
 
 
+def test_echo_streamed_carries_the_prompts_logprobs(demo):
+    body = {"model": "m", "prompt": "대한민국은 민주공화국이다", "max_tokens": 2, "echo": True, "logprobs": 1,
+            "temperature": 0}
+    whole = request(demo, "POST", "/v1/completions", body)[2]["choices"][0]
+    chunks = [json.loads(line[6:]) for line in request(demo, "POST", "/v1/completions", body | {"stream": True})[2]
+              .splitlines() if line.startswith("data: {")]
+    texts = [c["choices"][0]["text"] for c in chunks if c["choices"]]
+    assert "".join(texts) == whole["text"]
+    first = chunks[0]["choices"][0]["logprobs"]
+    n_prompt = len(first["tokens"])
+    assert first["token_logprobs"] == whole["logprobs"]["token_logprobs"][:n_prompt]
+    assert first["token_logprobs"][0] is None and n_prompt >= 2
+
+
 def test_echo_in_lm_eval_shape(demo):
     """lm-eval's local-completions: prompt ids, max_tokens 1, echo, logprobs 1; it reads token_logprobs[ctxlen:-1]
     and calls a continuation greedy when each equals the best of its top_logprobs."""

@@ -28,7 +28,7 @@ COMMON = ("model", "stream", "stream_options", "max_tokens", "n", "stop", "seed"
 COMPLETION_FIELDS = (*COMMON, "prompt", "echo", "logprobs", "suffix", "best_of")
 CHAT_FIELDS = (*COMMON, "messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format", "tools",
                "tool_choice", "functions", "function_call", "parallel_tool_calls")
-HARMLESS = ("metadata", "store", "service_tier", "modalities", "reasoning_effort", "prediction_none")
+HARMLESS = ("metadata", "store", "service_tier", "modalities")
 
 
 def _sampling(body: Body, stop: tuple[str, ...]):
@@ -184,13 +184,18 @@ def _total_usage(choices: list[_Choice], n: int) -> dict:
 
 async def _completion_events(svc, req, head, n, prompts, echo, echo_texts, n_logprobs, include_usage):
     choices = [_Choice() for _ in req.jobs]
-    for index in range(len(req.jobs)) if echo else ():
+    for index in range(len(req.jobs)) if echo and n_logprobs is None else ():  # else with its logprobs, below
         yield _sse(head | {"choices": [{"index": index, "text": echo_texts[index // n], "logprobs": None,
                                         "finish_reason": None}]})
     async for index, event in req.events():
         choice = choices[index]
         _collect(choice, event)
-        if isinstance(event, Token) and (event.text or event.logprob is not None):
+        if isinstance(event, Prompt):  # the echoed prompt, with one log-probability per token
+            text = echo_texts[index // n]
+            yield _sse(head | {"choices": [{"index": index, "text": text, "finish_reason": None,
+                                            "logprobs": _legacy(svc, _Choice(prompt=list(event.tokens)), [], True,
+                                                                text)}]})
+        elif isinstance(event, Token) and (event.text or event.logprob is not None):
             logprobs = None
             if event.logprob is not None:
                 e = event.logprob
