@@ -94,6 +94,17 @@ def _sse(data: object) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
+class _Chunks:
+    """One stream's chunks, the constant head (id, object, created, model) serialised once: a chunk per token is the
+    server's hot path."""
+
+    def __init__(self, head: dict) -> None:
+        self.prefix = ("data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": [').encode()
+
+    def __call__(self, choice: dict) -> bytes:
+        return self.prefix + json.dumps(choice, ensure_ascii=False).encode() + b"]}\n\n"
+
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -184,6 +195,7 @@ def _total_usage(choices: list[_Choice], n: int) -> dict:
 
 async def _completion_events(svc, req, head, n, prompts, echo, echo_texts, n_logprobs, include_usage):
     choices = [_Choice() for _ in req.jobs]
+    chunk = _Chunks(head)
     for index in range(len(req.jobs)) if echo and n_logprobs is None else ():  # else with its logprobs, below
         yield _sse(head | {"choices": [{"index": index, "text": echo_texts[index // n], "logprobs": None,
                                         "finish_reason": None}]})
@@ -201,8 +213,7 @@ async def _completion_events(svc, req, head, n, prompts, echo, echo_texts, n_log
                 e = event.logprob
                 logprobs = {"tokens": [svc.token_text(e.token)], "token_logprobs": [e.logprob],
                             "top_logprobs": [{svc.token_text(t): v for t, v in e.top}], "text_offset": [0]}
-            yield _sse(head | {"choices": [{"index": index, "text": event.text, "logprobs": logprobs,
-                                            "finish_reason": None}]})
+            yield chunk({"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": None})
         elif isinstance(event, Done):
             if choice.error:
                 yield _sse(ApiError(choice.error, 500, kind="server_error").body())
@@ -320,6 +331,7 @@ async def chat(request, svc: Service):
 
 async def _chat_events(svc, req, head, include_usage):
     choices = [_Choice() for _ in req.jobs]
+    chunk = _Chunks(head)
     for index in range(len(req.jobs)):
         yield _sse(head | {"choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]})
@@ -332,9 +344,8 @@ async def _chat_events(svc, req, head, include_usage):
                 pending.setdefault(index, []).append(event.logprob)
             if event.text:
                 held = pending.pop(index, None)
-                yield _sse(head | {"choices": [{"index": index, "delta": {"content": event.text},
-                                                "logprobs": _chat_logprobs(svc, held) if held else None,
-                                                "finish_reason": None}]})
+                yield chunk({"index": index, "delta": {"content": event.text},
+                             "logprobs": _chat_logprobs(svc, held) if held else None, "finish_reason": None})
         elif isinstance(event, Done):
             if choice.error:
                 yield _sse(ApiError(choice.error, 500, kind="server_error").body())
