@@ -561,3 +561,28 @@ def test_more_slots_than_a_batch_holds(demo_path):
         texts = {i % 8: results[i][2]["choices"][0]["text"] for i in range(8)}
         assert all(results[i][2]["choices"][0]["text"] == texts[i % 8] for i in range(40))
         assert health(server)["slots_busy"] == 0
+
+
+def test_the_ollama_client_round_trip(demo):
+    """Ollama's own Python client, as `ollama run` and Open WebUI use the API: list, show, ps, chat, generate."""
+    ollama = pytest.importorskip("ollama")
+    c = ollama.Client(host=demo.url)
+    name = demo.options.model_id
+    assert [m.model for m in c.list().models] == [name]
+    shown = c.show(name)
+    assert shown.details.format == "gguf" and shown.modelinfo["general.architecture"] == "gptneox"
+    assert c.ps().models[0].model == name
+    messages = [{"role": "user", "content": "대한민국의 주권은?"}]
+    options = {"num_predict": 6, "temperature": 0}
+    whole = c.chat(model=name, messages=messages, options=options)
+    assert whole.done and whole.done_reason in ("stop", "length") and whole.eval_count <= 6
+    parts = list(c.chat(model=name, messages=messages, options=options, stream=True))
+    assert "".join(p.message.content for p in parts) == whole.message.content and parts[-1].done
+    generated = c.generate(model=name, prompt="대한민국은", options=options)
+    assert generated.response and generated.prompt_eval_count > 0
+    with pytest.raises(ollama.ResponseError) as caught:
+        c.chat(model=name, messages=messages, options={"temperature": -3})
+    assert caught.value.status_code == 400 and "temperature" in caught.value.error
+    assert request(demo, "GET", "/")[0] == 200
+    status, _, out = request(demo, "GET", "/api/nothing")
+    assert status == 404 and isinstance(out["error"], str)  # Ollama's shape under /api

@@ -1,4 +1,5 @@
-"""Ollama's own API, enough for Ollama clients: /api/tags, /api/chat, /api/generate (NDJSON streaming), /api/version.
+"""Ollama's own API, enough for Ollama clients (`ollama run`, its Python client, Open WebUI): /api/tags, /api/show,
+/api/ps, /api/chat, /api/generate (NDJSON streaming), /api/version, and the plain "is it running" answer at /.
 
 Ollama frames `/api/generate` prompts with the model's template unless `raw` is true, streams by default, reads
 sampling from `options` (num_predict for max tokens, the rest by llama.cpp's names), ignores options it does not
@@ -37,16 +38,41 @@ def version() -> dict:
 
 
 def tags(svc: Service) -> dict:
-    path = svc.engine.path
-    stat = path.stat()
+    return {"models": [{"name": svc.model_id, "model": svc.model_id, "size": svc.engine.path.stat().st_size,
+                        "modified_at": _mtime(svc), "details": _details(svc)}]}
+
+
+def _details(svc: Service) -> dict:
     info = svc.engine.info
-    return {"models": [{
-        "name": svc.model_id, "model": svc.model_id, "size": stat.st_size,
-        "modified_at": datetime.fromtimestamp(stat.st_mtime, timezone.utc).isoformat().replace("+00:00", "Z"),
-        "details": {"format": "gguf", "family": info.architecture or "gptneox", "families": [info.architecture],
-                    "parameter_size": info.metadata.get("general.size_label") or "",
-                    "quantization_level": info.file_type or ""},
-    }]}
+    return {"format": "gguf", "family": info.architecture or "gptneox", "families": [info.architecture],
+            "parameter_size": str(info.metadata.get("general.size_label") or ""),
+            "quantization_level": info.file_type or ""}
+
+
+async def show(request, svc: Service) -> dict:
+    """`ollama show` and `ollama run` ask this first: the model's details, template and header."""
+    body = Body(await fields.read_json(request), ("model", "name", "verbose"))
+    body.get("model", (str,))
+    body.get("name", (str,))
+    info = svc.engine.info
+    scalars = {k: v for k, v in info.metadata.items() if isinstance(v, (str, int, float, bool))
+               and not k.startswith("tokenizer.chat_template")}
+    return {"modelfile": f"FROM {svc.engine.path}\n", "parameters": "", "template": svc.chat_template,
+            "details": _details(svc), "model_info": scalars, "capabilities": ["completion"],
+            "modified_at": _mtime(svc)}
+
+
+def ps(svc: Service) -> dict:
+    """The loaded model (always one: the server serves the model it started with)."""
+    size = svc.engine.path.stat().st_size
+    return {"models": [{"name": svc.model_id, "model": svc.model_id, "size": size, "details": _details(svc),
+                        "expires_at": "0001-01-01T00:00:00Z", "size_vram": size if svc.engine.plan.full else 0,
+                        "context_length": svc.n_ctx}]}
+
+
+def _mtime(svc: Service) -> str:
+    stamp = datetime.fromtimestamp(svc.engine.path.stat().st_mtime, timezone.utc)
+    return stamp.isoformat().replace("+00:00", "Z")
 
 
 def _options(body: Body, svc: Service):

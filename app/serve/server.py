@@ -69,7 +69,7 @@ def build_app(state: State, api_key: str | None):
     """The Starlette application; every route's ApiError (and any bug) becomes OpenAI's JSON error shape."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
     from app.serve import fields, ollama_api, openai_api
@@ -150,9 +150,15 @@ def build_app(state: State, api_key: str | None):
     async def tags(request, svc):
         return ollama_api.tags(svc)
 
+    async def ps(request, svc):
+        return ollama_api.ps(svc)
+
+    async def root(request):  # Ollama's clients (and people) check that something answers here
+        return PlainTextResponse("malhae is running (OpenAI API at /v1, Ollama API at /api)\n")
+
     async def not_found(request, exc):
-        return JSONResponse(ApiError(f"no such endpoint: {request.method} {request.url.path}", 404,
-                                     code="not_found").body(), status_code=404)
+        e = ApiError(f"no such endpoint: {request.method} {request.url.path}", 404, code="not_found")
+        return error_response(e, request.url.path.startswith("/api/"))
 
     async def bad_method(request, exc):
         return JSONResponse(ApiError(f"{request.method} is not allowed on {request.url.path}", 405,
@@ -166,7 +172,10 @@ def build_app(state: State, api_key: str | None):
         route("/tokenize", tokenize, ("POST",)),
         route("/detokenize", detokenize, ("POST",)),
         route("/tokenizer_info", tokenizer_info),
+        Route("/", root, methods=["GET", "HEAD"]),
         route("/api/version", version, needs_model=False, ollama=True),
+        route("/api/show", ollama_api.show, ("POST",), ollama=True),
+        route("/api/ps", ps, ollama=True),
         route("/api/tags", tags, ollama=True),
         route("/api/generate", ollama_api.generate, ("POST",), ollama=True),
         route("/api/chat", ollama_api.chat, ("POST",), ollama=True),
