@@ -586,3 +586,60 @@ def test_the_ollama_client_round_trip(demo):
     assert request(demo, "GET", "/")[0] == 200
     status, _, out = request(demo, "GET", "/api/nothing")
     assert status == 404 and isinstance(out["error"], str)  # Ollama's shape under /api
+
+
+def test_stop_text_spanning_tokens_is_cut_in_streams_too(demo):
+    c = client(demo)
+    base = c.completions.create(model="m", prompt="대한민국의 주권은", max_tokens=24, temperature=0)
+    text = base.choices[0].text
+    cut = text.find("국민")
+    assert cut > 0, text  # the demo continues the constitution, where 국민 comes soon
+    out = c.completions.create(model="m", prompt="대한민국의 주권은", max_tokens=24, temperature=0, stop=["국민"])
+    assert out.choices[0].text == text[:cut] and out.choices[0].finish_reason == "stop"
+    chunks = c.completions.create(model="m", prompt="대한민국의 주권은", max_tokens=24, temperature=0, stop=["국민"],
+                                  stream=True)
+    streamed = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+    assert streamed == text[:cut]
+
+
+def test_seeded_sampling_is_the_same_batched(demo):
+    def run(prompt: str) -> str:
+        out = client(demo).completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0.9, seed=11)
+        return out.choices[0].text
+
+    alone = [run(p) for p in PROMPTS]
+    together: dict[int, str] = {}
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, run(PROMPTS[i]))) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [together[i] for i in range(8)] == alone
+
+
+def test_clients_leaving_at_random_leak_nothing(endless_path):
+    """Six streams on two slots and a queue: three leave at different moments (some while still queued); the
+    other three get their whole answers, and every slot is free afterwards."""
+    import random
+
+    rng = random.Random(5)
+    with serving(endless_path, parallel=2, queue=8, n_ctx=512) as server:
+        results: dict[int, object] = {}
+
+        def leaver(i: int) -> None:
+            sock = _open_stream(server, {"prompt": "대한민국", "max_tokens": 300, "stream": True, "temperature": 0})
+            time.sleep(rng.uniform(0.0, 0.4))
+            sock.close()
+            results[i] = "left"
+
+        def stayer(i: int) -> None:
+            out = client(server).completions.create(model="m", prompt="국회는", max_tokens=12, temperature=0)
+            results[i] = out.usage.completion_tokens
+
+        threads = [threading.Thread(target=leaver if i % 2 else stayer, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [results[i] for i in range(6)] == [12, "left"] * 3
+        assert wait_idle(server, 10) == {"status": "ok", "slots_idle": 2, "slots_busy": 0, "waiting": 0}
