@@ -643,3 +643,24 @@ def test_clients_leaving_at_random_leak_nothing(endless_path):
             t.join()
         assert [results[i] for i in range(6)] == [12, "left"] * 3
         assert wait_idle(server, 10) == {"status": "ok", "slots_idle": 2, "slots_busy": 0, "waiting": 0}
+
+
+def test_a_bug_in_the_scheduler_fails_its_request_not_the_server(demo, monkeypatch):
+    """A fault injected where no client input can reach (the sampler chain raising): the request gets a 500 in
+    OpenAI's shape, its slot is reset and freed, and the next request is answered as before."""
+    from app.runtime import batching
+
+    real = batching.sampler.chain
+
+    def faulty(vocab, n_vocab, s, history=()):
+        if s.seed == 666:
+            raise RuntimeError("injected")
+        return real(vocab, n_vocab, s, history)
+
+    before = client(demo).completions.create(model="m", prompt="국회는", max_tokens=6, temperature=0)
+    monkeypatch.setattr(batching.sampler, "chain", faulty)
+    status, _, out = request(demo, "POST", "/v1/completions", {"prompt": "국회는", "max_tokens": 6, "seed": 666})
+    assert status == 500 and out["error"]["type"] == "server_error" and "injected" in out["error"]["message"]
+    after = client(demo).completions.create(model="m", prompt="국회는", max_tokens=6, temperature=0)
+    assert after.choices[0].text == before.choices[0].text
+    assert wait_idle(demo)["slots_busy"] == 0

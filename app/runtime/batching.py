@@ -196,13 +196,16 @@ class Scheduler:
                 if self._stop:
                     break
                 admitted = self._admit()
-            for slot, job in admitted:
-                self._start(slot, job)
             try:
+                for slot, job in admitted:
+                    self._start(slot, job)
                 self._step()
             except Exception as e:  # never leave a job waiting for ever: fail the running ones and go on
                 for slot in self.slots:
                     if slot.busy:
+                        # what the cache holds is no longer known for sure: start this sequence afresh
+                        lc.llama_memory_seq_rm(self.mem, slot.seq, 0, -1)
+                        slot.cache, slot.fed = [], 0
                         self._finish(slot, "error", f"internal error in the scheduler ({type(e).__name__}: {e})")
         for job in self.waiting:
             self._send(job, Done("error", len(job.tokens), 0, 0, "", "the server is shutting down"))
