@@ -664,3 +664,29 @@ def test_a_bug_in_the_scheduler_fails_its_request_not_the_server(demo, monkeypat
     after = client(demo).completions.create(model="m", prompt="국회는", max_tokens=6, temperature=0)
     assert after.choices[0].text == before.choices[0].text
     assert wait_idle(demo)["slots_busy"] == 0
+
+
+def test_requests_arriving_together_start_in_one_step(demo_path):
+    """An idle scheduler waits `gather` seconds for more arrivals, so a burst's prompts share the first decode.
+    Here 4 jobs arrive 20 ms apart and each wants 1 token: gathered, one step serves all; without it, 4."""
+    from app.runtime.batching import Done, Job, Scheduler
+    from app.runtime.engine import Engine
+    from app.runtime.settings import Sampling
+
+    for gather, most in ((0.3, 1), (0.0, 4)):
+        with Engine(demo_path, n_ctx=128, n_seq=4, threads=1) as engine:
+            scheduler = Scheduler(engine, gather=gather)
+            done = threading.Semaphore(0)
+            try:
+                before = scheduler.steps
+                for p in PROMPTS[:4]:
+                    job = Job(engine.tokenize(p), Sampling(temperature=0), 1,
+                              lambda e, done=done: done.release() if isinstance(e, Done) else None)
+                    scheduler.submit([job])
+                    time.sleep(0.02)
+                for _ in range(4):
+                    assert done.acquire(timeout=30)
+                steps = scheduler.steps - before
+                assert (steps == 1) if most == 1 else (steps >= 3), (gather, steps)
+            finally:
+                scheduler.close()
