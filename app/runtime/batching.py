@@ -339,18 +339,25 @@ class Scheduler:
         b.ptr.seq_id[i][0] = seq
         b.wants_logits[i] = logits
 
-    def _row(self, i: int) -> np.ndarray:
-        return np.ctypeslib.as_array(lc.llama_get_logits_ith(self.ctx, i), shape=(1, self.model.n_vocab))
+    def _rows(self, first: int, count: int) -> np.ndarray:
+        """The logits of batch rows first … first+count-1 (all wanting logits, so consecutive in llama.cpp's output
+        buffer, which it keeps in batch order): a view [count, n_vocab]."""
+        n_vocab = self.model.n_vocab
+        base = lc.llama_get_logits_ith(self.ctx, first)
+        if count > 1:
+            last = lc.llama_get_logits_ith(self.ctx, first + count - 1)
+            if ctypes.addressof(last.contents) - ctypes.addressof(base.contents) != (count - 1) * n_vocab * 4:
+                return np.stack([self._rows(first + j, 1)[0] for j in range(count)])  # not consecutive after all
+        return np.ctypeslib.as_array(base, shape=(count, n_vocab))
 
-    def _logprob(self, i: int, token: int, n_top: int) -> TokenLogprob:
-        row = lp.log_softmax(self._row(i))[0]
-        return TokenLogprob(token, float(row[token]), tuple(lp.top(row, n_top)))
+    def _logprobs(self, first: int, targets: list[int], n_top: int) -> list[TokenLogprob]:
+        values, tops = lp.score_rows(self._rows(first, len(targets)), np.asarray(targets), n_top)
+        return [TokenLogprob(t, float(v), tuple(top)) for t, v, top in zip(targets, values, tops, strict=True)]
 
     def _prompt_logprobs(self, slot: _Slot) -> None:
-        job = slot.job
-        n_top = job.logprobs or 0
-        for i, pos in slot.echo_rows:
-            slot.prompt_lp.append(self._logprob(i, job.tokens[pos + 1], n_top))
+        tokens = slot.job.tokens
+        first = slot.echo_rows[0][0]
+        slot.prompt_lp += self._logprobs(first, [tokens[pos + 1] for _, pos in slot.echo_rows], slot.job.logprobs or 0)
 
     def _sample(self, slot: _Slot) -> None:
         job = slot.job
@@ -367,7 +374,7 @@ class Scheduler:
             self._finish(slot, "stop")
             return
         slot.generated += 1
-        logprob = self._logprob(slot.row, token, job.logprobs) if job.logprobs is not None else None
+        logprob = self._logprobs(slot.row, [token], job.logprobs)[0] if job.logprobs is not None else None
         size = lc.llama_token_to_piece(self.model.vocab, token, self._buf, len(self._buf), 0, False)
         text = slot.stream.feed(self._buf.raw[:max(0, size)])
         self._send(job, Token(token, text, logprob))
