@@ -690,3 +690,28 @@ def test_requests_arriving_together_start_in_one_step(demo_path):
                 assert (steps == 1) if most == 1 else (steps >= 3), (gather, steps)
             finally:
                 scheduler.close()
+
+
+def test_echo_reuses_a_shared_context_with_its_logprobs(demo_path):
+    """lm-eval scores a question's choices one after another with the same context: the second echo keeps the
+    context's cache and its known log-probabilities, and gets the numbers a fresh evaluation gives."""
+    with serving(demo_path, parallel=1) as server:
+        tokenize = lambda text: request(server, "POST", "/tokenize", {"prompt": text})[2]["tokens"]  # noqa: E731
+        context = tokenize("대한민국의 주권은 국민에게 있고, 모든 권력은")
+        first, second = context + tokenize(" 국민으로부터 나온다."), context + tokenize(" 대통령에게 있다.")
+
+        def echo(ids, top=1):
+            _, _, out = request(server, "POST", "/v1/completions", {"prompt": ids, "max_tokens": 1, "echo": True,
+                                                                     "logprobs": top, "temperature": 0})
+            return out["choices"][0]["logprobs"], out["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+        echo(first)
+        reused, cached = echo(second)
+        assert cached >= len(context) - 1
+        fresh, cached_fresh = echo(second, top=2)  # more alternatives than were kept: evaluated afresh
+        assert cached_fresh == 0
+        assert reused["token_logprobs"][0] is None and len(reused["token_logprobs"]) == len(second) + 1
+        for a, b in zip(reused["token_logprobs"][1:], fresh["token_logprobs"][1:], strict=True):
+            assert abs(a - b) < 1e-4
+        for a, b in zip(reused["top_logprobs"][1:], fresh["top_logprobs"][1:], strict=True):
+            assert len(a) == 1 and next(iter(a)) == next(iter(b))  # the best token, as lm-eval's is_greedy reads

@@ -117,6 +117,10 @@ class _Slot:
         self.row = -1  # batch index of this slot's sampling row in the current step, -1 when none
         self.echo_rows: list[tuple[int, int]] = []  # (batch index, position) of prompt rows wanting logits
         self.prompt_lp: list[TokenLogprob] = []
+        # the log-probabilities of cache[:len(known)], kept from the last echo (with `known_top` alternatives each):
+        # an echo sharing that prefix reuses them, as lm-eval's choices of one question share their context
+        self.known: list[TokenLogprob] = []
+        self.known_top = 0
         self.started = 0.0
         self.ttft = 0.0
         self.last_used = 0.0
@@ -212,7 +216,7 @@ class Scheduler:
                     if slot.busy:
                         # what the cache holds is no longer known for sure: start this sequence afresh
                         lc.llama_memory_seq_rm(self.mem, slot.seq, 0, -1)
-                        slot.cache, slot.fed = [], 0
+                        slot.cache, slot.known, slot.fed = [], [], 0
                         self._finish(slot, "error", f"internal error in the scheduler ({type(e).__name__}: {e})")
         for job in self.waiting:
             self._send(job, Done("error", len(job.tokens), 0, 0, "", "the server is shutting down"))
@@ -249,14 +253,31 @@ class Scheduler:
             if not free:
                 break
             self.waiting.popleft()
-            best = max(free, key=lambda s: (0 if job.echo else common_prefix(s.cache, job.tokens), -s.last_used))
+            best = max(free, key=lambda s: (self._reusable(s, job), -s.last_used))
             best.job = job  # taken now, so that the next job in the queue does not choose it too
             out.append((best, job))
         return out
 
+    @staticmethod
+    def _reusable(slot: _Slot, job: Job) -> int:
+        """How many of `slot`'s cached tokens `job` keeps (at least its last prompt token is evaluated again).
+
+        An echo needs a log-probability for every prompt token: it keeps a cached position only if that token's
+        value is known (`slot.known`, with as many alternatives as it asks for), and the token after the kept ones
+        too, since the row that predicts it is not evaluated again."""
+        shared = common_prefix(slot.cache, job.tokens)
+        if not job.echo:
+            return min(shared, len(job.tokens) - 1)
+        if slot.known_top < (job.logprobs or 0):
+            return 0
+        # kept: positions < c; known values needed for positions ≤ c, which must be the same tokens (c < shared)
+        return max(0, min(shared - 1, len(job.tokens) - 1, len(slot.known) - 1))
+
     def _start(self, slot: _Slot, job: Job) -> None:
-        common = 0 if job.echo else min(common_prefix(slot.cache, job.tokens), len(job.tokens) - 1)
+        common = self._reusable(slot, job)
         lc.llama_memory_seq_rm(self.mem, slot.seq, common, -1)
+        reused = [TokenLogprob(e.token, e.logprob, e.top[:job.logprobs or 0]) for e in slot.known[:common + 1]]
+        slot.known = slot.known[:common]
         slot.cache = slot.cache[:common]
         slot.job = job
         slot.fed = common
@@ -269,7 +290,7 @@ class Scheduler:
         slot.chain = sampler.chain(self.model.vocab, self.model.n_vocab, job.sampling, job.tokens)
         slot.stream = TextStream(job.sampling.stop)
         if job.echo:
-            slot.prompt_lp.append(TokenLogprob(job.tokens[0], None))
+            slot.prompt_lp = reused if common else [TokenLogprob(job.tokens[0], None)]
 
     def _step(self) -> None:
         for slot in self.slots:
@@ -320,7 +341,7 @@ class Scheduler:
         if rc != 0:
             for slot in self.slots:
                 if slot.busy and (slot.row >= 0 or slot.echo_rows or slot.fed < len(slot.job.tokens)):
-                    slot.cache = []
+                    slot.cache, slot.known = [], []
                     lc.llama_memory_seq_rm(self.mem, slot.seq, 0, -1)
                     self._finish(slot, "error", f"llama.cpp could not evaluate a batch of {n} tokens "
                                                 f"(llama_decode → {rc})")
@@ -363,6 +384,7 @@ class Scheduler:
         job = slot.job
         if slot.generated == 0 and job.echo:  # the prompt is complete: its log-probabilities go out first
             self._send(job, Prompt(tuple(slot.prompt_lp)))
+            slot.known, slot.known_top = slot.prompt_lp, job.logprobs or 0
             slot.prompt_lp = []
         if slot.generated >= job.max_new:  # max_tokens 0: the prompt was all that was asked for
             self._finish(slot, "length")
