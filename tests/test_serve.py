@@ -382,6 +382,10 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": {"x": 1}}, 400,
      None),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}] * 10_001}, 400, "invalid_value"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]}, 400,
+     "unsupported"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "web_search_options": {}}, 400,
+     "unsupported"),
     ("/tokenize", {"prompt": 5}, 400, "invalid_type"),
     ("/detokenize", {"tokens": [99999999]}, 400, "invalid_token"),
     ("/detokenize", {"tokens": "abc"}, 400, "invalid_type"),
@@ -715,3 +719,16 @@ def test_echo_reuses_a_shared_context_with_its_logprobs(demo_path):
             assert abs(a - b) < 1e-4
         for a, b in zip(reused["top_logprobs"][1:], fresh["top_logprobs"][1:], strict=True):
             assert len(a) == 1 and next(iter(a)) == next(iter(b))  # the best token, as lm-eval's is_greedy reads
+
+
+def test_fields_that_change_nothing_are_accepted(demo):
+    """What OpenAI's and llama-server's clients add beside the question: ignored, the answer unchanged."""
+    base = {"model": "m", "messages": [{"role": "user", "content": "국회는?"}], "max_tokens": 5, "temperature": 0}
+    extra = {"user": "u1", "metadata": {"a": "b"}, "store": False, "service_tier": "auto", "cache_prompt": True,
+             "reasoning_effort": "low", "prompt_cache_key": "k", "modalities": ["text"], "response_format":
+             {"type": "text"}, "tool_choice": "none", "tools": [], "logit_bias": {}, "n": 1,
+             "stream_options": None}
+    plain = request(demo, "POST", "/v1/chat/completions", base)[2]
+    status, _, out = request(demo, "POST", "/v1/chat/completions", base | extra)
+    assert status == 200, out
+    assert out["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]

@@ -27,8 +27,12 @@ COMMON = ("model", "stream", "stream_options", "max_tokens", "n", "stop", "seed"
           *fields.SAMPLING_FIELDS)
 COMPLETION_FIELDS = (*COMMON, "prompt", "echo", "logprobs", "suffix", "best_of")
 CHAT_FIELDS = (*COMMON, "messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format", "tools",
-               "tool_choice", "functions", "function_call", "parallel_tool_calls")
-HARMLESS = ("metadata", "store", "service_tier", "modalities")
+               "tool_choice", "functions", "function_call", "parallel_tool_calls", "modalities", "audio",
+               "web_search_options")
+# fields accepted and ignored because ignoring them changes no answer: bookkeeping (metadata, store, user ids, cache
+# keys), scheduling hints, reasoning knobs of models that have none, llama-server's cache_prompt (always on here)
+HARMLESS = ("metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "reasoning_effort",
+            "verbosity", "prediction", "cache_prompt")
 
 
 def _sampling(body: Body, stop: tuple[str, ...]):
@@ -291,6 +295,9 @@ async def chat(request, svc: Service):
     body.forbid("parallel_tool_calls", (True, False), "")
     body.forbid("logit_bias", ({},), "no logit bias")
     body.forbid("response_format", ({"type": "text"},), "no JSON mode")
+    body.forbid("modalities", (["text"],), "this model writes text only")
+    body.forbid("audio", (), "this model writes text only")
+    body.forbid("web_search_options", (), "no web search: malhae is offline")
     n = body.integer("n", 1, 1, MAX_N)
     max_tokens = body.integer("max_completion_tokens", None, 0)
     if max_tokens is None:
