@@ -111,6 +111,7 @@ def test_port_in_use_is_one_line():
     (["--ctx", "5"], "ctx must be"),
     (["--host", "no.such.host.invalid"], "cannot serve on host 'no.such.host.invalid'"),
     (["--template", "nope"], "unknown template 'nope'"),
+    (["--allow-origin", "localhost:3000/app"], "--allow-origin 'localhost:3000/app': give a page's origin"),
     (["-m", "/nonexistent/m.gguf"], "model file /nonexistent/m.gguf does not exist"),
 ])
 def test_bad_flags_are_one_line(args, says):

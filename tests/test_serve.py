@@ -732,3 +732,18 @@ def test_fields_that_change_nothing_are_accepted(demo):
     status, _, out = request(demo, "POST", "/v1/chat/completions", base | extra)
     assert status == 200, out
     assert out["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+
+
+def test_browser_pages_only_from_allowed_origins(demo, demo_path):
+    page = {"Origin": "http://localhost:3000"}
+    preflight = page | {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+    _, headers, _ = request(demo, "GET", "/v1/models", headers=page)
+    assert "access-control-allow-origin" not in {k.lower() for k in headers}  # by default no page may
+    with serving(demo_path, parallel=1, allow_origins=("http://localhost:3000",)) as server:
+        status, headers, _ = request(server, "OPTIONS", "/v1/chat/completions", headers=preflight)
+        assert status == 200 and headers.get("access-control-allow-origin") == "http://localhost:3000"
+        _, headers, out = request(server, "GET", "/v1/models", headers=page)
+        assert headers.get("access-control-allow-origin") == "http://localhost:3000" and out["data"]
+        status, headers, _ = request(server, "OPTIONS", "/v1/chat/completions",
+                                     headers=preflight | {"Origin": "http://evil.example"})
+        assert status == 400 and "access-control-allow-origin" not in headers

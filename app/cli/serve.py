@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import typer
 
 from app.cli import options as o
@@ -22,6 +24,8 @@ def serve(
     ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, template: o.Template = None,
     api_key: str | None = typer.Option(None, "--api-key", envvar="MALHAE_API_KEY", show_envvar=True,
                                        help="Require `Authorization: Bearer KEY` on every endpoint but /health."),
+    allow_origin: list[str] = typer.Option([], "--allow-origin", help="A web page origin (http://host:port, or *) "
+                                           "whose scripts may call the server from a browser (CORS); repeatable."),
 ) -> None:
     """Serve a model over HTTP (OpenAI and Ollama APIs) for other programs: editors, Open WebUI, lm-eval, scripts."""
     from app import ui
@@ -43,12 +47,17 @@ def serve(
         raise UserError("--api-key is empty; give a key (or leave it out to serve without one)")
     if template:
         templates.get(template)
+    for origin in allow_origin:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise UserError(f"--allow-origin {origin!r}: give a page's origin as scheme://host[:port] (no path), "
+                            "e.g. --allow-origin http://localhost:3000, or * for any page")
     run_opts, _ = o.settings_for("serve", ctx=ctx, threads=threads, gpu_layers=gpu_layers)
     path = models.resolve(model, ui.note)
     check_model_file(path)  # a wrong file is one line now, not a server that starts and then stops
     options = server.Options(path=path, model_id=path.stem, host=host, port=port, parallel=parallel, queue=queue,
                              n_ctx=run_opts["ctx"], threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
-                             template=template, api_key=api_key, verbose=o.verbose(), notify=ui.note)
+                             template=template, api_key=api_key, allow_origins=tuple(allow_origin),
+                             verbose=o.verbose(), notify=ui.note)
     srv = server.Server(options)  # binds now: a port in use is an error before anything loads
     if not server.is_loopback(host) and not api_key:
         ui.err.print(f"[bold yellow]malhae: warning:[/] serving on {host} without --api-key: anyone who can reach "

@@ -52,6 +52,7 @@ class Options:
     gpu_layers: str | int | None = "auto"
     template: str | None = None
     api_key: str | None = None
+    allow_origins: tuple[str, ...] = ()
     verbose: bool = False
     notify: Callable[[str], None] = field(default=lambda message: None)
 
@@ -65,8 +66,11 @@ class State:
         self.ready = threading.Event()
 
 
-def build_app(state: State, api_key: str | None):
-    """The Starlette application; every route's ApiError (and any bug) becomes OpenAI's JSON error shape."""
+def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] = ()):
+    """The Starlette application; every route's ApiError (and any bug) becomes OpenAI's JSON error shape.
+
+    `allow_origins`: web pages (scheme://host:port, or "*") whose scripts may call the server from a browser (CORS).
+    None by default: a page on any site could otherwise drive the local model through the user's browser."""
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, PlainTextResponse, Response
@@ -180,7 +184,14 @@ def build_app(state: State, api_key: str | None):
         route("/api/generate", ollama_api.generate, ("POST",), ollama=True),
         route("/api/chat", ollama_api.chat, ("POST",), ollama=True),
     ]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method})
+    middleware = []
+    if allow_origins:
+        from starlette.middleware import Middleware
+        from starlette.middleware.cors import CORSMiddleware
+
+        middleware.append(Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: bad_method})
 
 
 def _model_card(svc) -> dict:
@@ -222,7 +233,8 @@ class Server:
         self.state = State()
         self.sock = bind(options.host, options.port)
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(build_app(self.state, options.api_key), log_level="warning", access_log=False,
+        config = uvicorn.Config(build_app(self.state, options.api_key, options.allow_origins), log_level="warning",
+                                access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=3)
         self.uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
