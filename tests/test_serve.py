@@ -386,6 +386,9 @@ BAD = [
      "unsupported"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "web_search_options": {}}, 400,
      "unsupported"),
+    ("/v1/completions", b'{"prompt": "\\ud800 lone"}', 400, "invalid_text"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, "invalid_text"),
+    ("/tokenize", b'{"prompt": "a\\ud800"}', 400, "invalid_text"),
     ("/tokenize", {"prompt": 5}, 400, "invalid_type"),
     ("/detokenize", {"tokens": [99999999]}, 400, "invalid_token"),
     ("/detokenize", {"tokens": "abc"}, 400, "invalid_type"),
@@ -747,3 +750,42 @@ def test_browser_pages_only_from_allowed_origins(demo, demo_path):
         status, headers, _ = request(server, "OPTIONS", "/v1/chat/completions",
                                      headers=preflight | {"Origin": "http://evil.example"})
         assert status == 400 and "access-control-allow-origin" not in headers
+
+
+def test_a_huge_tokenize_does_not_stall_the_streams(endless):
+    """6 MiB of Korean to /tokenize takes seconds of llama_tokenize (2.5 s here); in a thread (it frees the GIL), the
+    streams of other clients go on meanwhile instead of standing still for as long."""
+    sock = _open_stream(endless, {"prompt": "대한민국", "max_tokens": 3000, "stream": True, "temperature": 0})
+    arrivals: list[float] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        sock.settimeout(10)
+        while not stop.is_set():
+            try:
+                data = sock.recv(65536)
+            except OSError:  # closed by the test
+                return
+            if not data:
+                return
+            arrivals.extend([time.monotonic()] * data.count(b"data:"))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        while len(arrivals) < 3:
+            time.sleep(0.01)
+        text = "대한민국의 주권은 국민에게 있다. " * ((6 << 20) // 50)  # 6 MiB as UTF-8
+        raw = json.dumps({"prompt": text}, ensure_ascii=False).encode()
+        start = time.monotonic()
+        status, _, out = request(endless, "POST", "/tokenize", raw=raw)
+        end = time.monotonic()
+        assert status == 200 and out["count"] > 100_000
+        during = [t for t in arrivals if start <= t <= end]
+        gaps = [b - a for a, b in zip([start, *during], [*during, end], strict=True)]
+        assert max(gaps) < 0.5 * (end - start), (max(gaps), end - start, len(during))
+    finally:
+        stop.set()
+        sock.close()
+        reader.join(10)
+    wait_idle(endless)

@@ -8,6 +8,7 @@ know, and answers errors as `{"error": "…"}`; so does this.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from datetime import datetime, timezone
 
@@ -138,7 +139,7 @@ def _finish_line(svc: Service, content: dict, done: Done | None, reason: str | N
 
 
 async def _run(request, svc: Service, body: Body, text: str, sampling, max_new, stream: bool, shape):
-    tokens = svc.tokenize(text)
+    tokens = await asyncio.to_thread(svc.tokenize, text)
     budget = svc.fit(tokens, max_new)
     req = Request(svc.scheduler)
     req.add(tokens, sampling, budget)

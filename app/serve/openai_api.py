@@ -8,6 +8,7 @@ lm-evaluation-harness's `local-completions` reads to score a continuation (it se
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -154,7 +155,7 @@ async def completions(request, svc: Service):
     stream = body.flag("stream")
     include_usage = _include_usage(body)
     sampling = _sampling(body, fields.stops(body.data.get("stop")))
-    prompts = _prompts(svc, body.data["prompt"])
+    prompts = await asyncio.to_thread(_prompts, svc, body.data["prompt"])  # llama_tokenize frees the GIL: streams go on
     if len(prompts) * n > MAX_PROMPTS:
         raise ApiError(f"{len(prompts)} prompts × n {n} is more than {MAX_PROMPTS} sequences in one request",
                        param="prompt", code="too_many_prompts")
@@ -311,7 +312,7 @@ async def chat(request, svc: Service):
     include_usage = _include_usage(body)
     stop = tuple(dict.fromkeys(svc.template.stop + fields.stops(body.data.get("stop"))))
     sampling = _sampling(body, stop)
-    tokens = svc.tokenize(render_chat(svc, body.data.get("messages")))
+    tokens = await asyncio.to_thread(svc.tokenize, render_chat(svc, body.data.get("messages")))
     budget = svc.fit(tokens, max_tokens)
     req = Request(svc.scheduler)
     for i in range(n):

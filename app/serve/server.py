@@ -6,6 +6,7 @@ tests), then uvicorn serves while the model loads in a thread: clients polling /
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import socket
@@ -128,7 +129,8 @@ def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] 
                                                       "with_pieces"))
         text = body.get("prompt", (str,)) if "prompt" in body.data else body.get("content", (str,), "")
         special = body.flag("add_special_tokens", True)
-        tokens = svc.engine.model.tokenize(text, add_special=special, parse_special=True)
+        # counting a long text is the point here: unbounded, in a thread (llama_tokenize frees the GIL)
+        tokens = await asyncio.to_thread(svc.tokenize, text, add_special=special, bounded=False)
         out = {"tokens": tokens, "count": len(tokens), "max_model_len": svc.n_ctx}
         if body.flag("with_pieces"):
             out["pieces"] = [svc.token_text(t) for t in tokens]
