@@ -789,3 +789,37 @@ def test_a_huge_tokenize_does_not_stall_the_streams(endless):
         sock.close()
         reader.join(10)
     wait_idle(endless)
+
+
+def test_random_requests_never_get_a_500(demo):
+    """Fuzz: 400 bodies of known field names with values of every JSON kind, on every POST endpoint. Whatever a
+    client sends is a 2xx or a 4xx with an error message, and the server stays healthy with every slot free."""
+    import random
+
+    from app.serve import ollama_api, openai_api
+
+    rng = random.Random(13)
+    pool = [None, True, False, -1, 0, 1, 2, 3, 2**40, -(2**63), 1e308, -0.5, 0.5, "", "x", "국회", "\ud800", [],
+            [1, 2], ["a"], [[1]], [[]], {}, {"type": "text"}, {"include_usage": True}, [{"role": "user"}],
+            [{"role": "user", "content": "국회는?"}], [{"role": "user", "content": [{"type": "text", "text": "x"}]}]]
+    endpoints = {"/v1/completions": openai_api.COMPLETION_FIELDS, "/v1/chat/completions": openai_api.CHAT_FIELDS,
+                 "/api/generate": ollama_api.GENERATE_FIELDS, "/api/chat": ollama_api.CHAT_FIELDS,
+                 "/tokenize": ("prompt", "content", "add_special_tokens"), "/detokenize": ("tokens",),
+                 "/api/show": ("model", "name")}
+    seen = set()
+    for _ in range(400):
+        path = rng.choice(sorted(endpoints))
+        names = rng.sample(list(endpoints[path]), k=min(len(endpoints[path]), rng.randint(1, 5)))
+        body = {name: rng.choice(pool) for name in names}
+        if rng.random() < 0.5:  # often a valid core, so that the other fields are what gets judged
+            body |= {"prompt": "국회는", "messages": [{"role": "user", "content": "국회는?"}]}
+        body |= {"max_tokens": rng.choice([1, 2, body.get("max_tokens")]), "stream": False,
+                 "options": {"num_predict": 2}}  # answers stay short
+        body = {k: v for k, v in body.items() if k in endpoints[path]}
+        status, _, out = request(demo, "POST", path, body)
+        assert status < 500, (path, body, out)
+        if status >= 400:
+            assert isinstance(out, dict) and out.get("error"), (path, body, out)
+        seen.add(status)
+    assert 200 in seen and 400 in seen
+    assert wait_idle(demo) == {"status": "ok", "slots_idle": 8, "slots_busy": 0, "waiting": 0}
