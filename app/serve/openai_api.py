@@ -90,9 +90,18 @@ def _collect(choice: _Choice, event) -> None:
         choice.error = event.error
 
 
-def _server_error(choices: list[_Choice]) -> ApiError | None:
+async def _whole(req: Request, request) -> list[_Choice]:
+    """Every job's whole answer, for a request that is not streamed; a failed job fails the request (500)."""
+    try:
+        choices = [_Choice() for _ in req.jobs]
+        async for index, event in req.events(request.is_disconnected):
+            _collect(choices[index], event)
+    finally:
+        req.cancel()
     failed = next((c for c in choices if c.error), None)
-    return ApiError(failed.error, 500, code="generation_failed", kind="server_error") if failed else None
+    if failed:
+        raise ApiError(failed.error, 500, code="generation_failed", kind="server_error")
+    return choices
 
 
 def _sse(data: object) -> bytes:
@@ -172,15 +181,7 @@ async def completions(request, svc: Service):
     if stream:
         return JobStream(req, _completion_events(svc, req, head, n, prompts, echo, echo_texts, n_logprobs,
                                                  include_usage))
-    try:
-        choices = [_Choice() for _ in req.jobs]
-        async for index, event in req.events(request.is_disconnected):
-            _collect(choices[index], event)
-    finally:
-        req.cancel()
-    error = _server_error(choices)
-    if error:
-        raise error
+    choices = await _whole(req, request)
     out = []
     for index, choice in enumerate(choices):
         p = index // n
@@ -322,15 +323,7 @@ async def chat(request, svc: Service):
     req.submit()
     if stream:
         return JobStream(req, _chat_events(svc, req, head | {"object": "chat.completion.chunk"}, include_usage))
-    try:
-        choices = [_Choice() for _ in req.jobs]
-        async for index, event in req.events(request.is_disconnected):
-            _collect(choices[index], event)
-    finally:
-        req.cancel()
-    error = _server_error(choices)
-    if error:
-        raise error
+    choices = await _whole(req, request)
     out = [{"index": i, "message": {"role": "assistant", "content": c.text},
             "logprobs": _chat_logprobs(svc, c.logprobs) if n_logprobs is not None else None,
             "finish_reason": c.finish} for i, c in enumerate(choices)]
