@@ -28,7 +28,7 @@ import numpy as np
 from app.errors import UserError
 from app.runtime import logprobs as lp
 from app.runtime import sampler
-from app.runtime.engine import Engine
+from app.runtime.engine import Engine, common_prefix
 from app.runtime.llama import Batch
 from app.runtime.settings import Sampling
 from app.runtime.stream import TextStream
@@ -128,15 +128,6 @@ class _Slot:
     @property
     def busy(self) -> bool:
         return self.job is not None
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Scheduler:
@@ -443,12 +434,8 @@ class Scheduler:
 def check_request(engine: Engine, tokens: list[int], max_new: int | None) -> int:
     """How many tokens a request may generate in a slot (`max_new` None: up to the end of the context); a prompt or a
     max_tokens the context cannot take is a UserError."""
+    engine.check_prompt(tokens)
     n_ctx = engine.n_ctx
-    if not tokens:
-        raise UserError("the prompt is empty")
-    if len(tokens) >= n_ctx:
-        raise UserError(f"the prompt is {len(tokens)} tokens; this server's context is {n_ctx} per request, with "
-                        "room for at least one more token")
     room = n_ctx - len(tokens)
     if max_new is None:
         return room

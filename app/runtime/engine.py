@@ -55,6 +55,16 @@ class Stats:
         return asdict(self) | {"prompt_tps": round(self.prompt_tps, 2), "decode_tps": round(self.decode_tps, 2)}
 
 
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two sequences share from the start: what a KV cache holding `a` can keep for `b`."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def check_model_file(path: Path) -> GGUFInfo:
     try:
         path.stat()
@@ -152,6 +162,12 @@ class Engine:
     def name(self) -> str:
         return self.info.name or self.path.stem
 
+    def check_prompt(self, tokens: list[int]) -> None:
+        """A prompt the context can take with room for at least one more token (chat, one-shots, the server)."""
+        if not tokens:
+            raise UserError("the prompt is empty")
+        self.check_fits(len(tokens))
+
     def check_fits(self, n_prompt: int) -> None:
         if n_prompt >= self.n_ctx:
             raise UserError(f"the prompt is {n_prompt} tokens, {n_prompt - self.n_ctx + 1} more than the context "
@@ -164,12 +180,7 @@ class Engine:
 
     def _evaluate(self, tokens: list[int]) -> None:
         """Bring the KV cache to exactly `tokens`, evaluating only what is not cached (at least the last token)."""
-        common = 0
-        for a, b in zip(self.cache, tokens, strict=False):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(tokens) - 1)
+        common = min(common_prefix(self.cache, tokens), len(tokens) - 1)
         lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx.ptr), 0, common, -1)
         self.cache = self.cache[:common]
         for start in range(common, len(tokens), self.n_batch):
@@ -186,9 +197,7 @@ class Engine:
         """Yield the continuation of `prompt` as printable text pieces; `self.stats` describes the run afterwards."""
         s = sampling or Sampling()
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if not tokens:
-            raise UserError("the prompt is empty")
-        self.check_fits(len(tokens))
+        self.check_prompt(tokens)
         self.stats = stats = Stats(prompt_tokens=len(tokens))
         start = time.perf_counter()
         self._evaluate(tokens)
