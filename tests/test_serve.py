@@ -823,3 +823,33 @@ def test_random_requests_never_get_a_500(demo):
         seen.add(status)
     assert 200 in seen and 400 in seen
     assert wait_idle(demo) == {"status": "ok", "slots_idle": 8, "slots_busy": 0, "waiting": 0}
+
+
+def test_stopping_ends_answers_in_progress_cleanly(endless_path, capfd):
+    """Ctrl-C with answers streaming: each gets a 'shutting down' error and [DONE] (a whole answer a 503) at once,
+    instead of uvicorn cutting them off after its graceful timeout and logging a traceback for each."""
+    server = Server(Options(path=endless_path, model_id="m", port=0, threads=2, parallel=2, n_ctx=4096)).start()
+    stream = _open_stream(server, {"prompt": "대한민국", "max_tokens": 4000, "stream": True})
+    whole: dict[str, object] = {}
+    waiter = threading.Thread(target=lambda: whole.update(out=request(server, "POST", "/v1/completions",
+                                                                      {"prompt": "국회", "max_tokens": 4000})))
+    waiter.start()
+    got = b""
+    while got.count(b"data:") < 3:
+        got += stream.recv(65536)
+    while health(server)["slots_busy"] < 2:
+        time.sleep(0.02)
+    start = time.monotonic()
+    server.stop()
+    stream.settimeout(10)
+    while b"data: [DONE]" not in got:  # (the raw socket also sees the chunked encoding's frames)
+        chunk = stream.recv(65536)
+        assert chunk, got[-300:]
+        got += chunk
+    waiter.join(10)
+    assert time.monotonic() - start < 2.5  # uvicorn's own graceful timeout is 3 s
+    assert b'"code": "shutting_down"' in got
+    status, _, out = whole["out"]
+    assert status == 503 and out["error"]["code"] == "shutting_down"
+    stream.close()
+    assert "Traceback" not in capfd.readouterr().err

@@ -27,3 +27,8 @@ def busy(message: str) -> ApiError:
     """Every slot is busy and the queue is full: 503 with Retry-After, which OpenAI's clients honour by retrying."""
     return ApiError(f"the server is busy: {message}; retry shortly", 503, code="server_busy", kind="server_error",
                     headers={"Retry-After": "1"})
+
+
+def shutting_down() -> ApiError:
+    return ApiError("the server is shutting down; retry once it is back", 503, code="shutting_down",
+                    kind="server_error", headers={"Retry-After": "5"})

@@ -33,6 +33,13 @@ class Dispatcher:
         self.loop = loop
         self.pending: collections.deque[tuple[asyncio.Queue, object]] = collections.deque()
         self.scheduled = False
+        self.requests: weakref.WeakSet[Request] = weakref.WeakSet()  # the ones being answered, for stop_all
+
+    def stop_all(self) -> None:
+        """The server is stopping: every request ends now (its jobs cancelled, its answer closed with a 'shutting
+        down' error), instead of being cut off by uvicorn's timeout with a traceback."""
+        for request in list(self.requests):
+            request.stop()
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> Dispatcher:
@@ -65,6 +72,8 @@ class Request:
         self.jobs: list[Job] = []
         self._queue: asyncio.Queue[tuple[int, Event] | None] = asyncio.Queue()
         self._dispatch = Dispatcher.of(asyncio.get_running_loop())
+        self._dispatch.requests.add(self)
+        self.stopped = False
 
     def add(self, tokens: list[int], sampling: Sampling, max_new: int, *, logprobs: int | None = None,
             echo: bool = False) -> int:
@@ -95,6 +104,12 @@ class Request:
             job.cancel()
         if running:
             self.scheduler.wake()
+
+    def stop(self) -> None:
+        """End `events()` at once (on the loop's thread): the server is shutting down."""
+        self.stopped = True
+        self.cancel()
+        self._queue.put_nowait(None)
 
     async def _watch(self, disconnected) -> None:
         while not await disconnected():

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from app import __version__
 from app.runtime.batching import Done, Token
 from app.serve import fields
-from app.serve.errors import ApiError
+from app.serve.errors import ApiError, shutting_down
 from app.serve.fields import Body
 from app.serve.jobs import Request
 from app.serve.openai_api import render_chat
@@ -155,8 +155,8 @@ async def _run(request, svc: Service, body: Body, text: str, sampling, max_new, 
                 done = event
     finally:
         req.cancel()
-    if done is None:
-        raise ApiError("the request was cancelled", 499)
+    if done is None:  # only a server that is stopping ends a request before its last event
+        raise shutting_down()
     if done.error:
         raise ApiError(done.error, 500, kind="server_error")
     return _finish_line(svc, shape(answer), done)
@@ -172,4 +172,6 @@ async def _lines(svc: Service, req: Request, shape):
                 yield (json.dumps({"error": event.error}) + "\n").encode()
             else:
                 yield (json.dumps(_finish_line(svc, shape(""), event), ensure_ascii=False) + "\n").encode()
+    if req.stopped:
+        yield (json.dumps({"error": shutting_down().message}) + "\n").encode()
 

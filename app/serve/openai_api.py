@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from app.runtime.batching import MAX_TOP_LOGPROBS, Done, Prompt, Token, TokenLogprob
 from app.serve import fields
-from app.serve.errors import ApiError
+from app.serve.errors import ApiError, shutting_down
 from app.serve.fields import Body
 from app.serve.jobs import Request
 from app.serve.service import MAX_PROMPTS, Service, offsets
@@ -98,6 +98,8 @@ async def _whole(req: Request, request) -> list[_Choice]:
             _collect(choices[index], event)
     finally:
         req.cancel()
+    if req.stopped:
+        raise shutting_down()
     failed = next((c for c in choices if c.error), None)
     if failed:
         raise ApiError(failed.error, 500, code="generation_failed", kind="server_error")
@@ -226,7 +228,9 @@ async def _completion_events(svc, req, head, n, prompts, echo, echo_texts, n_log
                 continue
             yield _sse(head | {"choices": [{"index": index, "text": "", "logprobs": None,
                                             "finish_reason": choice.finish}]})
-    if include_usage:
+    if req.stopped:
+        yield _sse(shutting_down().body())
+    elif include_usage:
         yield _sse(head | {"choices": [], "usage": _total_usage(choices, n)})
     yield DONE
 
@@ -355,6 +359,8 @@ async def _chat_events(svc, req, head, include_usage):
             yield _sse(head | {"choices": [{"index": index, "delta": {},
                                             "logprobs": _chat_logprobs(svc, held) if held else None,
                                             "finish_reason": choice.finish}]})
-    if include_usage:
+    if req.stopped:
+        yield _sse(shutting_down().body())
+    elif include_usage:
         yield _sse(head | {"choices": [], "usage": _total_usage(choices, len(choices))})
     yield DONE

@@ -203,6 +203,21 @@ def _model_card(svc) -> dict:
                      "parallel": len(svc.scheduler.slots), "file": str(svc.engine.path)}}
 
 
+def make_uvicorn(config):
+    """A uvicorn server that ends the answers in progress itself when it stops: plain uvicorn waits out its graceful
+    timeout, then cancels the streams and logs each one as an exception with a traceback."""
+    import uvicorn
+
+    from app.serve.jobs import Dispatcher
+
+    class Uvicorn(uvicorn.Server):
+        async def shutdown(self, sockets=None) -> None:
+            Dispatcher.of(asyncio.get_running_loop()).stop_all()
+            await super().shutdown(sockets)
+
+    return Uvicorn(config)
+
+
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, or a one-line UserError (port in use, no such address, not allowed)."""
     try:
@@ -238,7 +253,7 @@ class Server:
         config = uvicorn.Config(build_app(self.state, options.api_key, options.allow_origins), log_level="warning",
                                 access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=3)
-        self.uvicorn = uvicorn.Server(config)
+        self.uvicorn = make_uvicorn(config)
         self._thread: threading.Thread | None = None
         self._loader = threading.Thread(target=self._load, name="malhae-load", daemon=True)
 
