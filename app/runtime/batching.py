@@ -76,6 +76,7 @@ class Done:
     error: str = ""
     seconds: float = 0.0
     ttft: float = 0.0
+    stop_text: str | None = None  # the stop text that ended it (None: an end token, the length, an error)
 
 
 Event = Token | Prompt | Done
@@ -407,8 +408,9 @@ class Scheduler:
             if tail:
                 self._send(job, Token(-1, tail))
         text = slot.stream.text if slot.stream else ""
+        matched = slot.stream.matched if slot.stream and reason == "stop" else None
         self._send(job, Done(reason, len(job.tokens), slot.generated, slot.cached, text, error,
-                             time.perf_counter() - slot.started, slot.ttft))
+                             time.perf_counter() - slot.started, slot.ttft, matched))
         self._release(slot)
 
     def _release(self, slot: _Slot) -> None:

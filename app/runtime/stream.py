@@ -17,6 +17,7 @@ class TextStream:
         self._stop = [s for s in stop if s]
         self._held = ""  # decoded text not yet released: it may be the beginning of a stop string
         self.stopped = False  # a stop string was found; nothing after it is ever released
+        self.matched: str | None = None  # which one (servers report it as stop_reason)
         self.text = ""  # everything released so far
 
     def feed(self, data: bytes) -> str:
@@ -27,8 +28,9 @@ class TextStream:
         if not self._stop:
             self._held = ""
             return self._release(held)
-        cut = min((i for i in (held.find(s) for s in self._stop) if i >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for i, s in ((held.find(s), s) for s in self._stop) if i >= 0]
+        if found:
+            cut, self.matched = min(found, key=lambda f: f[0])
             self.stopped = True
             self._held = ""
             return self._release(held[:cut])

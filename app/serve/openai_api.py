@@ -90,6 +90,12 @@ def _collect(choice: _Choice, event) -> None:
         choice.error = event.error
 
 
+def _ended(choice: _Choice) -> dict:
+    """finish_reason, and vLLM's stop_reason beside it: the stop text that ended the answer, None for an end token
+    (OpenAI's "stop" means either; a client such as malhae's remote backend wants to know which)."""
+    return {"finish_reason": choice.finish, "stop_reason": choice.done.stop_text if choice.done else None}
+
+
 async def _whole(req: Request, request) -> list[_Choice]:
     """Every job's whole answer, for a request that is not streamed; a failed job fails the request (500)."""
     try:
@@ -189,7 +195,7 @@ async def completions(request, svc: Service):
         p = index // n
         text = (echo_texts[p] if echo else "") + choice.text
         logprobs = _legacy(svc, choice, prompts[p][0], echo, echo_texts[p]) if n_logprobs is not None else None
-        out.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish})
+        out.append({"index": index, "text": text, "logprobs": logprobs, **_ended(choice)})
     return head | {"choices": out, "usage": _total_usage(choices, n)}
 
 
@@ -226,8 +232,7 @@ async def _completion_events(svc, req, head, n, prompts, echo, echo_texts, n_log
             if choice.error:
                 yield _sse(ApiError(choice.error, 500, kind="server_error").body())
                 continue
-            yield _sse(head | {"choices": [{"index": index, "text": "", "logprobs": None,
-                                            "finish_reason": choice.finish}]})
+            yield _sse(head | {"choices": [{"index": index, "text": "", "logprobs": None, **_ended(choice)}]})
     if req.stopped:
         yield _sse(shutting_down().body())
     elif include_usage:
@@ -330,7 +335,7 @@ async def chat(request, svc: Service):
     choices = await _whole(req, request)
     out = [{"index": i, "message": {"role": "assistant", "content": c.text},
             "logprobs": _chat_logprobs(svc, c.logprobs) if n_logprobs is not None else None,
-            "finish_reason": c.finish} for i, c in enumerate(choices)]
+            **_ended(c)} for i, c in enumerate(choices)]
     return head | {"object": "chat.completion", "choices": out, "usage": _total_usage(choices, n)}
 
 
@@ -358,7 +363,7 @@ async def _chat_events(svc, req, head, include_usage):
             held = pending.pop(index, None)
             yield _sse(head | {"choices": [{"index": index, "delta": {},
                                             "logprobs": _chat_logprobs(svc, held) if held else None,
-                                            "finish_reason": choice.finish}]})
+                                            **_ended(choice)}]})
     if req.stopped:
         yield _sse(shutting_down().body())
     elif include_usage:

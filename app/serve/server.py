@@ -126,11 +126,12 @@ def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] 
 
     async def tokenize(request, svc):
         body = Body(await fields.read_json(request), ("prompt", "content", "add_special_tokens", "model",
-                                                      "with_pieces"))
+                                                      "with_pieces", "parse_special"))
         text = body.get("prompt", (str,)) if "prompt" in body.data else body.get("content", (str,), "")
         special = body.flag("add_special_tokens", True)
         # counting a long text is the point here: unbounded, in a thread (llama_tokenize frees the GIL)
-        tokens = await asyncio.to_thread(svc.tokenize, text, add_special=special, bounded=False)
+        parse = body.flag("parse_special", True)  # llama-server's: False reads "<|endoftext|>" as plain text
+        tokens = await asyncio.to_thread(svc.tokenize, text, add_special=special, bounded=False, parse_special=parse)
         out = {"tokens": tokens, "count": len(tokens), "max_model_len": svc.n_ctx}
         if body.flag("with_pieces"):
             out["pieces"] = [svc.token_text(t) for t in tokens]

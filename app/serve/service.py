@@ -62,7 +62,8 @@ class Service:
         """The most bytes one token stands for: a text of B bytes is at least B / this many tokens."""
         return max(1, max(len(self.engine.model.token_bytes(t, special=False)) for t in range(self.n_vocab)))
 
-    def tokenize(self, text: str, *, add_special: bool = True, bounded: bool = True) -> list[int]:
+    def tokenize(self, text: str, *, add_special: bool = True, bounded: bool = True, parse_special: bool = True
+                 ) -> list[int]:
         """A request's text as tokens. `bounded`: a text that cannot fit the context is refused before tokenizing
         (8 MiB of Korean took 2.5 s, during which every stream of the server stood still)."""
         try:
@@ -73,7 +74,7 @@ class Service:
         if bounded and len(data) // self.longest_piece >= self.n_ctx:
             raise ApiError(f"the prompt is at least {len(data) // self.longest_piece:,} tokens; this server's "
                            f"context is {self.n_ctx} per request", code="context_length_exceeded", param="prompt")
-        return self.engine.model.tokenize(text, add_special=add_special, parse_special=True)
+        return self.engine.model.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: list[int]) -> str:
         return self.engine.detokenize(tokens)
