@@ -88,6 +88,8 @@ def check_model_file(path: Path) -> GGUFInfo:
 
 
 class Engine:
+    remote = False  # the local implementation of app.runtime.backend.Backend
+
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  gpu_layers: str | int | None = "auto", n_batch: int = DEFAULT_BATCH, verbose: bool = False,
                  notify: Notify | None = None, n_seq: int = 1) -> None:
@@ -162,6 +164,30 @@ class Engine:
     def name(self) -> str:
         return self.info.name or self.path.stem
 
+    @property
+    def where(self) -> str:
+        """Where it runs, briefly (the chat's banner)."""
+        return f"{self.path.name}, {f'{self.n_gpu_layers} GPU layers' if self.n_gpu_layers else 'CPU'}"
+
+    @property
+    def location(self) -> str:
+        """Where it runs, in full (/show)."""
+        where = f"{self.n_gpu_layers} GPU layers" if self.n_gpu_layers else f"CPU, {self.threads} threads"
+        return f"{self.path} ({where})"
+
+    def chat_template_info(self) -> tuple[str | None, str, str]:
+        """(the GGUF's own chat template, BOS text, EOS text), for app.runtime.templates.for_engine."""
+        from gguf import Keys
+
+        def text(key: str) -> str:
+            token = self.info.metadata.get(key)
+            return self.model.token_bytes(int(token), special=True).decode("utf-8", "replace") \
+                if isinstance(token, int) else ""
+
+        source = self.info.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
+        return (source if isinstance(source, str) else None, text(Keys.Tokenizer.BOS_ID),
+                text(Keys.Tokenizer.EOS_ID))
+
     def check_prompt(self, tokens: list[int]) -> None:
         """A prompt the context can take with room for at least one more token (chat, one-shots, the server)."""
         if not tokens:
@@ -193,8 +219,11 @@ class Engine:
             self.cache.extend(chunk)
         self.stats.cached_tokens = common
 
-    def generate(self, prompt: str | list[int], sampling: Sampling | None = None) -> Iterator[str]:
-        """Yield the continuation of `prompt` as printable text pieces; `self.stats` describes the run afterwards."""
+    def generate(self, prompt: str | list[int], sampling: Sampling | None = None, *,
+                 messages: list[dict[str, str]] | None = None) -> Iterator[str]:
+        """Yield the continuation of `prompt` as printable text pieces; `self.stats` describes the run afterwards.
+        `messages` (the conversation the prompt was made from) is for a remote backend; a local one needs only the
+        prompt."""
         s = sampling or Sampling()
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(tokens)

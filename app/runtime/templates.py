@@ -97,26 +97,28 @@ def for_gguf(model_name: str | None, metadata: Mapping[str, object], token_text=
     `token_text(id)` gives a token's text, for the bos/eos tokens a foreign Jinja template may use; without it they
     are empty.
     """
+    def text(key: str) -> str:
+        token = metadata.get(key)
+        return token_text(int(token)) if token_text is not None and isinstance(token, int) else ""
+
     source = metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
-    if isinstance(source, str) and source.strip():
+    return for_source(model_name, source if isinstance(source, str) else None, text(Keys.Tokenizer.BOS_ID),
+                      text(Keys.Tokenizer.EOS_ID))
+
+
+def for_source(model_name: str | None, source: str | None, bos_token: str = "", eos_token: str = "") -> Template:
+    """The format a model's own chat template (Jinja, from a GGUF or a server) names, else the guess from its name."""
+    if source and source.strip():
         ours = from_jinja(source)
         if ours is not None:
             return ours
-
-        def text(key: str) -> str:
-            token = metadata.get(key)
-            return token_text(int(token)) if token_text is not None and isinstance(token, int) else ""
-
-        return JinjaTemplate.make(source, bos_token=text(Keys.Tokenizer.BOS_ID), eos_token=text(Keys.Tokenizer.EOS_ID))
+        return JinjaTemplate.make(source, bos_token=bos_token, eos_token=eos_token)
     return for_model(model_name)
 
 
 def for_engine(engine) -> Template:
-    """for_gguf for a running Engine: its GGUF metadata and its tokens' texts."""
-    def token_text(token: int) -> str:
-        return engine.model.token_bytes(token, special=True).decode("utf-8", "replace")
-
-    return for_gguf(engine.name, engine.info.metadata, token_text)
+    """The format for a running backend (a local Engine or a server's model): its own template, else its name's."""
+    return for_source(engine.name, *engine.chat_template_info())
 
 
 @dataclass(frozen=True)
