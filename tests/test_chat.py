@@ -229,9 +229,9 @@ def _interrupt_first_answer_after(n_pieces: int, yielded: list[str]):
         real = session.engine.generate
         calls = []
 
-        def generate(prompt, sampling):
+        def generate(prompt, sampling, **kw):
             calls.append(1)
-            inner = real(prompt, sampling)
+            inner = real(prompt, sampling, **kw)
             try:
                 for piece in inner:
                     if len(calls) == 1 and len(yielded) == n_pieces:

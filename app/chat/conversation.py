@@ -55,6 +55,11 @@ class Conversation:
     def prompt(self, turns: list[Turn] | None = None) -> str:
         return self.template.prompt(self.turns if turns is None else turns, self.system_text)
 
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as chat messages (OpenAI's shape), for a server that applies its own template."""
+        system = [{"role": "system", "content": self.system_text}] if self.system_text else []
+        return system + [{"role": role, "content": text} for role, text in self.turns]
+
     def answer_sampling(self) -> Sampling:
         """The settings plus the template's stop strings, which keep a base model from writing the user's turn."""
         return replace(self.sampling, stop=tuple(dict.fromkeys((*self.template.stop, *self.sampling.stop))))

@@ -10,7 +10,9 @@ from pathlib import Path
 from app.chat.reader import MAX_INPUT, too_long
 from app.errors import UserError
 from app.runtime import templates
-from app.runtime.engine import Engine, Stats
+from app.runtime.backend import Backend, open_backend
+from app.runtime.endpoint import Endpoint
+from app.runtime.engine import Stats
 from app.runtime.settings import Sampling
 
 
@@ -46,17 +48,18 @@ def read_prompt(arg: str | None, kind: str = "complete") -> str:
 
 @dataclass
 class OneShot:
-    engine: Engine
+    engine: Backend
     kind: str
     prompt: str
     sampling: Sampling
     template: str | None = None
     stats: Stats = field(default_factory=Stats)
+    messages: list[dict[str, str]] | None = None  # what the prompt was made from (ask), for --remote-chat
 
     def pieces(self) -> Iterator[str]:
         started = self.kind == "complete"  # an answer's leading spaces (after "어시스턴트:") are not shown
         try:
-            for piece in self.engine.generate(self.prompt, self.sampling):
+            for piece in self.engine.generate(self.prompt, self.sampling, messages=self.messages):
                 if not started:
                     piece = piece.lstrip()
                     if not piece:
@@ -69,24 +72,33 @@ class OneShot:
 
     def collect(self) -> dict:
         text = "".join(self.pieces())
-        return {"model": str(self.engine.path), "kind": self.kind, "template": self.template, "text": text,
-                "stats": self.stats.as_dict()}
+        out = {"model": str(getattr(self.engine, "path", self.engine.name)), "kind": self.kind,
+               "template": self.template, "text": text, "stats": self.stats.as_dict()}
+        if self.engine.remote:
+            out["endpoint"] = self.engine.endpoint.url
+        return out
 
 
-def run(kind: str, text: str, path: Path, sampling: Sampling, *, n_ctx: int | None, threads: int | None,
-        gpu_layers: str | int, template: str | None, verbose: bool, notify) -> OneShot:
-    """Load the model and frame the prompt; the caller streams `pieces()` or `collect()`s them."""
-    engine = Engine(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=notify)
+def run(kind: str, text: str, target: Path | Endpoint, sampling: Sampling, *, n_ctx: int | None,
+        threads: int | None, gpu_layers: str | int, template: str | None, verbose: bool, notify,
+        model: str | None = None, remote_chat: bool = False) -> OneShot:
+    """Open the model (a GGUF here, or `model` on an endpoint) and frame the prompt; the caller streams `pieces()`
+    or `collect()`s them."""
+    engine = open_backend(target, model=model, remote_chat=remote_chat, n_ctx=n_ctx, threads=threads,
+                          gpu_layers=gpu_layers, verbose=verbose, notify=notify)
+    messages = None
     try:
         if kind == "ask":
             tpl = templates.get(template) if template else templates.for_engine(engine)
             prompt = tpl.prompt([("user", text.strip())])
             sampling.stop = tuple(dict.fromkeys((*tpl.stop, *sampling.stop)))
             template = tpl.name
+            messages = ([{"role": "system", "content": tpl.system}] if tpl.system else []) + \
+                [{"role": "user", "content": text.strip()}]
         else:
             prompt = text
         engine.check_fits(len(engine.tokenize(prompt)))
     except BaseException:
         engine.close()
         raise
-    return OneShot(engine, kind, prompt, sampling, template)
+    return OneShot(engine, kind, prompt, sampling, template, messages=messages)

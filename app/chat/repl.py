@@ -34,10 +34,12 @@ from app.chat.reader import (
     open_history,
     resolve_command,
 )
-from app.chat.writer import write_answer
+from app.chat.writer import AnswerBroken, write_answer
 from app.errors import UserError
 from app.runtime import templates
-from app.runtime.engine import Engine, Stats, check_model_file
+from app.runtime.backend import Backend, open_backend
+from app.runtime.endpoint import Endpoint
+from app.runtime.engine import Stats, check_model_file
 from app.runtime.settings import SETTABLE, SETTINGS, Sampling, check, parse
 
 
@@ -49,14 +51,14 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
-OpenEngine = Callable[[Path, int | None], Engine]
+OpenEngine = Callable[[Path, int | None], Backend]
 Resolve = Callable[[str | None, Callable[[str], None] | None], Path]  # --model / /model value → file (the store's)
 
 
 class Chat:
     """One chat session: reads, runs commands, streams answers; the conversation and the engine outlive mistakes."""
 
-    def __init__(self, conversation: Conversation, engine: Engine, *, open_engine: OpenEngine, resolve: Resolve,
+    def __init__(self, conversation: Conversation, engine: Backend, *, open_engine: OpenEngine, resolve: Resolve,
                  reader: Reader, out: TextIO, console: Console, terminal: bool, template_fixed: bool = False) -> None:
         self.conv = conversation
         self.engine = engine
@@ -87,8 +89,7 @@ class Chat:
 
     def banner(self) -> None:
         e = self.engine
-        where = f"{e.n_gpu_layers} GPU layers" if e.n_gpu_layers else "CPU"
-        self.dim(f"malhae chat · model {e.name} ({e.path.name}, {where}) · template {self.conv.template.name} · "
+        self.dim(f"malhae chat · model {e.name} ({e.where}) · template {self.conv.template.name} · "
                  f"context {e.n_ctx} tokens")
         self.dim("/help for commands (도움말) · Ctrl-C stops an answer · Ctrl-D or /exit quits (종료)")
 
@@ -153,9 +154,12 @@ class Chat:
                       "/set ctx N keeps more")
         engine = self.engine
         before = engine.stats
+        pieces = engine.generate(prepared.tokens, self.conv.answer_sampling(), messages=self.conv.messages())
+        broken = None
         try:
-            text, interrupted = write_answer(engine.generate(prepared.tokens, self.conv.answer_sampling()), self.out,
-                                             terminal=self.terminal)
+            text, interrupted = write_answer(pieces, self.out, terminal=self.terminal)
+        except AnswerBroken as e:  # cut off after part was shown: keep that part, as after Ctrl-C, then say why
+            text, interrupted, broken = e.text, True, e
         except BaseException:
             self.conv.abandon()
             raise
@@ -165,6 +169,8 @@ class Chat:
         self.conv.answer(text.rstrip())
         self.last_stats = stats
         self.status(stats)
+        if broken is not None:
+            raise UserError(f"{broken}; what was shown is kept (/retry asks again)")
 
     def status(self, s: Stats) -> None:
         parts = [f"{s.generated_tokens} tokens", f"{s.decode_tps:.1f} tok/s",
@@ -233,6 +239,9 @@ class Chat:
         if not raw.strip():
             raise UserError(f"give a value: /set {key} {SETTINGS[key].example}")
         value = parse(key, raw, f"/set {key}")
+        if key == "ctx" and self.engine.remote:
+            raise UserError(f"the context is the server's ({self.engine.n_ctx} tokens); it cannot be changed from "
+                            "here")
         if key == "ctx":
             self._reopen(self.engine.path, value)
             self.conv.ctx = value
@@ -243,13 +252,12 @@ class Chat:
 
     def cmd_show(self, arg: str) -> None:
         e, c = self.engine, self.conv
-        where = f"{e.n_gpu_layers} GPU layers" if e.n_gpu_layers else f"CPU, {e.threads} threads"
         system = c.system_text.replace("\n", " ") or "(none)"
         table = Table.grid(padding=(0, 2))
         table.add_column(no_wrap=True)
         table.add_column()
         used = c.context_used(e.tokenize)
-        for label, value in (("model", f"{e.name} — {e.path} ({where})"),
+        for label, value in (("model", f"{e.name} — {e.location}"),
                              ("template", f"{c.template.name} — {c.template.description}"),
                              ("system", f"{system} ({'the template' if c.system is None else 'yours'})"),
                              ("settings", self._settings_line()),
@@ -294,6 +302,9 @@ class Chat:
             self.dim(f"it was saved with model {model}; continuing with {self.engine.name}")
 
     def cmd_model(self, arg: str) -> None:
+        if self.engine.remote:
+            self._remote_model(arg)
+            return
         if not arg:
             raise UserError("give a model file or a name from `malhae models`: /model path/to/model.gguf")
         self._reopen(self.resolve(arg, None), self.conv.ctx)
@@ -301,6 +312,21 @@ class Chat:
             self.conv.template = templates.for_engine(self.engine)
         self.info(f"model {self.engine.name} ({self.engine.path.name}) · template {self.conv.template.name} · "
                   f"context {self.engine.n_ctx} tokens; the conversation stays")
+
+    def _remote_model(self, arg: str) -> None:
+        """/model on an endpoint: the server's models (its /v1/models), or switch to one of them."""
+        e = self.engine
+        if not arg:
+            for m in e.models():
+                mark = "*" if m.id == e.name else " "
+                self.info(f"{mark} {m.id}" + (f" ({m.n_ctx} tokens)" if m.n_ctx else ""))
+            self.dim(f"the models at {e.endpoint.url}; switch with /model NAME")
+            return
+        e.use(arg)
+        if not self.template_fixed:
+            self.conv.template = templates.for_engine(e)
+        self.info(f"model {e.name} ({e.where}) · template {self.conv.template.name} · context {e.n_ctx} tokens; "
+                  "the conversation stays")
 
     def cmd_stats(self, arg: str) -> None:
         s = self.last_stats
@@ -311,6 +337,8 @@ class Chat:
         self.info(f"prompt: {s.prompt_tokens} tokens, {s.cached_tokens} cached (reused from the last turn), "
                   f"{evaluated} evaluated at {s.prompt_tps:.0f} tok/s")
         self.info(f"first token after {s.ttft * 1000:.0f} ms")
+        if self.engine.remote:
+            self.dim(f"measured here, over the network; the token counts are the server's ({self.engine.where})")
 
     def _reopen(self, path: Path, n_ctx: int | None) -> None:
         """Load a model (or the same one with another context); if that fails, the one that worked comes back."""
@@ -332,10 +360,12 @@ def _number(value: object) -> str:
 def open_chat(*, model: str | None, resolve: Resolve, template: str | None = None, system: str | None = None,
               sampling: Sampling | None = None, ctx: int | None = None, threads: int | None = None,
               gpu_layers: str | int = "auto", no_color: bool = False, verbose: bool = False,
-              reader: Reader | None = None, out: TextIO | None = None, console: Console | None = None) -> Chat:
-    """Check the options, load the model, pick the template; the reader, output and console default to the
+              reader: Reader | None = None, out: TextIO | None = None, console: Console | None = None,
+              endpoint: Endpoint | None = None, remote_chat: bool = False) -> Chat:
+    """Check the options, open the model, pick the template; the reader, output and console default to the
     process's own (a prompt on a terminal, plain lines from a pipe). `resolve` turns --model and /model values into
-    files (the CLI passes the store's rule, so that this package does not depend on the store)."""
+    files (the CLI passes the store's rule, so that this package does not depend on the store). With an `endpoint`,
+    --model names the server's model and nothing is loaded here."""
     sampling = sampling or Sampling()
     no_color = no_color or bool(os.environ.get("NO_COLOR"))
     if console is None:
@@ -348,13 +378,18 @@ def open_chat(*, model: str | None, resolve: Resolve, template: str | None = Non
     sampling.checked()
     check("ctx", ctx)
     chosen = templates.get(template) if template else None
-    path = resolve(model, note)
 
-    def open_engine(p: Path, n_ctx: int | None) -> Engine:
-        return Engine(p, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=note)
+    def open_engine(p: Path | Endpoint, n_ctx: int | None, name: str | None = None) -> Backend:
+        return open_backend(p, model=name, remote_chat=remote_chat, n_ctx=n_ctx, threads=threads,
+                            gpu_layers=gpu_layers, verbose=verbose, notify=note)
 
-    with console.status(f"loading {path.name}…"):
-        engine = open_engine(path, ctx)
+    if endpoint is not None:
+        with console.status(f"connecting to {endpoint.url}…"):
+            engine = open_engine(endpoint, ctx, model)
+    else:
+        path = resolve(model, note)
+        with console.status(f"loading {path.name}…"):
+            engine = open_engine(path, ctx)
     try:
         conversation = Conversation(chosen or templates.for_engine(engine), sampling, ctx, system)
         if out is None:

@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
+from app.errors import UserError
+
 try:
     import termios
 except ImportError:  # pragma: no cover - Windows
@@ -23,6 +25,15 @@ except ImportError:  # pragma: no cover - Windows
 
 class AnswerInterrupted(KeyboardInterrupt):
     """Ctrl-C while an answer is being written: it stops that answer, not the chat."""
+
+
+class AnswerBroken(UserError):
+    """The answer failed after part of it was shown (a server's stream cut off): `text` is what the screen shows,
+    which the conversation keeps, as after a Ctrl-C."""
+
+    def __init__(self, error: UserError, text: str) -> None:
+        super().__init__(str(error), exit_code=error.exit_code)
+        self.text = text
 
 
 class _CtrlC:
@@ -133,6 +144,7 @@ def write_answer(pieces: Iterator[str], out: TextIO, *, terminal: bool) -> tuple
     write, flush, clock = out.write, out.flush, time.perf_counter
     flushed = 0.0
     started = interrupted = False
+    broken: UserError | None = None
     guard = _CtrlC()
     waiting = None
     try:
@@ -167,11 +179,17 @@ def write_answer(pieces: Iterator[str], out: TextIO, *, terminal: bool) -> tuple
                     close()
     except AnswerInterrupted:
         interrupted = True
+    except UserError as e:
+        if not shown:
+            raise
+        broken = e
     interrupted = interrupted or guard.pending
     text = "".join(shown)
     if interrupted or (text and not text.endswith("\n")):
         write("\n")  # after the terminal's ^C echo, or the answer's last line
     flush()  # whatever is still buffered: the screen ends up showing exactly `text`
+    if broken is not None:
+        raise AnswerBroken(broken, text)
     return text, interrupted
 
 

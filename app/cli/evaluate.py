@@ -27,7 +27,8 @@ EVAL_MODEL = "GGUF file or store name (default: the bundled demo)."
 def eval_ppl(
     model: str | None = typer.Argument(None, help=EVAL_MODEL), text: o.TextFile = ...,
     ctx: o.Window = 512, batch: o.Batch = 2048, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
-    json_out: o.Json = False,
+    json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None,
+    timeout: o.Timeout = None, model_option: o.ModelOption = None,
 ) -> None:
     """Perplexity on a text, computed as llama.cpp's llama-perplexity computes it (same number)."""
     from app import ui
@@ -37,14 +38,32 @@ def eval_ppl(
     from app.runtime.llama import init
     from app.store import models
 
+    model = _one_model(model, model_option)
     read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
     run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note,
+                            local_flags={"threads": threads, "gpu_layers": gpu_layers})
+    if remote is not None:
+        from app.eval import remote as scoring
+        from app.runtime.remote import RemoteBackend
+
+        backend = RemoteBackend(remote, model, notify=ui.note)
+        with views.WindowProgress("perplexity", "ppl {:.3f}") as progress:
+            result = scoring.perplexity(backend, text, n_ctx=ctx, progress=progress.update)
+        views.ppl_result(result, json_out)
+        return
     init(o.verbose())
     path = models.resolve(model, ui.note)
     with views.WindowProgress("perplexity", "ppl {:.3f}") as progress:
         result = ppl.run(path, text, n_ctx=ctx, n_batch=batch, threads=run_opts["threads"],
                          gpu_layers=run_opts["gpu_layers"], progress=progress.update, notify=ui.note)
     views.ppl_result(result, json_out)
+
+
+def _one_model(argument: str | None, option: str | None) -> str | None:
+    if argument is not None and option is not None and argument != option:
+        raise UserError(f"two models given ({argument!r} and --model {option!r}); give one")
+    return argument if argument is not None else option
 
 
 @app.command("compare")
@@ -85,7 +104,8 @@ def eval_kobest(
     threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
     precise: bool = typer.Option(False, "--precise", help="f32 K/V cache, no flash attention: slower; scores move "
                                  "less with how the choices are batched."),
-    json_out: o.Json = False,
+    json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None,
+    timeout: o.Timeout = None, model_option: o.ModelOption = None,
 ) -> None:
     """KoBEST macro F1 (COPA, HellaSwag, BoolQ, SentiNeg, WiC) with the prompts of the Polyglot-Ko model card."""
     from app import ui
@@ -106,6 +126,18 @@ def eval_kobest(
         ui.note("no --data given: using the bundled sample (models/data/kobest-sample), written by malhae — "
                 "not KoBEST, its scores mean nothing. Pass --data DIR with the skt/kobest_v1 files.")
     run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    model = _one_model(model, model_option)
+    remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note,
+                            local_flags={"threads": threads, "gpu_layers": gpu_layers, "precise": precise or None})
+    if remote is not None:
+        from app.runtime.remote import RemoteBackend
+
+        backend = RemoteBackend(remote, model, notify=ui.note)
+        with kobest_render.KobestProgress() as progress:
+            report = evaluate.evaluate_remote(backend, src, chosen, shot_counts, limit=limit,
+                                              progress=progress.update)
+        kobest_render.table(report, json_out)
+        return
     init(o.verbose())
     path = models.resolve(model, ui.note)
     with kobest_render.KobestProgress() as progress:

@@ -46,6 +46,17 @@ OneShotMaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help
                                                                                  f"{ONESHOT_MAX_TOKENS}).")]
 ChatMaxTokens = Annotated[int | None, typer.Option("--max-tokens", "-n", help="Most tokens per answer "
                                                                               f"{_default('max_tokens')}.")]
+EndpointOption = Annotated[str | None, typer.Option("--endpoint", help="Run on an OpenAI-compatible server instead "
+                                                   "of a local model: its base URL, e.g. http://127.0.0.1:8080/v1 "
+                                                   "(default: $MALHAE_ENDPOINT, else config.toml's endpoint; `local` "
+                                                   "runs locally). --model then names the server's model.")]
+ApiKey = Annotated[str | None, typer.Option("--api-key", help="The endpoint's API key (default: $MALHAE_API_KEY, or "
+                                                              "the variable config.toml's api_key_env names).")]
+Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds to wait for the endpoint before giving up "
+                                                                 "(default: 120).")]
+RemoteChat = Annotated[bool, typer.Option("--remote-chat", help="With --endpoint: send messages to "
+                                                                "/v1/chat/completions, framed by the server's own "
+                                                                "template (default: malhae's template, raw prompt).")]
 TextFile = Annotated[Path, typer.Option("--text", help="UTF-8 text file to score (e.g. a held-out corpus).")]
 Window = Annotated[int, typer.Option("--ctx", help="Tokens per window; the second half of each is scored.")]
 Batch = Annotated[int, typer.Option("--batch", help="Tokens per decode; batch/ctx windows go together.")]
@@ -69,3 +80,32 @@ def verbose() -> bool:
     from app import flags
 
     return flags.VERBOSE
+
+
+LOCAL_ONLY = ("threads", "gpu_layers")  # decided by the server when an endpoint runs the model
+
+
+def endpoint_for(flag: str | None, api_key: str | None = None, timeout: float | None = None, *,
+                 remote_chat: bool = False, local_flags: dict[str, object] | None = None, notify=None):
+    """The Endpoint to run on (flag > $MALHAE_ENDPOINT > config.toml's endpoint; `local` or none: None, a local
+    model). The key: --api-key, else the environment variable config.toml's api_key_env names (MALHAE_API_KEY)."""
+    import os
+
+    from app.errors import UserError
+    from app.runtime.endpoint import Endpoint
+    from app.store import config
+
+    file = config.load()
+    url = flag if flag is not None else os.environ.get("MALHAE_ENDPOINT") or file.endpoint
+    if not url or url.strip().lower() == "local":
+        for given, name in ((api_key, "--api-key"), (timeout, "--timeout"), (remote_chat or None, "--remote-chat")):
+            if given is not None:
+                raise UserError(f"{name} is for a remote model: give --endpoint URL too (or MALHAE_ENDPOINT)")
+        return None
+    variable = file.api_key_env or "MALHAE_API_KEY"
+    key = api_key if api_key is not None else os.environ.get(variable) or None
+    endpoint = Endpoint.parse(url, key, timeout if timeout is not None else file.endpoint_timeout)
+    ignored = [f"--{k.replace('_', '-')}" for k, v in (local_flags or {}).items() if v is not None]
+    if ignored and notify:
+        notify(f"{' and '.join(ignored)} apply to a local model; the server at {endpoint.url} decides its own")
+    return endpoint

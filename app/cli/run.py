@@ -8,17 +8,19 @@ from app.cli import options as o
 
 
 def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, template: str | None,
-             stop: list[str], **flags: object) -> None:
+             stop: list[str], remote: dict, **flags: object) -> None:
     """`complete` and `ask` share every option; only how the prompt is framed differs."""
     from app import ui
     from app.chat import oneshot, writer
     from app.store import models
 
     run_opts, sampling = o.settings_for(kind, tuple(stop), **flags)
+    endpoint = o.endpoint_for(**remote, local_flags={k: flags[k] for k in o.LOCAL_ONLY}, notify=ui.note)
     text = oneshot.read_prompt(prompt, kind)
-    path = models.resolve(model, ui.note)
-    shot = oneshot.run(kind, text, path, sampling, n_ctx=run_opts["ctx"], threads=run_opts["threads"],
-                       gpu_layers=run_opts["gpu_layers"], template=template, verbose=o.verbose(), notify=ui.note)
+    target = endpoint or models.resolve(model, ui.note)
+    shot = oneshot.run(kind, text, target, sampling, n_ctx=run_opts["ctx"], threads=run_opts["threads"],
+                       gpu_layers=run_opts["gpu_layers"], template=template, verbose=o.verbose(), notify=ui.note,
+                       model=model if endpoint else None, remote_chat=remote["remote_chat"])
     if json_out:
         ui.json_result(shot.collect())
     else:
@@ -35,10 +37,11 @@ def complete(
     repeat_penalty: o.RepeatPenalty = None, repeat_last_n: o.RepeatLastN = None, seed: o.Seed = None,
     frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
     ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
-    json_out: o.Json = False,
+    json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None, timeout: o.Timeout = None,
 ) -> None:
     """Continue a text as it is (raw completion, for base models)."""
-    _oneshot("complete", prompt, model, json_out, None, stop, max_tokens=max_tokens, temperature=temperature,
+    remote = {"flag": endpoint, "api_key": api_key, "timeout": timeout, "remote_chat": False}
+    _oneshot("complete", prompt, model, json_out, None, stop, remote, max_tokens=max_tokens, temperature=temperature,
              top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
              seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
              threads=threads, gpu_layers=gpu_layers)
@@ -50,10 +53,12 @@ def ask(
     repeat_penalty: o.RepeatPenalty = None, repeat_last_n: o.RepeatLastN = None, seed: o.Seed = None,
     frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
     ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
-    template: o.Template = None, json_out: o.Json = False,
+    template: o.Template = None, json_out: o.Json = False, endpoint: o.EndpointOption = None,
+    api_key: o.ApiKey = None, timeout: o.Timeout = None, remote_chat: o.RemoteChat = False,
 ) -> None:
     """Ask one question, framed in the model's prompt format, and print the answer."""
-    _oneshot("ask", prompt, model, json_out, template, stop, max_tokens=max_tokens, temperature=temperature,
+    remote = {"flag": endpoint, "api_key": api_key, "timeout": timeout, "remote_chat": remote_chat}
+    _oneshot("ask", prompt, model, json_out, template, stop, remote, max_tokens=max_tokens, temperature=temperature,
              top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
              seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
              threads=threads, gpu_layers=gpu_layers)
@@ -67,14 +72,19 @@ def chat(
     max_tokens: o.ChatMaxTokens = None,
     seed: int | None = typer.Option(None, "--seed", help="Fix the sampling seed for repeatable answers."),
     no_color: bool = typer.Option(False, "--no-color", help="No colours or styles (also: the NO_COLOR variable)."),
+    endpoint: o.EndpointOption = None, api_key: o.ApiKey = None, timeout: o.Timeout = None,
+    remote_chat: o.RemoteChat = False,
 ) -> None:
     """Talk with a model (대화): streaming answers, input history, /commands; /help inside for more."""
+    from app import ui
     from app.chat import repl
     from app.store import models
 
     run_opts, sampling = o.settings_for("chat", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                         repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed, ctx=ctx,
                                         threads=threads, gpu_layers=gpu_layers)
+    remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, notify=ui.note,
+                            local_flags={"threads": threads, "gpu_layers": gpu_layers})
     repl.open_chat(model=model, resolve=models.resolve, template=template, system=system, sampling=sampling,
                    ctx=run_opts["ctx"], threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
-                   no_color=no_color, verbose=o.verbose()).run()
+                   no_color=no_color, verbose=o.verbose(), endpoint=remote, remote_chat=remote_chat).run()

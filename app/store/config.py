@@ -27,7 +27,11 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TOP_KEYS = {"default_model": "a string (a store name or a path to a .gguf file)", "sampling": "a table: [sampling]"}
+TOP_KEYS = {"default_model": "a string (a store name or a path to a .gguf file)", "sampling": "a table: [sampling]",
+            "endpoint": "a string: an OpenAI-compatible API's base URL, e.g. http://127.0.0.1:8080/v1",
+            "api_key_env": "a string: the name of the environment variable that holds the endpoint's API key",
+            "endpoint_timeout": "a number of seconds from 0.1 to 86400"}
+STRING_KEYS = ("default_model", "endpoint", "api_key_env")
 TOP_KEYS |= {k: s.rule for k, s in SETTINGS.items() if s.table is None}
 
 
@@ -42,6 +46,9 @@ class Settings:
     ctx: int | None = None
     threads: int | None = None
     sampling: dict[str, float | int] = field(default_factory=dict)
+    endpoint: str | None = None
+    api_key_env: str | None = None  # the key itself never sits in the file
+    endpoint_timeout: float | None = None
 
 
 MAX_FILE = 1 << 20  # a settings file is a few lines
@@ -79,6 +86,10 @@ def parse(text: str, path: Path) -> Settings:
         raise UserError(f"settings file {path} is not valid TOML ({e}); fix that line or delete the file") from None
     settings = Settings(path, exists=True)
     for key, value in data.items():
+        if key in ("api_key", "key", "token"):
+            raise UserError(f"{_where(path, text, key)}: a settings file must not hold an API key (it is read by "
+                            "anyone who can read the file, and copied with it); keep the key in an environment "
+                            "variable and name it: api_key_env = \"MALHAE_API_KEY\"")
         if key not in TOP_KEYS:
             raise UserError(f"{_where(path, text, key)}: unknown key {key!r}{_guess(key, TOP_KEYS)}; the keys are "
                             f"{', '.join(k for k in TOP_KEYS if k != 'sampling')} and [sampling] "
@@ -88,10 +99,17 @@ def parse(text: str, path: Path) -> Settings:
                 raise UserError(f"{_where(path, text, key)}: sampling must be a table ([sampling] on its own line, "
                                 "then key = value lines)")
             settings.sampling = _parse_sampling(value, path, text)
-        elif key == "default_model":
+        elif key in STRING_KEYS:
             if not isinstance(value, str) or not value.strip():
                 raise _type_error(path, text, key, TOP_KEYS[key], value)
-            settings.default_model = value.strip()
+            setattr(settings, key, value.strip())
+        elif key == "endpoint_timeout":
+            from app.runtime.endpoint import check_timeout
+
+            try:
+                settings.endpoint_timeout = check_timeout(value, "")
+            except UserError:
+                raise _type_error(path, text, key, TOP_KEYS[key], value) from None
         else:
             setattr(settings, key, _value(path, text, key, value))
     return settings

@@ -82,12 +82,14 @@ def requests(task: Task, test: list[Doc], train: list[Doc], shots: int, limit: i
     return out
 
 
-def score(scorer, model, reqs: list[Request], progress: Callable[[int], None] | None = None) -> list[list[float]]:
-    """Per request, the log-likelihood of each choice (context and choices tokenized apart, as the harness does)."""
+def score(scorer, tokenize: Callable[[str], list[int]], reqs: list[Request],
+          progress: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Per request, the log-likelihood of each choice (context and choices tokenized apart, without special tokens
+    added, as the harness does)."""
     out = []
     for i, r in enumerate(reqs):
-        context = model.tokenize(r.context)
-        choices = [model.tokenize(c) for c in r.choices]
+        context = tokenize(r.context)
+        choices = [tokenize(c) for c in r.choices]
         out.append([c.loglik for c in scorer.score(context, choices)])
         if progress:
             progress(i + 1)
@@ -133,9 +135,7 @@ def evaluate(model_path: Path, src: data.Source, tasks: list[Task], shots: list[
     from app.runtime.engine import check_model_file
     from app.runtime.llama import Model
 
-    check_options(limit, shots)
-    splits = {t.name: (data.load(src, t, "test"), data.load(src, t, "train") if any(shots) else []) for t in tasks}
-    check_shots_fit(splits, shots)
+    splits = _splits(src, tasks, shots, limit)
     info = check_model_file(model_path)  # the data is checked first, then the model
     shape = Scorer.shape(info, max(len(t.choice_formats) for t in tasks))
     plan = offload.choose(info, gpu_layers, n_ctx=shape.n_ctx, n_batch=shape.n_batch, notify=notify)
@@ -143,16 +143,41 @@ def evaluate(model_path: Path, src: data.Source, tasks: list[Task], shots: list[
             Scorer(model, threads=threads or hardware.physical_cores(), precise=precise,
                    max_choices=shape.max_choices) as scorer:
         report = Report(str(model_path), src.label, scorer.max_length)
-        for task in tasks:
-            test, train = splits[task.name]
-            for k in shots:
-                if k > len(train) and k:
-                    report.cells.append(Cell(task.name, k, skipped=f"{k}-shot needs {k} training examples; "
-                                                                  f"the data has {len(train)}"))
-                    continue
-                reqs = requests(task, test, train, k, limit)
-                start = time.perf_counter()
-                tick = (lambda done, t=task, k=k, n=len(reqs): progress(t.title, k, done, n)) if progress else None
-                lls = score(scorer, model, reqs, tick)
-                report.cells.append(cell(task, k, reqs, lls, time.perf_counter() - start))
+        _cells(report, scorer, model.tokenize, splits, tasks, shots, limit, progress)
     return report
+
+
+def evaluate_remote(backend, src: data.Source, tasks: list[Task], shots: list[int], *, limit: int | None = None,
+                    progress: Progress | None = None) -> Report:
+    """The same procedure with a server's model (RemoteBackend): tokens from its /tokenize, log-likelihoods from
+    its echoed prompt log-probabilities (app.eval.remote)."""
+    from app.eval.remote import RemoteScorer
+
+    splits = _splits(src, tasks, shots, limit)
+    scorer = RemoteScorer(backend)
+    report = Report(f"{backend.name} at {backend.endpoint.url}", src.label, scorer.max_length)
+    _cells(report, scorer, scorer.tokenize, splits, tasks, shots, limit, progress)
+    return report
+
+
+def _splits(src: data.Source, tasks: list[Task], shots: list[int], limit: int | None) -> dict:
+    check_options(limit, shots)
+    splits = {t.name: (data.load(src, t, "test"), data.load(src, t, "train") if any(shots) else []) for t in tasks}
+    check_shots_fit(splits, shots)
+    return splits
+
+
+def _cells(report: Report, scorer, tokenize, splits: dict, tasks: list[Task], shots: list[int], limit: int | None,
+           progress: Progress | None) -> None:
+    for task in tasks:
+        test, train = splits[task.name]
+        for k in shots:
+            if k > len(train) and k:
+                report.cells.append(Cell(task.name, k, skipped=f"{k}-shot needs {k} training examples; "
+                                                              f"the data has {len(train)}"))
+                continue
+            reqs = requests(task, test, train, k, limit)
+            start = time.perf_counter()
+            tick = (lambda done, t=task, k=k, n=len(reqs): progress(t.title, k, done, n)) if progress else None
+            lls = score(scorer, tokenize, reqs, tick)
+            report.cells.append(cell(task, k, reqs, lls, time.perf_counter() - start))

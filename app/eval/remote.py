@@ -1,0 +1,90 @@
+"""Scoring on a server's model: `eval kobest --endpoint` and `eval ppl --endpoint`.
+
+A server cannot hand out logits; what it can return (malhae serve, vLLM; llama-server cannot) is the log-probability
+of every prompt token given the ones before it (`echo` + `logprobs` on /v1/completions). That is all both evaluations
+need: a choice's log-likelihood is the sum over its tokens, a perplexity window's NLL the negated values of its scored
+half. The procedures — the harness's left truncation, llama-perplexity's windows — are the local ones' (app.eval.loglik,
+app.eval.windows), so a number from a server and one from the same GGUF here differ only by floating-point rounding.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from app.errors import UserError
+from app.eval.loglik import Choice
+from app.eval.perplexity import PerplexityResult, Progress
+from app.eval.scoring import NLLSum
+from app.eval.windows import Layout, read_text, windows
+
+ECHO_MARGIN = 2  # a scored prompt plus the one token a request must ask for, within the server's context
+WINDOWS_PER_REQUEST = 8
+
+
+class RemoteScorer:
+    """app.eval.loglik.Scorer's interface on a server: `score(context, continuations)` → Choices."""
+
+    def __init__(self, backend, max_length: int | None = None) -> None:
+        self.backend = backend
+        # the harness feeds max_length + 1 tokens' worth of context; the server must also fit the asked-for token
+        self.max_length = max_length or backend.n_ctx - ECHO_MARGIN
+        if self.max_length < 2:
+            raise UserError(f"the server's context of {backend.n_ctx} tokens is too small to score anything")
+
+    def tokenize(self, text: str) -> list[int]:
+        """As HFLM.tok_encode: no special tokens added."""
+        return self.backend.tokenize(text, add_special=False)
+
+    def score(self, context: list[int], continuations: list[list[int]]) -> list[Choice]:
+        if not context:
+            raise ValueError("an empty context has nothing to condition on (the harness puts EOT there)")
+        for cont in continuations:
+            if not cont:
+                raise ValueError("an empty continuation has no log-likelihood")
+            if len(cont) > self.max_length:
+                raise UserError(f"a choice of {len(cont)} tokens does not fit the server's window of "
+                                f"{self.max_length} tokens")
+        # the harness's input is (context + continuation)[-(max_length + 1):][:-1], predicting the tokens after
+        # each: exactly the log-probabilities of the echoed sequence (context + continuation)[-(max_length + 1):]
+        prompts = [(context + cont)[-(self.max_length + 1):] for cont in continuations]
+        scored = self.backend.prompt_logprobs(prompts)
+        out = []
+        for cont, values in zip(continuations, scored, strict=True):
+            tail = values[-len(cont):]
+            out.append(Choice(float(sum(v for v, _ in tail)), all(g for _, g in tail)))
+        return out
+
+
+def perplexity(backend, text_path: Path, *, n_ctx: int = 512, progress: Progress | None = None) -> PerplexityResult:
+    """llama-perplexity's number for the server's model: the same tokens (the server's own tokenizer, special tokens
+    added, none parsed from the text), windows and scored halves as app.eval.perplexity."""
+    layout = Layout.of(n_ctx, n_ctx)
+    text = read_text(text_path)
+    if n_ctx + ECHO_MARGIN - 1 > backend.n_ctx:
+        raise UserError(f"--ctx {n_ctx} does not fit the server's context of {backend.n_ctx} tokens (a window and "
+                        f"the token a request asks for); use --ctx {backend.n_ctx - ECHO_MARGIN + 1} or less")
+    tokens = backend.tokenize(text, add_special=True, parse_special=False)
+    chunks = windows(tokens, n_ctx)
+    if not chunks:
+        raise UserError(f"the text is {len(tokens)} tokens long, shorter than one window of {n_ctx}; give a longer "
+                        "text or a smaller --ctx")
+    bos = backend.tokenize("", add_special=True)  # [BOS] where the vocabulary adds one, as text_windows puts it
+    if bos:
+        chunks = [[bos[0], *c[1:]] for c in chunks]
+    sums = NLLSum()
+    started = time.perf_counter()
+    done = 0
+    for start in range(0, len(chunks), WINDOWS_PER_REQUEST):
+        group = chunks[start:start + WINDOWS_PER_REQUEST]
+        for values in backend.prompt_logprobs(group):
+            # values[j - 1] is log p(token j | tokens before it); llama-perplexity scores tokens first+1 … n_ctx-1
+            scored = np.array([v for v, _ in values[layout.first:]], dtype=np.float64)
+            sums.add(-scored)
+            done += 1
+            if progress:
+                progress(done, len(chunks), sums.ppl)
+    return PerplexityResult(f"{backend.name} at {backend.endpoint.url}", sums.ppl, sums.error, sums.count,
+                            len(chunks), n_ctx, n_ctx, 1, len(tokens), time.perf_counter() - started)
