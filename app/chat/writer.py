@@ -198,13 +198,15 @@ def write_oneshot(run) -> None:
     line on a terminal."""
     write, flush = sys.stdout.write, sys.stdout.flush
     ended_with_newline = True
-    for piece in run.pieces():
-        write(piece)
+    try:
+        for piece in run.pieces():
+            write(piece)
+            flush()
+            ended_with_newline = piece.endswith("\n")
+    finally:  # also when the answer breaks off (Ctrl-C, a stream cut): the error goes on a line of its own
+        if not ended_with_newline:
+            write("\n")
         flush()
-        ended_with_newline = piece.endswith("\n")
-    if not ended_with_newline:
-        write("\n")
-    flush()
     from app.ui import err
 
     if err.is_terminal:

@@ -28,6 +28,7 @@ class RemoteScorer:
     """app.eval.loglik.Scorer's interface on a server: `score(context, continuations)` → Choices."""
 
     def __init__(self, backend, max_length: int | None = None) -> None:
+        backend.check_echo()
         self.backend = backend
         # the harness feeds max_length + 1 tokens' worth of context; the server must also fit the asked-for token
         self.max_length = max_length or backend.n_ctx - ECHO_MARGIN
@@ -63,6 +64,7 @@ def perplexity(backend, text_path: Path, *, n_ctx: int = 512, progress: Progress
     added, none parsed from the text), windows and scored halves as app.eval.perplexity."""
     layout = Layout.of(n_ctx, n_ctx)
     text = read_text(text_path)
+    backend.check_echo()
     if n_ctx + ECHO_MARGIN - 1 > backend.n_ctx:
         raise UserError(f"--ctx {n_ctx} does not fit the server's context of {backend.n_ctx} tokens (a window and "
                         f"the token a request asks for); use --ctx {backend.n_ctx - ECHO_MARGIN + 1} or less")

@@ -229,7 +229,7 @@ class Exchange:
             data = self.resp.read(1 << 20)
         except Exception:
             data = b""
-        message = _message(_json_or_none(data)) or _preview(data, empty="")
+        message = _message(_json_or_none(data)) or _short(data.decode("utf-8", "replace"), 120)
         said = f": {message}" if message else ""
         url = self.endpoint.url
         if status in (401, 403):
@@ -271,9 +271,9 @@ def _message(value: object) -> str:
     return ""
 
 
-def _preview(data: bytes, empty: str = "an empty answer") -> str:
+def _preview(data: bytes) -> str:
     text = data.decode("utf-8", "replace").strip()
-    return repr(_short(text, 60)) if text else empty
+    return repr(_short(text, 60)) if text else "an empty answer"
 
 
 def _short(text: str, limit: int = 300) -> str:

@@ -69,8 +69,10 @@ def request_fields(kind: str, s: Sampling) -> tuple[dict, list[str]]:
     if kind in (MALHAE, LLAMA_CPP):  # llama.cpp's samplers on both: the same names, the same meaning
         fields |= {"top_k": s.top_k, "min_p": s.min_p, "repeat_penalty": s.repeat_penalty,
                    "repeat_last_n": s.repeat_last_n}
-        if s.ignore_eos:
+        if s.ignore_eos and kind == LLAMA_CPP:
             fields["ignore_eos"] = True
+        elif s.ignore_eos:
+            untaken.append("ignore_eos")
     elif kind == VLLM:
         fields |= {"top_k": s.top_k or -1, "min_p": s.min_p, "repetition_penalty": s.repeat_penalty}
         if s.ignore_eos:
@@ -331,12 +333,16 @@ class RemoteBackend:
 
     # --- log-likelihoods -------------------------------------------------------------------------------------
 
-    def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[tuple[float, bool]]]:
-        """For each prompt, every token after the first: (log p(token | the tokens before it), whether it is the
-        likeliest one there), from `echo` + `logprobs` on /v1/completions, as lm-eval's local-completions asks."""
+    def check_echo(self) -> None:
+        """Refuse, before any work, a server known not to return a prompt's log-probabilities."""
         if self.kind == LLAMA_CPP:
             raise UserError(f"llama-server does not return a prompt's log-probabilities (echo), which scoring needs; "
                             f"serve the model with {ECHO_SERVERS} for eval --endpoint")
+
+    def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[tuple[float, bool]]]:
+        """For each prompt, every token after the first: (log p(token | the tokens before it), whether it is the
+        likeliest one there), from `echo` + `logprobs` on /v1/completions, as lm-eval's local-completions asks."""
+        self.check_echo()
         for p in prompts:
             self.check_prompt(p)
         body = {"model": self.model.id, "prompt": [list(p) for p in prompts], "max_tokens": 1, "temperature": 0,
