@@ -68,6 +68,18 @@ def test_the_readme_example_is_a_valid_settings_file(tmp_path):
     assert isinstance(s.sampling["temperature"], float)
 
 
+def test_endpoint_keys_and_never_a_key(tmp_path):
+    s = config.load(write(tmp_path, 'endpoint = " http://gpu-box:8000/v1 "\napi_key_env = "TEAM_KEY"\n'
+                                    "endpoint_timeout = 300\n"))
+    assert (s.endpoint, s.api_key_env, s.endpoint_timeout) == ("http://gpu-box:8000/v1", "TEAM_KEY", 300.0)
+    with pytest.raises(UserError, match=r"line 2: endpoint_timeout must be a number of seconds from 0.1"):
+        config.load(write(tmp_path, 'endpoint = "h"\nendpoint_timeout = 0\n'))
+    with pytest.raises(UserError, match=r"endpoint must be a string"):
+        config.load(write(tmp_path, "endpoint = 8000\n"))
+    with pytest.raises(UserError, match=r"line 1: a settings file must not hold an API key"):
+        config.load(write(tmp_path, 'api_key = "sk-123"\n'))
+
+
 def test_integers_are_accepted_for_float_settings(tmp_path):
     s = config.load(write(tmp_path, "gpu_layers = 12\nthreads = 3\n[sampling]\ntemperature = 1\nseed = 42\n"))
     assert s.sampling == {"temperature": 1.0, "seed": 42} and s.gpu_layers == 12 and s.threads == 3
