@@ -488,3 +488,29 @@ def test_endpoint_urls():
     with pytest.raises(UserError, match="not a URL"):
         Endpoint.parse("http://h:port/v1")
     assert re.search("spans lines", str(pytest.raises(UserError, Endpoint.parse, "http://h", "a\nb").value))
+
+
+def test_llama_server_end_tokens_and_its_chatml_fallback():
+    """llama-server (as its source answers, common/chat.cpp and server-task.cpp): it counts the end token in
+    completion_tokens and says how an answer ended only in `__verbose.stop_type` (asked with "verbose": true); and
+    without a template in the GGUF, /props reports its chatml fallback, which is not the model's own."""
+    final = chunk("", "stop") | {"usage": {"completion_tokens": 3, "prompt_tokens": 4},
+                                 "__verbose": {"stop": True, "stop_type": "eos", "stopping_word": ""}}
+    answer = (200, "text/event-stream", sse(chunk("국민에게 "), chunk("있다."), final))
+    props = (200, "application/json", json.dumps({"chat_template": remote.LLAMA_CPP_FALLBACK, "bos_token": "",
+                                                  "eos_token": "<|endoftext|>"}).encode())
+    tokens = (200, "application/json", b'{"tokens": [11, 12, 13, 14]}')
+    routes = {"/v1/models": models_route("llamacpp"), "/props": props, "/tokenize": tokens, "/v1/completions": answer}
+    with Fake(routes) as fake:
+        out = result(malhae("ask", "대한민국의 주권은?", "--endpoint", fake.url, "--json"))
+        assert out["template"] == "base"  # by the model's name, not llama.cpp's chatml
+        assert out["stats"]["stop_reason"] == "eos" and out["stats"]["generated_tokens"] == 2
+        sent = [body for path, body in fake.bodies if path == "/v1/completions"][0]
+        assert sent["verbose"] is True and sent["prompt"] == [11, 12, 13, 14]
+        assert sent["repeat_penalty"] == 1.1 and sent["repeat_last_n"] == 64 and sent["top_k"] == 40
+        tokenized = [body for path, body in fake.bodies if path == "/tokenize"][0]
+        assert tokenized == {"content": tokenized["content"], "add_special": True, "parse_special": True}
+        final["__verbose"] |= {"stop_type": "word", "stopping_word": "\n사용자:"}
+        routes["/v1/completions"] = (200, "text/event-stream", sse(chunk("국민에게 "), chunk("있다."), final))
+        out = result(malhae("ask", "대한민국의 주권은?", "--endpoint", fake.url, "--json"))
+        assert out["stats"]["stop_reason"] == "stop" and out["stats"]["generated_tokens"] == 3

@@ -334,7 +334,8 @@ class Chat:
             raise UserError("no answer yet: send a message first")
         evaluated = s.prompt_tokens - s.cached_tokens
         self.info(f"answer: {s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s, stop: {s.stop_reason or '-'}")
-        self.info(f"prompt: {s.prompt_tokens} tokens, {s.cached_tokens} cached (reused from the last turn), "
+        reused = "by the server" if self.engine.remote else "reused from the last turn"
+        self.info(f"prompt: {s.prompt_tokens} tokens, {s.cached_tokens} cached ({reused}), "
                   f"{evaluated} evaluated at {s.prompt_tps:.0f} tok/s")
         self.info(f"first token after {s.ttft * 1000:.0f} ms")
         if self.engine.remote:

@@ -14,7 +14,7 @@ import typer
 from app.runtime.settings import DEFAULT_MAX_CTX, ONESHOT_MAX_TOKENS, SETTINGS
 
 MODEL_HELP = ("A name from `malhae models` or a .gguf file (default: default_model in the settings file, else the "
-              "bundled demo).")
+              "bundled demo); with --endpoint, the server's model id (default: its only model).")
 
 
 def _default(name: str) -> str:

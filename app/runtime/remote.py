@@ -30,6 +30,14 @@ OWNERS = {"malhae": MALHAE, "llamacpp": LLAMA_CPP, "vllm": VLLM}  # /v1/models' 
 ECHO_SERVERS = "malhae serve or vLLM"  # servers that return a prompt's log-probabilities (echo + logprobs)
 DEFAULT_CTX = 2048  # the Polyglot-Ko family's trained context, when a server does not say its own
 MAX_MODELS = 10_000
+# what llama-server reports as its chat template when the GGUF has none (common/chat.cpp, CHATML_TEMPLATE_SRC): not
+# the model's own, so malhae frames the prompt by the model's name, as it does locally for such a GGUF
+LLAMA_CPP_FALLBACK = ("{%- for message in messages -%}\n"
+                      "  {{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>\n' -}}\n"
+                      "{%- endfor -%}\n"
+                      "{%- if add_generation_prompt -%}\n"
+                      "  {{- '<|im_start|>assistant\n' -}}\n"
+                      "{%- endif -%}")
 
 
 class TextTokens(list):
@@ -155,7 +163,10 @@ class RemoteBackend:
             props = self._optional("/props")
             settings = props.get("default_generation_settings")
             n_ctx = settings.get("n_ctx") if isinstance(settings, dict) else None
-            return {"chat_template": props.get("chat_template"), "bos": props.get("bos_token"),
+            source = props.get("chat_template")
+            if isinstance(source, str) and source.strip() == LLAMA_CPP_FALLBACK.strip():
+                source = None
+            return {"chat_template": source, "bos": props.get("bos_token"),
                     "eos": props.get("eos_token"), "n_ctx": n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None}
         if self.kind in (MALHAE, VLLM):
             info = self._optional("/tokenizer_info")
@@ -254,6 +265,8 @@ class RemoteBackend:
                 "max_tokens": max_new, **self._fields(s)}
         if s.stop:
             body["stop"] = list(s.stop)
+        if self.kind == LLAMA_CPP:  # its last chunk then says how the answer ended (stop_type), which OpenAI's
+            body["verbose"] = True  # finish_reason "stop" does not
         if self.chat_mode and messages is not None:
             path, body["messages"] = "/chat/completions", messages
             body["max_tokens"] = s.max_tokens  # the server's template decides the prompt's length
@@ -269,7 +282,8 @@ class RemoteBackend:
         first = 0.0
         pieces = 0
         finish = None
-        matched: object = ...  # vLLM's (and malhae's) stop_reason: the stop text found, or None for an end token
+        # the stop text found, or None for an end token: vLLM's and malhae's stop_reason, llama-server's stop_type
+        matched: object = ...
         usage = None
         stats.stop_reason = "interrupted"
         events = self.endpoint.stream(path, body)
@@ -277,6 +291,10 @@ class RemoteBackend:
             for event in events:
                 if isinstance(event.get("usage"), dict):
                     usage = event["usage"]
+                verbose = event.get("__verbose")
+                if isinstance(verbose, dict) and verbose.get("stop") is True:
+                    matched = {"eos": None, "word": verbose.get("stopping_word") or ""}.get(verbose.get("stop_type"),
+                                                                                            matched)
                 choices = event.get("choices")
                 if not isinstance(choices, list):
                     raise UserError(f"{self.endpoint.url}{path} streamed an event without choices; it does not "
@@ -296,7 +314,8 @@ class RemoteBackend:
                             yield shown
                     if choice.get("finish_reason"):
                         finish = choice["finish_reason"]
-                        matched = choice.get("stop_reason", ...)
+                        if "stop_reason" in choice:
+                            matched = choice["stop_reason"]
                 if stream.stopped:
                     break
             if stream.stopped:
@@ -320,6 +339,8 @@ class RemoteBackend:
             stats.generated_tokens = pieces
             if usage is not None:
                 self._read_usage(stats, usage)
+                if self.kind == LLAMA_CPP and stats.stop_reason == "eos" and stats.generated_tokens:
+                    stats.generated_tokens -= 1  # llama-server counts the end token; malhae counts what was said
 
     @staticmethod
     def _read_usage(stats: Stats, usage: dict) -> None:
