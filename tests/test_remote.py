@@ -125,6 +125,8 @@ def test_chat_over_an_endpoint_equals_the_local_chat(demo, demo_path):
     assert there.stdout == here.stdout and len(here.stdout.decode().strip().splitlines()) >= 3
     err = there.stderr.decode()
     assert f"malhae at {url(demo)}" in err and "template base" in err
+    framed = malhae("chat", "--temperature", "0", "--endpoint", url(demo), "--remote-chat", stdin=lines)
+    assert framed.stdout == here.stdout  # the server's template is the same one, applied to the messages
 
 
 def test_chat_commands_on_an_endpoint(demo):

@@ -268,8 +268,8 @@ class RemoteBackend:
         if self.kind == LLAMA_CPP:  # its last chunk then says how the answer ended (stop_type), which OpenAI's
             body["verbose"] = True  # finish_reason "stop" does not
         if self.chat_mode and messages is not None:
+            # the server's template makes the prompt; malhae's, whose tokens were counted, is its estimate
             path, body["messages"] = "/chat/completions", messages
-            body["max_tokens"] = s.max_tokens  # the server's template decides the prompt's length
         else:
             path = "/completions"
             body["prompt"] = tokens.text if isinstance(tokens, TextTokens) else list(tokens)
