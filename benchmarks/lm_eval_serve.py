@@ -84,6 +84,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import processes  # benchmarks/processes.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "models" / "data" / "kobest-sample"
 DEMO_GGUF = ROOT / "models" / "malhae-demo-ko-f16.gguf"  # the bundled demo model ...
@@ -254,19 +256,9 @@ def start_server(cmd: list[str], log: Path, timeout: float) -> tuple[subprocess.
             time.sleep(0.25)
         raise RuntimeError(f"malhae serve did not become healthy in {timeout:.0f} s:\n{tail(log)}")
     except BaseException:
-        stop_server(proc)
+        processes.stop(proc)
         raise
 
-
-def stop_server(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
 
 
 def split_file(data: Path, task: str, split: str) -> Path:
@@ -640,7 +632,7 @@ def main() -> None:
                 args.python, remote_kobest, work / "malhae-endpoint-docs.json", work / "malhae-endpoint.log",
                 per_doc, "malhae eval kobest --endpoint")
     finally:
-        stop_server(proc)
+        processes.stop(proc)
     if rc:
         raise lm_eval_failed("local-completions", rc, lm_wall, lm_log, server_log)
     results, samples = read_lm_eval(serve_out, name)

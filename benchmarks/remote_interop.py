@@ -58,6 +58,8 @@ import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import processes  # benchmarks/processes.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "malhae-demo-ko-f16.gguf"
 PPL_TEXT = ROOT / "models" / "data" / "ko-public-domain" / "bills" / "1809899.txt"
@@ -151,16 +153,6 @@ def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float) -
         time.sleep(0.25)
     raise RuntimeError(f"llama-server did not answer /health 200 in {timeout:.0f} s; its log ends:\n{tail(log)}")
 
-
-def stop(proc: subprocess.Popen | None) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
 
 
 def gguf_chat_template(model: Path) -> str | None:
@@ -417,7 +409,7 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
-        stop(proc)
+        processes.stop(proc)
         shutil.rmtree(slot_dir, ignore_errors=True)
 
     judged = [c for c in cases if c.greedy]

@@ -48,6 +48,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import processes  # benchmarks/processes.py, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("대한민국 헌법 제1조 대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, "
           "모든 권력은 국민으로부터 나온다. 제2조 대한민국의 국민이 되는 요건은 법률로 정한다.")
@@ -127,15 +129,7 @@ def start(server: Server, logs: Path, timeout: float) -> None:
 
 
 def stop(server: Server) -> None:
-    p = server.proc
-    if p is None or p.poll() is not None:
-        return
-    p.terminate()
-    try:
-        p.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(timeout=15)
+    processes.stop(server.proc)
 
 
 def stream_one(server: Server, prompt: str, max_tokens: int, result: Result, go: threading.Barrier,
