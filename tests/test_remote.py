@@ -516,3 +516,35 @@ def test_llama_server_end_tokens_and_its_chatml_fallback():
         routes["/v1/completions"] = (200, "text/event-stream", sse(chunk("국민에게 "), chunk("있다."), final))
         out = result(malhae("ask", "대한민국의 주권은?", "--endpoint", fake.url, "--json"))
         assert out["stats"]["stop_reason"] == "stop" and out["stats"]["generated_tokens"] == 3
+
+
+def test_requests_in_flight_keep_their_order_and_a_failure_stops_the_rest():
+    from app.eval.remote import ordered_map
+
+    started: list[int] = []
+
+    def slow_square(x: int) -> int:
+        started.append(x)
+        time.sleep(0.05 * (x % 3))  # later items often finish first
+        if x == 7:
+            raise UserError("the server failed (500)")
+        return x * x
+
+    assert list(ordered_map(slow_square, range(7), 4)) == [x * x for x in range(7)]
+    started.clear()
+    with pytest.raises(UserError, match="500"):
+        list(ordered_map(slow_square, range(40), 4))
+    time.sleep(1.0)  # time enough for all 40 to start, were the workers not stopped
+    assert len(started) < 20  # nothing new starts once the failure has been seen
+
+
+def test_eval_concurrency_is_bounded_and_only_for_an_endpoint(demo):
+    line = one_error_line(malhae("eval", "kobest", "--tasks", "copa", "--shots", "0", "--concurrency", "2"))
+    assert "--concurrency is for a server's model" in line
+    line = one_error_line(malhae("eval", "ppl", "--text", str(BILL), "--endpoint", url(demo), "--concurrency", "65"))
+    assert "--concurrency 65: give 1 to 64" in line
+    one = result(malhae("eval", "ppl", "--text", str(BILL), "--ctx", "128", "--json", "--endpoint", url(demo),
+                        "--concurrency", "1"))
+    many = result(malhae("eval", "ppl", "--text", str(BILL), "--ctx", "128", "--json", "--endpoint", url(demo),
+                         "--concurrency", "8"))
+    assert many["tokens_scored"] == one["tokens_scored"] and many["ppl"] == pytest.approx(one["ppl"], rel=1e-5)

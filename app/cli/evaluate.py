@@ -28,7 +28,7 @@ def eval_ppl(
     model: str | None = typer.Argument(None, help=EVAL_MODEL), text: o.TextFile = ...,
     ctx: o.Window = 512, batch: o.Batch = 2048, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
     json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None,
-    timeout: o.Timeout = None, model_option: o.ModelOption = None,
+    timeout: o.Timeout = None, model_option: o.ModelOption = None, concurrency: o.Concurrency = None,
 ) -> None:
     """Perplexity on a text, computed as llama.cpp's llama-perplexity computes it (same number)."""
     from app import ui
@@ -49,15 +49,29 @@ def eval_ppl(
 
         backend = RemoteBackend(remote, model, notify=ui.note)
         with views.WindowProgress("perplexity", "ppl {:.3f}") as progress:
-            result = scoring.perplexity(backend, text, n_ctx=ctx, progress=progress.update)
+            result = scoring.perplexity(backend, text, n_ctx=ctx, progress=progress.update,
+                                        concurrency=_concurrency(concurrency))
         views.ppl_result(result, json_out)
         return
+    _local_only(concurrency)
     init(o.verbose())
     path = models.resolve(model, ui.note)
     with views.WindowProgress("perplexity", "ppl {:.3f}") as progress:
         result = ppl.run(path, text, n_ctx=ctx, n_batch=batch, threads=run_opts["threads"],
                          gpu_layers=run_opts["gpu_layers"], progress=progress.update, notify=ui.note)
     views.ppl_result(result, json_out)
+
+
+def _concurrency(value: int | None) -> int:
+    from app.eval.remote import DEFAULT_CONCURRENCY, check_concurrency
+
+    return DEFAULT_CONCURRENCY if value is None else check_concurrency(value)
+
+
+def _local_only(concurrency: int | None) -> None:
+    if concurrency is not None:
+        raise UserError("--concurrency is for a server's model: give --endpoint URL too (a local model scores one "
+                        "batch at a time)")
 
 
 def _one_model(argument: str | None, option: str | None) -> str | None:
@@ -105,7 +119,7 @@ def eval_kobest(
     precise: bool = typer.Option(False, "--precise", help="f32 K/V cache, no flash attention: slower; scores move "
                                  "less with how the choices are batched."),
     json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None,
-    timeout: o.Timeout = None, model_option: o.ModelOption = None,
+    timeout: o.Timeout = None, model_option: o.ModelOption = None, concurrency: o.Concurrency = None,
 ) -> None:
     """KoBEST macro F1 (COPA, HellaSwag, BoolQ, SentiNeg, WiC) with the prompts of the Polyglot-Ko model card."""
     from app import ui
@@ -135,9 +149,10 @@ def eval_kobest(
         backend = RemoteBackend(remote, model, notify=ui.note)
         with kobest_render.KobestProgress() as progress:
             report = evaluate.evaluate_remote(backend, src, chosen, shot_counts, limit=limit,
-                                              progress=progress.update)
+                                              progress=progress.update, concurrency=_concurrency(concurrency))
         kobest_render.table(report, json_out)
         return
+    _local_only(concurrency)
     init(o.verbose())
     path = models.resolve(model, ui.note)
     with kobest_render.KobestProgress() as progress:

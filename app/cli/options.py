@@ -57,6 +57,9 @@ Timeout = Annotated[float | None, typer.Option("--timeout", help="Seconds to wai
 RemoteChat = Annotated[bool, typer.Option("--remote-chat", help="With --endpoint: send messages to "
                                                                 "/v1/chat/completions, framed by the server's own "
                                                                 "template (default: malhae's template, raw prompt).")]
+Concurrency = Annotated[int | None, typer.Option("--concurrency", help="With --endpoint: requests in flight at "
+                                                                       "once, which the server batches (default: "
+                                                                       "4).")]
 TextFile = Annotated[Path, typer.Option("--text", help="UTF-8 text file to score (e.g. a held-out corpus).")]
 Window = Annotated[int, typer.Option("--ctx", help="Tokens per window; the second half of each is scored.")]
 Batch = Annotated[int, typer.Option("--batch", help="Tokens per decode; batch/ctx windows go together.")]

@@ -86,11 +86,15 @@ def score(scorer, tokenize: Callable[[str], list[int]], reqs: list[Request],
           progress: Callable[[int], None] | None = None) -> list[list[float]]:
     """Per request, the log-likelihood of each choice (context and choices tokenized apart, without special tokens
     added, as the harness does)."""
-    out = []
-    for i, r in enumerate(reqs):
+    def one(r: Request) -> list[float]:
         context = tokenize(r.context)
         choices = [tokenize(c) for c in r.choices]
-        out.append([c.loglik for c in scorer.score(context, choices)])
+        return [c.loglik for c in scorer.score(context, choices)]
+
+    out = []
+    # a server's scorer keeps several docs in flight (its `map`); the local one scores them one after another
+    for i, lls in enumerate(getattr(scorer, "map", map)(one, reqs)):
+        out.append(lls)
         if progress:
             progress(i + 1)
     return out
@@ -148,13 +152,13 @@ def evaluate(model_path: Path, src: data.Source, tasks: list[Task], shots: list[
 
 
 def evaluate_remote(backend, src: data.Source, tasks: list[Task], shots: list[int], *, limit: int | None = None,
-                    progress: Progress | None = None) -> Report:
+                    progress: Progress | None = None, concurrency: int = 4) -> Report:
     """The same procedure with a server's model (RemoteBackend): tokens from its /tokenize, log-likelihoods from
     its echoed prompt log-probabilities (app.eval.remote)."""
     from app.eval.remote import RemoteScorer
 
     splits = _splits(src, tasks, shots, limit)
-    scorer = RemoteScorer(backend)
+    scorer = RemoteScorer(backend, concurrency=concurrency)
     report = Report(f"{backend.name} at {backend.endpoint.url}", src.label, scorer.max_length)
     _cells(report, scorer, scorer.tokenize, splits, tasks, shots, limit, progress)
     return report
