@@ -17,6 +17,8 @@ repeat_penalty, repeat_last_n; app/runtime/remote.py) — and that `eval ppl --e
    neither $MALHAE_ENDPOINT nor config.toml's endpoint applies) and remotely (`--endpoint URL`, the server's only
    model). Local first, then remote; only one of them computes at a time.
    - complete, ask: `PROMPT --temperature 0 -n N --json`, compared on "text" and "stats.generated_tokens".
+   - ask --remote-chat (remote side only): the question goes to /v1/chat/completions and llama-server frames it
+     with the GGUF's chat template itself (its own Jinja engine); compared with the local ask as above.
    - chat: the same three lines (and /exit) piped into `chat --temperature 0 -n N`; compared on stdout (the
      answers) and on the tokens of each answer, read from the status lines on stderr ("17 tokens · … · context").
    Before each remote run the server's slot is erased (`--slot-save-path`, POST /slots/0?action=erase) and its
@@ -367,14 +369,14 @@ def main() -> None:
         props = http_json(port, "GET", "/props")[1]
 
         def case(command: str, prompt: str, argv: list[str], *, greedy: bool = True, stdin: str | None = None,
-                 chat: bool = False) -> None:
+                 chat: bool = False, remote_extra: tuple[str, ...] = ()) -> None:
             lo = run_app([*argv, *local_opts], stdin, args.run_timeout, chat)
             # an earlier case's prompt left in the slot would be reused, and a prompt evaluated in other batches
             # rounds differently on Q4_K (enough to flip a near-tie of a random-weight model): start empty
             status, said = http_json(port, "POST", "/slots/0?action=erase")
             if status != 200:
                 raise RuntimeError(f"llama-server did not erase its slot ({status}: {said})")
-            rem = run_app([*argv, *remote_opts], stdin, args.run_timeout, chat)
+            rem = run_app([*argv, *remote_opts, *remote_extra], stdin, args.run_timeout, chat)
             c = Case(command, prompt, greedy, lo, rem)
             compare(c, port)
             cases.append(c)
@@ -388,6 +390,9 @@ def main() -> None:
             case("complete", prompt, ["complete", prompt, *greedy, "--json"])
         for prompt in ask_prompts:
             case("ask", prompt, ["ask", prompt, *greedy, "--json"])
+        # the server frames the question with its own template (llama-server renders the GGUF's Jinja itself)
+        case("ask --remote-chat", ask_prompts[0], ["ask", ask_prompts[0], *greedy, "--json"],
+             remote_extra=("--remote-chat",))
         case("chat", " / ".join(CHAT_LINES), ["chat", *greedy], stdin="\n".join([*CHAT_LINES, "/exit"]) + "\n",
              chat=True)
         case(f"complete seed {SEED}", COMPLETE_PROMPTS[0],
