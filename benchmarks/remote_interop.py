@@ -18,7 +18,8 @@ repeat_penalty, repeat_last_n; app/runtime/remote.py) — and that `eval ppl --e
    model). Local first, then remote; only one of them computes at a time.
    - complete, ask: `PROMPT --temperature 0 -n N --json`, compared on "text" and "stats.generated_tokens".
    - ask --remote-chat (remote side only): the question goes to /v1/chat/completions and llama-server frames it
-     with the GGUF's chat template itself (its own Jinja engine); compared with the local ask as above.
+     with the GGUF's chat template itself (its own Jinja engine); compared with the local ask as above. Only for a
+     GGUF with a chat template (without one, llama-server frames chat as chatml: another prompt by design).
    - chat: the same three lines (and /exit) piped into `chat --temperature 0 -n N`; compared on stdout (the
      answers) and on the tokens of each answer, read from the status lines on stderr ("17 tokens · … · context").
    Before each remote run the server's slot is erased (`--slot-save-path`, POST /slots/0?action=erase) and its
@@ -391,8 +392,9 @@ def main() -> None:
         for prompt in ask_prompts:
             case("ask", prompt, ["ask", prompt, *greedy, "--json"])
         # the server frames the question with its own template (llama-server renders the GGUF's Jinja itself)
-        case("ask --remote-chat", ask_prompts[0], ["ask", ask_prompts[0], *greedy, "--json"],
-             remote_extra=("--remote-chat",))
+        if gguf_chat_template(model) is not None:  # else llama-server frames it as chatml, another prompt
+            case("ask --remote-chat", ask_prompts[0], ["ask", ask_prompts[0], *greedy, "--json"],
+                 remote_extra=("--remote-chat",))
         case("chat", " / ".join(CHAT_LINES), ["chat", *greedy], stdin="\n".join([*CHAT_LINES, "/exit"]) + "\n",
              chat=True)
         case(f"complete seed {SEED}", COMPLETE_PROMPTS[0],
