@@ -45,6 +45,19 @@ class Choice:
     greedy: bool
 
 
+def check_choices(context: list[int], continuations: list[list[int]], max_length: int,
+                  window: str = "the model's window") -> None:
+    """What every scorer refuses (local or on a server): nothing to condition on, an empty choice, a choice longer
+    than the window."""
+    if not context:
+        raise ValueError("an empty context has nothing to condition on (the harness puts EOT there)")
+    for cont in continuations:
+        if not cont:
+            raise ValueError("an empty continuation has no log-likelihood")
+        if len(cont) > max_length:
+            raise UserError(f"a choice of {len(cont)} tokens does not fit {window} of {max_length} tokens")
+
+
 class Scorer(Owned):
     """Scores continuations on one llama.cpp context; max_length is the model's window (the harness's max_length)."""
 
@@ -75,16 +88,9 @@ class Scorer(Owned):
 
     def score(self, context: list[int], continuations: list[list[int]]) -> list[Choice]:
         """log p(continuation | context) for each continuation, the prompt decoded once per group of choices."""
-        if not context:
-            raise ValueError("an empty context has nothing to condition on (the harness puts EOT there)")
         if len(continuations) > self.max_choices:
             raise ValueError(f"{len(continuations)} choices, the scorer was made for {self.max_choices}")
-        for cont in continuations:
-            if not cont:
-                raise ValueError("an empty continuation has no log-likelihood")
-            if len(cont) > self.max_length:
-                raise UserError(f"a choice of {len(cont)} tokens does not fit the model's window of "
-                                f"{self.max_length} tokens")
+        check_choices(context, continuations, self.max_length)
         # where each choice's context starts after the harness's left truncation
         starts = [max(0, len(context) + len(c) - (self.max_length + 1)) for c in continuations]
         results: list[Choice | None] = [None] * len(continuations)

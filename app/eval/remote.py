@@ -18,7 +18,7 @@ from typing import TypeVar
 import numpy as np
 
 from app.errors import UserError
-from app.eval.loglik import Choice
+from app.eval.loglik import Choice, check_choices
 from app.eval.perplexity import PerplexityResult, Progress
 from app.eval.scoring import NLLSum
 from app.eval.windows import Layout, read_text, windows
@@ -102,14 +102,7 @@ class RemoteScorer:
         return self.backend.tokenize(text, add_special=False)
 
     def score(self, context: list[int], continuations: list[list[int]]) -> list[Choice]:
-        if not context:
-            raise ValueError("an empty context has nothing to condition on (the harness puts EOT there)")
-        for cont in continuations:
-            if not cont:
-                raise ValueError("an empty continuation has no log-likelihood")
-            if len(cont) > self.max_length:
-                raise UserError(f"a choice of {len(cont)} tokens does not fit the server's window of "
-                                f"{self.max_length} tokens")
+        check_choices(context, continuations, self.max_length, "the server's window")
         # the harness's input is (context + continuation)[-(max_length + 1):][:-1], predicting the tokens after
         # each: exactly the log-probabilities of the echoed sequence (context + continuation)[-(max_length + 1):]
         prompts = [(context + cont)[-(self.max_length + 1):] for cont in continuations]

@@ -29,6 +29,15 @@ MAX_JSON = 256 << 20  # an answer with the prompt's log-probabilities for a batc
 MAX_LINE = 16 << 20  # one SSE line: one chunk of an answer
 
 
+class HttpError(UserError):
+    """The server answered with an HTTP error; `status` says which, for a caller that has a way around it (a 404
+    for an optional route)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def check_timeout(value: float | None, where: str = "--timeout") -> float:
     if value is None:
         return DEFAULT_TIMEOUT
@@ -223,8 +232,10 @@ class Exchange:
         return UserError(f"{self.url} did not answer like an OpenAI-compatible API ({what}); check --endpoint "
                          "(the API's base URL, e.g. http://127.0.0.1:8080/v1)")
 
-    def refused(self) -> UserError:
-        status = self.resp.status
+    def refused(self) -> HttpError:
+        return HttpError(self._refusal(self.resp.status), self.resp.status)
+
+    def _refusal(self, status: int) -> str:
         try:
             data = self.resp.read(1 << 20)
         except Exception:
@@ -235,18 +246,18 @@ class Exchange:
         if status in (401, 403):
             fix = ("give the right key with --api-key or MALHAE_API_KEY" if self.endpoint.api_key else
                    "it needs an API key: give it with --api-key or MALHAE_API_KEY")
-            return UserError(f"the server at {url} refused the request ({status}){said}; {fix}")
+            return (f"the server at {url} refused the request ({status}){said}; {fix}")
         if status == 404:
             if not self.url.endswith("/models") and re.search(r"\bmodel\b", message, re.IGNORECASE):
-                return UserError(f"the server at {url} has no such model (404){said}; see its models with "
+                return (f"the server at {url} has no such model (404){said}; see its models with "
                                  "/model in chat or the server's /v1/models")
-            return UserError(f"{self.url} does not exist (404){said}; is --endpoint the API's base URL? It usually "
+            return (f"{self.url} does not exist (404){said}; is --endpoint the API's base URL? It usually "
                              "ends in /v1")
         if status in (429, 503):
-            return UserError(f"the server at {url} is busy ({status}){said}; try again later")
+            return (f"the server at {url} is busy ({status}){said}; try again later")
         if status >= 500:
-            return UserError(f"the server at {url} failed ({status}){said}")
-        return UserError(f"the server at {url} refused the request ({status}){said}")
+            return (f"the server at {url} failed ({status}){said}")
+        return (f"the server at {url} refused the request ({status}){said}")
 
 
 def _json_or_none(data: bytes) -> object:

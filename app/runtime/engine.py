@@ -65,6 +65,20 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def check_prompt(tokens: list[int], n_ctx: int, *, server: bool = False) -> None:
+    """The one rule for a prompt, local or on a server: not empty, and room left for at least one more token."""
+    if not tokens:
+        raise UserError("the prompt is empty")
+    check_fits(len(tokens), n_ctx, server=server)
+
+
+def check_fits(n_prompt: int, n_ctx: int, *, server: bool = False) -> None:
+    if n_prompt >= n_ctx:
+        whose, fix = ("the server's context", "shorten it") if server else ("the context", "shorten it or raise --ctx")
+        raise UserError(f"the prompt is {n_prompt} tokens, {n_prompt - n_ctx + 1} more than {whose} of {n_ctx} can "
+                        f"take with room for an answer; {fix}")
+
+
 def check_model_file(path: Path) -> GGUFInfo:
     try:
         path.stat()
@@ -190,14 +204,10 @@ class Engine:
 
     def check_prompt(self, tokens: list[int]) -> None:
         """A prompt the context can take with room for at least one more token (chat, one-shots, the server)."""
-        if not tokens:
-            raise UserError("the prompt is empty")
-        self.check_fits(len(tokens))
+        check_prompt(tokens, self.n_ctx)
 
     def check_fits(self, n_prompt: int) -> None:
-        if n_prompt >= self.n_ctx:
-            raise UserError(f"the prompt is {n_prompt} tokens, {n_prompt - self.n_ctx + 1} more than the context "
-                            f"of {self.n_ctx} can take with room for an answer; shorten it or raise --ctx")
+        check_fits(n_prompt, self.n_ctx)
 
     # --- generation ------------------------------------------------------------------------------------------
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from app.errors import UserError
-from app.runtime.endpoint import Endpoint
-from app.runtime.engine import Stats
+from app.runtime.endpoint import Endpoint, HttpError
+from app.runtime.engine import Stats, check_fits, check_prompt
 from app.runtime.settings import Sampling
 from app.runtime.stream import TextStream
 
@@ -220,8 +220,8 @@ class RemoteBackend:
             body = {"model": self.model.id, "prompt": text, "add_special_tokens": add_special}
         try:
             tokens = self.endpoint.post("/tokenize", body, root=True).get("tokens")
-        except UserError as e:
-            if self._tokenizes is None and self.kind == OPENAI and "(404)" in str(e):
+        except HttpError as e:
+            if self._tokenizes is None and self.kind == OPENAI and e.status == 404:
                 self._tokenizes = False
                 self.notify("the server has no /tokenize: malhae counts a prompt by its bytes, which is more than "
                             "its tokens, so long conversations forget old turns early")
@@ -234,14 +234,10 @@ class RemoteBackend:
         return tokens
 
     def check_prompt(self, tokens: list[int]) -> None:
-        if not tokens:
-            raise UserError("the prompt is empty")
-        self.check_fits(len(tokens))
+        check_prompt(tokens, self.n_ctx, server=True)
 
     def check_fits(self, n_prompt: int) -> None:
-        if n_prompt >= self.n_ctx:
-            raise UserError(f"the prompt is {n_prompt} tokens, {n_prompt - self.n_ctx + 1} more than the server's "
-                            f"context of {self.n_ctx} can take with room for an answer; shorten it")
+        check_fits(n_prompt, self.n_ctx, server=True)
 
     # --- generation ------------------------------------------------------------------------------------------
 
