@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import one_error_line
 
 from app.runtime import templates
 from convert import pipeline
@@ -23,15 +24,6 @@ def model_path(k_quant_checkpoint, tmp_path_factory) -> Path:
 def malhae(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app", *args], input=stdin, capture_output=True, cwd=ROOT,
                           timeout=120)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("malhae: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_complete_from_a_pipe_is_plain_text(model_path):

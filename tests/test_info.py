@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from helpers import one_error_line
 
 from app.errors import UserError
 from app.runtime import offload, templates
@@ -144,14 +145,6 @@ def test_auto_plan_and_context_are_the_engines():
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, cwd=ROOT, timeout=120)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode == 2 and "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("malhae: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 def test_cli_prints_the_facts_and_json():

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import pytest
 pytest.importorskip("uvicorn")
 
 import factory  # noqa: E402
+from helpers import one_error_line, serving  # noqa: E402
 
 from app.errors import UserError  # noqa: E402
 from app.eval.loglik import Scorer  # noqa: E402
@@ -33,7 +33,6 @@ from app.runtime import remote  # noqa: E402
 from app.runtime.endpoint import Endpoint  # noqa: E402
 from app.runtime.llama import Model  # noqa: E402
 from app.runtime.settings import Sampling  # noqa: E402
-from app.serve.server import Options, Server  # noqa: E402
 from app.store import models  # noqa: E402
 from convert import pipeline  # noqa: E402
 
@@ -41,13 +40,6 @@ ROOT = Path(__file__).resolve().parent.parent
 BILL = ROOT / "models" / "data" / "ko-public-domain" / "bills" / "1809899.txt"
 PROMPTS = ["대한민국의 주권은", "모든 국민은 법률이 정하는 바에 의하여", "국회는"]
 QUESTIONS = ["대한민국의 수도는 어디인가요?", "국회의 권한은 무엇인가요?"]
-
-
-@contextmanager
-def serving(path: Path, **options):
-    opts = Options(path=path, model_id=path.stem, port=0, threads=2, **({"parallel": 2, "n_ctx": 1024} | options))
-    with Server(opts) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +51,7 @@ def demo_path() -> Path:
 
 @pytest.fixture(scope="module")
 def demo(demo_path):
-    with serving(demo_path) as server:
+    with serving(demo_path, parallel=2, n_ctx=1024) as server:
         yield server
 
 
@@ -76,15 +68,6 @@ def malhae(*args: str, stdin: bytes | None = None, env: dict | None = None) -> s
 def result(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stderr.decode()
     return json.loads(proc.stdout)
-
-
-def one_error_line(proc: subprocess.CompletedProcess) -> str:
-    err = proc.stderr.decode()
-    assert proc.returncode == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("malhae: error:")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # --- the same answers --------------------------------------------------------------------------------------------
@@ -318,7 +301,7 @@ def test_wrong_model_and_wrong_path_are_one_line(demo):
 
 @pytest.fixture(scope="module")
 def keyed(demo_path):
-    with serving(demo_path, parallel=1, api_key="sesame") as server:
+    with serving(demo_path, parallel=1, n_ctx=1024, api_key="sesame") as server:
         yield server
 
 

@@ -8,7 +8,6 @@ import json
 import socket
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 import factory  # noqa: E402
+from helpers import serving  # noqa: E402
 
 from app.eval.loglik import Scorer  # noqa: E402
 from app.runtime.llama import Model  # noqa: E402
@@ -25,13 +25,6 @@ from app.store import models  # noqa: E402
 from convert import pipeline  # noqa: E402
 
 PROMPTS = ["대한민국은", "모든 국민은", "국회는", "대통령은", "헌법", "법률은", "국가는", "제1조"]
-
-
-@contextmanager
-def serving(path: Path, **options):
-    opts = Options(path=path, model_id=path.stem, port=0, threads=2, **({"parallel": 4, "n_ctx": 512} | options))
-    with Server(opts) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
