@@ -46,13 +46,11 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib.metadata
 import json
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -112,17 +110,6 @@ class Case:
 
 
 # --- llama-server ----------------------------------------------------------------------------------------------
-
-def default_llama_server() -> Path:
-    version = importlib.metadata.version("llama-cpp-python")
-    return Path.home() / ".cache" / "malhae" / f"llama-tools-{version}" / "build" / "bin" / "llama-server"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def tail(path: Path, n: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
@@ -319,7 +306,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="threads of llama-server and of the local runs")
     parser.add_argument("--quick", action="store_true", help="one complete and one ask prompt (plus chat, the seeded "
                                                              "run and the refusal)")
-    parser.add_argument("--llama-server", type=Path, default=default_llama_server(),
+    parser.add_argument("--llama-server", type=Path, default=processes.default_llama_server(),
                         help="upstream llama-server binary (default: build_llama_tools.py --server's)")
     parser.add_argument("--load-timeout", type=float, default=120, help="seconds llama-server may take to load")
     parser.add_argument("--run-timeout", type=float, default=600, help="seconds one `python -m app` may take")
@@ -336,7 +323,7 @@ def main() -> None:
     n, t = str(args.max_tokens), str(args.threads)
     complete_prompts = COMPLETE_PROMPTS[:1] if args.quick else COMPLETE_PROMPTS
     ask_prompts = ASK_PROMPTS[:1] if args.quick else ASK_PROMPTS
-    port = free_port()
+    port = processes.free_port()
     url = f"http://127.0.0.1:{port}/v1"
     # --cache-ram 0: no prompt restored from llama-server's host-memory cache; with the slot erased before each case
     # (below), every case starts from an empty cache on both sides, as the local run does

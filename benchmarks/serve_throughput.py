@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib.metadata
 import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -84,12 +82,6 @@ class Result:
     finish: str | None = None
     error: str = ""
     usage: dict | None = field(default=None, repr=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log_tail(server: Server, n: int = 20) -> str:
@@ -251,11 +243,6 @@ def table(summary: dict[tuple[str, int], dict]) -> str:
     return "\n".join(lines)
 
 
-def default_llama_server() -> Path:
-    version = importlib.metadata.version("llama-cpp-python")
-    return Path.home() / ".cache" / "malhae" / f"llama-tools-{version}" / "build" / "bin" / "llama-server"
-
-
 def has_llama_cpp_server() -> str | None:
     """None when `python -m llama_cpp.server` can start, else why not."""
     probe = subprocess.run([sys.executable, "-c", "import llama_cpp.server.app"], capture_output=True, text=True)
@@ -276,7 +263,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,8", help="concurrent clients per cell, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2, help="rounds; the server order alternates between them")
-    parser.add_argument("--llama-server", type=Path, default=default_llama_server(),
+    parser.add_argument("--llama-server", type=Path, default=processes.default_llama_server(),
                         help="upstream llama-server binary (default: build_llama_tools.py --server's)")
     parser.add_argument("--no-llama-server", action="store_true", help="measure without upstream llama-server")
     parser.add_argument("--no-llama-cpp-python", action="store_true", help="skip llama_cpp.server")
@@ -297,7 +284,7 @@ def main() -> None:
     if args.no_llama_server:
         pass
     elif args.llama_server.is_file():
-        port = free_port()
+        port = processes.free_port()
         servers.append(Server(LLAMA_SERVER, [str(args.llama_server), "-m", str(model), "-np", str(p), "-c",
                                              str(p * c), "-t", t, "--host", "127.0.0.1", "--port", str(port)],
                               "/health", port, clients, "usage"))
@@ -311,7 +298,7 @@ def main() -> None:
         elif 4 not in clients:
             print("note: skipping llama_cpp.server: it is measured at 4 clients only", file=sys.stderr)
         else:
-            port = free_port()
+            port = processes.free_port()
             servers.append(Server(LLAMA_CPP_PYTHON, [sys.executable, "-m", "llama_cpp.server", "--model", str(model),
                                                      "--n_threads", t, "--n_threads_batch", t, "--n_ctx", str(c),
                                                      "--host", "127.0.0.1", "--port", str(port),
