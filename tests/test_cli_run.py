@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import one_error_line
 
+from app.errors import UserError
 from app.runtime import templates
 from convert import pipeline
 
@@ -22,8 +25,10 @@ def model_path(k_quant_checkpoint, tmp_path_factory) -> Path:
 
 
 def malhae(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", *args], input=stdin, capture_output=True, cwd=ROOT,
-                          timeout=120)
+    """The command with `stdin` piped in, else /dev/null: `ask "…"` reads a piped standard input as a document, so
+    it must not inherit whatever the test runner's is."""
+    feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
+    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, cwd=ROOT, timeout=120, **feed)
 
 
 def test_complete_from_a_pipe_is_plain_text(model_path):
@@ -122,3 +127,164 @@ def test_bench_runs_the_engine(model_path):
     assert proc.returncode == 0, proc.stderr.decode()
     data = json.loads(proc.stdout)
     assert data["prompt_tps"] > 0 and data["decode_tps"] > 0 and data["upstream_decode_tps"] is None
+
+
+# --- documents: piped input and --file before the question ------------------------------------------------------
+
+A, B, Q = "대한민국은 민주공화국이다.", "모든 권력은 국민으로부터 나온다.", "이 조항의 뜻은"
+
+
+def greedy(model: Path, kind: str, *args: str, stdin: bytes | None = None) -> dict:
+    proc = malhae(kind, *args, "-m", str(model), "--temperature", "0", "-n", "8", "--json", stdin=stdin)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return json.loads(proc.stdout)
+
+
+def same_run(a: dict, b: dict) -> bool:
+    """Two greedy runs saw the same prompt: the same number of prompt tokens and the same continuation."""
+    return a["text"] == b["text"] and a["stats"]["prompt_tokens"] == b["stats"]["prompt_tokens"]
+
+
+@pytest.mark.parametrize("kind", ["complete", "ask"])
+def test_piped_input_goes_before_the_question(model_path, kind):
+    """`cat 계약서.txt | malhae ask "…"` is the document, a blank line, then the question (once, the pipe was
+    ignored); a BOM and the trailing newlines of the piped text are not part of it."""
+    piped = greedy(model_path, kind, Q, stdin=f"\ufeff{A}\n\n".encode())
+    assert same_run(piped, greedy(model_path, kind, f"{A}\n\n{Q}"))
+    assert not same_run(piped, greedy(model_path, kind, f"{Q}\n\n{A}"))  # the order shows in the output
+    assert not same_run(piped, greedy(model_path, kind, Q))
+
+
+def test_files_go_after_piped_input_in_their_order(model_path, tmp_path):
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(A + "\n", encoding="utf-8")
+    b.write_bytes(("\ufeff" + B + "\r\n").encode())
+    both = greedy(model_path, "complete", Q, "--file", str(a), "--file", str(b), stdin="머리말".encode())
+    assert same_run(both, greedy(model_path, "complete", f"머리말\n\n{A}\n\n{B}\n\n{Q}"))
+    swapped = greedy(model_path, "complete", Q, "--file", str(b), "--file", str(a), stdin="머리말".encode())
+    assert same_run(swapped, greedy(model_path, "complete", f"머리말\n\n{B}\n\n{A}\n\n{Q}"))
+    assert not same_run(both, swapped)
+    alone = greedy(model_path, "ask", "--file", str(a))  # no question: the document is the prompt
+    assert same_run(alone, greedy(model_path, "ask", A))
+    piped_question = greedy(model_path, "complete", "--file", str(a), stdin=Q.encode())  # no argument: stdin is it
+    assert same_run(piped_question, greedy(model_path, "complete", f"{A}\n\n{Q}"))
+
+
+def test_empty_piped_input_with_a_question_is_just_the_question(model_path):
+    assert same_run(greedy(model_path, "complete", Q, stdin=b""), greedy(model_path, "complete", Q))
+    assert same_run(greedy(model_path, "complete", Q, stdin=b"\n \n"), greedy(model_path, "complete", Q))
+    err = one_error_line(malhae("ask", Q, "-m", str(model_path), stdin="헌법".encode("cp949")))
+    assert "standard input is not valid UTF-8" in err and "offset 0" in err and "iconv -f cp949" in err
+    err = one_error_line(malhae("ask", Q, "-m", str(model_path), stdin=b"\x7fELF\x02\x01\x00\x00"))
+    assert "standard input is binary" in err and "offset 6" in err
+
+
+def test_prompt_reading_rules(monkeypatch, tmp_path):
+    """read_prompt's text, exactly, for each way a prompt can arrive (in-process, stdin replaced)."""
+    import io
+
+    from app.chat import oneshot
+
+    class Stdin(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return self.tty
+
+    def prompt(arg, piped: bytes | None, *paths, kind="ask"):
+        stdin = Stdin(io.BytesIO(piped or b""), encoding="utf-8")
+        stdin.tty = piped is None
+        monkeypatch.setattr(sys, "stdin", stdin)
+        return oneshot.read_prompt(arg, kind, paths)
+
+    doc = tmp_path / "문서.txt"
+    doc.write_text("본문\n", encoding="utf-8")
+    assert prompt(Q, "위의 글\n".encode()).text == f"위의 글\n\n{Q}"
+    assert [d.name for d in prompt(Q, b"x", doc).documents] == ["standard input", str(doc)]
+    assert prompt(Q, b"x", doc).text == f"x\n\n본문\n\n{Q}"
+    assert prompt(Q, None, doc, doc).text == f"본문\n\n본문\n\n{Q}"
+    assert prompt(Q, b"").text == Q and prompt(Q, None).documents == ()
+    assert prompt("-", "질문\n".encode(), doc).text == "본문\n\n질문"
+    assert prompt(None, None, doc).text == "본문"
+    with pytest.raises(UserError, match="standard input is empty"):
+        prompt("-", b"", doc)
+    with pytest.raises(UserError, match="give the prompt as an argument"):
+        prompt(None, None)
+
+    class Unreadable(io.TextIOBase):  # pytest's stand-in while it captures: not a tty, and read() raises
+        def readable(self) -> bool:
+            return False
+
+        def read(self, size: int = -1) -> str:
+            raise OSError("reading from stdin while output is captured")
+
+    monkeypatch.setattr(sys, "stdin", Unreadable())
+    assert oneshot.read_prompt(Q, "ask").text == Q  # `main(["ask", "…"])` in-process: no stdin to read
+
+
+def test_unreadable_document(monkeypatch, tmp_path):
+    """Permissions, even as root (who reads anything): the open itself is refused."""
+    import errno
+    import os
+
+    from app.chat import documents
+
+    doc = tmp_path / "비밀.txt"
+    doc.write_text("x", encoding="utf-8")
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(UserError) as e:
+        documents.read_document(doc)
+    assert str(e.value).startswith(f"cannot read {doc}: permission denied") and "\n" not in str(e.value)
+
+
+def _bad_documents(tmp_path: Path) -> list[tuple[Path, str]]:
+    """(file, what its one error line must say) for every kind of document that cannot be used."""
+    from app.chat.reader import MAX_INPUT
+
+    (tmp_path / "폴더").mkdir()
+    (tmp_path / "cp949.txt").write_bytes("대한민국 헌법".encode("cp949"))
+    (tmp_path / "late.txt").write_bytes("앞부분은 괜찮다 ".encode() + "뒤".encode("cp949"))
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    (tmp_path / "utf16.txt").write_bytes("헌법".encode("utf-16"))
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "blank.txt").write_bytes(b"\xef\xbb\xbf\n\n")
+    with open(tmp_path / "huge.txt", "wb") as f:
+        f.truncate(MAX_INPUT + 1)  # sparse: its size is refused before a byte is read
+    os.mkfifo(tmp_path / "fifo")
+    late = len("앞부분은 괜찮다 ".encode())
+    cases = [("missing.txt", "no such file"), ("폴더", "is a directory"),
+             ("cp949.txt", "not valid UTF-8 (byte 0xb4 at offset 0)"),
+             ("late.txt", f"at offset {late}"), ("image.png", "binary, not text (a NUL byte at offset 8)"),
+             ("utf16.txt", "UTF-16"), ("empty.txt", "is empty"), ("blank.txt", "is empty"),
+             ("huge.txt", "longer than 16 MB"), ("fifo", "named pipe (FIFO), not a regular file")]
+    if os.geteuid() != 0:
+        (tmp_path / "locked.txt").write_text("x")
+        (tmp_path / "locked.txt").chmod(0)
+        cases.append(("locked.txt", "permission denied"))
+    return [(tmp_path / name, says) for name, says in cases]
+
+
+def test_bad_document_files_are_one_line_each(model_path, tmp_path):
+    for path, says in _bad_documents(tmp_path):
+        for kind in ("ask", "complete"):
+            proc = malhae(kind, Q, "-m", str(model_path), "--file", str(path))
+            err = one_error_line(proc)
+            assert str(path) in err and says in err, (kind, err)
+            assert "loading" not in proc.stderr.decode()  # found before the model is loaded
+    err = one_error_line(malhae("ask", Q, "-m", str(model_path), "--file", str(tmp_path / "cp949.txt")))
+    assert "iconv -f cp949 -t utf-8" in err
+
+
+def test_documents_too_long_for_the_context_are_named(model_path, tmp_path):
+    long, short = tmp_path / "헌법.txt", tmp_path / "짧은.txt"
+    long.write_text("대한민국 헌법 " * 50, encoding="utf-8")
+    short.write_text("짧다", encoding="utf-8")
+    err = one_error_line(malhae("ask", Q, "-m", str(model_path), "--ctx", "32", "--file", str(long),
+                                "--file", str(short), stdin="머리말".encode()))
+    assert "more than the context of 32" in err and "--ctx" in err
+    named = re.findall(r"(standard input|\S+\.txt) ([\d,]+) tokens", err.split("the documents in it:")[1])
+    assert [name for name, _ in named] == ["standard input", str(long), str(short)]
+    counts = [int(n.replace(",", "")) for _, n in named]
+    assert counts[1] > 32 and counts[1] > 10 * counts[2]  # the long file is what made it too long

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.chat.reader import MAX_INPUT, too_long
+from app.chat import documents as docs
+from app.chat.documents import Document
 from app.errors import UserError
 from app.runtime import templates
 from app.runtime.backend import Backend, open_backend
@@ -16,11 +16,24 @@ from app.runtime.engine import Stats
 from app.runtime.settings import Sampling
 
 
-def read_prompt(arg: str | None, kind: str = "complete") -> str:
-    """The argument, or standard input when the argument is `-` or absent and stdin is a pipe or file; refused
-    when empty (before a model is loaded), for `ask` and `complete` alike."""
+@dataclass(frozen=True)
+class Prompt:
+    """What `ask`/`complete` were given: the whole text, and the documents in it (for a "too long" that says why)."""
+
+    text: str
+    documents: tuple[Document, ...] = ()
+
+
+def read_prompt(arg: str | None, kind: str = "complete", paths: Sequence[Path | str] = ()) -> Prompt:
+    """The prompt from the argument, standard input and --file documents, checked before a model is loaded.
+
+    With an argument, a standard input that is a pipe or a file is a document before it (`cat 계약서.txt | malhae
+    ask "요약해 주세요"`, as simonw/llm does); an empty one is none. With `-` or no argument, standard input is the
+    text itself, as before. The --file documents come after standard input and before the text, in their order;
+    with no argument and no pipe, they are the whole prompt."""
     what, example = ("question", "malhae ask '대한민국의 수도는?'") if kind == "ask" else \
         ("prompt", "malhae complete '대한민국의 주권은'")
+    piped = docs.piped_stdin()
     if arg is not None and arg != "-":
         if not arg.strip():
             raise UserError(f"the {what} is empty; give some text, e.g. {example}")
@@ -29,21 +42,19 @@ def read_prompt(arg: str | None, kind: str = "complete") -> str:
         except UnicodeEncodeError:  # bytes the terminal's encoding could not decode arrive as lone surrogates
             raise UserError(f"the {what} is not valid UTF-8 (is the terminal set to UTF-8? `locale` shows it); "
                             "give UTF-8 text or pipe it in") from None
-        return arg
-    if sys.stdin is None or sys.stdin.isatty():
-        raise UserError("give the prompt as an argument, or pipe it in: echo '대한민국의 주권은' | malhae complete")
-    data = sys.stdin.buffer.read(MAX_INPUT + 1)
-    if len(data) > MAX_INPUT:
-        raise too_long("standard input")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"standard input is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); "
-                        "convert it first, e.g. iconv -f cp949 -t utf-8 (EUC-KR/CP949 files are common)") from None
-    text = text.removeprefix("\ufeff").rstrip("\r\n")
-    if not text.strip():
+        stdin = docs.read_stream(piped) if piped else ""  # not valid UTF-8: an error even so
+        given = ([Document(docs.STDIN, stdin)] if stdin.strip() else []) + [docs.read_document(p) for p in paths]
+        return Prompt(docs.join(given, arg), tuple(given))
+    given = [docs.read_document(p) for p in paths]
+    text = docs.read_stream(piped) if piped else None
+    if not text or not text.strip():
+        if given and arg is None:  # `malhae complete --file 초안.txt`: the documents are the whole prompt
+            return Prompt(docs.join(given, None), tuple(given))
+        if text is None:
+            raise UserError("give the prompt as an argument, or pipe it in: echo '대한민국의 주권은' | malhae "
+                            "complete")
         raise UserError("standard input is empty: nothing to complete")
-    return text
+    return Prompt(docs.join(given, text), tuple(given))
 
 
 @dataclass
@@ -81,9 +92,10 @@ class OneShot:
 
 def run(kind: str, text: str, target: Path | Endpoint, sampling: Sampling, *, n_ctx: int | None,
         threads: int | None, gpu_layers: str | int, template: str | None, verbose: bool, notify,
-        model: str | None = None, remote_chat: bool = False) -> OneShot:
+        model: str | None = None, remote_chat: bool = False, documents: Sequence[Document] = ()) -> OneShot:
     """Open the model (a GGUF here, or `model` on an endpoint) and frame the prompt; the caller streams `pieces()`
-    or `collect()`s them."""
+    or `collect()`s them. `documents` are those `text` holds (read_prompt's): a prompt too long for the context
+    says what each of them takes, since they, not the question, are what usually makes it long."""
     engine = open_backend(target, model=model, remote_chat=remote_chat, n_ctx=n_ctx, threads=threads,
                           gpu_layers=gpu_layers, verbose=verbose, notify=notify)
     messages = None
@@ -97,7 +109,12 @@ def run(kind: str, text: str, target: Path | Endpoint, sampling: Sampling, *, n_
                 [{"role": "user", "content": text.strip()}]
         else:
             prompt = text
-        engine.check_fits(len(engine.tokenize(prompt)))
+        try:
+            engine.check_fits(len(engine.tokenize(prompt)))
+        except UserError as e:
+            if not documents:
+                raise
+            raise UserError(f"{e}; the documents in it: {docs.sizes(documents, engine.tokenize)}") from None
     except BaseException:
         engine.close()
         raise

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from app.cli import options as o
 
 
 def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, template: str | None,
-             stop: list[str], remote: dict, **flags: object) -> None:
+             stop: list[str], remote: dict, files: list[Path] | None = None, **flags: object) -> None:
     """`complete` and `ask` share every option; only how the prompt is framed differs."""
     from app import ui
     from app.chat import oneshot, writer
@@ -16,11 +18,12 @@ def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, t
 
     run_opts, sampling = o.settings_for(kind, tuple(stop), **flags)
     endpoint = o.endpoint_for(**remote, local_flags={k: flags[k] for k in o.LOCAL_ONLY}, notify=ui.note)
-    text = oneshot.read_prompt(prompt, kind)
+    given = oneshot.read_prompt(prompt, kind, files or ())
     target = endpoint or models.resolve(model, ui.note)
-    shot = oneshot.run(kind, text, target, sampling, n_ctx=run_opts["ctx"], threads=run_opts["threads"],
+    shot = oneshot.run(kind, given.text, target, sampling, n_ctx=run_opts["ctx"], threads=run_opts["threads"],
                        gpu_layers=run_opts["gpu_layers"], template=template, verbose=o.verbose(), notify=ui.note,
-                       model=model if endpoint else None, remote_chat=remote["remote_chat"])
+                       model=model if endpoint else None, remote_chat=remote["remote_chat"],
+                       documents=given.documents)
     if json_out:
         ui.json_result(shot.collect())
     else:
@@ -29,6 +32,8 @@ def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, t
 
 PROMPT_ARG = typer.Argument(None, help="The text; `-` or nothing reads it from a pipe.")
 STOP = typer.Option([], "--stop", help="Stop before this text (repeatable).")
+FILES = typer.Option([], "--file", help="A UTF-8 text file to put before the text, after piped input "
+                     "(repeatable, in order).")
 
 
 def complete(
@@ -38,13 +43,14 @@ def complete(
     frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
     ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
     json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None, timeout: o.Timeout = None,
+    files: list[Path] = FILES,
 ) -> None:
     """Continue a text as it is (raw completion, for base models)."""
     remote = {"flag": endpoint, "api_key": api_key, "timeout": timeout, "remote_chat": False}
     _oneshot("complete", prompt, model, json_out, None, stop, remote, max_tokens=max_tokens, temperature=temperature,
              top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
              seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
-             threads=threads, gpu_layers=gpu_layers)
+             threads=threads, gpu_layers=gpu_layers, files=files)
 
 
 def ask(
@@ -55,13 +61,14 @@ def ask(
     ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
     template: o.Template = None, json_out: o.Json = False, endpoint: o.EndpointOption = None,
     api_key: o.ApiKey = None, timeout: o.Timeout = None, remote_chat: o.RemoteChat = False,
+    files: list[Path] = FILES,
 ) -> None:
     """Ask one question, framed in the model's prompt format, and print the answer."""
     remote = {"flag": endpoint, "api_key": api_key, "timeout": timeout, "remote_chat": remote_chat}
     _oneshot("ask", prompt, model, json_out, template, stop, remote, max_tokens=max_tokens, temperature=temperature,
              top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
              seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
-             threads=threads, gpu_layers=gpu_layers)
+             threads=threads, gpu_layers=gpu_layers, files=files)
 
 
 def chat(

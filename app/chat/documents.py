@@ -1,0 +1,109 @@
+"""Documents handed to a question: `cat 계약서.txt | malhae ask "…"`, `--file`, and chat's /read.
+
+One rule for every text that arrives as bytes (standard input, a document file): bounded in size before it is read
+(MAX_INPUT: far more than any context, little enough that /dev/zero does not fill the memory), text and not binary,
+valid UTF-8 — and each failure is one line that names where the bytes came from and how to fix them. A document
+goes before the question, separated by a blank line, as people paste a text and then ask about it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from app import files
+from app.chat.reader import MAX_INPUT, too_long
+from app.errors import UserError
+
+SEPARATOR = "\n\n"  # between documents, and between the last one and the question
+STDIN = "standard input"
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str  # what the user called it (the path as given, or "standard input"): errors and listings show it
+    text: str
+
+
+def decode(data: bytes, where: str) -> str:
+    """`data` as text: UTF-8 without a byte-order mark and trailing newlines, or UserError naming `where`.
+
+    A UTF-16 file (Windows' "Unicode", which starts with its byte-order mark) gets its own iconv hint. NUL bytes are
+    refused before decoding: they are valid UTF-8, so an executable or an image would otherwise reach the model as
+    text."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):  # never valid UTF-8
+        raise UserError(f"{where} is UTF-16 text, not UTF-8; convert it first, e.g. iconv -f utf-16 -t utf-8")
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise UserError(f"{where} is binary, not text (a NUL byte at offset {nul}); give UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{where} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
+                        "first, e.g. iconv -f cp949 -t utf-8 (EUC-KR/CP949 files are common)") from None
+    return text.removeprefix("\ufeff").rstrip("\r\n")
+
+
+def piped_stdin() -> BinaryIO | None:
+    """Standard input when it is a pipe or a file to read from, else None: a terminal, a closed one, or a stand-in
+    that cannot be read (pytest's, whose read() raises; readable() says so)."""
+    stdin = sys.stdin
+    try:
+        if stdin is None or stdin.isatty() or not stdin.readable():
+            return None
+    except (OSError, ValueError):  # closed
+        return None
+    return stdin.buffer
+
+
+def read_stream(stream: BinaryIO, where: str = STDIN) -> str:
+    """A binary stream's text (decode's rules), reading at most MAX_INPUT + 1 bytes: `< /dev/zero` is an error,
+    not a full memory. May be empty."""
+    data = stream.read(MAX_INPUT + 1)
+    if len(data) > MAX_INPUT:
+        raise too_long(where)
+    return decode(data, where)
+
+
+def read_document(path: Path | str) -> Document:
+    """The text of a document file, named as the user gave it; every reason it cannot be used is one UserError.
+
+    app.files.read_bytes does the opening: a regular file only (a FIFO would block, a device never end), its size
+    checked before a byte is read, at most MAX_INPUT + 1 bytes read."""
+    name = str(path)
+    try:
+        data = files.read_bytes(Path(path).expanduser(), MAX_INPUT)
+    except FileNotFoundError:
+        raise UserError(f"cannot read {name}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"cannot read {name}: it is a directory; give a text file") from None
+    except PermissionError:
+        raise UserError(f"cannot read {name}: permission denied (ls -l {name} shows who may read it)") from None
+    except OSError as e:
+        if e.errno == errno.EFBIG:
+            raise too_long(name) from None
+        if e.errno == errno.EINVAL:  # a FIFO, a device, a socket
+            raise UserError(f"cannot read {name}: {e.strerror}; to read from a pipe, send it to standard input "
+                            "(cmd | malhae ask …)") from None
+        raise UserError(f"cannot read {name}: {e.strerror or os.strerror(e.errno or 0) or e}") from None
+    text = decode(data, name)
+    if not text.strip():
+        raise UserError(f"{name} is empty: there is nothing in it to read")
+    return Document(name, text)
+
+
+def join(documents: Iterable[Document], text: str | None) -> str:
+    """What the model is given: the documents in order, then the question (or continuation text), a blank line
+    between each."""
+    return SEPARATOR.join([*(d.text for d in documents), *([text] if text is not None else [])])
+
+
+def sizes(documents: Iterable[Document], tokenize: Callable[[str], list[int]]) -> str:
+    """"계약서.txt 3,120 tokens, standard input 45 tokens": what each document takes, for a message saying why a
+    prompt is long."""
+    return ", ".join(f"{d.name} {len(tokenize(d.text)):,} tokens" for d in documents)
