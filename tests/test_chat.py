@@ -430,6 +430,71 @@ def test_context_overflow_drops_old_turns_says_so_once_and_goes_on(random_model)
     assert all(int(used) <= 128 for _, used, _ in STATUS.findall(s.err))
 
 
+def _token_counts(paths: dict[str, Path], into: dict[str, int]):
+    """A talk() setup that counts each document's tokens with the session's own engine (as /read must show)."""
+    def setup(session: repl.Chat) -> None:
+        for name, path in paths.items():
+            text = path.read_text(encoding="utf-8-sig").rstrip("\n")
+            into[name] = len(session.engine.tokenize(text))
+    return setup
+
+
+def test_read_puts_documents_before_the_next_message_only(model, tmp_path):
+    a, b = tmp_path / "조항.txt", tmp_path / "부칙.txt"
+    a.write_text("\ufeff대한민국은 민주공화국이다.\n", encoding="utf-8")
+    b.write_text("이 헌법은 공포한 날부터 시행한다.\n\n", encoding="utf-8")
+    counts: dict[str, int] = {}
+    s = talk(model, f"/read {a}\r/read {b}\r/read\r무슨 뜻인가요?\r/read\r다음 질문\r",
+             setup=_token_counts({"a": a, "b": b}, counts))
+    assert [t for r, t in s.turns if r == "user"] == [
+        "대한민국은 민주공화국이다.\n\n이 헌법은 공포한 날부터 시행한다.\n\n무슨 뜻인가요?", "다음 질문"]
+    assert f"read {a}: {counts['a']} tokens" in s.err and f"read {b}: {counts['b']} tokens" in s.err
+    assert f"before your next message: {a} {counts['a']} tokens, {b} {counts['b']} tokens" in s.err
+    assert s.err.count("no documents waiting") == 1  # listed after the message that used them
+    assert len(STATUS.findall(s.err)) == 2 and not s.chat.pending
+
+
+def test_read_clear_and_files_that_cannot_be_read(model, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("버릴 문서", encoding="utf-8")
+    (tmp_path / "cp949.txt").write_bytes("헌법".encode("cp949"))
+    (tmp_path / "bin").write_bytes(b"\x00\x01")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    keys = (f"/read {doc}\r/read clear\r/read {tmp_path / 'none.txt'}\r/read {tmp_path}\r"
+            f"/read {tmp_path / 'cp949.txt'}\r/read {tmp_path / 'bin'}\r/read {tmp_path / 'empty.txt'}\r질문\r")
+    s = talk(model, keys)
+    assert "dropped 1 document" in s.err
+    for name, says in (("none.txt", "no such file"), ("", "is a directory"), ("cp949.txt", "not valid UTF-8"),
+                       ("bin", "binary"), ("empty.txt", "is empty")):
+        assert [h for h in s.hints(says) if str(tmp_path / name) in h] == s.hints(says) and len(s.hints(says)) == 1
+    assert [t for r, t in s.turns if r == "user"] == ["질문"]
+    assert "internal error" not in s.err
+
+
+def test_read_of_a_document_too_long_is_refused_before_anything_is_evaluated(random_model, tmp_path):
+    long, short = tmp_path / "헌법.txt", tmp_path / "짧은.txt"
+    long.write_text("대한민국 헌법 " * 80, encoding="utf-8")
+    short.write_text("대한민국 헌법 " * 12, encoding="utf-8")
+    counts: dict[str, int] = {}
+    generated: list[object] = []
+
+    def setup(session: repl.Chat) -> None:
+        _token_counts({"long": long}, counts)(session)
+        real = session.engine.generate
+        session.engine.generate = lambda *args, **kw: (generated.append(args), real(*args, **kw))[1]
+
+    keys = f"/read {long}\r/read\r/read {short}\r{'긴 질문 ' * 80}\r/read\r"
+    s = talk(random_model, keys, setup=setup, ctx=128, sampling=Sampling(max_tokens=16, seed=1))
+    refused = s.hints("too long for the context")
+    assert len(refused) == 1 and str(long) in refused[0] and f"{counts['long']} tokens" in refused[0]
+    assert "the context holds 128" in refused[0] and "/set ctx" in refused[0] and "shorter file" in refused[0]
+    assert "no documents waiting" in s.err  # the refused one is not kept
+    too_long = s.hints("message too long")  # short document + long message: refused when sent, document kept
+    assert len(too_long) == 1 and str(short) in too_long[0] and "/read clear" in too_long[0]
+    assert f"before your next message: {short} " in s.err
+    assert generated == [] and s.turns == [] and not STATUS.search(s.err)  # nothing reached the model
+
+
 def test_options_are_checked_before_the_model_loads(tmp_path):
     def run(*args: str) -> str:
         proc = subprocess.run([sys.executable, "-m", "app", "chat", *args], capture_output=True, cwd=ROOT,

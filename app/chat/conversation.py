@@ -38,6 +38,26 @@ class Prepared:
     dropped: int = 0
 
 
+@dataclass(frozen=True)
+class Room:
+    """What a message needs at the least: the prompt with it as the only turn (system text and template frame
+    included), plus the answer's reserve. Old turns can be dropped to make room; this cannot, so a message (or a
+    document read for the next one) over it is refused before anything is evaluated."""
+
+    alone: int  # tokens of the prompt holding only this message
+    reserve: int  # tokens kept for the answer
+    n_ctx: int
+
+    @property
+    def fits(self) -> bool:
+        return self.alone + self.reserve <= self.n_ctx
+
+    @property
+    def suggest(self) -> int:
+        """A context that would take it: the next power of two, as /set ctx values usually are."""
+        return 1 << max(self.alone + self.reserve - 1, 1).bit_length()
+
+
 @dataclass
 class Conversation:
     template: Template
@@ -71,6 +91,11 @@ class Conversation:
     def context_used(self, tokenize: Tokenize) -> int:
         """Tokens the conversation so far takes (system text and turns), what the next message is added to."""
         return len(tokenize(self.prompt()))
+
+    def room(self, message: str, tokenize: Tokenize, n_ctx: int) -> Room:
+        """What `message` needs of the context by itself (see Room): the one rule for "too long", in _fit and in
+        the REPL's /read."""
+        return Room(len(tokenize(self.prompt([("user", message)]))), self.reserve(n_ctx), n_ctx)
 
     @property
     def exchanges(self) -> int:
@@ -136,14 +161,12 @@ class Conversation:
         tokens = tokenize(self.prompt())
         if len(tokens) + reserve <= n_ctx:
             return Prepared(tokens)
-        alone = len(tokenize(self.prompt(self.turns[-1:])))
-        if alone + reserve > n_ctx:
-            need = alone + reserve
-            suggest = 1 << max(need - 1, 1).bit_length()
+        room = self.room(self.turns[-1][1], tokenize, n_ctx)
+        if not room.fits:
             with_system = " with the system text" if self.system_text else ""
-            raise UserError(f"message too long (메시지가 너무 깁니다): it takes {alone} tokens{with_system}, plus "
-                            f"{reserve} for the answer, but the context holds {n_ctx}; shorten it, or raise the "
-                            f"context: /set ctx {suggest}")
+            raise UserError(f"message too long (메시지가 너무 깁니다): it takes {room.alone} tokens{with_system}, "
+                            f"plus {reserve} for the answer, but the context holds {n_ctx}; shorten it, or raise the "
+                            f"context: /set ctx {room.suggest}")
         dropped = 0
         while len(self.turns) > 1 and (len(tokens) + reserve > n_ctx or len(tokens) > n_ctx // 2):
             del self.turns[:2]

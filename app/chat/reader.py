@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name: (arguments, what it does)
     "/undo": ("", "take back your last message and its answer (되돌리기)"),
     "/save": ("FILE [--force]", "save the conversation as JSON (저장); --force replaces an earlier save"),
     "/load": ("FILE", "continue a saved conversation (불러오기)"),
+    "/read": ("[FILE|clear]", "put a text file before your next message (문서 읽기); /read alone lists them, "
+              "/read clear drops them"),
     "/model": ("PATH", "switch to another model; the conversation stays"),
     "/stats": ("", "statistics of the last answer"),
     "/exit": ("", "quit (종료); Ctrl-D does the same"),
@@ -147,7 +149,7 @@ def completer():
                 command = resolve_command(name)
             except UserError:
                 return
-            if command in ("/save", "/load", "/model"):
+            if command in ("/save", "/load", "/read", "/model"):
                 paths = ggufs if command == "/model" else files
                 yield from paths.get_completions(Document(arg, len(arg)), complete_event)
                 return

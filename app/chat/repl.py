@@ -21,7 +21,9 @@ from rich.table import Table
 
 from app import flags, ui
 from app.chat import conversation as conv_mod
+from app.chat import documents
 from app.chat.conversation import Conversation, Prepared
+from app.chat.documents import Document
 from app.chat.reader import (
     COMMANDS,
     KEYS,
@@ -72,6 +74,7 @@ class Chat:
         self.template_fixed = template_fixed  # chosen by the user: kept when the model changes
         self.last_stats: Stats | None = None
         self.running = True
+        self.pending: list[Document] = []  # read with /read, put before the next message
 
     # --- loop ---
 
@@ -144,8 +147,22 @@ class Chat:
     # --- answers ---
 
     def say(self, message: str) -> None:
-        prepared = self.conv.ask(message, self.engine.tokenize, self.engine.n_ctx)
-        self.write(prepared)
+        """Answer a message, with the documents /read holds in front of it; they are used up once the message has
+        its answer (a refusal, or a failure before anything was shown, keeps them for the next try)."""
+        if not self.pending:
+            self.write(self.conv.ask(message, self.engine.tokenize, self.engine.n_ctx))
+            return
+        try:
+            prepared = self.conv.ask(documents.join(self.pending, message), self.engine.tokenize, self.engine.n_ctx)
+        except UserError as e:
+            raise UserError(f"{e} (it holds the documents from /read: "
+                            f"{documents.sizes(self.pending, self.engine.tokenize)}; /read clear drops them)") from None
+        asked = len(self.conv.turns)
+        try:
+            self.write(prepared)
+        finally:
+            if len(self.conv.turns) > asked:  # the answer was kept, and with it the message and its documents
+                self.pending.clear()
 
     def write(self, prepared: Prepared) -> None:
         if prepared.dropped:
@@ -300,6 +317,32 @@ class Chat:
         self.info(f"loaded {loaded.exchanges} exchanges from {arg} (template {loaded.template.name}) (불러왔습니다)")
         if model and model != self.engine.name:
             self.dim(f"it was saved with model {model}; continuing with {self.engine.name}")
+
+    def cmd_read(self, arg: str) -> None:
+        """/read FILE: a document for the next message, refused at once if it could never fit in the context with
+        the other pending ones; /read lists them, /read clear drops them."""
+        tokenize = self.engine.tokenize
+        if not arg:
+            if not self.pending:
+                self.info("no documents waiting; /read FILE puts one before your next message")
+                return
+            self.info(f"before your next message: {documents.sizes(self.pending, tokenize)}")
+            self.dim("/read clear drops them")
+            return
+        if arg == "clear":
+            n, self.pending = len(self.pending), []
+            self.info(f"dropped {n} document{'s' if n != 1 else ''} (문서를 지웠습니다)")
+            return
+        doc = documents.read_document(arg)
+        tokens = len(tokenize(doc.text))
+        room = self.conv.room(documents.join([*self.pending, doc], None), tokenize, self.engine.n_ctx)
+        if not room.fits:
+            others = f" with the {len(self.pending)} read before it" if self.pending else ""
+            raise UserError(f"{arg} is too long for the context (문서가 너무 깁니다): {tokens:,} tokens, "
+                            f"{room.alone:,} framed in the conversation{others}, plus {room.reserve} for the answer, "
+                            f"but the context holds {room.n_ctx}; /set ctx {room.suggest}, or give a shorter file")
+        self.pending.append(doc)
+        self.info(f"read {arg}: {tokens:,} tokens; it goes before your next message (문서를 읽었습니다)")
 
     def cmd_model(self, arg: str) -> None:
         if self.engine.remote:
