@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gguf
 import pytest
+from helpers import copy_gguf
 
 from app.errors import UserError
 from app.runtime import templates
@@ -182,21 +183,8 @@ FOREIGN = ("{% for m in messages %}{{ bos_token }}<{{ m['role'] }}>{{ m['content
 
 def with_chat_template(src: Path, dst: Path, source: str) -> Path:
     """A copy of a GGUF whose tokenizer.chat_template is `source` (a template from another tool)."""
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst, arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.Tokenizer.CHAT_TEMPLATE):
-            continue
-        writer.add_key_value(f.name, f.contents(), f.types[0],
-                             sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    writer.add_chat_template(source)
-    for t in reader.tensors:
-        writer.add_tensor(t.name, t.data, raw_shape=list(reversed([int(d) for d in t.shape])), raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst
+    return copy_gguf(src, dst, fields={gguf.Keys.Tokenizer.CHAT_TEMPLATE: None},
+                     extra=lambda writer: writer.add_chat_template(source))
 
 
 def test_a_foreign_template_is_rendered_with_jinja_and_stops_at_eos(converted, tmp_path):

@@ -23,7 +23,8 @@ from gguf import Keys
 from app.errors import UserError
 from app.runtime import hardware, llama, offload, sampler
 from app.runtime.gguf_info import GGUFInfo, check_shape, read_info
-from app.runtime.settings import DEFAULT_BATCH, Sampling, context_size
+from app.runtime.settings import DEFAULT_BATCH, DEFAULT_DRAFT_MAX, Sampling, check, context_size
+from app.runtime.speculate import Counts, Speculator
 from app.runtime.stream import TextStream
 
 SUPPORTED_ARCHITECTURES = ("gptneox",)
@@ -39,6 +40,8 @@ class Stats:
     decode_seconds: float = 0.0  # after the first token
     ttft: float = 0.0  # time to first token: prompt evaluation + first sample
     stop_reason: str = ""  # "eos", "stop", "length", "context", "interrupted"
+    draft_proposed: int = 0  # speculative decoding: drafted tokens verified, and how many of them were kept
+    draft_accepted: int = 0
 
     @property
     def prompt_tps(self) -> float:
@@ -106,9 +109,11 @@ class Engine:
 
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  gpu_layers: str | int | None = "auto", n_batch: int = DEFAULT_BATCH, verbose: bool = False,
-                 notify: Notify | None = None, n_seq: int = 1) -> None:
+                 notify: Notify | None = None, n_seq: int = 1, draft: str | Path | None = None,
+                 draft_max: int = DEFAULT_DRAFT_MAX) -> None:
         """`n_ctx` is each sequence's context; `n_seq` sequences (the server's slots) each get their own part of one
-        KV cache, so memory is n_seq × n_ctx tokens."""
+        KV cache, so memory is n_seq × n_ctx tokens. `draft` turns speculative decoding on: "lookup" or the path of a
+        draft model's GGUF (see set_draft)."""
         self.path = path
         self.info = check_model_file(path)
         self.notify = notify or (lambda message: None)
@@ -130,6 +135,41 @@ class Engine:
         self.cache: list[int] = []  # tokens whose K/V are in the context, in order
         self.generated: list[int] = []
         self.stats = Stats()
+        self.speculator: Speculator | None = None
+        if draft is not None:
+            try:
+                self.set_draft(draft, draft_max)
+            except BaseException:
+                self.close()
+                raise
+
+    def set_draft(self, draft: str | Path | None, draft_max: int = DEFAULT_DRAFT_MAX) -> None:
+        """Speculate with `draft` from the next generation on: "lookup" (n-grams of the prompt and answer), a Path to
+        a draft model of the same vocabulary, or None/"off" for plain decoding."""
+        from app.runtime.draft import DraftModel, Lookup
+
+        check("draft_max", draft_max)
+        old, self.speculator = self.speculator, None
+        if old is not None:
+            old.close()
+        if draft is None or draft == "off":
+            return
+        if draft == "lookup":
+            drafter = Lookup()
+        else:
+            helper = Engine(Path(draft), n_ctx=self.n_ctx, threads=self.threads,
+                            gpu_layers="auto" if self.n_gpu_layers else 0, notify=self.notify)
+            try:
+                drafter = DraftModel(helper, self.model)
+            except BaseException:
+                helper.close()
+                raise
+        self.speculator = Speculator(drafter, draft_max)
+
+    @property
+    def draft(self) -> str:
+        """What drafts, for /show and /stats: "off", "lookup" or the draft model's file name."""
+        return self.speculator.name if self.speculator else "off"
 
     # --- loading ---------------------------------------------------------------------------------------------
 
@@ -153,6 +193,10 @@ class Engine:
         self.n_gpu_layers = layers
 
     def close(self) -> None:
+        speculator = getattr(self, "speculator", None)
+        if speculator is not None:
+            speculator.close()
+            self.speculator = None
         if self.ctx is not None:
             self.ctx.close()
             self.ctx = None
@@ -214,7 +258,7 @@ class Engine:
     def _sampler(self, s: Sampling, history: list[int]):
         return sampler.chain(self.vocab, self.n_vocab, s, history)
 
-    def _evaluate(self, tokens: list[int]) -> None:
+    def evaluate(self, tokens: list[int]) -> None:
         """Bring the KV cache to exactly `tokens`, evaluating only what is not cached (at least the last token)."""
         common = min(common_prefix(self.cache, tokens), len(tokens) - 1)
         lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx.ptr), 0, common, -1)
@@ -239,7 +283,7 @@ class Engine:
         self.check_prompt(tokens)
         self.stats = stats = Stats(prompt_tokens=len(tokens))
         start = time.perf_counter()
-        self._evaluate(tokens)
+        self.evaluate(tokens)
         stats.prompt_seconds = time.perf_counter() - start
         max_new = min(s.max_tokens, self.n_ctx - len(tokens))
         chain = self._sampler(s, tokens)
@@ -250,6 +294,10 @@ class Engine:
         buf = ctypes.create_string_buffer(256)
         one = (lc.llama_token * 1)()
         cache = self.cache
+        spec = self.speculator
+        if spec is not None:
+            spec.counts = Counts()
+        ahead: list[int] = []  # tokens the sampler already chose in a verification, not yet handed out
         self.generated = generated = []  # token ids of this answer, for callers that need them (tests, eval)
         n = 0
         first = 0.0
@@ -259,7 +307,7 @@ class Engine:
                 if n >= max_new:
                     stats.stop_reason = "length" if n >= s.max_tokens else "context"
                     break
-                token = sample(chain, ctx, -1)
+                token = ahead.pop(0) if ahead else sample(chain, ctx, -1)
                 if n == 0:
                     first = time.perf_counter()
                     stats.ttft = first - start
@@ -275,8 +323,17 @@ class Engine:
                 if stream.stopped:
                     stats.stop_reason = "stop"
                     break
-                if n >= max_new:
-                    continue  # no need to evaluate a token nothing will follow
+                if n >= max_new or ahead:
+                    continue  # nothing will follow, or the next token is known and this one already in the cache
+                if spec is not None:
+                    cache.append(token)
+                    try:
+                        ahead = spec.advance(ctx, chain, 0, cache, max_new - n - 1)
+                    except UserError:
+                        cache.pop()  # advance dropped it from the KV cache
+                        raise
+                    cache.extend(ahead[:-1])  # the accepted draft is in the KV cache; the last sample is not yet
+                    continue
                 one[0] = token
                 if decode(ctx, get_one(one, 1)) != 0:
                     raise UserError("llama.cpp failed while generating (llama_decode error)")
@@ -288,6 +345,8 @@ class Engine:
         finally:
             stats.generated_tokens = n
             stats.decode_seconds = time.perf_counter() - first if first else 0.0
+            if spec is not None:
+                stats.draft_proposed, stats.draft_accepted = spec.counts.proposed, spec.counts.accepted
             lc.llama_sampler_free(chain)
 
     def complete(self, prompt: str | list[int], sampling: Sampling | None = None) -> tuple[str, Stats]:

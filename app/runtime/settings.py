@@ -17,6 +17,7 @@ from app.errors import UserError
 
 DEFAULT_MAX_CTX = 4096  # the family trains at 2048; larger contexts only cost memory
 DEFAULT_BATCH = 512  # tokens per llama_decode (llama.cpp's default), capped by the context
+DEFAULT_DRAFT_MAX = 16  # speculative decoding: the most drafted tokens one decode verifies (DraftLength picks fewer)
 ONESHOT_MAX_TOKENS = 256  # complete and ask stop sooner than a chat answer unless told otherwise
 # more threads than this only contend (llama.cpp's own cap is 512): 10,000 asked for made 10,001 threads and hung a
 # 2-core machine
@@ -68,6 +69,8 @@ SETTINGS: dict[str, Setting] = _table(
     Setting("threads", int, None, lambda v: 1 <= v <= MAX_THREADS, f"a whole number from 1 to {MAX_THREADS} (4 × "
             f"this machine's {os.cpu_count() or 1} logical CPUs)", str(min(8, MAX_THREADS)), table=None,
             settable=False),
+    Setting("draft_max", int, DEFAULT_DRAFT_MAX, lambda v: 1 <= v <= 64, "a whole number from 1 to 64",
+            "8", table=None, settable=False),
     Setting("gpu_layers", int, "auto", lambda v: v >= 0, '"auto" or a whole number of layers (0 = CPU only)',
             "auto", table=None, none_words=("auto",), settable=False),
 )

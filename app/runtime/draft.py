@@ -1,0 +1,150 @@
+"""Drafters for speculative decoding: cheap guesses of the next few tokens, which the target model then checks.
+
+Two kinds, one interface (`propose`):
+- `Lookup` (prompt lookup, no second model): the answer often repeats its input (a document summarised or quoted, a
+  law rewritten, code corrected), so the tokens that followed the last occurrence of the current n-gram are likely to
+  follow again. Longest n-gram first: a 4-token match predicts better than a 1-token one.
+- `DraftModel`: a small model of the same tokenizer (polyglot-ko-1.3b for 5.8b and 12.8b) decodes greedily ahead,
+  and stops early where it is unsure of its own next token.
+
+A drafter only proposes; how many tokens to propose is asked of `choose(key)` (app/runtime/speculate.py's
+`DraftLength`, which knows what verifying k tokens costs and how often drafts of this kind were accepted), and
+whether they are right is decided by the target's own sampler (speculate.verify). A wrong draft costs time, never
+a different answer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import llama_cpp as lc
+import numpy as np
+
+from app.errors import UserError
+
+Choose = Callable[[int], int]  # the drafter's kind of guess (e.g. the n-gram length) → how many tokens to propose
+
+
+class Drafter(Protocol):
+    name: str
+    seconds_per_token: float  # what drafting one token costs (0 for lookup): part of what speculation pays for
+
+    def propose(self, history: list[int], choose: Choose) -> tuple[int, list[int]]:
+        """(key, draft): the tokens likely to follow `history` (the prompt and every token accepted so far), at most
+        `choose(key)` of them; key says what kind of guess it was, so acceptance is learned per kind."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Lookup:
+    """Prompt lookup: an index of every n-gram (n = 1 … n_max) of the history to where it last occurred.
+
+    The index is kept up to date as tokens are appended, so a step costs O(n_max) dictionary operations, not a scan
+    of the context; a history that is not an extension of the last one (a new chat turn that edits, a new prompt) is
+    indexed again from where the two differ."""
+
+    name = "lookup"
+    seconds_per_token = 0.0
+
+    def __init__(self, n_max: int = 4, n_min: int = 1) -> None:
+        self.n_max = n_max
+        self.n_min = n_min
+        self.tokens: list[int] = []
+        self.last: dict[tuple[int, ...], int] = {}  # n-gram → index of the token that followed its latest occurrence
+
+    def _sync(self, history: list[int]) -> None:
+        n = len(self.tokens)
+        if len(history) < n or history[:n] != self.tokens:
+            self.tokens, self.last = [], {}
+            n = 0
+        tokens, last = self.tokens, self.last
+        for i in range(n, len(history)):
+            tokens.append(history[i])
+            # the n-grams ending just before position i now have a continuation: the token at i
+            for k in range(1, min(self.n_max, i) + 1):
+                last[tuple(tokens[i - k:i])] = i
+
+    def propose(self, history: list[int], choose: Choose) -> tuple[int, list[int]]:
+        self._sync(history)
+        tokens, end = self.tokens, len(self.tokens)
+        for n in range(min(self.n_max, end), self.n_min - 1, -1):
+            at = self.last.get(tuple(tokens[end - n:]))
+            if at is None:
+                continue
+            k = choose(n)
+            return n, tokens[at:at + k] if k > 0 else []
+        return 0, []
+
+    def close(self) -> None:
+        pass
+
+
+class DraftModel:
+    """A second, smaller GGUF of the same vocabulary, decoding greedily in its own context.
+
+    Its KV cache follows the history the way the engine's does (only what a new history adds is evaluated), and it
+    stops drafting where its own most likely token has less than `p_min` of the probability: a guess it doubts is
+    more often wrong than worth the verification rows it costs."""
+
+    def __init__(self, engine, target_model, *, p_min: float = 0.5) -> None:
+        """`engine`: the draft model's app.runtime.engine.Engine (this drafter owns it from now on)."""
+        check_same_vocab(target_model, engine.model, engine.path)
+        self.engine = engine
+        self.name = engine.path.name
+        self.p_min = p_min
+        self.seconds_per_token = 0.0
+        self._one = (lc.llama_token * 1)()
+
+    def propose(self, history: list[int], choose: Choose) -> tuple[int, list[int]]:
+        k = choose(0)
+        if k <= 0:
+            return 0, []
+        engine = self.engine
+        k = min(k, engine.n_ctx - len(history))
+        if k <= 0:
+            return 0, []
+        started = time.perf_counter()
+        engine.evaluate(history)
+        ctx, n_vocab = engine.ctx.ptr, engine.n_vocab
+        draft: list[int] = []
+        while True:
+            logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+            token = int(logits.argmax())
+            top = logits[token]
+            p = 1.0 / float(np.exp(logits - top).sum())
+            if p < self.p_min and draft or lc.llama_vocab_is_eog(engine.vocab, token):
+                break
+            draft.append(token)
+            if len(draft) >= k:
+                break
+            self._one[0] = token
+            if lc.llama_decode(ctx, lc.llama_batch_get_one(self._one, 1)) != 0:
+                break
+            engine.cache.append(token)
+        spent = (time.perf_counter() - started) / max(1, len(draft))
+        self.seconds_per_token = spent if not self.seconds_per_token else 0.8 * self.seconds_per_token + 0.2 * spent
+        return 0, draft
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def check_same_vocab(target, draft, path: Path) -> None:
+    """A draft must speak the target's tokens: same count and the same text for every id, else its guesses are
+    verified against the wrong tokens (never wrong output, but nothing accepted). Refused in one line naming the
+    first difference."""
+    n_target, n_draft = target.n_vocab, draft.n_vocab
+    if n_target != n_draft:
+        raise UserError(f"{path.name} cannot draft for this model: its vocabulary has {n_draft:,} tokens and the "
+                        f"model's {n_target:,}; a draft model must use the same tokenizer (Polyglot-Ko models share "
+                        "one)")
+    for token in range(n_target):
+        a, b = target.token_bytes(token), draft.token_bytes(token)
+        if a != b:
+            raise UserError(f"{path.name} cannot draft for this model: token {token} is {b!r} there and {a!r} here; "
+                            "a draft model must use the same tokenizer (Polyglot-Ko models share one)")
+

@@ -1,0 +1,184 @@
+"""Speculative decoding: check several drafted tokens in one llama_decode, keep those the target would have chosen.
+
+Decode is bound by reading the weights once per llama_decode, so evaluating the next token together with k guesses
+costs far less than k+1 decodes (on a GPU almost nothing more; on 2 CPU cores 1.5× for 2 rows, 2.9× for 4, 5.5× for
+8). At each drafted position the target's own sampler chain samples once, exactly as plain decoding would after the
+same tokens; a guess is kept while it equals that sample, and the first sample that differs is kept instead of the
+guess, with the rest of the draft dropped from the KV cache. So greedy output is plain decoding's, and sampled output
+follows the same distribution — with the same seed the same text, since the sampler draws once per output token
+either way.
+
+Whether to draft, and how much, is decided per step by `DraftLength` from what it has measured: the cost of a decode
+of r rows on this machine and the rate at which drafts of this kind were accepted at each position, so that a draft
+is made only where its expected tokens per second beat plain decoding's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import llama_cpp as lc
+
+from app.errors import UserError
+from app.runtime.draft import Drafter
+from app.runtime.llama import Batch
+
+PRIOR_ACCEPT = 0.7  # what an untried kind of draft is assumed to achieve, worth PRIOR_WEIGHT observations
+PRIOR_WEIGHT = 2.0
+DECAY = 0.97  # older observations fade, so the length follows the text (a quoted passage ends, a new one starts)
+PRIOR_ROW_COST = 0.6  # an unmeasured extra row costs this × one token (2 CPU cores measure 0.5-0.65; a GPU ~0.02)
+EXPLORE_AFTER = 32  # steps without drafting before one short draft tries again (≤ 1.6% of plain speed on a CPU)
+
+
+class DraftLength:
+    """How many drafted tokens to verify: the k that maximises expected tokens per second.
+
+    With p_i the measured chance that position i of a draft is accepted when all before it were, a draft of k yields
+    E(k) = 1 + p_1 + p_1·p_2 + … tokens for one decode of k+1 rows (plus drafting k tokens, for a draft model);
+    k = 0 is plain decoding. Both the acceptance (per drafter key: the n-gram length of a lookup) and the costs are
+    measured as the run goes."""
+
+    def __init__(self, draft_max: int, *, costs: dict[int, float] | None = None,
+                 draft_cost: float | None = None) -> None:
+        """`costs` (rows → seconds) and `draft_cost` (seconds per drafted token) fix what is otherwise measured: for
+        tests and benchmarks that need the same choices whatever the machine's load."""
+        self.draft_max = draft_max
+        self.fixed = costs is not None
+        self.cost: dict[int, float] = dict(costs or {})  # rows → seconds of one decode (median of recent ones)
+        self.draft_cost = draft_cost
+        self._times: dict[int, deque[float]] = {}
+        self.tried: dict[int, list[float]] = {}
+        self.kept: dict[int, list[float]] = {}
+        self.skipped = 0
+
+    def row_cost(self, rows: int) -> float:
+        cost = self.cost
+        if rows in cost:
+            return cost[rows]
+        below = [r for r in cost if r < rows]
+        above = [r for r in cost if r > rows]
+        if below and above:
+            lo, hi = max(below), min(above)
+            return cost[lo] + (cost[hi] - cost[lo]) * (rows - lo) / (hi - lo)
+        one = cost.get(1) or (cost[min(cost)] if cost else 1.0)
+        if len(below) >= 2:  # beyond the longest measured: continue its slope
+            a, b = sorted(below)[-2:]
+            slope = max((cost[b] - cost[a]) / (b - a), 0.0)
+            return cost[b] + slope * (rows - b)
+        base_rows = max(below) if below else 1
+        base = cost[base_rows] if below else one
+        return base + PRIOR_ROW_COST * one * (rows - base_rows)
+
+    def accept_rate(self, key: int, i: int) -> float:
+        tried, kept = self.tried.get(key), self.kept.get(key)
+        t = tried[i] if tried else 0.0
+        k = kept[i] if kept else 0.0
+        return (k + PRIOR_ACCEPT * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
+
+    def choose(self, key: int, limit: int, draft_seconds: float = 0.0) -> int:
+        limit = min(limit, self.draft_max)
+        if limit <= 0:
+            return 0
+        if self.draft_cost is not None:
+            draft_seconds = self.draft_cost
+        best_k, best_rate = 0, 1.0 / self.row_cost(1)
+        expected, reach = 1.0, 1.0
+        for k in range(1, limit + 1):
+            reach *= self.accept_rate(key, k - 1)
+            expected += reach
+            rate = expected / (self.row_cost(k + 1) + k * draft_seconds)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        if best_k == 0:
+            self.skipped += 1
+            if self.skipped >= EXPLORE_AFTER:  # what did not pay may pay now: try one token
+                self.skipped = 0
+                return 1
+        else:
+            self.skipped = 0
+        return best_k
+
+    def timed(self, rows: int, seconds: float) -> None:
+        """A decode of `rows` took `seconds`. The median of the last few: a machine that is busy elsewhere stalls
+        a decode now and then (a second, on 2 shared cores), and one stall must not make a length look too dear to
+        try again."""
+        if self.fixed:
+            return
+        times = self._times.setdefault(rows, deque(maxlen=9))
+        times.append(seconds)
+        self.cost[rows] = sorted(times)[len(times) // 2]
+
+    def observe(self, key: int, proposed: int, accepted: int) -> None:
+        """A draft of `proposed` tokens had its first `accepted` kept (position `accepted` was rejected, if any)."""
+        if proposed <= 0:
+            return
+        tried = self.tried.setdefault(key, [0.0] * self.draft_max)
+        kept = self.kept.setdefault(key, [0.0] * self.draft_max)
+        for i in range(min(proposed, accepted + 1, self.draft_max)):  # positions past a rejection were not tried
+            tried[i] = tried[i] * DECAY + 1.0
+            kept[i] = kept[i] * DECAY + (1.0 if i < accepted else 0.0)
+
+
+@dataclass
+class Counts:
+    proposed: int = 0
+    accepted: int = 0
+
+
+class Speculator:
+    """A drafter, its DraftLength, and the batch one verification decodes: what an Engine (or a server slot) needs to
+    speculate. One per model; it carries no state of a generation other than what it learned."""
+
+    def __init__(self, drafter: Drafter, draft_max: int) -> None:
+        self.drafter = drafter
+        self.draft_max = draft_max
+        self.length = DraftLength(draft_max)
+        self.batch = Batch(draft_max + 1)
+        self.counts = Counts()
+
+    @property
+    def name(self) -> str:
+        return self.drafter.name
+
+    def advance(self, ctx, chain, seq: int, history: list[int], limit: int) -> list[int]:
+        """Decode the last token of `history` (at position len(history) - 1 of sequence `seq`) with a draft of at
+        most `limit` tokens, when one pays; return the tokens sampled after it: the accepted draft and one more.
+
+        The KV cache then holds history and the accepted draft, nothing else."""
+        def choose(key: int) -> int:
+            return self.length.choose(key, limit, self.drafter.seconds_per_token)
+
+        key, draft = self.drafter.propose(history, choose) if limit > 0 else (0, [])
+        draft = draft[:max(0, min(limit, self.draft_max))]
+        pos = len(history) - 1
+        batch = self.batch
+        rows = 1 + len(draft)
+        batch.fill([history[-1], *draft], range(pos, pos + rows), seq)
+        started = time.perf_counter()
+        rc = lc.llama_decode(ctx, batch.ptr)
+        seconds = time.perf_counter() - started
+        if rc != 0:
+            lc.llama_memory_seq_rm(lc.llama_get_memory(ctx), seq, pos, -1)
+            raise UserError(f"llama.cpp failed while generating (llama_decode of {rows} tokens returned {rc})")
+        self.length.timed(rows, seconds)
+        out: list[int] = []
+        sample = lc.llama_sampler_sample
+        for i in range(rows):
+            token = sample(chain, ctx, i)
+            out.append(token)
+            if i == len(draft) or token != draft[i]:
+                break
+        if draft:
+            accepted = len(out) - 1
+            self.length.observe(key, len(draft), accepted)
+            self.counts.proposed += len(draft)
+            self.counts.accepted += accepted
+            if len(out) < rows:  # the rejected part of the draft leaves the cache
+                lc.llama_memory_seq_rm(lc.llama_get_memory(ctx), seq, pos + len(out), -1)
+        return out
+
+    def close(self) -> None:
+        self.batch.close()
+        self.drafter.close()

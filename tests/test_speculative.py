@@ -1,0 +1,204 @@
+"""Speculative decoding: the same tokens as plain decoding (greedy and seeded), with lookup and with draft models.
+
+Run on the trained demo model, whose answers quote its prompt often enough for drafts to be accepted (each test also
+checks that drafts were made and kept, so the verification path is what it tests). Draft models: a copy of the demo
+cut to its first two layers (an imperfect draft of the same tokenizer) and the demo itself (a perfect one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import pytest
+from helpers import copy_gguf
+
+from app.errors import UserError
+from app.runtime.draft import Lookup
+from app.runtime.engine import Engine
+from app.runtime.settings import Sampling
+from app.runtime.speculate import EXPLORE_AFTER, DraftLength
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "models" / "malhae-demo-ko-f16.gguf"
+CONSTITUTION = (ROOT / "models" / "data" / "ko-public-domain" / "constitution.txt").read_text(encoding="utf-8")
+BILL = (ROOT / "models" / "data" / "ko-public-domain" / "bills" / "1809890.txt").read_text(encoding="utf-8")
+
+# quoting prompts (a passage, then its beginning again) and one the answer does not quote
+PROMPTS = [
+    CONSTITUTION[:1200] + "\n" + CONSTITUTION[:120],
+    CONSTITUTION[3000:4000] + "\n\n" + CONSTITUTION[3000:3100],
+    BILL[:1000] + "\n" + BILL[:80],
+    "대한민국의 수도는",
+]
+LONG = Sampling(temperature=0, max_tokens=320, ignore_eos=True)
+
+
+def speculating(draft, **options) -> Engine:
+    """The demo with `draft`, deciding draft lengths as on a GPU (verifying is nearly free, so it drafts whenever it
+    can): the same choices whatever else this machine is doing, and the verification path runs as often as possible.
+    DraftLength's own choices are tested on their own (test_draft_length_follows_costs_and_acceptance)."""
+    engine = Engine(DEMO, n_ctx=options.pop("n_ctx", 1024), threads=2, gpu_layers=0, draft=draft, **options)
+    engine.speculator.length = DraftLength(engine.speculator.draft_max, costs=GPU_LIKE, draft_cost=0.0)
+    return engine
+
+
+GPU_LIKE = {rows: 1.0 + 0.02 * (rows - 1) for rows in (1, 64)}
+
+
+def cut_layers(dst: Path, keep: int) -> Path:
+    """The demo with only its first `keep` layers: same tokenizer, a worse model (a draft that is sometimes wrong)."""
+    def kept(name: str) -> bool:
+        return not name.startswith("blk.") or int(name.split(".")[1]) < keep
+    return copy_gguf(DEMO, dst, fields={"gptneox.block_count": keep}, tensors=kept)
+
+
+@pytest.fixture(scope="module")
+def plain():
+    with Engine(DEMO, n_ctx=1024, threads=2, gpu_layers=0) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def two_layers(tmp_path_factory) -> Path:
+    return cut_layers(tmp_path_factory.mktemp("draft") / "demo-2-layers.gguf", 2)
+
+
+def run(engine: Engine, prompt: str, sampling: Sampling) -> tuple[str, list[int], object]:
+    text = "".join(engine.generate(prompt, sampling))
+    return text, list(engine.generated), engine.stats
+
+
+@pytest.mark.parametrize("draft", ["lookup", "two-layers", "demo"])
+def test_greedy_equals_plain_decoding(plain, two_layers, draft):
+    target = {"lookup": "lookup", "two-layers": two_layers, "demo": DEMO}[draft]
+    with speculating(target) as spec:
+        proposed = accepted = 0
+        for prompt in PROMPTS:
+            want_text, want_ids, want = run(plain, prompt, LONG)
+            text, ids, stats = run(spec, prompt, LONG)
+            assert ids == want_ids and text == want_text
+            assert len(ids) == 320 and stats.stop_reason == want.stop_reason == "length"
+            proposed += stats.draft_proposed
+            accepted += stats.draft_accepted
+        assert accepted > 200, (proposed, accepted)  # drafts were made and kept: the verification path ran
+        if draft == "demo":  # a perfect draft: all its guesses are right (but it may stop where it is unsure)
+            assert accepted >= 0.97 * proposed
+
+
+@pytest.mark.parametrize("draft", ["lookup", "two-layers"])
+def test_seeded_sampling_gives_the_same_text(plain, two_layers, draft):
+    target = {"lookup": "lookup", "two-layers": two_layers}[draft]
+    with speculating(target) as spec:
+        accepted = 0
+        for seed in (1, 2, 3):
+            for prompt in PROMPTS[:3]:
+                s = Sampling(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=seed,
+                             max_tokens=200)
+                want_text, want_ids, _ = run(plain, prompt, s)
+                text, ids, stats = run(spec, prompt, s)
+                assert ids == want_ids and text == want_text
+                accepted += stats.draft_accepted
+        assert accepted > 50
+
+
+def test_stop_strings_inside_accepted_drafts(plain):
+    prompt = PROMPTS[0]
+    full, _, _ = run(plain, prompt, LONG)
+    with speculating("lookup") as spec:
+        # stop texts at many points of a quoted answer, where nearly every token comes from an accepted draft
+        for at in range(40, 600, 37):
+            stop = full[at:at + 3]
+            if not stop.strip():
+                continue
+            s = Sampling(temperature=0, max_tokens=320, ignore_eos=True, stop=(stop,))
+            want_text, _, want = run(plain, prompt, s)
+            text, _, stats = run(spec, prompt, s)
+            assert text == want_text == full[:full.index(stop)]
+            assert stats.stop_reason == want.stop_reason == "stop"
+            assert stats.generated_tokens == want.generated_tokens
+            assert stats.draft_accepted > 0
+
+
+def test_the_context_ends_mid_draft(plain):
+    with speculating("lookup") as spec:
+        for n_ctx_left in (1, 2, 5, 17):
+            prompt = spec.tokenize(PROMPTS[0])
+            s = Sampling(temperature=0, max_tokens=10_000, ignore_eos=True)
+            filler = spec.tokenize(CONSTITUTION[:3000])[: 1024 - len(prompt) - n_ctx_left]
+            tokens = filler + prompt
+            _, want_ids, want = run(plain, tokens, s)
+            _, ids, stats = run(spec, tokens, s)
+            assert ids == want_ids and len(ids) == n_ctx_left
+            assert stats.stop_reason == want.stop_reason == "context"
+
+
+def test_max_tokens_mid_draft_and_kv_reuse_across_turns(plain):
+    with speculating("lookup") as spec:
+        conversation = PROMPTS[0]
+        for max_tokens in (7, 33, 64):
+            s = Sampling(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            want_text, want_ids, _ = run(plain, conversation, s)
+            text, ids, stats = run(spec, conversation, s)
+            assert ids == want_ids and len(ids) == max_tokens
+            conversation += text + "\n" + CONSTITUTION[:60]  # the next turn extends this one
+        assert stats.cached_tokens > 300  # the engine kept its cache (with accepted drafts) for the next turn
+
+
+def test_an_interrupted_answer_leaves_a_consistent_cache(plain):
+    with speculating("lookup") as spec:
+        pieces = spec.generate(PROMPTS[1], LONG)
+        for _, _ in zip(range(30), pieces, strict=False):
+            pass
+        pieces.close()  # Ctrl-C: the generator is closed between tokens
+        assert spec.stats.stop_reason == "interrupted"
+        want_text, want_ids, _ = run(plain, PROMPTS[1], LONG)
+        text, ids, _ = run(spec, PROMPTS[1], LONG)
+        assert ids == want_ids
+
+
+def test_draft_models_of_another_vocabulary_are_refused(tmp_path, checkpoints):
+    from convert import pipeline
+
+    small = pipeline.convert(checkpoints("tf4-st-f16"), "f16", tmp_path / "other.gguf").path
+    with pytest.raises(UserError, match=r"other.gguf cannot draft for this model: its vocabulary has 1,0\d\d "
+                                        r"tokens and the model's 7,552"):
+        Engine(DEMO, n_ctx=256, threads=2, gpu_layers=0, draft=small)
+    tokens = gguf.GGUFReader(DEMO).fields[gguf.Keys.Tokenizer.LIST].contents()
+    tokens[1000] = "다른토큰"
+    renamed = copy_gguf(DEMO, tmp_path / "renamed.gguf", fields={gguf.Keys.Tokenizer.LIST: tokens})
+    with pytest.raises(UserError, match="renamed.gguf cannot draft for this model: token 1000 is"):
+        Engine(DEMO, n_ctx=256, threads=2, gpu_layers=0, draft=renamed)
+
+
+def test_lookup_proposes_what_followed_the_longest_latest_match():
+    lookup = Lookup(n_max=3)
+    history = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3]
+    # [1, 2, 3] occurred at 0 (then 4, 5, …); [2, 3] last at 6 (then 7): the longest match wins
+    assert lookup.propose(history, lambda n: 4) == (3, [4, 5, 9, 2])
+    assert lookup.propose(history + [7], lambda n: 4) == (3, [8, 1, 2, 3])  # [2, 3, 7] at 6, extended in place
+    assert lookup.propose([5, 6], lambda n: 4) == (0, [])  # a new history is indexed afresh: nothing repeats
+    assert lookup.propose([5, 6, 5], lambda n: 2) == (1, [6, 5])
+    assert lookup.propose([5, 6, 5], lambda n: 0) == (1, [])  # told to propose nothing
+
+
+def test_draft_length_follows_costs_and_acceptance():
+    """The hardware's answers are faked: a CPU-like cost curve (2 rows 1.5×, 8 rows 5.5×) and a GPU-like flat one."""
+    cpu, gpu = DraftLength(16), DraftLength(16)
+    for rows, factor in ((1, 1.0), (2, 1.5), (4, 2.9), (8, 5.5), (16, 7.7)):
+        cpu.timed(rows, 0.040 * factor)
+        gpu.timed(rows, 0.005 * (1 + 0.02 * (rows - 1)))
+    assert cpu.row_cost(3) == pytest.approx(0.040 * 2.2)  # between measured points: interpolated
+    for lengths in (cpu, gpu):
+        for _ in range(200):
+            lengths.observe(4, 16, 16)  # every guess of 4-gram matches right
+            lengths.observe(1, 2, 0)  # 1-gram guesses always wrong
+    long_cpu, long_gpu = cpu.choose(4, 16), gpu.choose(4, 16)
+    assert long_gpu == long_cpu == 16  # guesses that are always right: as long as allowed, even on a CPU
+    for lengths in (cpu, gpu):  # guesses right 60% of the time at every position
+        lengths.tried[2], lengths.kept[2] = [100.0] * 16, [60.0] * 16
+    assert cpu.choose(2, 16) == 1  # E(2) = 1.96 tokens for 2.2× one token's time does not pay; E(1) = 1.6 for 1.5×
+    assert 4 <= gpu.choose(2, 16) <= 8  # E(k)/(1 + 0.02k) is largest near k = 5 or 6
+    assert cpu.choose(4, 3) == 3  # never past the limit the caller gives (max_tokens, the context)
+    skipped = [cpu.choose(1, 16) for _ in range(EXPLORE_AFTER)]
+    assert skipped[:-1] == [0] * (EXPLORE_AFTER - 1) and skipped[-1] == 1  # nothing pays; one short try now and then
