@@ -7,6 +7,7 @@ cut to its first two layers (an imperfect draft of the same tokenizer) and the d
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import gguf
@@ -202,3 +203,94 @@ def test_draft_length_follows_costs_and_acceptance():
     assert cpu.choose(4, 3) == 3  # never past the limit the caller gives (max_tokens, the context)
     skipped = [cpu.choose(1, 16) for _ in range(EXPLORE_AFTER)]
     assert skipped[:-1] == [0] * (EXPLORE_AFTER - 1) and skipped[-1] == 1  # nothing pays; one short try now and then
+
+
+# --- the front ends ----------------------------------------------------------------------------------------------
+
+def test_serve_speculates_for_a_lone_request_and_batches_several(plain):
+    import json
+    import threading
+
+    from helpers import serving
+    from test_serve import request
+
+    prompts = PROMPTS[:3]
+    want = [run(plain, p, Sampling(temperature=0, max_tokens=120, repeat_penalty=1.0))[0] for p in prompts]
+    body = {"model": "malhae-demo-ko-f16", "max_tokens": 120, "temperature": 0, "repeat_penalty": 1.0}
+    with serving(DEMO, parallel=3, n_ctx=1024, draft="lookup") as server:
+        server.state.ready.wait(60)
+        engine = server.state.service.engine
+        engine.speculator.length = DraftLength(engine.speculator.draft_max, costs=GPU_LIKE, draft_cost=0.0)
+        counts = engine.speculator.counts
+        for prompt, text in zip(prompts, want, strict=True):  # one at a time: each speculates alone
+            status, _, out = request(server, "POST", "/v1/completions", body | {"prompt": prompt})
+            assert status == 200 and out["choices"][0]["text"] == text
+        alone = counts.accepted
+        assert alone > 60, json.dumps(vars(counts))
+        got: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            got[i] = request(server, "POST", "/v1/completions", body | {"prompt": prompts[i]})[2]["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert [got[i] for i in range(3)] == want  # batched together (and speculating once one is left): the same
+
+
+def test_ask_and_complete_take_draft_flags_and_report_drafts(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    def malhae(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, cwd=ROOT, timeout=120,
+                              stdin=subprocess.DEVNULL)
+
+    prompt = PROMPTS[0]
+    texts = {}
+    for draft in ("off", "lookup", str(DEMO)):
+        proc = malhae("complete", prompt, "--temperature", "0", "-n", "64", "--json", "--draft", draft,
+                      "--draft-max", "4")
+        assert proc.returncode == 0, proc.stderr.decode()
+        out = json.loads(proc.stdout)
+        texts[draft] = out["text"]
+        assert {"draft_proposed", "draft_accepted"} <= out["stats"].keys()
+        if draft == "off":
+            assert out["stats"]["draft_proposed"] == 0
+        assert out["stats"]["draft_accepted"] <= out["stats"]["draft_proposed"]
+    assert len(set(texts.values())) == 1
+    from helpers import one_error_line
+
+    assert "--draft nosuch: no model named 'nosuch'" in one_error_line(malhae("ask", "안녕", "--draft", "nosuch"))
+    assert "--draft-max 65: draft_max must be a whole number from 1 to 64" in one_error_line(
+        malhae("ask", "안녕", "--draft-max", "65"))
+    config = tmp_path / "config.toml"
+    config.write_text('draft = "nosuch.gguf"\n', encoding="utf-8")
+    import os
+
+    env = os.environ | {"MALHAE_CONFIG": str(config)}
+    proc = subprocess.run([sys.executable, "-m", "app", "ask", "안녕"], capture_output=True, cwd=ROOT, timeout=120,
+                          stdin=subprocess.DEVNULL, env=env)
+    assert f"{config}: draft nosuch.gguf: model file nosuch.gguf does not exist" in one_error_line(proc)
+
+
+def test_set_draft_in_chat(tmp_path):
+    from test_chat import talk
+
+    def frozen(chat) -> None:
+        chat.engine.speculator.length = DraftLength(chat.draft_max, costs=GPU_LIKE, draft_cost=0.0)
+
+    keys = (CONSTITUTION[:400].replace("\n", " ") + "\r/stats\r/set draft_max 4\r/show\r/set draft off\r"
+            "/set draft nosuch\r/set draft\r/set draft_max 0\r안녕\r/stats\r")
+    s = talk(DEMO, keys, setup=frozen, draft="lookup",
+             sampling=Sampling(temperature=0, max_tokens=120, ignore_eos=True))
+    assert re.search(r"drafts \(lookup\): \d+ of \d+ proposed tokens accepted", s.err)
+    assert "draft_max = 4" in s.err and "draft lookup (max 4)" in s.err  # /show
+    assert "draft = off (speculative decoding off)" in s.err
+    for hint in ("/set draft nosuch: no model named 'nosuch'", "/set draft needs a value",
+                 "draft_max must be a whole number from 1 to 64"):
+        assert len(s.hints(hint)) == 1, (hint, s.err)
+    assert s.err.count("drafts (lookup)") == 1  # the second answer ran without drafts

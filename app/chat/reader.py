@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name: (arguments, what it does)
     "/clear": ("", "forget the conversation and start over (대화 지우기)"),
     "/system": ("[TEXT]", "show or set the system text; /system default restores the template's"),
     "/template": ("[NAME]", "show or switch the prompt format: " + ", ".join(templates.all_templates())),
-    "/set": ("KEY VALUE", "change a setting: " + ", ".join(SETTABLE)),
+    "/set": ("KEY VALUE", "change a setting: " + ", ".join(SETTABLE) + "; draft off|lookup|MODEL (speculative "
+             "decoding), draft_max N"),
     "/show": ("", "model, template, settings and context use"),
     "/retry": ("", "write the last answer again (다시 쓰기)"),
     "/undo": ("", "take back your last message and its answer (되돌리기)"),
@@ -40,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name: (arguments, what it does)
     "/stats": ("", "statistics of the last answer"),
     "/exit": ("", "quit (종료); Ctrl-D does the same"),
 }
-ALIASES = {"/?": "/help", "/bye": "/exit", "/quit": "/exit"}
+ALIASES = {"/?": "/help", "/bye": "/exit", "/quit": "/exit", "/r": "/retry"}  # /r was /retry before /read came
 KEYS = ("Enter sends · a line ending in \\ goes on · \"\"\" … \"\"\" for several lines · Alt-Enter new line · "
         "↑/↓ and Ctrl-R history · Ctrl-C stops an answer · Ctrl-D quits")
 
@@ -157,7 +158,7 @@ def completer():
             if command == "/template":
                 options = templates.all_templates()
             elif command == "/set" and " " not in arg:
-                options = SETTABLE
+                options = (*SETTABLE, "draft", "draft_max")
             for option in options:
                 if option.startswith(arg):
                     yield Completion(option, -len(arg))

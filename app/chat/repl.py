@@ -42,7 +42,8 @@ from app.runtime import templates
 from app.runtime.backend import Backend, open_backend
 from app.runtime.endpoint import Endpoint
 from app.runtime.engine import Stats, check_model_file
-from app.runtime.settings import SETTABLE, SETTINGS, Sampling, check, parse
+from app.runtime.settings import DEFAULT_DRAFT_MAX, SETTABLE, SETTINGS, Sampling, check, parse
+from app.runtime.settings import draft as draft_setting
 
 
 class Terminated(KeyboardInterrupt):
@@ -61,7 +62,8 @@ class Chat:
     """One chat session: reads, runs commands, streams answers; the conversation and the engine outlive mistakes."""
 
     def __init__(self, conversation: Conversation, engine: Backend, *, open_engine: OpenEngine, resolve: Resolve,
-                 reader: Reader, out: TextIO, console: Console, terminal: bool, template_fixed: bool = False) -> None:
+                 reader: Reader, out: TextIO, console: Console, terminal: bool, template_fixed: bool = False,
+                 draft: str | Path | None = None, draft_max: int = DEFAULT_DRAFT_MAX) -> None:
         self.conv = conversation
         self.engine = engine
         self.open_engine = open_engine
@@ -75,6 +77,8 @@ class Chat:
         self.last_stats: Stats | None = None
         self.running = True
         self.pending: list[Document] = []  # read with /read, put before the next message
+        self.draft = draft  # speculative decoding for local models: None/"off", "lookup" or a draft model's file
+        self.draft_max = draft_max
 
     # --- loop ---
 
@@ -251,8 +255,11 @@ class Chat:
             self.info(self._settings_line())
             self.dim("change one with /set KEY VALUE, e.g. /set temperature 0.2")
             return
+        if key in ("draft", "draft_max"):
+            self._set_draft(key, raw)
+            return
         if key not in SETTABLE:
-            raise UserError(f"unknown setting {key!r}; the settings are: {', '.join(SETTABLE)}")
+            raise UserError(f"unknown setting {key!r}; the settings are: {', '.join(SETTABLE)}, draft, draft_max")
         if not raw.strip():
             raise UserError(f"give a value: /set {key} {SETTINGS[key].example}")
         value = parse(key, raw, f"/set {key}")
@@ -266,6 +273,24 @@ class Chat:
             return
         setattr(self.conv.sampling, key, value)
         self.info(f"{key} = {'random' if value is None else _number(value)}")
+
+    def _set_draft(self, key: str, raw: str) -> None:
+        """/set draft off|lookup|MODEL and /set draft_max N: speculative decoding from the next answer on."""
+        if self.engine.remote:
+            raise UserError(f"speculative decoding is the server's to choose ({self.engine.where}); /set {key} is "
+                            "for a local model")
+        if key == "draft_max":
+            if not raw.strip():
+                raise UserError(f"give a value: /set draft_max {SETTINGS['draft_max'].example}")
+            self.draft_max = parse("draft_max", raw, "/set draft_max")
+            self.engine.set_draft(self.draft, self.draft_max)
+            self.info(f"draft_max = {self.draft_max}")
+            return
+        value = draft_setting(raw, lambda word: self.resolve(word, None), "/set draft")
+        with self.console.status("loading the draft model…" if isinstance(value, Path) else "…"):
+            self.engine.set_draft(value, self.draft_max)
+        self.draft = value
+        self.info(f"draft = {self.engine.draft}" + (" (speculative decoding off)" if value == "off" else ""))
 
     def cmd_show(self, arg: str) -> None:
         e, c = self.engine, self.conv
@@ -287,6 +312,8 @@ class Chat:
         values = {key: getattr(s, key) for key in SETTABLE if key != "ctx"}
         values["seed"] = "random" if s.seed is None else s.seed
         values["ctx"] = self.engine.n_ctx
+        if not self.engine.remote:
+            values["draft"] = f"{self.engine.draft} (max {self.draft_max})" if self.engine.draft != "off" else "off"
         return " · ".join(f"{k} {_number(v)}" for k, v in values.items())
 
     def cmd_retry(self, arg: str) -> None:
@@ -381,6 +408,9 @@ class Chat:
         self.info(f"prompt: {s.prompt_tokens} tokens, {s.cached_tokens} cached ({reused}), "
                   f"{evaluated} evaluated at {s.prompt_tps:.0f} tok/s")
         self.info(f"first token after {s.ttft * 1000:.0f} ms")
+        if s.draft_proposed:
+            self.info(f"drafts ({self.engine.draft}): {s.draft_accepted} of {s.draft_proposed} proposed tokens "
+                      f"accepted ({100 * s.draft_accepted / s.draft_proposed:.0f}%)")
         if self.engine.remote:
             self.dim(f"measured here, over the network; the token counts are the server's ({self.engine.where})")
 
@@ -405,7 +435,8 @@ def open_chat(*, model: str | None, resolve: Resolve, template: str | None = Non
               sampling: Sampling | None = None, ctx: int | None = None, threads: int | None = None,
               gpu_layers: str | int = "auto", no_color: bool = False, verbose: bool = False,
               reader: Reader | None = None, out: TextIO | None = None, console: Console | None = None,
-              endpoint: Endpoint | None = None, remote_chat: bool = False) -> Chat:
+              endpoint: Endpoint | None = None, remote_chat: bool = False, draft: str | Path | None = None,
+              draft_max: int | None = None) -> Chat:
     """Check the options, open the model, pick the template; the reader, output and console default to the
     process's own (a prompt on a terminal, plain lines from a pipe). `resolve` turns --model and /model values into
     files (the CLI passes the store's rule, so that this package does not depend on the store). With an `endpoint`,
@@ -424,8 +455,12 @@ def open_chat(*, model: str | None, resolve: Resolve, template: str | None = Non
     chosen = templates.get(template) if template else None
 
     def open_engine(p: Path | Endpoint, n_ctx: int | None, name: str | None = None) -> Backend:
+        # the draft goes with the session: a model opened by /model or /set ctx keeps it, /set draft changes it
+        d, n = (chat.draft, chat.draft_max) if chat is not None else (draft, draft_max)
         return open_backend(p, model=name, remote_chat=remote_chat, n_ctx=n_ctx, threads=threads,
-                            gpu_layers=gpu_layers, verbose=verbose, notify=note)
+                            gpu_layers=gpu_layers, verbose=verbose, notify=note, draft=d, draft_max=n)
+
+    chat: Chat | None = None
 
     if endpoint is not None:
         with console.status(f"connecting to {endpoint.url}…"):
@@ -447,9 +482,10 @@ def open_chat(*, model: str | None, resolve: Resolve, template: str | None = Non
             reader = PromptReader(open_history(note), color=not no_color, output=output)
         elif reader is None:
             reader = LineReader(sys.stdin.buffer)
-        return Chat(conversation, engine, open_engine=open_engine, resolve=resolve, reader=reader, out=out,
-                    console=console,
-                    terminal=out.isatty(), template_fixed=chosen is not None)
+        chat = Chat(conversation, engine, open_engine=open_engine, resolve=resolve, reader=reader, out=out,
+                    console=console, terminal=out.isatty(), template_fixed=chosen is not None, draft=draft,
+                    draft_max=draft_max or DEFAULT_DRAFT_MAX)
+        return chat
     except BaseException:
         engine.close()
         raise

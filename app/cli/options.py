@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from app.runtime.settings import DEFAULT_MAX_CTX, ONESHOT_MAX_TOKENS, SETTINGS
+from app.runtime.settings import DEFAULT_DRAFT, DEFAULT_MAX_CTX, ONESHOT_MAX_TOKENS, SETTINGS
 
 MODEL_HELP = ("A name from `malhae models` or a .gguf file (default: default_model in the settings file, else the "
               "bundled demo); with --endpoint, the server's model id (default: its only model).")
@@ -60,6 +60,14 @@ RemoteChat = Annotated[bool, typer.Option("--remote-chat", help="With --endpoint
 Concurrency = Annotated[int | None, typer.Option("--concurrency", help="With --endpoint: requests in flight at "
                                                                        "once, which the server batches (default: "
                                                                        "4).")]
+Draft = Annotated[str | None, typer.Option("--draft", help="Speculative decoding (same output, faster where the "
+                                         "answer repeats its input): off, lookup (n-grams of the prompt and "
+                                         "answer) or a draft model of the same tokenizer, a name from `malhae "
+                                         "models` or a .gguf file (default: config.toml's draft, else "
+                                         f"{DEFAULT_DRAFT}).")]
+DraftMax = Annotated[int | None, typer.Option("--draft-max", help="Most drafted tokens verified at once; fewer are "
+                                              "drafted where that pays better "
+                                              f"{_default('draft_max')}.")]
 TextFile = Annotated[Path, typer.Option("--text", help="UTF-8 text file to score (e.g. a held-out corpus).")]
 Window = Annotated[int, typer.Option("--ctx", help="Tokens per window; the second half of each is scored.")]
 Batch = Annotated[int, typer.Option("--batch", help="Tokens per decode; batch/ctx windows go together.")]
@@ -85,7 +93,25 @@ def verbose() -> bool:
     return flags.VERBOSE
 
 
-LOCAL_ONLY = ("threads", "gpu_layers")  # decided by the server when an endpoint runs the model
+def draft_for(flag: str | None, draft_max: int | None, *, remote: bool = False):
+    """(draft, draft_max) for a local run: --draft > config.toml's draft > the built-in; a model name is found the
+    way --model's is (the store). With an endpoint the server decodes as it does: (None, None)."""
+    from app import ui
+    from app.runtime import settings
+    from app.store import config, models
+
+    if remote:
+        return None, None
+    file = config.load()
+    if draft_max is not None:
+        settings.check("draft_max", draft_max)
+    n = config.pick(draft_max, file.draft_max, settings.SETTINGS["draft_max"].default)
+    raw = flag if flag is not None else file.draft or DEFAULT_DRAFT
+    usage = "--draft" if flag is not None else f"{file.path}: draft"
+    return settings.draft(raw, lambda word: models.resolve(word, ui.note), usage), n
+
+
+LOCAL_ONLY = ("threads", "gpu_layers", "draft", "draft_max")  # decided by the server when an endpoint runs the model
 
 
 def endpoint_for(flag: str | None, api_key: str | None = None, timeout: float | None = None, *,

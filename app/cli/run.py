@@ -20,10 +20,11 @@ def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, t
     endpoint = o.endpoint_for(**remote, local_flags={k: flags[k] for k in o.LOCAL_ONLY}, notify=ui.note)
     given = oneshot.read_prompt(prompt, kind, files or ())
     target = endpoint or models.resolve(model, ui.note)
+    draft, draft_max = o.draft_for(flags["draft"], flags["draft_max"], remote=endpoint is not None)
     shot = oneshot.run(kind, given.text, target, sampling, n_ctx=run_opts["ctx"], threads=run_opts["threads"],
                        gpu_layers=run_opts["gpu_layers"], template=template, verbose=o.verbose(), notify=ui.note,
                        model=model if endpoint else None, remote_chat=remote["remote_chat"],
-                       documents=given.documents)
+                       documents=given.documents, draft=draft, draft_max=draft_max)
     if json_out:
         ui.json_result(shot.collect())
     else:
@@ -43,14 +44,14 @@ def complete(
     frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
     ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
     json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None, timeout: o.Timeout = None,
-    files: list[Path] = FILES,
+    files: list[Path] = FILES, draft: o.Draft = None, draft_max: o.DraftMax = None,
 ) -> None:
     """Continue a text as it is (raw completion, for base models)."""
     remote = {"flag": endpoint, "api_key": api_key, "timeout": timeout, "remote_chat": False}
     _oneshot("complete", prompt, model, json_out, None, stop, remote, max_tokens=max_tokens, temperature=temperature,
              top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
              seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
-             threads=threads, gpu_layers=gpu_layers, files=files)
+             threads=threads, gpu_layers=gpu_layers, files=files, draft=draft, draft_max=draft_max)
 
 
 def ask(
@@ -61,14 +62,14 @@ def ask(
     ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
     template: o.Template = None, json_out: o.Json = False, endpoint: o.EndpointOption = None,
     api_key: o.ApiKey = None, timeout: o.Timeout = None, remote_chat: o.RemoteChat = False,
-    files: list[Path] = FILES,
+    files: list[Path] = FILES, draft: o.Draft = None, draft_max: o.DraftMax = None,
 ) -> None:
     """Ask one question, framed in the model's prompt format, and print the answer."""
     remote = {"flag": endpoint, "api_key": api_key, "timeout": timeout, "remote_chat": remote_chat}
     _oneshot("ask", prompt, model, json_out, template, stop, remote, max_tokens=max_tokens, temperature=temperature,
              top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
              seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
-             threads=threads, gpu_layers=gpu_layers, files=files)
+             threads=threads, gpu_layers=gpu_layers, files=files, draft=draft, draft_max=draft_max)
 
 
 def chat(
@@ -80,7 +81,7 @@ def chat(
     seed: int | None = typer.Option(None, "--seed", help="Fix the sampling seed for repeatable answers."),
     no_color: bool = typer.Option(False, "--no-color", help="No colours or styles (also: the NO_COLOR variable)."),
     endpoint: o.EndpointOption = None, api_key: o.ApiKey = None, timeout: o.Timeout = None,
-    remote_chat: o.RemoteChat = False,
+    remote_chat: o.RemoteChat = False, draft: o.Draft = None, draft_max: o.DraftMax = None,
 ) -> None:
     """Talk with a model (대화): streaming answers, input history, /commands; /help inside for more."""
     from app import ui
@@ -91,7 +92,10 @@ def chat(
                                         repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed, ctx=ctx,
                                         threads=threads, gpu_layers=gpu_layers)
     remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, notify=ui.note,
-                            local_flags={"threads": threads, "gpu_layers": gpu_layers})
+                            local_flags={"threads": threads, "gpu_layers": gpu_layers, "draft": draft,
+                                         "draft_max": draft_max})
+    draft_at, n_draft = o.draft_for(draft, draft_max, remote=remote is not None)
     repl.open_chat(model=model, resolve=models.resolve, template=template, system=system, sampling=sampling,
                    ctx=run_opts["ctx"], threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
-                   no_color=no_color, verbose=o.verbose(), endpoint=remote, remote_chat=remote_chat).run()
+                   no_color=no_color, verbose=o.verbose(), endpoint=remote, remote_chat=remote_chat,
+                   draft=draft_at, draft_max=n_draft).run()

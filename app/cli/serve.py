@@ -26,6 +26,7 @@ def serve(
                                        help="Require `Authorization: Bearer KEY` on every endpoint but /health."),
     allow_origin: list[str] = typer.Option([], "--allow-origin", help="A web page origin (http://host:port, or *) "
                                            "whose scripts may call the server from a browser (CORS); repeatable."),
+    draft: o.Draft = None, draft_max: o.DraftMax = None,
 ) -> None:
     """Serve a model over HTTP (OpenAI and Ollama APIs) for other programs: editors, Open WebUI, lm-eval, scripts."""
     from app import ui
@@ -53,11 +54,12 @@ def serve(
                             "e.g. --allow-origin http://localhost:3000, or * for any page")
     run_opts, _ = o.settings_for("serve", ctx=ctx, threads=threads, gpu_layers=gpu_layers)
     path = models.resolve(model, ui.note)
+    draft_at, n_draft = o.draft_for(draft, draft_max)
     check_model_file(path)  # a wrong file is one line now, not a server that starts and then stops
     options = server.Options(path=path, model_id=path.stem, host=host, port=port, parallel=parallel, queue=queue,
                              n_ctx=run_opts["ctx"], threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
                              template=template, api_key=api_key, allow_origins=tuple(allow_origin),
-                             verbose=o.verbose(), notify=ui.note)
+                             verbose=o.verbose(), notify=ui.note, draft=draft_at, draft_max=n_draft)
     srv = server.Server(options)  # binds now: a port in use is an error before anything loads
     if not server.is_loopback(host) and not api_key:
         ui.err.print(f"[bold yellow]malhae: warning:[/] serving on {host} without --api-key: anyone who can reach "

@@ -44,12 +44,16 @@ class Backend(Protocol):
 
 def open_backend(target: Path | Endpoint, *, model: str | None = None, remote_chat: bool = False,
                  n_ctx: int | None = None, threads: int | None = None, gpu_layers: str | int | None = "auto",
-                 verbose: bool = False, notify: Callable[[str], None] | None = None) -> Backend:
-    """A GGUF file is loaded here; an Endpoint is asked for `model` (None: its only one)."""
+                 verbose: bool = False, notify: Callable[[str], None] | None = None, draft: str | Path | None = None,
+                 draft_max: int | None = None) -> Backend:
+    """A GGUF file is loaded here (speculating with `draft`); an Endpoint is asked for `model` (None: its only one),
+    and decodes as its server does."""
     if isinstance(target, Endpoint):
         from app.runtime.remote import RemoteBackend
 
         return RemoteBackend(target, model, chat=remote_chat, n_ctx=n_ctx, notify=notify)
     from app.runtime.engine import Engine
+    from app.runtime.settings import DEFAULT_DRAFT_MAX
 
-    return Engine(target, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=notify)
+    return Engine(target, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=notify,
+                  draft=draft, draft_max=draft_max or DEFAULT_DRAFT_MAX)

@@ -288,6 +288,10 @@ class Scheduler:
         for slot in self.slots:
             if slot.busy and slot.job.cancelled:
                 self._release(slot)
+        alone = self._speculating()
+        if alone is not None:
+            self._speculate(alone)
+            return
         batch = self._batch
         n = 0
         # one token for every generating sequence first, so that running answers never wait for new prompts (a
@@ -382,13 +386,18 @@ class Scheduler:
             self._finish(slot, "length")
             return
         token = lc.llama_sampler_sample(slot.chain, self.ctx, slot.row)
+        logprob = self._logprobs(slot.row, [token], job.logprobs)[0] if job.logprobs is not None else None
+        self._take(slot, token, logprob)
+
+    def _take(self, slot: _Slot, token: int, logprob: TokenLogprob | None = None) -> bool:
+        """Hand out a sampled token; False when that ended the job (its slot is free again)."""
+        job = slot.job
         if slot.generated == 0:
             slot.ttft = time.perf_counter() - job.submitted  # waiting in the queue counts: the client waited
         if lc.llama_vocab_is_eog(self.model.vocab, token):
             self._finish(slot, "stop")
-            return
+            return False
         slot.generated += 1
-        logprob = self._logprobs(slot.row, [token], job.logprobs)[0] if job.logprobs is not None else None
         size = lc.llama_token_to_piece(self.model.vocab, token, self._buf, len(self._buf), 0, False)
         text = slot.stream.feed(self._buf.raw[:max(0, size)])
         self._send(job, Token(token, text, logprob))
@@ -398,6 +407,47 @@ class Scheduler:
             self._finish(slot, "length")
         else:
             slot.pending = token
+            return True
+        return False
+
+    def _speculating(self) -> _Slot | None:
+        """The slot to speculate for in this step, if any: the only busy one, generating, with nothing waiting.
+
+        Only a lone stream: with several, one decode already carries a token of each, and on a CPU every extra row
+        costs nearly a token's time, so draft rows would slow the others down (measured in docs/benchmarks.md). A
+        request for log-probabilities is not speculated either (each row's would have to be read before the next
+        sample)."""
+        spec = self.engine.speculator
+        if spec is None or self.waiting:
+            return None
+        busy = [s for s in self.slots if s.busy]
+        if len(busy) != 1:
+            return None
+        slot = busy[0]
+        job = slot.job
+        if slot.pending is None or job.cancelled or job.logprobs is not None or job.echo:
+            return None
+        return slot
+
+    def _speculate(self, slot: _Slot) -> None:
+        """Decode the slot's pending token with a draft (app/runtime/speculate.py), then hand out what was
+        accepted and the one sample after it, as _sample would have, one by one."""
+        job = slot.job
+        token, slot.pending = slot.pending, None
+        slot.cache.append(token)
+        limit = min(job.max_new - slot.generated - 1, self.n_slot_ctx - len(slot.cache) - 1)
+        try:
+            sampled = self.engine.speculator.advance(self.ctx, slot.chain, slot.seq, slot.cache, limit)
+        except UserError as e:
+            slot.cache, slot.known = [], []
+            lc.llama_memory_seq_rm(self.mem, slot.seq, 0, -1)
+            self._finish(slot, "error", str(e))
+            return
+        self.steps += 1
+        slot.cache.extend(sampled[:-1])  # the accepted draft is in the KV cache, the last sample not yet
+        for t in sampled:
+            if not self._take(slot, t):
+                return
 
     def _finish(self, slot: _Slot, reason: str, error: str = "") -> None:
         job = slot.job

@@ -149,10 +149,14 @@ class Engine:
         from app.runtime.draft import DraftModel, Lookup
 
         check("draft_max", draft_max)
-        old, self.speculator = self.speculator, None
-        if old is not None:
-            old.close()
+        old = self.speculator
         if draft is None or draft == "off":
+            self.speculator = None
+            if old is not None:
+                old.close()
+            return
+        if old is not None and old.source == draft:  # the same drafter, another length: nothing to load again
+            old.resize(draft_max)
             return
         if draft == "lookup":
             drafter = Lookup()
@@ -164,7 +168,9 @@ class Engine:
             except BaseException:
                 helper.close()
                 raise
-        self.speculator = Speculator(drafter, draft_max)
+        self.speculator = Speculator(drafter, draft_max, source=draft)
+        if old is not None:
+            old.close()
 
     @property
     def draft(self) -> str:

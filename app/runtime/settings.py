@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from app.errors import UserError
 
@@ -118,6 +119,28 @@ def parse(name: str, raw: str, usage: str | None = None) -> object:
         raise UserError(f"{usage} {raw.strip()!r} is not valid: {name} must be {s.rule}, e.g. {usage} {s.example}"
                         ) from None
     return check(name, value, f"{usage} {raw.strip()}")
+
+
+DRAFTS = ("off", "lookup")  # --draft's words; anything else names a draft model
+DEFAULT_DRAFT = "lookup"  # measured in docs/benchmarks.md: never slower than plain decoding beyond noise
+
+
+def draft(raw: str, resolve: Callable[[str], Path], usage: str = "--draft") -> str | Path:
+    """--draft (config.toml's draft, /set draft) as typed: "off", "lookup", or a draft model that `resolve` (the
+    store's rule) turns into a file."""
+    word = raw.strip()
+    if word.lower() in DRAFTS:
+        return word.lower()
+    if not word:
+        raise UserError(f"{usage} needs a value: off, lookup, or a draft model (a name from `malhae models` or a "
+                        ".gguf file)")
+    try:
+        found = resolve(word)
+        if not found.is_file():
+            raise UserError(f"model file {found} does not exist")
+    except UserError as e:
+        raise UserError(f"{usage} {word}: {e}; give off, lookup, or a draft model of the same tokenizer") from None
+    return found
 
 
 def gpu_layers(value: str | int | None) -> str | int:

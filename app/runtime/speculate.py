@@ -131,12 +131,20 @@ class Speculator:
     """A drafter, its DraftLength, and the batch one verification decodes: what an Engine (or a server slot) needs to
     speculate. One per model; it carries no state of a generation other than what it learned."""
 
-    def __init__(self, drafter: Drafter, draft_max: int) -> None:
+    def __init__(self, drafter: Drafter, draft_max: int, source: object = None) -> None:
         self.drafter = drafter
+        self.source = source  # what it was made from ("lookup", a Path), so that asking for it again reloads nothing
+        self.counts = Counts()
+        self.batch: Batch | None = None
+        self.resize(draft_max)
+
+    def resize(self, draft_max: int) -> None:
+        """Verify at most `draft_max` drafted tokens per decode from now on (what was measured starts again)."""
+        if self.batch is not None:
+            self.batch.close()
         self.draft_max = draft_max
         self.length = DraftLength(draft_max)
         self.batch = Batch(draft_max + 1)
-        self.counts = Counts()
 
     @property
     def name(self) -> str:

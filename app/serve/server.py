@@ -56,6 +56,8 @@ class Options:
     allow_origins: tuple[str, ...] = ()
     verbose: bool = False
     notify: Callable[[str], None] = field(default=lambda message: None)
+    draft: str | Path | None = None  # speculative decoding while one request generates alone
+    draft_max: int | None = None
 
 
 class State:
@@ -271,7 +273,8 @@ class Server:
         try:
             self.state.service = Service.load(o.path, model_id=o.model_id, parallel=o.parallel, queue=o.queue,
                                               n_ctx=o.n_ctx, threads=o.threads, gpu_layers=o.gpu_layers,
-                                              template=o.template, verbose=o.verbose, notify=o.notify)
+                                              template=o.template, verbose=o.verbose, notify=o.notify,
+                                              draft=o.draft, draft_max=o.draft_max)
         except Exception as e:  # UserError or a bug: the server cannot serve, so it stops
             self.state.error = str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__}: {e})"
             self.uvicorn.should_exit = True

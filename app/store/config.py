@@ -30,8 +30,9 @@ else:  # pragma: no cover
 TOP_KEYS = {"default_model": "a string (a store name or a path to a .gguf file)", "sampling": "a table: [sampling]",
             "endpoint": "a string: an OpenAI-compatible API's base URL, e.g. http://127.0.0.1:8080/v1",
             "api_key_env": "a string: the name of the environment variable that holds the endpoint's API key",
-            "endpoint_timeout": "a number of seconds from 0.1 to 86400"}
-STRING_KEYS = ("default_model", "endpoint", "api_key_env")
+            "endpoint_timeout": "a number of seconds from 0.1 to 86400",
+            "draft": "a string: off, lookup, or a draft model (a store name or a path to a .gguf file)"}
+STRING_KEYS = ("default_model", "endpoint", "api_key_env", "draft")
 TOP_KEYS |= {k: s.rule for k, s in SETTINGS.items() if s.table is None}
 
 
@@ -49,6 +50,8 @@ class Settings:
     endpoint: str | None = None
     api_key_env: str | None = None  # the key itself never sits in the file
     endpoint_timeout: float | None = None
+    draft: str | None = None  # speculative decoding: off, lookup or a model (resolved when a command runs)
+    draft_max: int | None = None
 
 
 MAX_FILE = 1 << 20  # a settings file is a few lines
