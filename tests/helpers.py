@@ -1,10 +1,9 @@
-"""What several test modules check or start the same way: a command's one-line error, a `malhae serve` on
-127.0.0.1 in this process, and a GGUF rewritten with some of its metadata or tensors changed."""
+"""What several test modules check or start the same way: a command's one-line error, and a `malhae serve` on
+127.0.0.1 in this process. (A GGUF copied with changes: convert.rewrite.copy_gguf.)"""
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,33 +27,3 @@ def serving(path: Path, *, parallel: int = 4, n_ctx: int = 512, **options):
     with Server(opts) as server:
         yield server
 
-
-def copy_gguf(src: Path, dst: Path, *, fields: dict[str, object] | None = None,
-              tensors: Callable[[str], bool] = lambda name: True,
-              extra: Callable[[object], None] | None = None) -> Path:
-    """A copy of `src` written with gguf-py: metadata `fields` replaced (same value type as before), only the
-    `tensors` whose names pass, and `extra(writer)` for keys to add."""
-    import gguf
-
-    fields = fields or {}
-    reader = gguf.GGUFReader(src)
-    writer = gguf.GGUFWriter(dst, arch=reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name == gguf.Keys.General.ARCHITECTURE:
-            continue
-        value = fields.get(f.name, f.contents())
-        if value is None:
-            continue
-        writer.add_key_value(f.name, value, f.types[0],
-                             sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
-    if extra is not None:
-        extra(writer)
-    for t in reader.tensors:
-        if tensors(t.name):
-            writer.add_tensor(t.name, t.data, raw_shape=list(reversed([int(d) for d in t.shape])),
-                              raw_dtype=t.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return dst

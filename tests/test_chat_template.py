@@ -12,7 +12,6 @@ from pathlib import Path
 
 import gguf
 import pytest
-from helpers import copy_gguf
 
 from app.errors import UserError
 from app.runtime import templates
@@ -20,6 +19,7 @@ from app.runtime.engine import Engine
 from app.runtime.gguf_info import read_info
 from app.runtime.settings import Sampling
 from convert import pipeline
+from convert.rewrite import copy_gguf
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_HF = ROOT / "models" / "demo" / "hf"

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import gguf
 import pytest
-from helpers import copy_gguf
 
 from app.errors import UserError
 from app.runtime.draft import Lookup
 from app.runtime.engine import Engine
 from app.runtime.settings import Sampling
 from app.runtime.speculate import EXPLORE_AFTER, DraftLength
+from convert.rewrite import copy_gguf, first_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "malhae-demo-ko-f16.gguf"
@@ -47,13 +47,6 @@ def speculating(draft, **options) -> Engine:
 GPU_LIKE = {rows: 1.0 + 0.02 * (rows - 1) for rows in (1, 64)}
 
 
-def cut_layers(dst: Path, keep: int) -> Path:
-    """The demo with only its first `keep` layers: same tokenizer, a worse model (a draft that is sometimes wrong)."""
-    def kept(name: str) -> bool:
-        return not name.startswith("blk.") or int(name.split(".")[1]) < keep
-    return copy_gguf(DEMO, dst, fields={"gptneox.block_count": keep}, tensors=kept)
-
-
 @pytest.fixture(scope="module")
 def plain():
     with Engine(DEMO, n_ctx=1024, threads=2, gpu_layers=0) as e:
@@ -62,7 +55,7 @@ def plain():
 
 @pytest.fixture(scope="module")
 def two_layers(tmp_path_factory) -> Path:
-    return cut_layers(tmp_path_factory.mktemp("draft") / "demo-2-layers.gguf", 2)
+    return first_layers(DEMO, tmp_path_factory.mktemp("draft") / "demo-2-layers.gguf", 2)
 
 
 def run(engine: Engine, prompt: str, sampling: Sampling) -> tuple[str, list[int], object]:
