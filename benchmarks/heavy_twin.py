@@ -225,6 +225,7 @@ def greedy(path: Path, texts: list[str], n_new: int = 64, threads: int = 2) -> G
     last layer, and the demo's last layer is a trained one while the twin's is an identity layer, so with only the
     last row wanted the demo's layer 5 runs on 1 row and the twin's on all of them — another matmul kernel, and
     logits that differ in the last bits (seen: 3e-4). With all rows the two compute the same shapes and agree exactly.
+    ms/token is only indicative: other work on the machine slows it (benchmarks/verify_cost.py measures costs).
     """
     from app.runtime.llama import Batch, Context, Model
 
