@@ -287,3 +287,19 @@ def test_set_draft_in_chat(tmp_path):
                  "draft_max must be a whole number from 1 to 64"):
         assert len(s.hints(hint)) == 1, (hint, s.err)
     assert s.err.count("drafts (lookup)") == 1  # the second answer ran without drafts
+
+
+def test_draft_length_learns_from_its_first_drafts():
+    """Before plain decoding has run, one token's cost is estimated from the smallest measured verification; and an
+    untried position is assumed to be like the one before it, so drafts that are always right grow longer."""
+    lengths = DraftLength(16)
+    lengths.timed(2, 0.080)  # only drafts of 1 so far, on a CPU-like machine
+    assert lengths.row_cost(1) == pytest.approx(0.080 / 1.6)  # not the 2-row cost itself
+    assert lengths.choose(0, 16) <= 2  # little is known yet: a short draft
+    for _ in range(60):
+        lengths.observe(0, 1, 1)  # every one-token draft accepted
+    assert lengths.accept_rate(0, 5) > 0.9
+    for rows in (3, 8, 17):  # verifying longer drafts turned out cheap (a GPU)
+        lengths.timed(rows, 0.080 * (1 + 0.02 * rows))
+    lengths.timed(1, 0.078)
+    assert lengths.choose(0, 16) == 16

@@ -54,28 +54,35 @@ class DraftLength:
         self.skipped = 0
 
     def row_cost(self, rows: int) -> float:
+        """Seconds for a decode of `rows`: measured, else interpolated between measured sizes, else extrapolated
+        along the slope of the two largest measured, else along PRIOR_ROW_COST from one token's (itself estimated
+        from the smallest measured size when plain decoding has not run yet)."""
         cost = self.cost
         if rows in cost:
             return cost[rows]
-        below = [r for r in cost if r < rows]
+        if not cost:
+            return 1.0 + PRIOR_ROW_COST * (rows - 1)
+        below = sorted(r for r in cost if r < rows)
         above = [r for r in cost if r > rows]
         if below and above:
-            lo, hi = max(below), min(above)
+            lo, hi = below[-1], min(above)
             return cost[lo] + (cost[hi] - cost[lo]) * (rows - lo) / (hi - lo)
-        one = cost.get(1) or (cost[min(cost)] if cost else 1.0)
         if len(below) >= 2:  # beyond the longest measured: continue its slope
-            a, b = sorted(below)[-2:]
-            slope = max((cost[b] - cost[a]) / (b - a), 0.0)
-            return cost[b] + slope * (rows - b)
-        base_rows = max(below) if below else 1
-        base = cost[base_rows] if below else one
-        return base + PRIOR_ROW_COST * one * (rows - base_rows)
+            a, b = below[-2:]
+            return cost[b] + max((cost[b] - cost[a]) / (b - a), 0.0) * (rows - b)
+        r0 = min(cost)
+        one = cost[1] if 1 in cost else cost[r0] / (1.0 + PRIOR_ROW_COST * (r0 - 1))
+        return cost[r0] + PRIOR_ROW_COST * one * (rows - r0)
 
     def accept_rate(self, key: int, i: int) -> float:
+        """The chance position i is accepted when all before it were. Until it has been tried often, it is assumed
+        to be like position i-1's: a draft that is right so far tends to stay right (a quoted passage goes on), and
+        a fixed prior would keep a short draft from ever finding that out."""
         tried, kept = self.tried.get(key), self.kept.get(key)
         t = tried[i] if tried else 0.0
         k = kept[i] if kept else 0.0
-        return (k + PRIOR_ACCEPT * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
+        prior = PRIOR_ACCEPT if i == 0 else self.accept_rate(key, i - 1)
+        return (k + prior * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
 
     def choose(self, key: int, limit: int, draft_seconds: float = 0.0) -> int:
         limit = min(limit, self.draft_max)
@@ -143,8 +150,8 @@ class Speculator:
         if self.batch is not None:
             self.batch.close()
         self.draft_max = draft_max
-        self.length = DraftLength(draft_max)
-        self.batch = Batch(draft_max + 1)
+        self.length = DraftLength(self.draft_max)
+        self.batch = Batch(self.draft_max + 1)
 
     @property
     def name(self) -> str:
