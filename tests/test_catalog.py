@@ -137,3 +137,16 @@ def test_models_catalog_json(capsys):
     e = catalog.find("polyglot-ko-5.8b")
     assert by_name[e.name]["sizes"]["q6_k"]["total"] == e.sizes["q6_k"].total
     assert set(by_name[e.name]["picks"]) == {"4G", "6G", "8G", "12G", "16G", "24G", "RAM 8G", "RAM 16G", "RAM 32G"}
+
+
+def test_the_catalog_knows_which_models_draft_for_which(capsys):
+    """All of the family shares one tokenizer: the smaller base models can draft for every larger model, and
+    nothing drafts for the smallest (the vocabulary check at load time is tested in test_speculative)."""
+    names = lambda model: [d.name for d in catalog.drafts_for(catalog.find(model))]  # noqa: E731
+    assert names("polyglot-ko-12.8b") == ["polyglot-ko-1.3b", "polyglot-ko-3.8b", "polyglot-ko-5.8b"]
+    assert names("kullm-polyglot-5.8b-v2") == ["polyglot-ko-1.3b", "polyglot-ko-3.8b"]
+    assert names("polyglot-ko-1.3b") == []
+    assert main(["models", "catalog", "--json"]) == 0
+    data = {m["name"]: m for m in json.loads(capsys.readouterr().out)["models"]}
+    assert data["koalpaca-polyglot-12.8b"]["draft_models"][0] == "polyglot-ko-1.3b"
+    assert data["koalpaca-polyglot-12.8b"]["tokenizer"] == "polyglot-ko"

@@ -27,7 +27,7 @@ else:  # pragma: no cover
 QUALITY_ORDER = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
 REGENERATE = "python benchmarks/catalog_sizes.py"
 _FIELDS = {"name": str, "hub_id": str, "parameters": int, "layers": int, "d_model": int, "d_ff": int, "heads": int,
-           "vocab_rows": int, "context": int, "license": str, "template": str, "description": str}
+           "vocab_rows": int, "tokenizer": str, "context": int, "license": str, "template": str, "description": str}
 
 
 def shape_key(layers: int, d_model: int, d_ff: int, heads: int, vocab_rows: int) -> str:
@@ -60,6 +60,7 @@ class Entry:
     d_ff: int
     heads: int
     vocab_rows: int
+    tokenizer: str  # models with the same one can draft for each other
     context: int
     license: str
     template: str
@@ -126,6 +127,15 @@ def load() -> tuple[Entry, ...]:
     from app.runtime import templates
 
     return tuple(parse(read_toml("catalog.toml"), read_toml("catalog-sizes.toml"), set(templates.all_templates())))
+
+
+def drafts_for(entry: Entry, entries: tuple[Entry, ...] | None = None) -> list[Entry]:
+    """The catalog models that can draft for `entry` (speculative decoding, `--draft MODEL`): the same tokenizer and
+    fewer parameters, smallest (cheapest to draft with) first. Fine-tunes are left out: a base model's guesses are
+    as good for either, and the base is the one a user most likely has."""
+    same = [e for e in (entries or load()) if e.tokenizer == entry.tokenizer and e.parameters < entry.parameters
+            and e.hub_id.startswith("EleutherAI/")]
+    return sorted(same, key=lambda e: e.parameters)
 
 
 def find(name: str) -> Entry:

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from app import units
 from app.store import recommend
-from app.store.catalog import QUALITY_ORDER, Entry
+from app.store.catalog import QUALITY_ORDER, Entry, drafts_for
 from app.ui import err, out
 
 
@@ -31,16 +31,19 @@ def _table(title: str | None) -> Table:
 
 def catalog(entries: tuple[Entry, ...], as_json: bool) -> None:
     if as_json:
-        data = [e.as_dict() | {"picks": recommend.table(e)} for e in entries]
+        data = [e.as_dict() | {"picks": recommend.table(e),
+                               "draft_models": [d.name for d in drafts_for(e, entries)]} for e in entries]
         out.print_json(json.dumps({"models": data, "quality_order": list(QUALITY_ORDER),
                                    "ram_fraction": recommend.RAM_FRACTION}, ensure_ascii=False))
         return
     about = _table("Polyglot-Ko catalog: malhae pull NAME --type TYPE")
-    for col in ("name", "params", "template", "license", "hub id"):
+    for col in ("name", "params", "template", "draft with", "license", "hub id"):
         about.add_column(col, justify="right" if col == "params" else "left", no_wrap=col != "hub id",
                          overflow="fold")
     for e in entries:
-        about.add_row(e.name, units.params(e.parameters), e.template, e.license, e.hub_id)
+        drafts = drafts_for(e, entries)
+        about.add_row(e.name, units.params(e.parameters), e.template, drafts[0].name if drafts else "-", e.license,
+                      e.hub_id)
     console = _console()
     console.print(about)
 
