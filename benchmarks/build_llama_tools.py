@@ -1,6 +1,6 @@
 """Build llama.cpp's own llama-bench, llama-quantize and llama-perplexity from the installed llama-cpp-python's source.
 
-    python benchmarks/build_llama_tools.py [--dest DIR] [--cuda] [--server]
+    python benchmarks/build_llama_tools.py [--dest DIR] [--cuda] [--server] [--speculative]
 
 These are the anchors malhae is measured against (same llama.cpp version as the engine uses). The source comes from
 the llama-cpp-python source distribution on PyPI (`pip download`); nothing is committed. About 9 minutes on 2 cores.
@@ -22,6 +22,7 @@ from pathlib import Path
 
 TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity"]
 SERVER_TARGETS = ["llama-server"]
+SPECULATIVE_TARGETS = ["llama-lookup", "llama-speculative-simple"]  # the anchors of benchmarks/speculative.py
 
 
 def main() -> None:
@@ -30,8 +31,11 @@ def main() -> None:
     parser.add_argument("--dest", type=Path, default=Path.home() / ".cache" / "malhae" / f"llama-tools-{version}")
     parser.add_argument("--cuda", action="store_true", help="build with -DGGML_CUDA=on")
     parser.add_argument("--server", action="store_true", help="also build llama-server (the anchor for malhae serve)")
+    parser.add_argument("--speculative", action="store_true", help="also build llama-lookup and "
+                        "llama-speculative-simple (examples: configured as --server is)")
     args = parser.parse_args()
-    targets = TARGETS + (SERVER_TARGETS if args.server else [])
+    args.server = args.server or args.speculative
+    targets = TARGETS + (SERVER_TARGETS if args.server else []) + (SPECULATIVE_TARGETS if args.speculative else [])
     bin_dir = args.dest / "build" / "bin"
     if all((bin_dir / t).is_file() for t in targets):
         print(bin_dir)
