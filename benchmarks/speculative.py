@@ -1,6 +1,6 @@
 """Speculative decoding, side by side: plain decoding, prompt lookup and draft models on the demo's heavy twin.
 
-    python benchmarks/speculative.py [-m MODEL.gguf] [--threads 2] [--tokens 200] [--rounds 3] [--quick]
+    python benchmarks/speculative.py [-m MODEL.gguf] [--threads 2] [--tokens 200] [--rounds 3] [--quick] [--serve]
                                      [--modes plain,lookup,cut2,demo] [--cases quote,rewrite,bill,free]
                                      [--gpu-layers auto] [--tools DIR]
 
@@ -100,7 +100,7 @@ def llama_lookup(tools: Path, model: Path, prompt: str, threads: int, tokens: in
     if not exe.exists():
         return None
     with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as f:
-        f.write(prompt)
+        f.write(prompt + "\n")  # llama.cpp's -f drops one trailing newline: this one, so the prompt is the same
     try:
         proc = subprocess.run([str(exe), "-m", str(model), "-t", str(threads), "-f", f.name, "-n", str(tokens),
                                "-c", "2048", "--temp", "0", "--repeat-penalty", "1.0", "-ngl", "0",
@@ -111,6 +111,45 @@ def llama_lookup(tools: Path, model: Path, prompt: str, threads: int, tokens: in
     speed = re.search(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+) t/s", text)
     accept = re.search(r"accept\s+=\s+([\d.]+)%", text)
     return (float(speed.group(1)), float(accept.group(1)) if accept else 0.0) if speed else None
+
+
+def serve_rounds(model: Path, prompts: dict[str, str], threads: int, tokens: int, rounds: int) -> None:
+    """`malhae serve` with --draft lookup and without: one client alone (speculating), then three at once (batched,
+    no drafts), each client a prompt of its own; aggregate generated tok/s over the wall time."""
+    import http.client
+    import threading
+
+    from app.serve.server import Options, Server
+
+    def post(port: int, prompt: str, out: list) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "repeat_penalty": 1.0}
+        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        out.append(json.loads(conn.getresponse().read())["usage"]["completion_tokens"])
+        conn.close()
+
+    texts = list(prompts.values())
+    rows: dict[tuple[str, int], list[float]] = {}
+    for r in range(rounds):
+        for draft in (("lookup", None) if r % 2 == 0 else (None, "lookup")):
+            opts = Options(path=model, model_id=model.stem, port=0, threads=threads, parallel=3, n_ctx=2048,
+                           gpu_layers=0, draft=draft)
+            with Server(opts) as server:
+                server.state.ready.wait(600)
+                for clients in (1, 3):
+                    done: list[int] = []
+                    workers = [threading.Thread(target=post, args=(server.port, texts[i % len(texts)], done))
+                               for i in range(clients)]
+                    started = time.perf_counter()
+                    for w in workers:
+                        w.start()
+                    for w in workers:
+                        w.join()
+                    rows.setdefault((draft or "off", clients), []).append(sum(done) / (time.perf_counter() - started))
+    print("\n| malhae serve | 1 client tok/s | 3 clients aggregate tok/s |\n|---|---:|---:|")
+    for draft in ("off", "lookup"):
+        one, three = (statistics.median(rows[draft, n]) for n in (1, 3))
+        print(f"| --draft {draft} | {one:.1f} | {three:.1f} |")
 
 
 def main() -> None:
@@ -129,6 +168,8 @@ def main() -> None:
     parser.add_argument("--tools", type=Path, help="where llama-bench and llama-lookup are (default: the "
                         "build_llama_tools.py directory of this llama-cpp-python)")
     parser.add_argument("--quick", action="store_true", help="1 round, 64 tokens, quote and free only")
+    parser.add_argument("--serve", action="store_true", help="measure malhae serve with and without --draft lookup "
+                        "instead (1 client, then 3 at once)")
     a = parser.parse_args()
     if a.quick:
         a.rounds, a.tokens, a.cases = 1, 64, "quote,free"
@@ -138,6 +179,9 @@ def main() -> None:
     model = a.model or twin(a.threads)
     modes, names = a.modes.split(","), a.cases.split(",")
     prompts = {k: v for k, v in cases(a.chars).items() if k in names}
+    if a.serve:
+        serve_rounds(model, prompts, a.threads, a.tokens, a.rounds)
+        return
     gpu = a.gpu_layers if a.gpu_layers == "auto" else int(a.gpu_layers)
     with tempfile.TemporaryDirectory() as tmp:
         from convert.rewrite import first_layers

@@ -165,15 +165,19 @@ def test_draft_models_of_another_vocabulary_are_refused(tmp_path, checkpoints):
         Engine(DEMO, n_ctx=256, threads=2, gpu_layers=0, draft=renamed)
 
 
-def test_lookup_proposes_what_followed_the_longest_latest_match():
+def test_lookup_guesses_the_confident_continuation_of_the_longest_match():
     lookup = Lookup(n_max=3)
     history = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3]
-    # [1, 2, 3] occurred at 0 (then 4, 5, …); [2, 3] last at 6 (then 7): the longest match wins
+    # [1, 2, 3] was followed by 4 (once: enough for 3 tokens); then 5 after [2, 3, 4], 9 after [3, 4, 5] …
     assert lookup.propose(history, lambda n: 4) == (3, [4, 5, 9, 2])
-    assert lookup.propose(history + [7], lambda n: 4) == (3, [8, 1, 2, 3])  # [2, 3, 7] at 6, extended in place
+    # [2, 3, 7] was followed by 8, [3, 7, 8] by 1, [7, 8, 1] by 2; [8, 1, 2] by 3 (the table grew in place)
+    assert lookup.propose(history + [7], lambda n: 4) == (3, [8, 1, 2, 3])
     assert lookup.propose([5, 6], lambda n: 4) == (0, [])  # a new history is indexed afresh: nothing repeats
-    assert lookup.propose([5, 6, 5], lambda n: 2) == (1, [6, 5])
-    assert lookup.propose([5, 6, 5], lambda n: 0) == (1, [])  # told to propose nothing
+    assert lookup.propose([5, 6, 5], lambda n: 2) == (0, [])  # [5] → 6 seen once: too little for one token
+    assert lookup.propose([5, 6, 5, 6, 5], lambda n: 2) == (3, [6, 5])  # [5, 6, 5] → 6 (once: a 3-gram), then 5
+    assert lookup.propose([5, 6, 5, 7, 5], lambda n: 1) == (0, [])  # [5] → 6 once, 7 once: no confident guess
+    assert lookup.propose([7, 5, 6, 8, 5, 6, 9, 4, 5], lambda n: 1) == (1, [6])  # [4, 5] unseen; [5] → 6 (2 of 2)
+    assert lookup.propose([1, 2, 1, 3, 1, 2, 1], lambda n: 0) == (3, [])  # told to propose nothing
 
 
 def test_draft_length_follows_costs_and_acceptance():

@@ -408,9 +408,10 @@ class Chat:
         self.info(f"prompt: {s.prompt_tokens} tokens, {s.cached_tokens} cached ({reused}), "
                   f"{evaluated} evaluated at {s.prompt_tps:.0f} tok/s")
         self.info(f"first token after {s.ttft * 1000:.0f} ms")
-        if s.draft_proposed:
+        if s.draft_proposed or not self.engine.remote and self.engine.draft != "off":
+            share = f" ({100 * s.draft_accepted / s.draft_proposed:.0f}%)" if s.draft_proposed else ""
             self.info(f"drafts ({self.engine.draft}): {s.draft_accepted} of {s.draft_proposed} proposed tokens "
-                      f"accepted ({100 * s.draft_accepted / s.draft_proposed:.0f}%)")
+                      f"accepted{share}")
         if self.engine.remote:
             self.dim(f"measured here, over the network; the token counts are the server's ({self.engine.where})")
 

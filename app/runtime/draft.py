@@ -2,8 +2,8 @@
 
 Two kinds, one interface (`propose`):
 - `Lookup` (prompt lookup, no second model): the answer often repeats its input (a document summarised or quoted, a
-  law rewritten, code corrected), so the tokens that followed the last occurrence of the current n-gram are likely to
-  follow again. Longest n-gram first: a 4-token match predicts better than a 1-token one.
+  law rewritten, code corrected), so what most often followed the current n-gram is likely to follow again. Longest
+  n-gram first: a 4-token match predicts better than a 1-token one, which must also have been seen more than once.
 - `DraftModel`: a small model of the same tokenizer (polyglot-ko-1.3b for 5.8b and 12.8b) decodes greedily ahead,
   and stops early where it is unsure of its own next token.
 
@@ -40,12 +40,20 @@ class Drafter(Protocol):
     def close(self) -> None: ...
 
 
-class Lookup:
-    """Prompt lookup: an index of every n-gram (n = 1 … n_max) of the history to where it last occurred.
+# A guess from an n-gram is made only when its most frequent continuation has been seen at least MIN_SEEN[n] times
+# and makes at least MIN_SHARE[n] of them: one earlier occurrence of a single token says little, one of four tokens
+# in a row says much. (llama.cpp's lookup keeps the same kind of thresholds.)
+MIN_SEEN = {1: 2, 2: 2, 3: 1, 4: 1}
+MIN_SHARE = {1: 0.66, 2: 0.5, 3: 0.5, 4: 0.5}
 
-    The index is kept up to date as tokens are appended, so a step costs O(n_max) dictionary operations, not a scan
-    of the context; a history that is not an extension of the last one (a new chat turn that edits, a new prompt) is
-    indexed again from where the two differ."""
+
+class Lookup:
+    """Prompt lookup: for every n-gram (n = 1 … n_max) of the history, how often each token followed it.
+
+    The guess for the next token is the most frequent continuation of the longest n-gram that ends the text and has
+    a confident one (MIN_SEEN, MIN_SHARE; the latest occurrence breaks a tie); a draft goes on guessing from its own
+    guesses. The table is kept up to date as tokens are appended, so a step costs a few dictionary operations, not a
+    scan of the context; a history that is not an extension of the last one (a new prompt) is indexed again."""
 
     name = "lookup"
     seconds_per_token = 0.0
@@ -54,30 +62,55 @@ class Lookup:
         self.n_max = n_max
         self.n_min = n_min
         self.tokens: list[int] = []
-        self.last: dict[tuple[int, ...], int] = {}  # n-gram → index of the token that followed its latest occurrence
+        self.next: dict[tuple[int, ...], dict[int, list[int]]] = {}  # n-gram → token → [times seen, last index]
 
     def _sync(self, history: list[int]) -> None:
         n = len(self.tokens)
         if len(history) < n or history[:n] != self.tokens:
-            self.tokens, self.last = [], {}
+            self.tokens, self.next = [], {}
             n = 0
-        tokens, last = self.tokens, self.last
+        tokens, table = self.tokens, self.next
         for i in range(n, len(history)):
-            tokens.append(history[i])
-            # the n-grams ending just before position i now have a continuation: the token at i
-            for k in range(1, min(self.n_max, i) + 1):
-                last[tuple(tokens[i - k:i])] = i
+            token = history[i]
+            tokens.append(token)
+            for k in range(1, min(self.n_max, i) + 1):  # the n-grams ending just before i are followed by `token`
+                seen = table.setdefault(tuple(tokens[i - k:i]), {})
+                entry = seen.get(token)
+                if entry is None:
+                    seen[token] = [1, i]
+                else:
+                    entry[0] += 1
+                    entry[1] = i
+
+    def _guess(self, tail: list[int]) -> tuple[int, int] | None:
+        """(n, token): the confident continuation of the longest n-gram ending `tail`, or None."""
+        for n in range(min(self.n_max, len(tail)), self.n_min - 1, -1):
+            seen = self.next.get(tuple(tail[len(tail) - n:]))
+            if not seen:
+                continue
+            token, (count, _) = max(seen.items(), key=lambda item: item[1])
+            if count >= MIN_SEEN.get(n, 1) and count >= MIN_SHARE.get(n, 0.5) * sum(e[0] for e in seen.values()):
+                return n, token
+        return None
 
     def propose(self, history: list[int], choose: Choose) -> tuple[int, list[int]]:
         self._sync(history)
-        tokens, end = self.tokens, len(self.tokens)
-        for n in range(min(self.n_max, end), self.n_min - 1, -1):
-            at = self.last.get(tuple(tokens[end - n:]))
-            if at is None:
-                continue
-            k = choose(n)
-            return n, tokens[at:at + k] if k > 0 else []
-        return 0, []
+        tail = history[-self.n_max:]
+        first = self._guess(tail)
+        if first is None:
+            return 0, []
+        key, token = first
+        k = choose(key)
+        draft: list[int] = []
+        while len(draft) < k:
+            if draft:
+                guess = self._guess(tail)
+                if guess is None:
+                    break
+                token = guess[1]
+            draft.append(token)
+            tail = [*tail[1:], token] if len(tail) >= self.n_max else [*tail, token]
+        return key, draft
 
     def close(self) -> None:
         pass
