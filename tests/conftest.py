@@ -48,6 +48,19 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def endless_path(tmp_path_factory) -> Path:
+    """A random Q8_0 model that never samples its end-of-text token (trained context 4096): an answer only ends where
+    it is stopped, so streams run until a test's Ctrl-C, disconnect or max_tokens (a plain random model ends one at
+    random, at thousands of tokens/s often first). Chat, serve and remote tests share it."""
+    from convert import pipeline
+
+    root = tmp_path_factory.mktemp("endless")
+    src = factory.build(root / "ckpt", factory.Spec("endless", hidden=256, heads=4, ff=512, weights="safetensors",
+                                                    never_eos=True, ctx=4096))
+    return pipeline.convert(src, "q8_0", root / "m.gguf").path
+
+
+@pytest.fixture(scope="session")
 def k_quant_checkpoint(tmp_path_factory):
     """Rows of 256 so that k-quants apply for real instead of falling back to legacy types."""
     return factory.build(tmp_path_factory.mktemp("kq") / "kq", factory.Spec("kq", hidden=256, heads=4, ff=512,

@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import factory
 import pytest
 from prompt_toolkit.history import InMemoryHistory
 from prompt_toolkit.input import create_pipe_input
@@ -42,16 +41,6 @@ PASTE_START, PASTE_END = "\x1b[200~", "\x1b[201~"
 @pytest.fixture(scope="module")
 def random_model(k_quant_checkpoint, tmp_path_factory) -> Path:
     return pipeline.convert(k_quant_checkpoint, "q8_0", tmp_path_factory.mktemp("chat") / "m.gguf").path
-
-
-@pytest.fixture(scope="module")
-def endless_model(tmp_path_factory) -> Path:
-    """A random model that never samples its end-of-text token: an answer only ends where it is stopped. (A plain
-    random model ends one at random; at thousands of tokens/s that can come before a test's Ctrl-C does.)"""
-    root = tmp_path_factory.mktemp("endless")
-    src = factory.build(root / "ckpt", factory.Spec("endless", hidden=256, heads=4, ff=512, weights="safetensors",
-                                                    never_eos=True))
-    return pipeline.convert(src, "q8_0", root / "m.gguf").path
 
 
 @pytest.fixture(scope="module")
@@ -589,11 +578,11 @@ def test_terminal_session(terminal, model, tmp_path):
         assert answer["text"].translate(writer.UNPRINTABLE).replace("\n", "") in screen
 
 
-def test_ctrl_c_in_a_terminal_stops_the_answer(terminal, endless_model, tmp_path):
+def test_ctrl_c_in_a_terminal_stops_the_answer(terminal, endless_path, tmp_path):
     """A real Ctrl-C: the terminal must be back in its normal mode while the answer is written, so that the key
     becomes SIGINT. The answer would go on for tens of thousands of tokens (a huge context and max_tokens, a model
     that never ends an answer by itself)."""
-    child = terminal("-m", str(endless_model), "--ctx", "32768", "-n", "100000", "--seed", "1")
+    child = terminal("-m", str(endless_path), "--ctx", "32768", "-n", "100000", "--seed", "1")
     child.send("끝없이 말해 주세요\r")
     child.expect_exact("\x1b[?2004l")  # prompt_toolkit has left the terminal: the answer starts
     time.sleep(0.5)  # not reading meanwhile: the answer also blocks on a full terminal
@@ -621,10 +610,10 @@ def test_ctrl_c_in_a_terminal_stops_the_answer(terminal, endless_model, tmp_path
     assert kept.translate(writer.UNPRINTABLE) in on_screen  # the conversation keeps what was on the screen
 
 
-def test_keys_typed_during_an_answer_are_not_echoed_into_it(terminal, endless_model, tmp_path):
+def test_keys_typed_during_an_answer_are_not_echoed_into_it(terminal, endless_path, tmp_path):
     """In its normal mode the terminal echoes keys into the answer being written ("…구성합니다/exit" was seen); they
     must stay unseen and arrive at the next prompt as typed-ahead input."""
-    child = terminal("-m", str(endless_model), "--ctx", "32768", "-n", "100000", "--seed", "1")
+    child = terminal("-m", str(endless_path), "--ctx", "32768", "-n", "100000", "--seed", "1")
     child.send("끝없이 말해 주세요\r")
     child.expect_exact("\x1b[?2004l")  # the answer starts
     time.sleep(0.3)

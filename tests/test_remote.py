@@ -23,7 +23,6 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-import factory  # noqa: E402
 from helpers import one_error_line, serving  # noqa: E402
 
 from app.errors import UserError  # noqa: E402
@@ -34,7 +33,6 @@ from app.runtime.endpoint import Endpoint  # noqa: E402
 from app.runtime.llama import Model  # noqa: E402
 from app.runtime.settings import Sampling  # noqa: E402
 from app.store import models  # noqa: E402
-from convert import pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BILL = ROOT / "models" / "data" / "ko-public-domain" / "bills" / "1809899.txt"
@@ -184,15 +182,6 @@ def test_eval_ppl_over_an_endpoint_equals_the_local_perplexity(demo, demo_path):
 
 
 # --- sampling and stopping -----------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def endless_path(tmp_path_factory) -> Path:
-    """A random-weight model that never ends an answer by itself: every sampling setting changes what it draws."""
-    root = tmp_path_factory.mktemp("remote-endless")
-    src = factory.build(root / "ckpt", factory.Spec("endless", hidden=256, heads=4, ff=512, weights="safetensors",
-                                                    never_eos=True, ctx=4096))
-    return pipeline.convert(src, "q8_0", root / "m.gguf").path
-
 
 @pytest.fixture(scope="module")
 def endless(endless_path):

@@ -15,7 +15,6 @@ import pytest
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-import factory  # noqa: E402
 from helpers import serving  # noqa: E402
 
 from app.eval.loglik import Scorer  # noqa: E402
@@ -38,15 +37,6 @@ def demo_path() -> Path:
 def demo(demo_path):
     with serving(demo_path, parallel=8) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def endless_path(tmp_path_factory) -> Path:
-    """A model that never ends an answer by itself (see tests/factory.py), so a stream runs until it is stopped."""
-    root = tmp_path_factory.mktemp("serve-endless")
-    src = factory.build(root / "ckpt", factory.Spec("endless", hidden=256, heads=4, ff=512, weights="safetensors",
-                                                    never_eos=True, ctx=4096))
-    return pipeline.convert(src, "q8_0", root / "m.gguf").path
 
 
 @pytest.fixture(scope="module")
