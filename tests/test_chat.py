@@ -28,6 +28,7 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 from app.chat import reader, repl, writer
+from app.errors import UserError
 from app.runtime.settings import Sampling
 from app.store import models
 from convert import pipeline
@@ -712,3 +713,16 @@ def test_no_color(terminal, model, how):
     assert "unknown command" in transcript and STATUS.search(transcript)
     styles = set(re.findall(r"\x1b\[([0-9;]*)m", transcript))
     assert styles <= {"", "0"}, styles  # resets only: no colour, no dim
+
+
+def test_text_the_terminal_could_not_decode_is_a_hint_not_an_internal_error():
+    """Bytes that are not UTF-8, typed into a terminal (a paste cut inside a Hangul syllable), reach Python as lone
+    surrogates; once they went on to the tokenizer and ended as an internal error."""
+    class Session:
+        def prompt(self) -> str:
+            return "동포\udceb\udc9e"
+
+    typed = reader.PromptReader.__new__(reader.PromptReader)
+    typed.session = Session()
+    with pytest.raises(UserError, match="not valid UTF-8 .* nothing was sent"):
+        typed.read()

@@ -281,14 +281,14 @@ def test_set_draft_in_chat(tmp_path):
         chat.engine.speculator.length = DraftLength(chat.draft_max, costs=GPU_LIKE, draft_cost=0.0)
 
     keys = (CONSTITUTION[:400].replace("\n", " ") + "\r/stats\r/set draft_max 4\r/show\r/set draft off\r"
-            "/set draft nosuch\r/set draft\r/set draft_max 0\r안녕\r/stats\r")
+            f"/set draft nosuch\r/set draft\r/set draft_max 0\r/set draft {tmp_path}\r안녕\r/stats\r")
     s = talk(DEMO, keys, setup=frozen, draft="lookup",
              sampling=Sampling(temperature=0, max_tokens=120, ignore_eos=True))
     assert re.search(r"drafts \(lookup\): \d+ of \d+ proposed tokens accepted", s.err)
     assert "draft_max = 4" in s.err and "draft lookup (max 4)" in s.err  # /show
     assert "draft = off (speculative decoding off)" in s.err
     for hint in ("/set draft nosuch: no model named 'nosuch'", "/set draft needs a value",
-                 "draft_max must be a whole number from 1 to 64"):
+                 "draft_max must be a whole number from 1 to 64", f"{tmp_path} is a directory, not a model file"):
         assert len(s.hints(hint)) == 1, (hint, s.err)
     assert s.err.count("drafts (lookup)") == 1  # the second answer ran without drafts
 

@@ -220,7 +220,13 @@ class PromptReader:
             search_ignore_case=True, enable_open_in_editor=True, input=input, output=output)
 
     def read(self) -> str:
-        return self.session.prompt()
+        text = self.session.prompt()
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal could not decode arrive as lone surrogates
+            raise UserError("what was typed is not valid UTF-8 (is the terminal set to UTF-8? `locale` shows it); "
+                            "nothing was sent, type it again") from None
+        return text
 
 
 # what one message, or one-shot prompt, read from a pipe may hold: far more than any context (a 1M-token context is

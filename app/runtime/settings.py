@@ -138,7 +138,8 @@ def draft(raw: str, resolve: Callable[[str], Path], usage: str = "--draft") -> s
     try:
         found = resolve(word)
         if not found.is_file():
-            raise UserError(f"model file {found} does not exist")
+            raise UserError(f"{found} is a directory, not a model file" if found.is_dir()
+                            else f"model file {found} does not exist")
     except UserError as e:
         raise UserError(f"{usage} {word}: {e}; give off, lookup, or a draft model of the same tokenizer") from None
     return found
