@@ -17,7 +17,7 @@ from app.errors import UserError
 from app.runtime.draft import Lookup
 from app.runtime.engine import Engine
 from app.runtime.settings import Sampling
-from app.runtime.speculate import EXPLORE_AFTER, DraftLength
+from app.runtime.speculate import EXPLORE_AFTER, PRIOR_ACCEPT, DraftLength
 from convert.rewrite import copy_gguf, first_layers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,21 +167,27 @@ def test_draft_models_of_another_vocabulary_are_refused(tmp_path, checkpoints):
 
 def test_lookup_guesses_the_confident_continuation_of_the_longest_match():
     lookup = Lookup(n_max=3)
+    once = (3, 1, True)  # a 3-gram seen once, always followed by the guess
     history = [1, 2, 3, 4, 5, 9, 2, 3, 7, 8, 1, 2, 3]
     # [1, 2, 3] was followed by 4 (once: enough for 3 tokens); then 5 after [2, 3, 4], 9 after [3, 4, 5] …
-    assert lookup.propose(history, lambda n: 4) == (3, [4, 5, 9, 2])
+    assert lookup.propose(history, 4) == ([once] * 4, [4, 5, 9, 2])
     # [2, 3, 7] was followed by 8, [3, 7, 8] by 1, [7, 8, 1] by 2; [8, 1, 2] by 3 (the table grew in place)
-    assert lookup.propose(history + [7], lambda n: 4) == (3, [8, 1, 2, 3])
-    assert lookup.propose([5, 6], lambda n: 4) == (0, [])  # a new history is indexed afresh: nothing repeats
-    assert lookup.propose([5, 6, 5], lambda n: 2) == (0, [])  # [5] → 6 seen once: too little for one token
-    assert lookup.propose([5, 6, 5, 6, 5], lambda n: 2) == (3, [6, 5])  # [5, 6, 5] → 6 (once: a 3-gram), then 5
-    assert lookup.propose([5, 6, 5, 7, 5], lambda n: 1) == (0, [])  # [5] → 6 once, 7 once: no confident guess
-    assert lookup.propose([7, 5, 6, 8, 5, 6, 9, 4, 5], lambda n: 1) == (1, [6])  # [4, 5] unseen; [5] → 6 (2 of 2)
-    assert lookup.propose([1, 2, 1, 3, 1, 2, 1], lambda n: 0) == (3, [])  # told to propose nothing
+    assert lookup.propose(history + [7], 4) == ([once] * 4, [8, 1, 2, 3])
+    assert lookup.propose([5, 6], 4) == ([], [])  # a new history is indexed afresh: nothing repeats
+    assert lookup.propose([5, 6, 5], 2) == ([], [])  # [5] → 6 seen once: too little for one token
+    assert lookup.propose([5, 6, 5, 6, 5], 2) == ([once] * 2, [6, 5])  # [5, 6, 5] → 6 (once: a 3-gram), then 5
+    assert lookup.propose([5, 6, 5, 7, 5], 1) == ([], [])  # [5] → 6 once, 7 once: no confident guess
+    assert lookup.propose([7, 5, 6, 8, 5, 6, 9, 4, 5], 1) == ([(1, 2, True)], [6])  # [4, 5] unseen; [5] → 6, 2 of 2
+    assert lookup.propose([1, 2, 1, 3, 1, 2, 1], 0) == ([], [])  # told to propose nothing
+    # [2, 4, 1] → 2 once, then 3 once: the latest wins, and the guess is marked as one its n-gram did not always make
+    assert lookup.propose([4, 1, 2, 4, 1, 2, 4, 1, 3, 4, 1, 2, 4, 1], 2) == ([(3, 1, False), once], [3, 4])
+    # [2, 1] → 2 three times, [1, 2] → 1 four times: the count is kept up to 3
+    assert Lookup(n_max=2).propose([1, 2, 1, 2, 1, 2, 1, 2, 1], 2) == ([(2, 3, True)] * 2, [2, 1])
 
 
 def test_draft_length_follows_costs_and_acceptance():
-    """The hardware's answers are faked: a CPU-like cost curve (2 rows 1.5×, 8 rows 5.5×) and a GPU-like flat one."""
+    """The hardware's answers are faked: a CPU-like cost curve (2 rows 1.5×, 8 rows 5.5×) and a GPU-like flat one.
+    Acceptance is learned per kind of guessed token ("right" always accepted, "wrong" never)."""
     cpu, gpu = DraftLength(16), DraftLength(16)
     for rows, factor in ((1, 1.0), (2, 1.5), (4, 2.9), (8, 5.5), (16, 7.7)):
         cpu.timed(rows, 0.040 * factor)
@@ -189,16 +195,20 @@ def test_draft_length_follows_costs_and_acceptance():
     assert cpu.row_cost(3) == pytest.approx(0.040 * 2.2)  # between measured points: interpolated
     for lengths in (cpu, gpu):
         for _ in range(200):
-            lengths.observe(4, 16, 16)  # every guess of 4-gram matches right
-            lengths.observe(1, 2, 0)  # 1-gram guesses always wrong
-    long_cpu, long_gpu = cpu.choose(4, 16), gpu.choose(4, 16)
-    assert long_gpu == long_cpu == 16  # guesses that are always right: as long as allowed, even on a CPU
-    for lengths in (cpu, gpu):  # guesses right 60% of the time at every position
-        lengths.tried[2], lengths.kept[2] = [100.0] * 16, [60.0] * 16
-    assert cpu.choose(2, 16) == 1  # E(2) = 1.96 tokens for 2.2× one token's time does not pay; E(1) = 1.6 for 1.5×
-    assert 4 <= gpu.choose(2, 16) <= 8  # E(k)/(1 + 0.02k) is largest near k = 5 or 6
-    assert cpu.choose(4, 3) == 3  # never past the limit the caller gives (max_tokens, the context)
-    skipped = [cpu.choose(1, 16) for _ in range(EXPLORE_AFTER)]
+            lengths.observe(["right"] * 16, 16)
+            lengths.observe(["wrong", "right"], 0)  # the second token was never really tried
+        assert lengths.accept_rate("right") > 0.98 and lengths.accept_rate("wrong") < 0.05
+    assert cpu.cut(["right"] * 16) == gpu.cut(["right"] * 16) == 16  # always right: as long as drafted, even on a CPU
+    assert cpu.cut(["right"] * 3) == 3  # never more than was drafted
+    assert cpu.reach(16) == gpu.reach(16) == 16  # a draft model should draft that far: it may all be right
+    assert cpu.reach(5) == 5  # never past the limit the caller gives (max_tokens, the context)
+    assert gpu.cut(["right"] * 3 + ["wrong"] + ["right"] * 12) == 3  # verified up to the guess that is never right
+    assert cpu.cut(["wrong"] + ["right"] * 15) == 0  # nor a draft that starts with one
+    for lengths in (cpu, gpu):  # guesses right 60% of the time
+        lengths.tried["maybe"], lengths.kept["maybe"] = 100.0, 60.0
+    assert cpu.cut(["maybe"] * 16) == 1  # E(2) = 1.96 tokens for 2.2× one token's time does not pay; E(1) = 1.6: 1.5×
+    assert 4 <= gpu.cut(["maybe"] * 16) <= 8  # E(k)/(1 + 0.02k) is largest near k = 5 or 6
+    skipped = [cpu.cut(["wrong"]) for _ in range(EXPLORE_AFTER)]
     assert skipped[:-1] == [0] * (EXPLORE_AFTER - 1) and skipped[-1] == 1  # nothing pays; one short try now and then
 
 
@@ -294,16 +304,19 @@ def test_set_draft_in_chat(tmp_path):
 
 
 def test_draft_length_learns_from_its_first_drafts():
-    """Before plain decoding has run, one token's cost is estimated from the smallest measured verification; and an
-    untried position is assumed to be like the one before it, so drafts that are always right grow longer."""
+    """Before plain decoding has run, one token's cost is estimated from the smallest measured verification; an
+    untried kind of guess is assumed to be accepted PRIOR_ACCEPT of the time, so drafts that are always right grow
+    longer as their kind is measured."""
     lengths = DraftLength(16)
     lengths.timed(2, 0.080)  # only drafts of 1 so far, on a CPU-like machine
     assert lengths.row_cost(1) == pytest.approx(0.080 / 1.6)  # not the 2-row cost itself
-    assert lengths.choose(0, 16) <= 2  # little is known yet: a short draft
+    assert lengths.accept_rate("new") == PRIOR_ACCEPT
+    assert lengths.reach(16) == 1 and lengths.cut(["new"] * 16) == 1  # little is known yet: a short draft
     for _ in range(60):
-        lengths.observe(0, 1, 1)  # every one-token draft accepted
-    assert lengths.accept_rate(0, 5) > 0.9
+        lengths.observe(["sure"], 1)  # every one-token draft accepted
+    assert lengths.accept_rate("sure") > 0.9
     for rows in (3, 8, 17):  # verifying longer drafts turned out cheap (a GPU)
         lengths.timed(rows, 0.080 * (1 + 0.02 * rows))
     lengths.timed(1, 0.078)
-    assert lengths.choose(0, 16) == 16
+    assert lengths.reach(16) == 16 and lengths.cut(["sure"] * 16) == 16
+    assert lengths.reach(16, draft_seconds=0.078) == 0  # unless each drafted token costs as much as a decode

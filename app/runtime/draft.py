@@ -7,16 +7,16 @@ Two kinds, one interface (`propose`):
 - `DraftModel`: a small model of the same tokenizer (polyglot-ko-1.3b for 5.8b and 12.8b) decodes greedily ahead,
   and stops early where it is unsure of its own next token.
 
-A drafter only proposes; how many tokens to propose is asked of `choose(key)` (app/runtime/speculate.py's
-`DraftLength`, which knows what verifying k tokens costs and how often drafts of this kind were accepted), and
-whether they are right is decided by the target's own sampler (speculate.verify). A wrong draft costs time, never
-a different answer.
+A drafter only proposes, and says of every token what kind of guess it was; how many of them are verified is decided
+by app/runtime/speculate.py's `DraftLength`, which knows what verifying k tokens costs and how often guesses of each
+kind were accepted, and whether they are right by the target's own sampler. A wrong draft costs time, never a
+different answer.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Protocol
 
@@ -25,16 +25,15 @@ import numpy as np
 
 from app.errors import UserError
 
-Choose = Callable[[int], int]  # the drafter's kind of guess (e.g. the n-gram length) → how many tokens to propose
-
 
 class Drafter(Protocol):
     name: str
     seconds_per_token: float  # what drafting one token costs (0 for lookup): part of what speculation pays for
+    cheap: bool  # guessing costs nothing next to a decode: guess up to the limit and let the kinds of guesses decide
 
-    def propose(self, history: list[int], choose: Choose) -> tuple[int, list[int]]:
-        """(key, draft): the tokens likely to follow `history` (the prompt and every token accepted so far), at most
-        `choose(key)` of them; key says what kind of guess it was, so acceptance is learned per kind."""
+    def propose(self, history: list[int], most: int) -> tuple[list[Hashable], list[int]]:
+        """(keys, draft): at most `most` tokens likely to follow `history` (the prompt and every token accepted so
+        far), and for each what kind of guess it was, so that acceptance is learned per kind."""
         ...
 
     def close(self) -> None: ...
@@ -57,6 +56,7 @@ class Lookup:
 
     name = "lookup"
     seconds_per_token = 0.0
+    cheap = True
 
     def __init__(self, n_max: int = 4, n_min: int = 1) -> None:
         self.n_max = n_max
@@ -82,38 +82,39 @@ class Lookup:
                     entry[0] += 1
                     entry[1] = i
 
-    def _guess(self, tail: list[int]) -> tuple[int, int] | None:
-        """(n, token): the confident continuation of the longest n-gram ending `tail`, or None."""
+    def _guess(self, tail: list[int]) -> tuple[tuple[int, int, bool], int] | None:
+        """(kind, token): the confident continuation of the longest n-gram ending `tail`, or None. The kind is
+        (n, times seen up to 3, whether every occurrence was followed by it): what makes a guess likely right."""
         for n in range(min(self.n_max, len(tail)), self.n_min - 1, -1):
             seen = self.next.get(tuple(tail[len(tail) - n:]))
             if not seen:
                 continue
             token, (count, _) = max(seen.items(), key=lambda item: item[1])
-            if count >= MIN_SEEN.get(n, 1) and count >= MIN_SHARE.get(n, 0.5) * sum(e[0] for e in seen.values()):
-                return n, token
+            total = sum(e[0] for e in seen.values())
+            if count >= MIN_SEEN.get(n, 1) and count >= MIN_SHARE.get(n, 0.5) * total:
+                return (n, min(count, 3), count == total), token
         return None
 
-    def propose(self, history: list[int], choose: Choose) -> tuple[int, list[int]]:
+    def propose(self, history: list[int], most: int) -> tuple[list[Hashable], list[int]]:
         self._sync(history)
         tail = history[-self.n_max:]
-        first = self._guess(tail)
-        if first is None:
-            return 0, []
-        key, token = first
-        k = choose(key)
+        keys: list[Hashable] = []
         draft: list[int] = []
-        while len(draft) < k:
-            if draft:
-                guess = self._guess(tail)
-                if guess is None:
-                    break
-                token = guess[1]
+        while len(draft) < most:
+            guess = self._guess(tail)
+            if guess is None:
+                break
+            key, token = guess
+            keys.append(key)
             draft.append(token)
             tail = [*tail[1:], token] if len(tail) >= self.n_max else [*tail, token]
-        return key, draft
+        return keys, draft
 
     def close(self) -> None:
         pass
+
+
+SURE = (0.9, 0.7, 0.5, 0.0)  # a draft model's guesses are told apart by how sure it was: p of its top token ≥ these
 
 
 class DraftModel:
@@ -121,7 +122,7 @@ class DraftModel:
 
     Its KV cache follows the history the way the engine's does (only what a new history adds is evaluated), and it
     stops drafting where its own most likely token has less than `p_min` of the probability: a guess it doubts is
-    more often wrong than worth the verification rows it costs."""
+    more often wrong than worth the verification rows it costs. Each guess's kind is how sure it was (SURE)."""
 
     def __init__(self, engine, target_model, *, p_min: float = 0.5) -> None:
         """`engine`: the draft model's app.runtime.engine.Engine (this drafter owns it from now on)."""
@@ -130,19 +131,18 @@ class DraftModel:
         self.name = engine.path.name
         self.p_min = p_min
         self.seconds_per_token = 0.0
+        self.cheap = False
         self._one = (lc.llama_token * 1)()
 
-    def propose(self, history: list[int], choose: Choose) -> tuple[int, list[int]]:
-        k = choose(0)
-        if k <= 0:
-            return 0, []
+    def propose(self, history: list[int], most: int) -> tuple[list[Hashable], list[int]]:
         engine = self.engine
-        k = min(k, engine.n_ctx - len(history))
-        if k <= 0:
-            return 0, []
+        most = min(most, engine.n_ctx - len(history))
+        if most <= 0:
+            return [], []
         started = time.perf_counter()
         engine.evaluate(history)
         ctx, n_vocab = engine.ctx.ptr, engine.n_vocab
+        keys: list[Hashable] = []
         draft: list[int] = []
         while True:
             logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
@@ -151,8 +151,9 @@ class DraftModel:
             p = 1.0 / float(np.exp(logits - top).sum())
             if p < self.p_min and draft or lc.llama_vocab_is_eog(engine.vocab, token):
                 break
+            keys.append(next(level for level in SURE if p >= level))
             draft.append(token)
-            if len(draft) >= k:
+            if len(draft) >= most:
                 break
             self._one[0] = token
             if lc.llama_decode(ctx, lc.llama_batch_get_one(self._one, 1)) != 0:
@@ -160,7 +161,7 @@ class DraftModel:
             engine.cache.append(token)
         spent = (time.perf_counter() - started) / max(1, len(draft))
         self.seconds_per_token = spent if not self.seconds_per_token else 0.8 * self.seconds_per_token + 0.2 * spent
-        return 0, draft
+        return keys, draft
 
     def close(self) -> None:
         self.engine.close()

@@ -9,14 +9,15 @@ follows the same distribution — with the same seed the same text, since the sa
 either way.
 
 Whether to draft, and how much, is decided per step by `DraftLength` from what it has measured: the cost of a decode
-of r rows on this machine and the rate at which drafts of this kind were accepted at each position, so that a draft
-is made only where its expected tokens per second beat plain decoding's.
+of r rows on this machine and the rate at which drafted tokens of each kind were accepted, so that a draft is
+verified only as far as its expected tokens per second beat plain decoding's.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import llama_cpp as lc
@@ -25,8 +26,8 @@ from app.errors import UserError
 from app.runtime.draft import Drafter
 from app.runtime.llama import Batch
 
-PRIOR_ACCEPT = 0.7  # what an untried kind of draft is assumed to achieve, worth PRIOR_WEIGHT observations
-PRIOR_WEIGHT = 2.0
+PRIOR_ACCEPT = 0.7  # how often an untried kind of drafted token is assumed to be accepted …
+PRIOR_WEIGHT = 2.0  # … worth this many observations
 DECAY = 0.97  # older observations fade, so the length follows the text (a quoted passage ends, a new one starts)
 PRIOR_ROW_COST = 0.6  # an unmeasured extra row costs this × one token (2 CPU cores measure 0.5-0.65; a GPU ~0.02)
 EXPLORE_AFTER = 32  # steps without drafting before one short draft tries again (≤ 1.6% of plain speed on a CPU)
@@ -35,10 +36,14 @@ EXPLORE_AFTER = 32  # steps without drafting before one short draft tries again 
 class DraftLength:
     """How many drafted tokens to verify: the k that maximises expected tokens per second.
 
-    With p_i the measured chance that position i of a draft is accepted when all before it were, a draft of k yields
-    E(k) = 1 + p_1 + p_1·p_2 + … tokens for one decode of k+1 rows (plus drafting k tokens, for a draft model);
-    k = 0 is plain decoding. Both the acceptance (per drafter key: the n-gram length of a lookup) and the costs are
-    measured as the run goes."""
+    Every drafted token comes with its kind (`key`: for a lookup the n-gram length, how often it was seen and whether
+    all its occurrences agreed; for a draft model how sure the draft was), and each kind's chance of being accepted
+    when all before it were is measured as the run goes. With p_i the chance of the i-th drafted token, a draft of k
+    yields E(k) = 1 + p_1 + p_1·p_2 + … tokens for one decode of k+1 rows (plus drafting k tokens, for a draft
+    model), whose cost is measured too; k = 0 is plain decoding. Measured per kind of token, not per position in the
+    draft: a 4-gram guess seen once is then not judged by the 1-gram guesses that began other drafts (ten answers of
+    the heavy twin replayed by benchmarks/lookup_replay.py: 1.20× plain per position, 1.27× per kind, geometric
+    means; measured side by side, the two were within 4% of each other, per kind ahead on three prompts of six)."""
 
     def __init__(self, draft_max: int, *, costs: dict[int, float] | None = None,
                  draft_cost: float | None = None) -> None:
@@ -49,9 +54,10 @@ class DraftLength:
         self.cost: dict[int, float] = dict(costs or {})  # rows → seconds of one decode (median of recent ones)
         self.draft_cost = draft_cost
         self._times: dict[int, deque[float]] = {}
-        self.tried: dict[int, list[float]] = {}
-        self.kept: dict[int, list[float]] = {}
-        self.skipped = 0
+        self.tried: dict[Hashable, float] = {}  # kind of token → times verified, and times kept (both decayed)
+        self.kept: dict[Hashable, float] = {}
+        self.skipped = 0  # steps in a row where no draft paid
+        self._explore = False
 
     def row_cost(self, rows: int) -> float:
         """Seconds for a decode of `rows`: measured, else interpolated between measured sizes, else extrapolated
@@ -74,38 +80,57 @@ class DraftLength:
         one = cost[1] if 1 in cost else cost[r0] / (1.0 + PRIOR_ROW_COST * (r0 - 1))
         return cost[r0] + PRIOR_ROW_COST * one * (rows - r0)
 
-    def accept_rate(self, key: int, i: int) -> float:
-        """The chance position i is accepted when all before it were. Until it has been tried often, it is assumed
-        to be like position i-1's: a draft that is right so far tends to stay right (a quoted passage goes on), and
-        a fixed prior would keep a short draft from ever finding that out."""
-        tried, kept = self.tried.get(key), self.kept.get(key)
-        t = tried[i] if tried else 0.0
-        k = kept[i] if kept else 0.0
-        prior = PRIOR_ACCEPT if i == 0 else self.accept_rate(key, i - 1)
-        return (k + prior * PRIOR_WEIGHT) / (t + PRIOR_WEIGHT)
+    def accept_rate(self, key: Hashable) -> float:
+        """The chance a drafted token of this kind is accepted when all before it were; an untried kind is assumed
+        to be accepted PRIOR_ACCEPT of the time, so a new kind of guess gets tried."""
+        return (self.kept.get(key, 0.0) + PRIOR_ACCEPT * PRIOR_WEIGHT) / (self.tried.get(key, 0.0) + PRIOR_WEIGHT)
 
-    def choose(self, key: int, limit: int, draft_seconds: float = 0.0) -> int:
+    def _best(self, rates: list[float], draft_seconds: float) -> int:
+        best_k, best_rate = 0, 1.0 / self.row_cost(1)
+        expected, reach = 1.0, 1.0
+        for k, p in enumerate(rates, 1):
+            reach *= p
+            expected += reach
+            rate = expected / (self.row_cost(k + 1) + k * draft_seconds)
+            if rate > best_rate:
+                best_k, best_rate = k, rate
+        return best_k
+
+    def _skip(self) -> int:
+        """Nothing paid this step. What did not pay may pay now (the text moved on to something quoted): after
+        EXPLORE_AFTER such steps, one token is tried (≤ 1.6% of plain speed on a CPU)."""
+        self.skipped += 1
+        if self.skipped < EXPLORE_AFTER:
+            return 0
+        self.skipped, self._explore = 0, True
+        return 1
+
+    def reach(self, limit: int, draft_seconds: float = 0.0) -> int:
+        """How many tokens a drafter that spends time on each (a draft model) should draft at most: as many as
+        would pay if every one were of the best kind measured so far."""
         limit = min(limit, self.draft_max)
         if limit <= 0:
             return 0
         if self.draft_cost is not None:
             draft_seconds = self.draft_cost
-        best_k, best_rate = 0, 1.0 / self.row_cost(1)
-        expected, reach = 1.0, 1.0
-        for k in range(1, limit + 1):
-            reach *= self.accept_rate(key, k - 1)
-            expected += reach
-            rate = expected / (self.row_cost(k + 1) + k * draft_seconds)
-            if rate > best_rate:
-                best_k, best_rate = k, rate
-        if best_k == 0:
-            self.skipped += 1
-            if self.skipped >= EXPLORE_AFTER:  # what did not pay may pay now: try one token
-                self.skipped = 0
-                return 1
-        else:
-            self.skipped = 0
-        return best_k
+        best = max((self.accept_rate(key) for key in self.tried), default=PRIOR_ACCEPT)
+        k = self._best([best] * limit, draft_seconds)
+        return k if k else self._skip()
+
+    def cut(self, keys: list[Hashable]) -> int:
+        """How many of the drafted tokens, of these kinds in this order, to verify. Drafting them is done, so only
+        the verification's rows are weighed."""
+        keys = keys[:self.draft_max]
+        if not keys:
+            return 0
+        k = self._best([self.accept_rate(key) for key in keys], 0.0)
+        if self._explore:
+            self._explore = False
+            return max(k, 1)
+        if not k:
+            return self._skip()
+        self.skipped = 0
+        return k
 
     def timed(self, rows: int, seconds: float) -> None:
         """A decode of `rows` took `seconds`. The median of the last few: a machine that is busy elsewhere stalls
@@ -117,15 +142,12 @@ class DraftLength:
         times.append(seconds)
         self.cost[rows] = sorted(times)[len(times) // 2]
 
-    def observe(self, key: int, proposed: int, accepted: int) -> None:
-        """A draft of `proposed` tokens had its first `accepted` kept (position `accepted` was rejected, if any)."""
-        if proposed <= 0:
-            return
-        tried = self.tried.setdefault(key, [0.0] * self.draft_max)
-        kept = self.kept.setdefault(key, [0.0] * self.draft_max)
-        for i in range(min(proposed, accepted + 1, self.draft_max)):  # positions past a rejection were not tried
-            tried[i] = tried[i] * DECAY + 1.0
-            kept[i] = kept[i] * DECAY + (1.0 if i < accepted else 0.0)
+    def observe(self, keys: list[Hashable], accepted: int) -> None:
+        """A draft of tokens of these kinds had its first `accepted` kept; the one after them, if any, was rejected,
+        and those after that were never really tried."""
+        for i, key in enumerate(keys[:accepted + 1]):
+            self.tried[key] = self.tried.get(key, 0.0) * DECAY + 1.0
+            self.kept[key] = self.kept.get(key, 0.0) * DECAY + (1.0 if i < accepted else 0.0)
 
 
 @dataclass
@@ -157,16 +179,24 @@ class Speculator:
     def name(self) -> str:
         return self.drafter.name
 
+    def draft_for(self, history: list[int], limit: int) -> tuple[list[Hashable], list[int]]:
+        """(keys, draft): what to verify after `history`, at most `limit` tokens: the drafter's guesses (as many as
+        could pay, for a drafter that spends time on each), cut to the length DraftLength finds best."""
+        if limit <= 0:
+            return [], []
+        drafter, length = self.drafter, self.length
+        most = min(limit, self.draft_max) if drafter.cheap else length.reach(limit, drafter.seconds_per_token)
+        keys, draft = drafter.propose(history, most) if most > 0 else ([], [])
+        k = length.cut(keys[:most])
+        return keys[:k], draft[:k]
+
     def advance(self, ctx, chain, seq: int, history: list[int], limit: int) -> list[int]:
         """Decode the last token of `history` (at position len(history) - 1 of sequence `seq`) with a draft of at
         most `limit` tokens, when one pays; return the tokens sampled after it: the accepted draft and one more.
 
         The KV cache then holds history and the accepted draft, nothing else."""
-        def choose(key: int) -> int:
-            return self.length.choose(key, limit, self.drafter.seconds_per_token)
-
-        key, draft = self.drafter.propose(history, choose) if limit > 0 else (0, [])
-        draft = draft[:max(0, min(limit, self.draft_max))]
+        length = self.length
+        keys, draft = self.draft_for(history, limit)
         pos = len(history) - 1
         batch = self.batch
         rows = 1 + len(draft)
@@ -177,7 +207,7 @@ class Speculator:
         if rc != 0:
             lc.llama_memory_seq_rm(lc.llama_get_memory(ctx), seq, pos, -1)
             raise UserError(f"llama.cpp failed while generating (llama_decode of {rows} tokens returned {rc})")
-        self.length.timed(rows, seconds)
+        length.timed(rows, seconds)
         out: list[int] = []
         sample = lc.llama_sampler_sample
         for i in range(rows):
@@ -187,7 +217,7 @@ class Speculator:
                 break
         if draft:
             accepted = len(out) - 1
-            self.length.observe(key, len(draft), accepted)
+            length.observe(keys, accepted)
             self.counts.proposed += len(draft)
             self.counts.accepted += accepted
             if len(out) < rows:  # the rejected part of the draft leaves the cache
