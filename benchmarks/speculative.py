@@ -54,15 +54,28 @@ def chapter(text: str, number: int) -> str:
 
 
 def cases(chars: int) -> dict[str, str]:
-    """The prompts; `chars` caps each document (whole chapters 2 and 3 are 1,439 and 1,141 demo tokens)."""
+    """The prompts; `chars` caps each document (whole chapters 2 and 3 are 1,439 and 1,141 demo tokens). Besides the
+    four of the table, more quoting prompts of the same two kinds (other chapters, other bills) for
+    benchmarks/lookup_replay.py, which has the time to replay many."""
     constitution = (DATA / "constitution.txt").read_text(encoding="utf-8")
-    bill = (DATA / "bills" / "1809895.txt").read_text(encoding="utf-8")[:min(chars, 1800)]
+
+    def bill(number: str) -> str:
+        return (DATA / "bills" / f"{number}.txt").read_text(encoding="utf-8")[:min(chars, 1800)]
+
+    def quote(text: str) -> str:
+        return f"{text}\n\n위 조문을 그대로 다시 쓴다.\n\n{text[:30]}"
+
+    def copy(text: str) -> str:
+        return f"{text}\n\n위 법률안을 그대로 옮겨 쓰면 다음과 같다.\n\n{text[:30]}"
+
     two, three = chapter(constitution, 2)[:chars], chapter(constitution, 3)[:chars]
     return {
-        "quote": f"{two}\n\n위 조문을 그대로 다시 쓴다.\n\n{two[:30]}",
+        "quote": quote(two),
         "rewrite": f"{three}\n\n위 내용을 조문별로 다시 정리하면 다음과 같다.\n\n",
-        "bill": f"{bill}\n\n위 법률안을 그대로 옮겨 쓰면 다음과 같다.\n\n{bill[:30]}",
+        "bill": copy(bill("1809895")),
         "free": "대한민국의 수도는",
+        **{f"quote-ch{n}": quote(chapter(constitution, n)[:min(chars, 4000)]) for n in (3, 4, 5)},
+        **{f"bill-{n}": copy(bill(n)) for n in ("1809890", "1809893", "1809897")},
     }
 
 
@@ -115,7 +128,8 @@ def llama_lookup(tools: Path, model: Path, prompt: str, threads: int, tokens: in
 
 def serve_rounds(model: Path, prompts: dict[str, str], threads: int, tokens: int, rounds: int) -> None:
     """`malhae serve` with --draft lookup and without: one client alone (speculating), then three at once (batched,
-    no drafts), each client a prompt of its own; aggregate generated tok/s over the wall time."""
+    no drafts), each client a prompt of its own. Each client streams and times its answer from the first token to
+    the last (decode only, what speculation changes) and from sending to the last (wall, prompt included)."""
     import http.client
     import threading
 
@@ -123,13 +137,25 @@ def serve_rounds(model: Path, prompts: dict[str, str], threads: int, tokens: int
 
     def post(port: int, prompt: str, out: list) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
-        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "repeat_penalty": 1.0}
+        body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "repeat_penalty": 1.0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        sent = time.perf_counter()
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-        out.append(json.loads(conn.getresponse().read())["usage"]["completion_tokens"])
+        resp, first, used = conn.getresponse(), None, 0
+        while line := resp.readline():
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if first is None and any(c.get("text") for c in event["choices"]):
+                first = time.perf_counter()
+            if event.get("usage"):
+                used = event["usage"]["completion_tokens"]
+        ended = time.perf_counter()
         conn.close()
+        out.append((used, sent, first or ended, ended))
 
     texts = list(prompts.values())
-    rows: dict[tuple[str, int], list[float]] = {}
+    rows: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in range(rounds):
         for draft in (("lookup", None) if r % 2 == 0 else (None, "lookup")):
             opts = Options(path=model, model_id=model.stem, port=0, threads=threads, parallel=3, n_ctx=2048,
@@ -137,19 +163,21 @@ def serve_rounds(model: Path, prompts: dict[str, str], threads: int, tokens: int
             with Server(opts) as server:
                 server.state.ready.wait(600)
                 for clients in (1, 3):
-                    done: list[int] = []
+                    done: list[tuple[int, float, float, float]] = []
                     workers = [threading.Thread(target=post, args=(server.port, texts[i % len(texts)], done))
                                for i in range(clients)]
-                    started = time.perf_counter()
                     for w in workers:
                         w.start()
                     for w in workers:
                         w.join()
-                    rows.setdefault((draft or "off", clients), []).append(sum(done) / (time.perf_counter() - started))
-    print("\n| malhae serve | 1 client tok/s | 3 clients aggregate tok/s |\n|---|---:|---:|")
+                    decode = statistics.mean((n - 1) / (end - first) for n, _, first, end in done)
+                    wall = sum(n for n, *_ in done) / (max(d[3] for d in done) - min(d[1] for d in done))
+                    rows.setdefault((draft or "off", clients), []).append((decode, wall))
+    print("\n| malhae serve | 1 client: decode tok/s | wall tok/s | 3 clients: decode tok/s each | aggregate wall "
+          "tok/s |\n|---|---:|---:|---:|---:|")
     for draft in ("off", "lookup"):
-        one, three = (statistics.median(rows[draft, n]) for n in (1, 3))
-        print(f"| --draft {draft} | {one:.1f} | {three:.1f} |")
+        cells = [f"{statistics.median(x[i] for x in rows[draft, n]):.1f}" for n in (1, 3) for i in (0, 1)]
+        print(f"| --draft {draft} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
