@@ -11,11 +11,12 @@ round, too much to tell two draft-length rules apart. This script separates the 
    prompt's length in the cache). Greedy speculation yields exactly the plain answer, so which guesses are kept is
    known; only the cost table is a model (the median decode time of each row count).
 
-Policies: malhae (app.runtime's Lookup and the Speculator's DraftLength, as `--draft lookup` runs them); fixed k
-(every guess chain of up to k tokens verified, as upstream llama-lookup does with `--spec-draft-n-max k`); and the
-oracle (the same guesses, each step verifying exactly as many as maximise that step's tokens per second: it knows
-which will be kept, so no policy of lookup's guesses can beat it on this cost table). Prints a markdown table of
-projected speed × plain decoding.
+Policies: malhae (app.runtime's Lookup and the Speculator's DraftLength, as `--draft lookup` runs them; a test
+checks that the replay proposes and keeps exactly what the engine does); fixed k (every guess chain of up to k tokens
+verified, as upstream llama-lookup does with `--spec-draft-n-max k`); and the oracle: the same guesses, verified at
+every step as far as makes the whole answer fastest, knowing which will be kept. No rule for lookup's draft lengths
+can beat the oracle on this cost table: it is the ceiling of prompt lookup on this machine. Prints a markdown table
+of projected speed × plain decoding.
 """
 
 from __future__ import annotations
@@ -72,10 +73,11 @@ def kept(draft: list[int], answer: list[int], j: int) -> int:
 
 def replay(case: dict[str, list[int]], costs: dict[int, float], policy: str | int) -> tuple[float, int, int]:
     """(projected speed × plain, tokens proposed, tokens kept) of one answer under `policy`."""
+    if policy == "oracle":
+        return oracle(case, costs)
     prompt, answer = case["prompt"], case["answer"]
     spec = Speculator(Lookup(), 16)
     spec.length = length = DraftLength(16, costs=costs)
-    lookup = spec.drafter
     j, seconds, proposed, accepted = 1, 0.0, 0, 0  # the first token comes from the prompt's evaluation
     while j < len(answer):
         history, limit = prompt + answer[:j], len(answer) - j - 1
@@ -84,18 +86,33 @@ def replay(case: dict[str, list[int]], costs: dict[int, float], policy: str | in
             n = kept(draft, answer, j)
             if draft:
                 length.observe(keys, n)
-        elif policy == "oracle":
-            _, draft = lookup.propose(history, min(limit, 16))
-            n = kept(draft, answer, j)
-            best = max(range(len(draft) + 1), key=lambda k: (min(k, n) + 1) / length.row_cost(k + 1))
-            draft, n = draft[:best], min(best, n)
         else:
-            _, draft = lookup.propose(history, min(limit, int(policy)))
+            _, draft = spec.drafter.propose(history, min(limit, int(policy)))
             n = kept(draft, answer, j)
         seconds += length.row_cost(1 + len(draft))
         proposed, accepted, j = proposed + len(draft), accepted + n, j + n + 1
     spec.close()
     return (len(answer) - 1) * length.row_cost(1) / seconds, proposed, accepted
+
+
+def oracle(case: dict[str, list[int]], costs: dict[int, float]) -> tuple[float, int, int]:
+    """The least time any draft length rule could take with lookup's guesses: a lookup's guesses after a history do
+    not depend on how the history was reached, so the best number to verify at every position follows by dynamic
+    programming from the end of the answer."""
+    prompt, answer = case["prompt"], case["answer"]
+    lookup, length = Lookup(), DraftLength(16, costs=costs)
+    end = len(answer)
+    right = [0] * end  # right[j]: how many of the guesses after answer[:j] are kept
+    for j in range(1, end):
+        _, draft = lookup.propose(prompt + answer[:j], min(16, end - j - 1))
+        right[j] = kept(draft, answer, j)
+    best, step = [0.0] * (end + 1), [0] * (end + 1)
+    for j in range(end - 1, 0, -1):
+        best[j], step[j] = min((length.row_cost(k + 1) + best[j + k + 1], k) for k in range(right[j] + 1))
+    j, verified = 1, 0
+    while j < end:
+        verified, j = verified + step[j], j + step[j] + 1
+    return (end - 1) * length.row_cost(1) / best[1], verified, verified
 
 
 def main() -> None:

@@ -320,3 +320,24 @@ def test_draft_length_learns_from_its_first_drafts():
     lengths.timed(1, 0.078)
     assert lengths.reach(16) == 16 and lengths.cut(["sure"] * 16) == 16
     assert lengths.reach(16, draft_seconds=0.078) == 0  # unless each drafted token costs as much as a decode
+
+
+def test_the_replay_benchmark_drafts_exactly_as_the_engine_does():
+    """benchmarks/lookup_replay.py projects speeds from recorded answers; its figures mean something only if it makes
+    the choices the engine makes. With the same fixed costs, the engine's proposed and kept counts are the replay's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lookup_replay", ROOT / "benchmarks" / "lookup_replay.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    sampling = Sampling(temperature=0, repeat_penalty=1.0, max_tokens=200, ignore_eos=True)
+    with speculating("lookup") as engine:
+        for prompt in PROMPTS[:3]:
+            engine.speculator.length = DraftLength(engine.speculator.draft_max, costs=GPU_LIKE, draft_cost=0.0)
+            _, ids, stats = run(engine, prompt, sampling)
+            case = {"prompt": engine.tokenize(prompt), "answer": ids}
+            _, proposed, accepted = replay.replay(case, GPU_LIKE, "malhae")
+            assert stats.draft_accepted > 20  # drafts were made and kept
+            assert (proposed, accepted) == (stats.draft_proposed, stats.draft_accepted)
+            oracle, _, best = replay.replay(case, GPU_LIKE, "oracle")
+            assert best >= accepted and oracle >= replay.replay(case, GPU_LIKE, "malhae")[0]
