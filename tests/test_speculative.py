@@ -165,6 +165,39 @@ def test_draft_models_of_another_vocabulary_are_refused(tmp_path, checkpoints):
         Engine(DEMO, n_ctx=256, threads=2, gpu_layers=0, draft=renamed)
 
 
+def test_a_draft_models_cost_per_token_leaves_out_reading_a_new_prompt(plain, monkeypatch):
+    """A draft model first reads the whole prompt; counting that as drafting time made one drafted token look as dear
+    as hundreds, so drafting never paid again (the demo as a perfect draft for its heavy twin: 6 tokens proposed in
+    200). The clock is faked: evaluating costs a second per token, drafting nothing."""
+    import types
+
+    from app.runtime import draft as draft_module
+    from app.runtime.draft import CATCH_UP, DraftModel
+    from app.runtime.engine import common_prefix
+
+    clock = [0.0]
+    monkeypatch.setattr(draft_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    drafter = DraftModel(Engine(DEMO, n_ctx=1024, threads=2, gpu_layers=0), plain.model)
+    evaluate = drafter.engine.evaluate
+
+    def timed(tokens: list[int]) -> None:
+        clock[0] += len(tokens) - min(common_prefix(drafter.engine.cache, tokens), len(tokens) - 1)
+        evaluate(tokens)
+
+    drafter.engine.evaluate = timed
+    try:
+        history = plain.tokenize(PROMPTS[0])
+        assert len(history) > CATCH_UP
+        _, draft = drafter.propose(history, 4)
+        assert draft and drafter.seconds_per_token == 0.0  # the prompt was read, nothing was spent drafting
+        # two guesses kept (already in the draft's cache), then the target's own token: one to catch up on, which
+        # is part of what drafting costs
+        _, again = drafter.propose(history + draft[:2] + [7], 4)
+        assert again and drafter.seconds_per_token == pytest.approx(1 / len(again))
+    finally:
+        drafter.close()
+
+
 def test_lookup_guesses_the_confident_continuation_of_the_longest_match():
     lookup = Lookup(n_max=3)
     once = (3, 1, True)  # a 3-gram seen once, always followed by the guess

@@ -114,6 +114,7 @@ class Lookup:
         pass
 
 
+CATCH_UP = 64  # a draft model evaluating more new tokens than this is reading a new prompt, not drafting
 SURE = (0.9, 0.7, 0.5, 0.0)  # a draft model's guesses are told apart by how sure it was: p of its top token ≥ these
 
 
@@ -141,6 +142,8 @@ class DraftModel:
             return [], []
         started = time.perf_counter()
         engine.evaluate(history)
+        if len(history) - engine.stats.cached_tokens > CATCH_UP:  # a new prompt: paid once, not per drafted token
+            started = time.perf_counter()
         ctx, n_vocab = engine.ctx.ptr, engine.n_vocab
         keys: list[Hashable] = []
         draft: list[int] = []
