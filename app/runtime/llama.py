@@ -196,7 +196,8 @@ class Context(Owned):
     """An inference context on a Model; precise=True keeps K/V in f32 and turns flash attention off (for parity)."""
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int = DEFAULT_BATCH, threads: int | None = None,
-                 precise: bool = False, n_seq: int = 1, n_ubatch: int | None = None, unified_kv: bool = False):
+                 precise: bool = False, n_seq: int = 1, n_ubatch: int | None = None, unified_kv: bool = False,
+                 eval_callback: object | None = None):
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -210,6 +211,10 @@ class Context(Owned):
         if precise:
             params.type_k = params.type_v = lc.GGML_TYPE_F32
             params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        if eval_callback is not None:  # sees every node of the graph as it is computed (app.runtime.activations)
+            params.cb_eval = eval_callback
+            params.cb_eval_user_data = None
+        self.eval_callback = eval_callback  # llama.cpp calls it for as long as the context lives
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -20,26 +21,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from app.runtime import llama
+from app.runtime import ggml, llama
 from app.runtime.settings import check
 
 ROWS_PER_TASK_ELEMENTS = 1 << 21  # 2 Mi values (8 MiB of f32) per task
-
-
-@cache
-def _lib() -> ctypes.CDLL:
-    base = llama.lib_dir()
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-        if (base / name).exists():
-            lib = ctypes.CDLL(str(base / name))
-            break
-    else:
-        raise RuntimeError(f"ggml's base library is not in {base}; reinstall llama-cpp-python")
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
-    return lib
 
 
 @cache
@@ -52,7 +37,7 @@ def quantize_rows(rows_f32, qtype: QT, n_rows: int, n_per_row: int) -> np.ndarra
     block, type_size = GGML_QUANT_SIZES[qtype]
     if n_per_row % block:
         raise ValueError(f"rows of {n_per_row} values cannot be split into {qtype.name} blocks of {block}")
-    lib = _lib()
+    lib = ggml.base()
     lib.ggml_quantize_init(int(qtype))
     row_bytes = n_per_row // block * type_size
     out = np.empty((n_rows, row_bytes), dtype=np.uint8)
@@ -71,12 +56,40 @@ def quantize_rows(rows_f32, qtype: QT, n_rows: int, n_per_row: int) -> np.ndarra
     return out
 
 
-def quantize_file(src: Path, dst: Path, ftype: int, threads: int = 0, *, dry_run: bool = False) -> int:
+def quantize_file(src: Path, dst: Path, ftype: int, threads: int = 0, *, dry_run: bool = False,
+                  imatrix: Mapping[str, np.ndarray] | None = None, kv: Mapping[str, str | int] | None = None) -> int:
     """llama_model_quantize from `src` to `dst` as file type `ftype`; returns its code (0: done). Its per-tensor log
-    lines (progress, each tensor's chosen type, the reason of a failure) reach whoever listens (llama.log_to)."""
+    lines (progress, each tensor's chosen type, the reason of a failure) reach whoever listens (llama.log_to).
+
+    `imatrix`: per weight name the float32 column importances (llama-quantize's sums / counts), handed over as
+    llama_model_imatrix_data entries; `kv`: metadata written into the output (the quantize.imatrix.* keys), as
+    llama-quantize passes them, through kv_overrides."""
     llama.init()
     params = lc.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = check("threads", threads) if threads else 0  # bounded wherever it came from
     params.dry_run = dry_run
+    keep: list[object] = []  # everything llama.cpp reads through a pointer lives until the call returns
+    if imatrix:
+        entries = (lc.llama_model_imatrix_data * (len(imatrix) + 1))()  # zeroed: the last one ends the array
+        for entry, (name, values) in zip(entries, imatrix.items(), strict=False):
+            data = np.ascontiguousarray(values, dtype=np.float32)
+            keep += [data, name.encode()]
+            entry.name = keep[-1]
+            entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entry.size = data.size
+        params.imatrix = entries
+        keep.append(entries)
+    if kv:
+        overrides = (lc.llama_model_kv_override * (len(kv) + 1))()  # zeroed: an empty key ends the array
+        for o, (key, value) in zip(overrides, kv.items(), strict=False):
+            o.key = key.encode()[:127]
+            if isinstance(value, int):
+                o.tag = lc.LLAMA_KV_OVERRIDE_TYPE_INT
+                o.value.val_i64 = value
+            else:
+                o.tag = lc.LLAMA_KV_OVERRIDE_TYPE_STR
+                o.value.val_str = value.encode()[:127]
+        params.kv_overrides = overrides
+        keep.append(overrides)
     return lc.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
