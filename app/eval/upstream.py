@@ -57,10 +57,15 @@ def run_llama_bench(exe: Path, model: Path, n_prompt: int, n_gen: int, threads: 
     return float(pp), float(tg)
 
 
-def llama_perplexity_exe() -> Path | None:
-    """llama.cpp's own llama-perplexity, where benchmarks/build_llama_tools.py builds it; None when absent."""
-    exe = tools_dir() / "llama-perplexity"
+def tool_exe(name: str) -> Path | None:
+    """One of llama.cpp's own tools (llama-perplexity, llama-imatrix, llama-quantize …), where
+    benchmarks/build_llama_tools.py builds it; None when absent."""
+    exe = tools_dir() / name
     return exe if exe.is_file() else None
+
+
+def llama_perplexity_exe() -> Path | None:
+    return tool_exe("llama-perplexity")
 
 
 def run_llama_perplexity(exe: Path, model_path: Path, text_path: Path, *, n_ctx: int = 512,

@@ -109,15 +109,20 @@ def text_windows(model: Model, tokens: list[int], layout: Layout) -> list[list[i
     return chunks
 
 
-def context_for(model: Model, layout: Layout, threads: int | None) -> Context:
+def context_for(model: Model, layout: Layout, threads: int | None, eval_callback: object | None = None) -> Context:
     return Context(model, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, threads=threads,
-                   n_seq=layout.n_seq, n_ubatch=DEFAULT_UBATCH)
+                   n_seq=layout.n_seq, n_ubatch=DEFAULT_UBATCH, eval_callback=eval_callback)
 
 
-def scored_logits(ctx: Context, chunks: list[list[int]], layout: Layout) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def scored_logits(ctx: Context, chunks: list[list[int]], layout: Layout, *,
+                  every_position: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """For each window in order: the logits of its scored positions [scored_per_window, n_vocab] (float32) and the
-    tokens they predict. Up to n_seq windows are evaluated per llama_decode; only their logits are held."""
+    tokens they predict. Up to n_seq windows are evaluated per llama_decode; only their logits are held.
+
+    `every_position` asks llama.cpp for the logits of every position, as llama-imatrix does: otherwise llama.cpp
+    computes the last layer's attention output and feed-forward only for the positions whose logits are wanted."""
     n_ctx, n_batch, first = layout.n_ctx, layout.n_batch, layout.first
+    wanted_from = 0 if every_position else first
     n_vocab = ctx.model.n_vocab
     with Batch(n_batch) as batch:
         for group_start in range(0, len(chunks), layout.n_seq):
@@ -132,15 +137,16 @@ def scored_logits(ctx: Context, chunks: list[list[int]], layout: Layout) -> Iter
                     rows = slice(s * size, (s + 1) * size)
                     batch.token[rows] = chunk[start:start + size]
                     batch.pos[rows] = positions
-                    batch.wants_logits[rows] = positions >= first
+                    batch.wants_logits[rows] = positions >= wanted_from
                     for i in range(s * size, (s + 1) * size):
                         batch.set_seqs(i, (s,))
                 ctx.decode(batch, "try a smaller --batch or --ctx")
                 lo = max(start, first)
                 per_seq = start + size - lo  # outputs each sequence produced in this decode, in batch order
                 if per_seq > 0:
-                    got = ctx.output_logits(per_seq * len(group))
-                    out[:, lo - first:lo - first + per_seq] = got.reshape(len(group), per_seq, n_vocab)
+                    n_out = start + size - max(start, wanted_from)  # outputs per sequence, in batch order
+                    got = ctx.output_logits(n_out * len(group)).reshape(len(group), n_out, n_vocab)
+                    out[:, lo - first:lo - first + per_seq] = got[:, n_out - per_seq:]
             for s, chunk in enumerate(group):
                 yield out[s, :layout.scored_per_window], np.asarray(chunk[first + 1:], dtype=np.int64)
 
