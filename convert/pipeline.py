@@ -26,6 +26,7 @@ from app.errors import UserError
 from app.runtime import templates
 from app.runtime.gguf_info import read_info
 from convert import gguf_out, parity, quantize
+from convert import imatrix as imatrix_file
 from convert import types as out_types
 from convert.checkpoint import Checkpoint
 from convert.config import NeoXConfig, read_config
@@ -108,15 +109,23 @@ def _check_space(directory: Path, needed: int) -> None:
 
 
 def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool = False, threads: int | None = None,
-            progress: Progress | None = None, name: str | None = None, template: str | None = None) -> Result:
+            progress: Progress | None = None, name: str | None = None, template: str | None = None,
+            imatrix: str | Path | None = None) -> Result:
+    """`imatrix`: "auto" (computed on the staged F16 over malhae's Korean calibration text) or an imatrix file
+    (checked against this model before anything is written); None quantizes without one."""
     start = time.perf_counter()
     otype = out_types.get(type_name)
+    imatrix = check_imatrix_option(otype, imatrix)
     forced = templates.get(template) if template else None
     cfg = read_config(src)
     vocab = read_vocab(src, cfg.n_vocab, {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id})
     ckpt = Checkpoint(src, (lambda d, t: progress("reading", d, t)) if progress else None)
     staged = QT.F16 if otype.direct is None else otype.direct  # what is written first; quantizer types start from f16
     tensors = gguf_out.plan(cfg, ckpt, staged)
+    given = None
+    if isinstance(imatrix, Path):  # a file made for another model is refused now, not after the conversion
+        given = imatrix_file.read(imatrix)
+        imatrix_file.check_model(given, ((t.gguf_name, list(t.shape[::-1])) for t in tensors), imatrix.name)
     hub, name, folder = identity(src, name, cfg)
     chat = forced or templates.identify(hub, name, folder)
     # a local checkpoint is recorded by its folder's name only: the file must not carry the user's home path (people
@@ -148,8 +157,14 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
                                  (lambda d, t: progress("writing", d, t)) if progress else None)
             final_path = staged_path
             if otype.direct is None:
-                quantize.quantize(staged_path, quant_path, int(otype.ftype), threads,
-                                  (lambda d, t: progress("quantizing", d, t)) if progress else None)
+                with files.partial(out, "imatrix") as computed:
+                    used, label = (imatrix, imatrix.name) if given is not None else (None, None)
+                    if imatrix == "auto":
+                        _calibrate(staged_path, computed, threads, progress)
+                        used, label = computed, "auto"
+                    quantize.quantize(staged_path, quant_path, int(otype.ftype), threads,
+                                      (lambda d, t: progress("quantizing", d, t)) if progress else None,
+                                      imatrix=used, imatrix_label=label)
                 staged_path.unlink()
                 final_path = quant_path
             report = parity.check(src / "tokenizer.json", final_path, vocab.specials, vocab.pre)
@@ -166,6 +181,32 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
                   parity_texts=report.texts, parity_tokens=report.tokens, pre=vocab.pre, tensor_types=tensor_types,
                   template=chat.name if chat else None)
 
+
+def check_imatrix_option(otype: out_types.OutType, imatrix: str | Path | None) -> str | Path | None:
+    """The --imatrix option against the type, before any work: "auto", a Path, or None."""
+    if imatrix is None or imatrix == "":
+        if otype.needs_imatrix:
+            raise UserError(f"--type {otype.name} needs an importance matrix (llama.cpp refuses it without one); add "
+                            "--imatrix auto to compute one on malhae's Korean text, or --imatrix FILE")
+        return None
+    if otype.direct is not None:
+        raise UserError(f"--imatrix guides llama.cpp's quantizer, and --type {otype.name} is written without it; "
+                        "use it with a quantized type such as q4_k_m, q3_k_m or iq3_xxs, or leave it out")
+    if str(imatrix).strip().lower() == "auto":
+        return "auto"
+    return Path(imatrix)
+
+
+def _calibrate(staged: Path, out: Path, threads: int | None, progress: Progress | None) -> None:
+    """--imatrix auto: the importance matrix of the staged F16 over malhae's calibration corpus, into `out`."""
+    from convert import importance
+
+    datasets, text = importance.calibration(None)
+    n_ctx = min(importance.DEFAULT_CTX, int(read_info(staged).arch_int("context_length") or importance.DEFAULT_CTX))
+    im, _, _ = importance.compute_file(staged, text, datasets=datasets, n_ctx=n_ctx, threads=threads,
+                                       progress=(lambda d, t, _p: progress("calibrating", d, t)) if progress
+                                       else None)
+    imatrix_file.write(im, out, force=True)
 
 
 def summarize(path: Path) -> tuple[dict[str, int], int, int]:

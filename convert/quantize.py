@@ -20,15 +20,22 @@ from pathlib import Path
 
 from app import children
 from app.errors import UserError
+from convert.imatrix import Imatrix
 
 _PROGRESS = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
 
 
 def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
-             progress: Callable[[int, int], None] | None = None) -> None:
+             progress: Callable[[int, int], None] | None = None, *, imatrix: Path | None = None,
+             imatrix_label: str | None = None) -> None:
+    """Quantize `src` into `dst`; with `imatrix` (a file convert.imatrix reads, already checked against the model),
+    its column importances guide the quantizer and the quantize.imatrix.* keys record it (`imatrix_label`: the
+    name to record as quantize.imatrix.file, default the file's name, never its full path)."""
     root = str(Path(__file__).resolve().parent.parent)  # so the child imports this same copy of malhae
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "convert.quantize", str(src), str(dst), str(int(ftype)), str(threads or 0)]
+    if imatrix is not None:
+        cmd += [str(imatrix), imatrix_label or imatrix.name]
     proc = children.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True, lifeline=True)
     result: list[str] | None = None
@@ -53,9 +60,21 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
         raise UserError(f"llama.cpp's quantizer failed: {result[2] if len(result) > 2 else 'no reason given'}")
 
 
-def _child(src: str, dst: str, ftype: int, threads: int) -> int:
+def imatrix_keys(im: Imatrix, label: str) -> dict[str, str | int]:
+    """The metadata llama-quantize records about the imatrix a file was quantized with (read by `malhae info`)."""
+    keys: dict[str, str | int] = {"quantize.imatrix.file": label}
+    if im.datasets:
+        keys["quantize.imatrix.dataset"] = im.datasets[0]
+    keys["quantize.imatrix.entries_count"] = len(im.sums)
+    if im.chunk_count > 0:
+        keys["quantize.imatrix.chunks_count"] = im.chunk_count
+    return keys
+
+
+def _child(src: str, dst: str, ftype: int, threads: int, imatrix: str | None = None, label: str = "") -> int:
     children.watch_parent()
     from app.runtime import llama, quant
+    from convert.imatrix import read
 
     last_error: list[str] = []
 
@@ -67,12 +86,16 @@ def _child(src: str, dst: str, ftype: int, threads: int) -> int:
             last_error.append(message.strip())
 
     llama.init(verbose=False)
+    means, keys = None, None
+    if imatrix:
+        im = read(Path(imatrix))
+        means, keys = im.means(), imatrix_keys(im, label)
     with llama.log_to(sink):
-        rc = quant.quantize_file(Path(src), Path(dst), ftype, threads)
+        rc = quant.quantize_file(Path(src), Path(dst), ftype, threads, imatrix=means, kv=keys)
     reason = (last_error[-1] if last_error else "").replace("\n", " ")
     print("done", rc, reason, flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+    sys.exit(_child(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:7]))

@@ -2,7 +2,9 @@
 
 f32, f16, bf16 and q8_0 are written directly (no second pass); the k-quants and the other block formats go through
 llama.cpp's own quantizer from a temporary f16 file, so they are bit-for-bit what `llama-quantize` would make.
-Types that need an importance matrix (IQ1/IQ2/IQ3, Q2_K_S) are left out: without one they are unusable.
+The types llama.cpp quantizes only with an importance matrix (its tensor_requires_imatrix: IQ1, IQ2, IQ3_XXS and the
+mixes made of them, Q2_K_S) say so (`needs_imatrix`), and are refused without `--imatrix` before any work starts;
+tests/test_imatrix.py holds this table to llama.cpp's own refusals.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ class OutType:
     direct: QT | None  # the 2-D tensor type when written directly; None when llama.cpp's quantizer makes it
     bpw: float  # typical bits per weight, for the free-space estimate only
     about: str
+    needs_imatrix: bool = False  # llama.cpp refuses to make it without an importance matrix
 
 
 TYPES: dict[str, OutType] = {t.name: t for t in (
@@ -43,7 +46,18 @@ TYPES: dict[str, OutType] = {t.name: t for t in (
     OutType("q3_k_l", FT.MOSTLY_Q3_K_L, None, 4.3, "3-bit, noticeable loss"),
     OutType("q3_k_m", FT.MOSTLY_Q3_K_M, None, 3.9, "3-bit, noticeable loss"),
     OutType("q3_k_s", FT.MOSTLY_Q3_K_S, None, 3.5, "3-bit, large loss"),
+    OutType("iq3_m", FT.MOSTLY_IQ3_M, None, 3.7, "3-bit lattice mix; best with an imatrix"),
+    OutType("iq3_s", FT.MOSTLY_IQ3_S, None, 3.5, "3-bit lattice; best with an imatrix"),
+    OutType("iq3_xs", FT.MOSTLY_IQ3_XS, None, 3.3, "3-bit lattice, smaller", True),
+    OutType("iq3_xxs", FT.MOSTLY_IQ3_XXS, None, 3.1, "3-bit lattice, smallest", True),
     OutType("q2_k", FT.MOSTLY_Q2_K, None, 3.4, "2-bit, large loss; a last resort"),
+    OutType("q2_k_s", FT.MOSTLY_Q2_K_S, None, 3.0, "2-bit, smaller", True),
+    OutType("iq2_m", FT.MOSTLY_IQ2_M, None, 2.7, "2-bit lattice mix", True),
+    OutType("iq2_s", FT.MOSTLY_IQ2_S, None, 2.5, "2-bit lattice", True),
+    OutType("iq2_xs", FT.MOSTLY_IQ2_XS, None, 2.3, "2-bit lattice, smaller", True),
+    OutType("iq2_xxs", FT.MOSTLY_IQ2_XXS, None, 2.1, "2-bit lattice, smallest", True),
+    OutType("iq1_m", FT.MOSTLY_IQ1_M, None, 1.8, "1.75-bit; for the largest models only", True),
+    OutType("iq1_s", FT.MOSTLY_IQ1_S, None, 1.6, "1.56-bit; for the largest models only", True),
 )}
 
 

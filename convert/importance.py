@@ -1,0 +1,124 @@
+"""`malhae imatrix`: the importance matrix of a GGUF over a text, computed by llama.cpp as `llama-imatrix` computes it.
+
+The procedure is llama-imatrix's (tools/imatrix/imatrix.cpp, compute_imatrix), so that the two give the same file:
+the text is tokenized once and cut into chunks of `--ctx` tokens exactly as llama-perplexity cuts its windows
+(app.eval.windows: BOS in front of a chunk when the vocabulary adds one, a shorter tail dropped, n_batch/n_ctx chunks
+per decode as separate sequences), every position's logits are requested (else llama.cpp skips the last layer's
+feed-forward for positions nobody reads), and app.runtime.activations adds up the squared inputs of every `blk.*`
+matrix multiplication while llama.cpp evaluates. The second half of each chunk is scored as llama-imatrix scores it,
+so the perplexity it prints is a check that the model reads the text sensibly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from app.errors import UserError
+from app.eval.scoring import NLLSum, log_prob
+from app.eval.windows import DEFAULT_BATCH, Layout, check_context, context_for, read_text, scored_logits, text_tokens
+from app.eval.windows import text_windows as windows_of
+from app.runtime.activations import MIN_ROWS, SquareSums
+from app.runtime.llama import Model
+from convert import corpus
+from convert.imatrix import Imatrix, write
+
+Progress = Callable[[int, int, float], None]  # (chunks done, chunks in all, running perplexity)
+MAX_CHUNKS = 1 << 20
+DEFAULT_CTX = 512  # llama-imatrix's default
+FULL_PRECISION = {"f32", "f16", "bf16", "q8_0"}  # types an imatrix is faithfully computed on
+
+
+@dataclass(frozen=True)
+class Result:
+    path: Path | None
+    entries: int
+    chunks: int
+    chunk_size: int
+    text_tokens: int
+    ppl: float
+    seconds: float
+    datasets: tuple[str, ...]
+
+
+def compute(model: Model, text: str, *, n_ctx: int = DEFAULT_CTX, n_batch: int = DEFAULT_BATCH,
+            chunks: int | None = None, threads: int | None = None, datasets: tuple[str, ...] = (),
+            output: bool = False, copy: bool | None = None, progress: Progress | None = None,
+            notify: Callable[[str], None] | None = None) -> tuple[Imatrix, float, int]:
+    """(the importance matrix, the perplexity of the scored halves, the text's tokens) of `text` under `model`."""
+    if n_ctx < MIN_ROWS:
+        raise UserError(f"--ctx {n_ctx} is too small: llama.cpp's importance matrix ignores batches of fewer than "
+                        f"{MIN_ROWS} tokens; use --ctx 512 (llama-imatrix's default) or at least {MIN_ROWS}")
+    if chunks is not None and not 1 <= chunks <= MAX_CHUNKS:
+        raise UserError(f"--chunks {chunks} must be from 1 to {MAX_CHUNKS} (default: all the text)")
+    if not text.strip():
+        raise UserError("the calibration text is empty; give a UTF-8 text file with some Korean in it (--text)")
+    layout = Layout.of(n_ctx, n_batch)
+    tokens = text_tokens(model, text)
+    windows = windows_of(model, tokens, layout)[:chunks]
+    check_context(model, n_ctx, notify)
+    collector = SquareSums(output=output, copy=copy)
+    sums = NLLSum()
+    with context_for(model, layout, threads, eval_callback=collector.callback) as ctx:
+        for done, (logits, targets) in enumerate(scored_logits(ctx, windows, layout, every_position=True), start=1):
+            collector.check()
+            sums.add(-log_prob(logits, targets))
+            if progress:
+                progress(done, len(windows), sums.ppl)
+        collector.check()
+    if not collector.sums:
+        raise UserError(f"no matrix multiplication of {model.path.name} reached the collector; is it a model "
+                        "llama.cpp evaluates on the CPU or GPU (not a vocabulary-only file)?")
+    im = Imatrix(dict(collector.sums), dict(collector.counts), list(datasets),
+                 chunk_count=len(windows), chunk_size=layout.n_ctx)
+    return im, sums.ppl, len(tokens)
+
+
+def calibration(text_path: Path | None) -> tuple[tuple[str, ...], str]:
+    """(dataset names, text): a user's file, or malhae's Korean calibration corpus when none is given."""
+    if text_path is None:
+        name, text = corpus.calibration_text()
+        return (name,), text
+    return (text_path.name,), read_text(text_path)
+
+
+def compute_file(model_path: Path, text: str, *, datasets: tuple[str, ...], n_ctx: int = DEFAULT_CTX,
+                 n_batch: int = DEFAULT_BATCH, chunks: int | None = None, threads: int | None = None,
+                 gpu_layers: str | int | None = "auto", output: bool = False, progress: Progress | None = None,
+                 notify: Callable[[str], None] | None = None) -> tuple[Imatrix, float, int]:
+    """Load the GGUF (offloaded as --gpu-layers says) and compute; `n_ctx` is capped at what it was trained on."""
+    from app.runtime import hardware, offload
+    from app.runtime.engine import check_model_file
+
+    info = check_model_file(model_path)
+    if info.file_type and info.file_type not in FULL_PRECISION and notify:
+        notify(f"{model_path.name} is {info.file_type}: an importance matrix is best computed on the F16 (or Q8_0) "
+               "file the quantized one is made from")
+    layout = Layout.of(n_ctx, n_batch)
+    plan = offload.choose(info, gpu_layers, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, notify=notify)
+    with Model(model_path, n_gpu_layers=plan.n_gpu_layers) as model:
+        return compute(model, text, n_ctx=n_ctx, n_batch=n_batch, chunks=chunks,
+                       threads=threads or hardware.physical_cores(), datasets=datasets, output=output,
+                       progress=progress, notify=notify)
+
+
+def run(model_path: Path, out: Path, *, text_path: Path | None = None, force: bool = False,
+        n_ctx: int = DEFAULT_CTX, n_batch: int = DEFAULT_BATCH, chunks: int | None = None,
+        threads: int | None = None, gpu_layers: str | int | None = "auto", output: bool = False,
+        progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> Result:
+    """Everything `malhae imatrix` does: check the cheap things first (output path, text), then load and compute."""
+    from app import files
+
+    files.check_target(out, force, replace_hint="add --force to overwrite it", other_hint="choose another -o")
+    datasets, text = calibration(text_path)
+    if not text.strip():
+        raise UserError(f"{text_path} is empty; give a UTF-8 text file with some Korean in it")
+    started = time.perf_counter()
+    im, ppl, n_tokens = compute_file(model_path, text, datasets=datasets, n_ctx=n_ctx, n_batch=n_batch,
+                                     chunks=chunks, threads=threads, gpu_layers=gpu_layers, output=output,
+                                     progress=progress, notify=notify)
+    write(im, out, force=force)
+    return Result(out, len(im.sums), im.chunk_count, im.chunk_size, n_tokens, ppl, time.perf_counter() - started,
+                  datasets)
