@@ -1,4 +1,4 @@
-"""Build llama.cpp's own llama-bench, llama-quantize and llama-perplexity from the installed llama-cpp-python's source.
+"""Build llama.cpp's own llama-bench, llama-quantize, llama-perplexity and llama-imatrix from llama-cpp-python's source.
 
     python benchmarks/build_llama_tools.py [--dest DIR] [--cuda] [--server] [--speculative]
 
@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity"]
+TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity", "llama-imatrix"]
 SERVER_TARGETS = ["llama-server"]
 SPECULATIVE_TARGETS = ["llama-lookup", "llama-speculative-simple"]  # the anchors of benchmarks/speculative.py
 

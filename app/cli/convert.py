@@ -10,6 +10,9 @@ from app.cli import options as o
 from app.errors import UserError
 
 THREADS_HELP = "Threads for quantizing (default: the settings file's threads, else all cores)."
+IMATRIX_HELP = ("Importance matrix for the quantizer: auto (computed on malhae's Korean calibration text) or a file "
+                "from `malhae imatrix` or llama-imatrix. Needed by iq1_*, iq2_*, iq3_xxs, iq3_xs, q2_k_s; "
+                "better at every low-bit type.")
 
 
 def convert(
@@ -29,6 +32,7 @@ def convert(
                                         "name or hub id; none when unknown)."),
     add: bool = typer.Option(False, "--add", help="Add the result to the model store (without -o, write it "
                              "there directly) as --name, else <model>-<type>."),
+    imatrix: str | None = typer.Option(None, "--imatrix", help=IMATRIX_HELP),
 ) -> None:
     """Convert a Polyglot-Ko (GPT-NeoX) checkpoint into a GGUF file, proven to tokenize like the original."""
     from app.runtime.llama import init
@@ -41,7 +45,8 @@ def convert(
         return
     if src is None:
         raise UserError("give the model directory: malhae convert ./polyglot-ko-1.3b --type q4_k_m")
-    out_types.get(type_name)  # an unknown --type is the cheapest mistake to report
+    # an unknown --type, or one that needs an imatrix and has none, are the cheapest mistakes to report
+    imatrix = pipeline.check_imatrix_option(out_types.get(type_name), imatrix)
     threads = o.settings_for("convert", threads=threads)[0]["threads"]
     target = None
     if add:  # a taken store name is refused now, not after minutes of converting
@@ -54,7 +59,7 @@ def convert(
     init(o.verbose())
     with convert_view.ConvertProgress() as progress:
         result = pipeline.convert(src, type_name, output, force=force, threads=threads, progress=progress.update,
-                                  name=name, template=template)
+                                  name=name, template=template, imatrix=imatrix)
     convert_view.convert_summary(result)
     if target is not None:
         from app.store import models_view
@@ -80,6 +85,7 @@ def pull(
     force: bool = typer.Option(False, "--force", "-f", help="Replace a model of the same name in the store."),
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit on the hub (default: main)."),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
+    imatrix: str | None = typer.Option(None, "--imatrix", help=IMATRIX_HELP),
 ) -> None:
     """Download a checkpoint from the Hugging Face hub, convert it and add it to the store (받기)."""
     from app.runtime.llama import init
@@ -90,6 +96,44 @@ def pull(
     init(o.verbose())
     with convert_view.ConvertProgress() as progress:
         pulled = pull_mod.pull(model, type_name, name=name, force=force, revision=revision, threads=threads,
-                               progress=progress.update, before_convert=catalog_view.pull_starting)
+                               progress=progress.update, before_convert=catalog_view.pull_starting,
+                               imatrix=imatrix)
     convert_view.convert_summary(pulled.result)
     catalog_view.pulled(pulled)
+
+
+def imatrix(
+    model: str | None = typer.Argument(None, help="GGUF file (F16, BF16 or F32 is best) or store name."),
+    text: Path | None = typer.Option(None, "--text", help="UTF-8 calibration text (default: malhae's Korean "
+                                     "corpus: the constitution, bills and dialogues; never the held-out bills)."),
+    output: Path | None = typer.Option(None, "--output", "-o", help="Output file (default: "
+                                       "./<model>.imatrix.gguf)."),
+    force: bool = typer.Option(False, "--force", "-f", help="Overwrite the output file if it exists."),
+    ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-imatrix's --ctx-size)."),
+    chunks: int | None = typer.Option(None, "--chunks", help="Use at most this many chunks (default: all the "
+                                      "text)."),
+    batch: o.Batch = 2048, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    process_output: bool = typer.Option(False, "--process-output", help="Also collect for output.weight (as "
+                                        "llama-imatrix --process-output)."),
+) -> None:
+    """Compute an importance matrix (llama-imatrix's GGUF format) for quantizing with --imatrix."""
+    from app import ui
+    from app.eval import views
+    from app.eval.windows import read_text
+    from app.runtime.llama import init
+    from app.store import convert_view, models
+    from convert import importance
+
+    if model is None:
+        raise UserError("give the model: malhae imatrix polyglot-ko-5.8b-f16.gguf (the F16 you will quantize)")
+    if text is not None:
+        read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
+    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    init(o.verbose())
+    path = models.resolve(model, ui.note)
+    out = (output or Path.cwd() / f"{path.name.removesuffix('.gguf')}.imatrix.gguf").absolute()
+    with views.WindowProgress("importance matrix", "ppl {:.3f}") as progress:
+        result = importance.run(path, out, text_path=text, force=force, n_ctx=ctx, n_batch=batch, chunks=chunks,
+                                threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
+                                output=process_output, progress=progress.update, notify=ui.note)
+    convert_view.imatrix_summary(result)

@@ -56,6 +56,7 @@ app.command()(evaluate.bench)
 app.command()(models.info)
 app.command()(models.recommend)
 app.command()(convert.pull)
+app.command()(convert.imatrix)
 app.add_typer(evaluate.app, name="eval")
 app.add_typer(models.app, name="models")
 

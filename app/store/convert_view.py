@@ -9,7 +9,8 @@ from rich.table import Table
 from app import units
 from app.ui import Bars, err, out
 
-_STAGES = {"reading": "reading checkpoint", "writing": "writing GGUF", "quantizing": "quantizing (llama.cpp)"}
+_STAGES = {"reading": "reading checkpoint", "writing": "writing GGUF", "calibrating": "importance matrix",
+           "quantizing": "quantizing (llama.cpp)"}
 
 
 class ConvertProgress(Bars):
@@ -25,6 +26,8 @@ class ConvertProgress(Bars):
             count = f"{units.gb(done)}/{units.size(total)}"
         elif stage == "quantizing":
             count = f"{done}/{total} tensors"
+        elif stage == "calibrating":
+            count = f"{done}/{total} chunks"
         else:
             count = f"{done}/{total} files"
         self.advance(stage, _STAGES.get(stage, stage), done, total, count=count)
@@ -51,8 +54,17 @@ def types_table(types: dict) -> None:
         table.add_column(col)
     for t in types.values():
         made_by = "malhae (direct)" if t.direct is not None else "llama.cpp quantizer"
+        made_by += ", needs --imatrix" if t.needs_imatrix else ""
         table.add_row(t.name, made_by, f"{t.bpw:g}", t.about)
     out.print(table)
+
+
+def imatrix_summary(result) -> None:
+    out.print(f"wrote {result.path} — {result.entries} matrices, {result.chunks} chunks of {result.chunk_size} "
+              f"tokens, {result.seconds:.1f} s", soft_wrap=True)
+    err.print(f"[dim]text: {', '.join(result.datasets)} ({result.text_tokens:,} tokens); perplexity on it "
+              f"{result.ppl:.3f}; use it with: malhae convert DIR --type iq3_xxs --imatrix {result.path.name}[/dim]",
+              soft_wrap=True)
 
 
 def verify_table(report) -> None:

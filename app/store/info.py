@@ -104,6 +104,7 @@ class ModelInfo:
     tokenizer: Tokenizer
     chat_template: ChatTemplate
     memory: Memory | None
+    imatrix: ImatrixUse | None = None  # the importance matrix it was quantized with (quantize.imatrix.*), if any
 
     @property
     def bits_per_weight(self) -> float:
@@ -116,6 +117,23 @@ class ModelInfo:
         if self.memory is not None:
             data["memory"] |= {"vram": self.memory.vram, "ram": self.memory.ram}
         return data
+
+
+@dataclass(frozen=True)
+class ImatrixUse:
+    file: str | None  # "auto" when malhae computed it during convert
+    dataset: str | None
+    entries: int | None
+    chunks: int | None
+
+
+def _imatrix(info: GGUFInfo) -> ImatrixUse | None:
+    meta = info.metadata
+    if not any(k.startswith("quantize.imatrix.") for k in meta):
+        return None
+    counts = [meta.get(f"quantize.imatrix.{k}") for k in ("entries_count", "chunks_count")]
+    entries, chunks = (v if isinstance(v, int) and not isinstance(v, bool) else None for v in counts)
+    return ImatrixUse(info.text("quantize.imatrix.file"), info.text("quantize.imatrix.dataset"), entries, chunks)
 
 
 def _tokenizer(info: GGUFInfo) -> Tokenizer:
@@ -189,6 +207,11 @@ def describe(path: Path, *, n_ctx: int | None = None, gpu_layers: str | int = "a
              vram_gib: float | None = None) -> ModelInfo:
     check_file(path)
     info = read_info(path, arrays=(Keys.Tokenizer.LIST, Keys.Tokenizer.TOKEN_TYPE))
+    if info.text("general.type") == "imatrix":
+        raise UserError(f"{path.name} is an importance matrix ({len(info.tensors) // 2} matrices, "
+                        f"{info.metadata.get('imatrix.chunk_count', '?')} chunks of "
+                        f"{info.metadata.get('imatrix.chunk_size', '?')} tokens), not a model; quantize with it: "
+                        f"malhae convert DIR --type iq3_xxs --imatrix {path.name}")
     check_shape(info)
     mix = [TypeShare(t, n, b) for t, (n, b) in sorted(info.type_counts().items(), key=lambda kv: -kv[1][1])]
     n_layer = info.arch_int(Keys.LLM.BLOCK_COUNT)
@@ -202,4 +225,4 @@ def describe(path: Path, *, n_ctx: int | None = None, gpu_layers: str | int = "a
         rotary_dims=info.arch_int(Keys.Rope.DIMENSION_COUNT), d_ff=info.arch_int(Keys.LLM.FEED_FORWARD_LENGTH),
         file_type=info.file_type, quantization=mix, tensor_bytes=info.tensor_bytes, tokenizer=_tokenizer(info),
         chat_template=_chat_template(info, info.name or path.stem),
-        memory=memory(info, n_ctx, gpu_layers, vram_gib) if n_layer else None)
+        memory=memory(info, n_ctx, gpu_layers, vram_gib) if n_layer else None, imatrix=_imatrix(info))

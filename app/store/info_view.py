@@ -40,6 +40,13 @@ def info_report(mi, as_json: bool = False) -> None:
                 "custom": f"custom Jinja ({ct.chars} characters); ask and chat render it",
                 "none": f"none in the file; ask and chat use {ct.used}"}[ct.kind]
     facts.add_row("chat template", template)
+    if mi.imatrix is not None:
+        im = mi.imatrix
+        how = "computed by malhae convert --imatrix auto" if im.file == "auto" else f"from {im.file or '?'}"
+        sizes = ", ".join(x for x in (f"{im.chunks} chunks" if im.chunks else "",
+                                      f"{im.entries} matrices" if im.entries else "") if x)
+        facts.add_row("importance matrix", f"{how}, on {im.dataset or 'an unnamed text'}"
+                                           + (f" ({sizes})" if sizes else ""))
     for label, value in (("name", mi.name), ("license", mi.license), ("source", mi.source)):
         if value:
             facts.add_row(label, value)

@@ -157,12 +157,18 @@ def download(hub_id: str, type_name: str, revision: str | None = None, *, cache_
 def pull(name_or_hub_id: str, type_name: str = "q4_k_m", *, name: str | None = None, force: bool = False,
          revision: str | None = None, threads: int | None = None, store=None,
          progress: Callable[[str, int, int], None] | None = None, cache_dir: Path | None = None,
-         endpoint: str | None = None, before_convert: Callable[[Source, Path, bool], None] | None = None) -> Pulled:
-    """Resolve, refuse a taken store name, download (or use the cache), convert into the store."""
+         endpoint: str | None = None, before_convert: Callable[[Source, Path, bool], None] | None = None,
+         imatrix: str | Path | None = None) -> Pulled:
+    """Resolve, refuse a taken store name or a missing imatrix, download (or use the cache), convert into the store."""
     from app.store.local import open_store
+    from convert import imatrix as imatrix_file
     from convert import pipeline
+    from convert import types as out_types
 
     source = resolve(name_or_hub_id, type_name, name)
+    imatrix = pipeline.check_imatrix_option(out_types.get(type_name), imatrix)
+    if isinstance(imatrix, Path):
+        imatrix_file.read(imatrix)  # a wrong file is known before gigabytes are downloaded
     store = store if store is not None else open_store()
     target = store.conversion_target(source.store_name, None, force)  # refuses a taken name before downloading
     snapshot, offline, files = download(source.hub_id, type_name, revision, cache_dir=cache_dir, endpoint=endpoint)
@@ -170,6 +176,6 @@ def pull(name_or_hub_id: str, type_name: str = "q4_k_m", *, name: str | None = N
         before_convert(source, snapshot, offline)
     template = source.entry.template if source.entry else None
     result = pipeline.convert(snapshot, type_name, target.output, force=force, threads=threads, progress=progress,
-                              template=template)
+                              template=template, imatrix=imatrix)
     entry = target.finish(result.path)
     return Pulled(source, snapshot, offline, files, result, entry)
