@@ -2,7 +2,7 @@
 
 The procedure is llama-imatrix's (tools/imatrix/imatrix.cpp, compute_imatrix), so that the two give the same file:
 the text is tokenized once and cut into chunks of `--ctx` tokens exactly as llama-perplexity cuts its windows
-(app.eval.windows: BOS in front of a chunk when the vocabulary adds one, a shorter tail dropped, n_batch/n_ctx chunks
+(app.runtime.windows: BOS in front of a chunk when the vocabulary adds one, a shorter tail dropped, n_batch/n_ctx chunks
 per decode as separate sequences), every position's logits are requested (else llama.cpp skips the last layer's
 feed-forward for positions nobody reads), and app.runtime.activations adds up the squared inputs of every `blk.*`
 matrix multiplication while llama.cpp evaluates. The second half of each chunk is scored as llama-imatrix scores it,
@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from app.errors import UserError
-from app.eval.scoring import NLLSum, log_prob
-from app.eval.windows import DEFAULT_BATCH, Layout, check_context, context_for, read_text, scored_logits, text_tokens
-from app.eval.windows import text_windows as windows_of
 from app.runtime.activations import MIN_ROWS, SquareSums
 from app.runtime.llama import Model
+from app.runtime.logprobs import NLLSum, log_prob
+from app.runtime.windows import DEFAULT_BATCH, Layout, check_context, context_for, read_text, scored_logits, text_tokens
+from app.runtime.windows import text_windows as windows_of
 from convert import corpus
 from convert.imatrix import Imatrix, write
 

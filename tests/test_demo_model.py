@@ -18,22 +18,20 @@ from gguf import GGUFReader
 from tokenizers import Tokenizer
 
 from app.eval.perplexity import perplexity
-from app.eval.windows import windows
 from app.runtime.llama import Context, Model
-from convert import pipeline, verify
+from app.runtime.windows import windows
+from convert import corpus, pipeline, verify
 
 ROOT = Path(__file__).resolve().parent.parent
 HF = ROOT / "models" / "demo" / "hf"
 GGUF = ROOT / "models" / "malhae-demo-ko-f16.gguf"
-BILLS = ROOT / "models" / "data" / "ko-public-domain" / "bills"
-HELD_OUT = ("1809898.txt", "1809899.txt")  # never trained on; see models/demo/train.py
 PROMPT = "대한민국의 주권은"
 ARTICLE_1_2 = "국민에게 있고, 모든 권력은 국민으로부터 나온다"  # 헌법 제1조 제2항
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def _held_out_text() -> str:
-    return "\n".join((BILLS / name).read_text(encoding="utf-8") for name in HELD_OUT)
+    return corpus.held_out_text()  # the two bills never trained on (models/calibration.toml names them)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ import pytest
 
 from app.cli import main
 from app.errors import UserError
-from app.eval import compare, perplexity, upstream, windows
+from app.eval import compare, perplexity, upstream
+from app.runtime import windows
 from app.runtime.llama import Context, Model
 from convert import pipeline
 

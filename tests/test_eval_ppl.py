@@ -18,9 +18,9 @@ from tokenizers import Tokenizer
 
 from app.cli import main
 from app.eval import perplexity, upstream
-from app.eval import windows as win
-from app.eval.windows import Layout
+from app.runtime import windows as win
 from app.runtime.llama import Context, Model
+from app.runtime.windows import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = ROOT / "models" / "malhae-demo-ko-f16.gguf"

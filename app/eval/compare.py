@@ -4,7 +4,7 @@ Why these measures: perplexity alone hides most of the loss — on text unlike t
 uncertainty dominates and a quantized file's perplexity barely moves until the damage is large — while the KL
 divergence KL(P_A ‖ P_B) per token and the share of positions where both pick the same most likely token show it at
 every step (llama-perplexity --kl-divergence reports the same quantities). Both files are evaluated on exactly the
-windows and positions `malhae eval ppl` scores (app.eval.windows), so each file's perplexity here is the one
+windows and positions `malhae eval ppl` scores (app.runtime.windows), so each file's perplexity here is the one
 `eval ppl` prints, and the ratio B/A is the usual headline number.
 
 Memory: the two models are loaded together and the text is processed a decode group at a time (at most n_seq windows
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from app.errors import UserError
-from app.eval import windows
 from app.eval.scoring import NLLSum, log_softmax
-from app.eval.windows import DEFAULT_BATCH, Layout
+from app.runtime import windows
 from app.runtime.llama import Model
+from app.runtime.windows import DEFAULT_BATCH, Layout
 
 Progress = Callable[[int, int, float], None]  # (windows done, windows in all, running mean KL)
 

@@ -1,6 +1,6 @@
 """Perplexity of a GGUF on a text, computed through llama.cpp the way `llama-perplexity` computes it.
 
-The text, its windows and which positions are scored are app.eval.windows' (llama-perplexity's procedure, step by
+The text, its windows and which positions are scored are app.runtime.windows' (llama-perplexity's procedure, step by
 step); the result is exp(mean NLL) and the ± is llama-perplexity's: ppl · sqrt((mean(NLL²) − mean(NLL)²) / (N − 1)).
 
 Deliberate differences: a text of one window is accepted (llama-perplexity wants two), and a context longer than the
@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from app.eval.scoring import NLLSum, log_prob
-from app.eval.windows import (
+from app.runtime.llama import Model
+from app.runtime.windows import (
     DEFAULT_BATCH,
     Layout,
     check_context,
@@ -26,7 +27,6 @@ from app.eval.windows import (
     text_tokens,
     text_windows,
 )
-from app.runtime.llama import Model
 
 Progress = Callable[[int, int, float], None]  # (windows done, windows in all, running perplexity)
 

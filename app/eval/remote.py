@@ -4,7 +4,7 @@ A server cannot hand out logits; what it can return (malhae serve, vLLM; llama-s
 of every prompt token given the ones before it (`echo` + `logprobs` on /v1/completions). That is all both evaluations
 need: a choice's log-likelihood is the sum over its tokens, a perplexity window's NLL the negated values of its scored
 half. The procedures — the harness's left truncation, llama-perplexity's windows — are the local ones' (app.eval.loglik,
-app.eval.windows), so a number from a server and one from the same GGUF here differ only by floating-point rounding.
+app.runtime.windows), so a number from a server and one from the same GGUF here differ only by floating-point rounding.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from app.errors import UserError
 from app.eval.loglik import Choice, check_choices
 from app.eval.perplexity import PerplexityResult, Progress
 from app.eval.scoring import NLLSum
-from app.eval.windows import Layout, read_text, windows
+from app.runtime.windows import Layout, read_text, windows
 
 ECHO_MARGIN = 2  # a scored prompt plus the one token a request must ask for, within the server's context
 WINDOWS_PER_REQUEST = 4

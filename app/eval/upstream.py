@@ -15,8 +15,8 @@ from pathlib import Path
 
 from app import children
 from app.errors import UserError
-from app.eval.windows import DEFAULT_BATCH
 from app.runtime import hardware, llama
+from app.runtime.windows import DEFAULT_BATCH
 
 
 def tools_dir() -> Path:

@@ -2,5 +2,8 @@
 
 llama (bindings: Model, Context, Batch, logs) · engine (streaming generation, KV reuse) · stream (UTF-8 and stop
 strings) · settings (the table of every setting, Sampling) · offload (how many layers on the GPU) · hardware (cores,
-GPUs) · gguf_info (the header and what it means) · templates (prompt formats) · quant (llama.cpp's quantizers).
+GPUs) · gguf_info (the header and what it means) · templates (prompt formats) · quant (llama.cpp's quantizers) · windows
+(a text in llama-perplexity's windows: what eval scores and the importance matrix reads) · logprobs (log-softmax, NLL
+sums) · ggml (ggml's own C functions and tensor struct) · activations (what each weight matrix sees: the importance
+matrix's sums).
 """

@@ -9,6 +9,9 @@ against each other (tests/test_logprobs.py) and lm-eval through the server gets 
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 
 
@@ -61,3 +64,30 @@ def score_rows(logits: np.ndarray, targets: np.ndarray, n_top: int) -> tuple[np.
             order = np.lexsort((row_ids, -row_values))
             tops.append([(int(row_ids[j]), float(row_values[j])) for j in order])
     return out, tops
+
+
+@dataclass
+class NLLSum:
+    """Running sums of NLL and NLL², from which llama-perplexity reports its estimate and its ±."""
+
+    count: int = 0
+    nll: float = 0.0
+    nll2: float = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        self.count += int(values.size)
+        self.nll += float(values.sum())
+        self.nll2 += float((values * values).sum())
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll / self.count) if self.count else float("nan")
+
+    @property
+    def error(self) -> float:
+        """The ± llama-perplexity prints: the standard error of the mean NLL, carried through exp()."""
+        if self.count < 2:
+            return float("nan")
+        mean = self.nll / self.count
+        var = self.nll2 / self.count - mean * mean
+        return math.sqrt(var / (self.count - 1)) * self.ppl if var > 0 else 0.0

@@ -1,4 +1,6 @@
-"""The text a perplexity is measured on, and its windows: what `eval ppl` and `eval compare` both score.
+"""The text a perplexity is measured on, and its windows: what `eval ppl` and `eval compare` both score, and what
+`malhae imatrix` reads (llama-imatrix cuts its chunks exactly as llama-perplexity cuts its windows). In the runtime
+because both eval and convert need it.
 
 Why this way: a perplexity is only comparable with another one measured by the same procedure, and the numbers people
 quote for GGUF files come from llama.cpp's `llama-perplexity`, so this follows its tools/perplexity/perplexity.cpp:
@@ -11,7 +13,8 @@ quote for GGUF files come from llama.cpp's `llama-perplexity`, so this follows i
   least n_ctx/2 tokens of context and the number measures the model, not how little context a window's first
   tokens had;
 - when n_batch ≥ n_ctx, n_batch/n_ctx windows go into one llama_decode as separate sequences (n_seq), in a context of
-  n_seq·n_ctx; when n_batch < n_ctx, a window takes several decodes. Logits are requested only for the scored half.
+  n_seq·n_ctx; when n_batch < n_ctx, a window takes several decodes. Logits are requested only for the scored half
+  (every position for the importance matrix, as llama-imatrix requests them).
 """
 
 from __future__ import annotations
