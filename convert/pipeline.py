@@ -51,6 +51,7 @@ class Result:
     pre: str
     tensor_types: dict[str, int]
     template: str | None = None  # the prompt format written as tokenizer.chat_template (None: none written)
+    imatrix: str | None = None  # the importance matrix quantized with: "auto" or the file's name
 
 
 def default_output(src: Path, type_name: str) -> Path:
@@ -179,7 +180,8 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
     return Result(path=out, type=otype.name, size=size, n_params=n_params,
                   bits_per_weight=data_bytes * 8 / n_params, seconds=time.perf_counter() - start,
                   parity_texts=report.texts, parity_tokens=report.tokens, pre=vocab.pre, tensor_types=tensor_types,
-                  template=chat.name if chat else None)
+                  template=chat.name if chat else None,
+                  imatrix=None if imatrix is None else "auto" if imatrix == "auto" else Path(imatrix).name)
 
 
 def check_imatrix_option(otype: out_types.OutType, imatrix: str | Path | None) -> str | Path | None:

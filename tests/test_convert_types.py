@@ -1,4 +1,5 @@
-"""Every output type `malhae convert --type` offers is written, loads in llama.cpp and generates."""
+"""Every output type `malhae convert --type` offers (the IQ types with --imatrix auto where they need one) is
+written, loads in llama.cpp and generates."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ MAIN_TENSOR_TYPE = {
     "f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q6_k": "Q6_K", "q5_k_m": "Q5_K", "q5_k_s": "Q5_K",
     "q5_1": "Q5_1", "q5_0": "Q5_0", "q4_k_m": "Q4_K", "q4_k_s": "Q4_K", "q4_1": "Q4_1", "q4_0": "Q4_0",
     "iq4_nl": "IQ4_NL", "iq4_xs": "IQ4_XS", "q3_k_l": "Q3_K", "q3_k_m": "Q3_K", "q3_k_s": "Q3_K", "q2_k": "Q2_K",
+    # the IQ types; those that need an importance matrix are converted with --imatrix auto
+    "iq3_m": "IQ3_S", "iq3_s": "IQ3_S", "iq3_xs": "IQ3_S", "iq3_xxs": "IQ3_XXS", "q2_k_s": "Q2_K", "iq2_m": "IQ2_S",
+    "iq2_s": "IQ2_XS", "iq2_xs": "IQ2_XS", "iq2_xxs": "IQ2_XXS", "iq1_m": "IQ1_M", "iq1_s": "IQ1_S",
 }
 
 
@@ -32,7 +36,8 @@ def f16_reference(k_quant_checkpoint, tmp_path_factory):
 
 @pytest.mark.parametrize("type_name", list(MAIN_TENSOR_TYPE))
 def test_type_loads_and_generates(type_name, k_quant_checkpoint, f16_reference, tmp_path):
-    result = pipeline.convert(k_quant_checkpoint, type_name, tmp_path / f"m-{type_name}.gguf")
+    imatrix = "auto" if out_types.TYPES[type_name].needs_imatrix else None
+    result = pipeline.convert(k_quant_checkpoint, type_name, tmp_path / f"m-{type_name}.gguf", imatrix=imatrix)
     assert result.path.is_file()
     assert not list(tmp_path.glob(".*partial")), "temporary files left behind"
 
@@ -53,4 +58,6 @@ def test_type_loads_and_generates(type_name, k_quant_checkpoint, f16_reference, 
     assert len(generated) == 8 and all(0 <= t < model.n_vocab for t in generated)
     # a sanity bound on quality, loose enough for 2-bit: the logits still track the f16 ones
     corr = np.corrcoef(logits.ravel(), ref_logits.ravel())[0, 1]
-    assert corr > (0.999 if type_name in ("f32", "f16", "bf16", "q8_0") else 0.8), corr
+    # 1.6-1.8 bits (iq1_*, measured 0.76-0.78 on this random model) are meant for the largest models only
+    floor = 0.999 if type_name in ("f32", "f16", "bf16", "q8_0") else 0.7 if type_name.startswith("iq1") else 0.8
+    assert corr > floor, corr

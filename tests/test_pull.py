@@ -244,3 +244,25 @@ def test_missing_huggingface_hub_is_one_line_with_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # what an environment without the package sees
     with pytest.raises(UserError, match=r"pip install"):
         pull._hub()
+
+
+def test_imatrix_auto_through_pull_and_refusals_before_downloading(repo, tmp_path):
+    from app.runtime.gguf_info import read_info
+
+    with FakeHub({HUB_ID: repo}) as hub:
+        refused = run_cli(["polyglot-ko-1.3b", "--type", "iq2_xs", "--name", "x"], tmp_path, hub.url)
+        assert refused.returncode == 2 and "--imatrix auto" in refused.stderr
+        bad = tmp_path / "not-an-imatrix.gguf"
+        bad.write_bytes(b"GGUF\x03\x00\x00\x00")
+        refused = run_cli(["polyglot-ko-1.3b", "--type", "q3_k_m", "--imatrix", str(bad), "--name", "x"], tmp_path,
+                          hub.url)
+        assert refused.returncode == 2 and "not an importance matrix" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert hub.requests == [], "refused before anything was asked of the hub"
+        done = run_cli(["polyglot-ko-1.3b", "--type", "iq2_xs", "--imatrix", "auto", "--name", "tiny-iq2"], tmp_path,
+                       hub.url)
+        assert done.returncode == 0, done.stderr
+    info = read_info(store_file(tmp_path, "tiny-iq2"))
+    assert info.metadata["general.file_type"] == 20  # MOSTLY_IQ2_XS
+    assert info.metadata["quantize.imatrix.file"] == "auto"
+    assert info.metadata["quantize.imatrix.dataset"].startswith("malhae-ko-calibration")

@@ -119,8 +119,8 @@ def imatrix(
     """Compute an importance matrix (llama-imatrix's GGUF format) for quantizing with --imatrix."""
     from app import ui
     from app.eval import views
-    from app.eval.windows import read_text
     from app.runtime.llama import init
+    from app.runtime.windows import read_text
     from app.store import convert_view, models
     from convert import importance
 

@@ -34,8 +34,8 @@ def eval_ppl(
     from app import ui
     from app.eval import perplexity as ppl
     from app.eval import views
-    from app.eval.windows import read_text
     from app.runtime.llama import init
+    from app.runtime.windows import read_text
     from app.store import models
 
     model = _one_model(model, model_option)
@@ -90,8 +90,8 @@ def eval_compare(
     """Quantization loss of B against A: mean KL divergence, top-1 agreement, perplexity of each and their ratio."""
     from app import ui
     from app.eval import compare, views
-    from app.eval.windows import read_text
     from app.runtime.llama import init
+    from app.runtime.windows import read_text
     from app.store import models
 
     read_text(text)  # a wrong --text is the likelier mistake: say so before loading two models

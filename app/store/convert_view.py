@@ -40,6 +40,9 @@ def convert_summary(result) -> None:
               f"{result.seconds:.1f} s", soft_wrap=True)
     err.print(f"[dim]tensors: {mix}; tokenizer '{result.pre}' matches tokenizer.json on "
               f"{result.parity_texts} texts ({result.parity_tokens} tokens)[/dim]", soft_wrap=True)
+    if getattr(result, "imatrix", None):
+        how = "computed on malhae's Korean calibration text" if result.imatrix == "auto" else result.imatrix
+        err.print(f"[dim]importance matrix: {how}[/dim]", soft_wrap=True)
     template = getattr(result, "template", None)
     if template:
         err.print(f"[dim]chat template: {template} (tokenizer.chat_template)[/dim]", soft_wrap=True)

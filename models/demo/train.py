@@ -49,9 +49,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # app and convert, when run as a script from anywhere
 
+from convert import corpus  # noqa: E402
+
 CORPUS = ROOT / "models" / "data" / "ko-public-domain"
 QA = Path(__file__).resolve().parent / "data" / "qa.txt"
-HELD_OUT = ("1809898.txt", "1809899.txt")
+HELD_OUT = tuple(p.name for p in corpus.manifest().held_out)  # named once, in models/calibration.toml
 SPECIALS = ["<|endoftext|>", "<|sep|>", "<|acc|>", "<|rrn|>", "<|tell|>"]
 EOT = "<|endoftext|>"
 PROMPT = "대한민국의 주권은"
@@ -82,7 +84,7 @@ def load_corpus() -> Corpus:
 
 def held_out_text() -> str:
     """The evaluation text: the two held-out bills, joined as the tests and the benchmark join them."""
-    return "\n".join((CORPUS / "bills" / name).read_text(encoding="utf-8") for name in HELD_OUT)
+    return corpus.held_out_text()
 
 
 def base_frame() -> str:
