@@ -1,7 +1,7 @@
 """The importance-matrix step, side by side: `malhae imatrix` vs llama.cpp's `llama-imatrix`, same file, same text.
 
     python benchmarks/imatrix_cost.py [--workdir DIR] [--chunks 8] [--ctx 512] [--rounds 2] [--threads N]
-                                      [--model F16.gguf]
+                                      [--model F16.gguf] [--gpu-layers N]
 
 Builds (once, in --workdir) the random-weight checkpoint shaped like polyglot-ko-1.3b that benchmarks/convert_cost.py
 builds and converts it to F16 with malhae, or takes --model. Then, alternating the two tools each round, computes the
@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded by both tools (a CUDA build: 99)")
     args = p.parse_args()
     exe = upstream.tool_exe("llama-imatrix")
     if exe is None:
@@ -59,9 +60,9 @@ def main() -> None:
     ours, theirs = args.workdir / "malhae.imatrix.gguf", args.workdir / "upstream.imatrix.gguf"
     common = ["--ctx", str(args.ctx), "--chunks", str(args.chunks), "--threads", str(args.threads)]
     malhae_cmd = [sys.executable, "-m", "app", "imatrix", str(model), "--text", str(text), *common, "--gpu-layers",
-                  "0", "-o", str(ours), "--force"]
+                  str(args.gpu_layers), "-o", str(ours), "--force"]
     upstream_cmd = [str(exe), "-m", str(model), "-f", str(text), "-c", str(args.ctx), "--chunks", str(args.chunks),
-                    "-t", str(args.threads), "-ngl", "0", "-o", str(theirs)]
+                    "-t", str(args.threads), "-ngl", str(args.gpu_layers), "-o", str(theirs)]
     times: dict[str, list[tuple[float, float]]] = {"malhae": [], "llama-imatrix": []}
     env = upstream.same_libraries_env()
     for r in range(args.rounds):
@@ -74,7 +75,8 @@ def main() -> None:
     worst = max(float(np.abs(a.sums[k] - b.sums[k]).max() / np.abs(b.sums[k]).max()) for k in b.sums)
     wall = {k: statistics.median(t for t, _ in v) for k, v in times.items()}
     rss = {k: statistics.median(m for _, m in v) for k, v in times.items()}
-    print(f"\n{model.name}, {args.chunks} chunks of {args.ctx} tokens, {args.threads} threads, CPU, "
+    where = f"{args.gpu_layers} layers on the GPU" if args.gpu_layers else "CPU"
+    print(f"\n{model.name}, {args.chunks} chunks of {args.ctx} tokens, {args.threads} threads, {where}, "
           f"median of {args.rounds} round(s), alternating")
     print("| tool | wall | peak memory |\n|---|---:|---:|")
     for k in times:

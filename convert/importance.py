@@ -62,7 +62,8 @@ def compute(model: Model, text: str, *, n_ctx: int = DEFAULT_CTX, n_batch: int =
     collector = SquareSums(output=output, copy=copy)
     sums = NLLSum()
     with context_for(model, layout, threads, eval_callback=collector.callback) as ctx:
-        for done, (logits, targets) in enumerate(scored_logits(ctx, windows, layout, every_position=True), start=1):
+        scored = scored_logits(ctx, windows, layout, every_position=True, in_place=True)
+        for done, (logits, targets) in enumerate(scored, start=1):
             collector.check()
             sums.add(-log_prob(logits, targets))
             if progress:

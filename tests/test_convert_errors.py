@@ -228,8 +228,11 @@ def larger_model(tmp_path_factory):
 def test_interrupt_leaves_nothing(larger_model, tmp_path, stage, sig):
     """Ctrl-C (or a kill) while writing or while llama.cpp quantizes: exit 130, no partial or final file."""
     out = tmp_path / "o.gguf"
+    # as a terminal's Ctrl-C finds it: SIGINT not ignored (a test run started in the background, `pytest &`, ignores
+    # it, and so would its children, which then run to the end)
     proc = subprocess.Popen([sys.executable, "-m", "app", "convert", str(larger_model), "-t", "q4_k_m", "-o",
-                             str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob(f".*.{stage}.partial")) and proc.poll() is None:
         time.sleep(0.005)

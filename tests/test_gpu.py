@@ -46,3 +46,22 @@ def test_demo_greedy_is_the_same_on_gpu_and_cpu():
         assert gpu.n_gpu_layers > 0
         gpu_text, _ = gpu.complete("대한민국의 주권은", greedy)
     assert gpu_text == cpu_text
+
+
+def test_imatrix_on_the_gpu_matches_the_cpu():
+    """The activations come out of device memory (ggml_backend_tensor_get) when the model is offloaded; the sums must
+    be the CPU's within llama.cpp's GPU rounding."""
+    from convert import corpus, importance
+
+    demo = models.demo_model()
+    if demo is None:
+        pytest.skip("the bundled demo model is not built")
+    text = corpus.calibration_text()[1]
+    with Model(demo) as m:
+        cpu, _, _ = importance.compute(m, text, n_ctx=128, chunks=16, threads=2)
+    with Model(demo, n_gpu_layers=99) as m:
+        gpu, _, _ = importance.compute(m, text, n_ctx=128, chunks=16, threads=2)
+    assert sorted(gpu.sums) == sorted(cpu.sums)
+    for name, sums in cpu.sums.items():
+        assert gpu.counts[name].tolist() == cpu.counts[name].tolist()
+        assert float(np.abs(gpu.sums[name] - sums).max() / np.abs(sums).max()) < 1e-2, name

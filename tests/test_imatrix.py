@@ -9,6 +9,7 @@ own refusals; and the point of it all to the demo model's loss on the held-out b
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
@@ -33,7 +34,8 @@ DEMO_HF = ROOT / "models" / "demo" / "hf"
 
 
 def _malhae(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, cwd=cwd)
+    env = dict(os.environ, COLUMNS="200")  # rich wraps at 80 columns without a terminal
+    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +296,8 @@ def test_imatrix_command_writes_a_file_llama_quantize_reads(tmp_path, calibratio
             assert np.array_equal(t.data, tensors[t.name].data), t.name
     info = _malhae("info", str(ours))
     assert "importance matrix" in info.stdout.decode() and "demo.imatrix.gguf" in info.stdout.decode()
+    assert "none (quantized without one" in _malhae("info", str(plain)).stdout.decode()
+    assert "importance matrix" not in _malhae("info", str(DEMO)).stdout.decode()  # F16: nothing to say
 
 
 def test_imatrix_command_bad_input(tmp_path):

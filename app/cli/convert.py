@@ -116,7 +116,7 @@ def imatrix(
     process_output: bool = typer.Option(False, "--process-output", help="Also collect for output.weight (as "
                                         "llama-imatrix --process-output)."),
 ) -> None:
-    """Compute an importance matrix (llama-imatrix's GGUF format) for quantizing with --imatrix."""
+    """Compute an importance matrix (중요도 행렬, llama-imatrix's GGUF format) for quantizing with --imatrix."""
     from app import ui
     from app.eval import views
     from app.runtime.llama import init

@@ -117,20 +117,24 @@ def context_for(model: Model, layout: Layout, threads: int | None, eval_callback
                    n_seq=layout.n_seq, n_ubatch=DEFAULT_UBATCH, eval_callback=eval_callback)
 
 
-def scored_logits(ctx: Context, chunks: list[list[int]], layout: Layout, *,
-                  every_position: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def scored_logits(ctx: Context, chunks: list[list[int]], layout: Layout, *, every_position: bool = False,
+                  in_place: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """For each window in order: the logits of its scored positions [scored_per_window, n_vocab] (float32) and the
     tokens they predict. Up to n_seq windows are evaluated per llama_decode; only their logits are held.
 
     `every_position` asks llama.cpp for the logits of every position, as llama-imatrix does: otherwise llama.cpp
-    computes the last layer's attention output and feed-forward only for the positions whose logits are wanted."""
+    computes the last layer's attention output and feed-forward only for the positions whose logits are wanted.
+    `in_place` yields views of llama.cpp's own logits buffer instead of copies when a window takes one decode, which
+    saves n_seq windows' worth of logits (123 MB at the 1.3B's vocabulary): each view is valid only until the next
+    window is asked for, so the caller must be done with it by then."""
     n_ctx, n_batch, first = layout.n_ctx, layout.n_batch, layout.first
     wanted_from = 0 if every_position else first
     n_vocab = ctx.model.n_vocab
+    one_decode = in_place and n_ctx <= n_batch
     with Batch(n_batch) as batch:
         for group_start in range(0, len(chunks), layout.n_seq):
             group = chunks[group_start:group_start + layout.n_seq]
-            out = np.empty((len(group), n_ctx - first, n_vocab), dtype=np.float32)
+            out = None if one_decode else np.empty((len(group), n_ctx - first, n_vocab), dtype=np.float32)
             ctx.clear()
             for start in range(0, n_ctx, n_batch):
                 size = min(n_ctx - start, n_batch)
@@ -149,7 +153,10 @@ def scored_logits(ctx: Context, chunks: list[list[int]], layout: Layout, *,
                 if per_seq > 0:
                     n_out = start + size - max(start, wanted_from)  # outputs per sequence, in batch order
                     got = ctx.output_logits(n_out * len(group)).reshape(len(group), n_out, n_vocab)
-                    out[:, lo - first:lo - first + per_seq] = got[:, n_out - per_seq:]
+                    if out is None:  # the whole window came from this one decode: hand out views of it
+                        out = got[:, n_out - per_seq:]
+                    else:
+                        out[:, lo - first:lo - first + per_seq] = got[:, n_out - per_seq:]
             for s, chunk in enumerate(group):
                 yield out[s, :layout.scored_per_window], np.asarray(chunk[first + 1:], dtype=np.int64)
 

@@ -40,6 +40,8 @@ def info_report(mi, as_json: bool = False) -> None:
                 "custom": f"custom Jinja ({ct.chars} characters); ask and chat render it",
                 "none": f"none in the file; ask and chat use {ct.used}"}[ct.kind]
     facts.add_row("chat template", template)
+    if mi.imatrix is None and _quantized(mi.file_type):
+        facts.add_row("importance matrix", "none (quantized without one; see malhae convert --imatrix)")
     if mi.imatrix is not None:
         im = mi.imatrix
         how = "computed by malhae convert --imatrix auto" if im.file == "auto" else f"from {im.file or '?'}"
@@ -84,3 +86,11 @@ def info_report(mi, as_json: bool = False) -> None:
     out.print(mem)
     if m.note:
         err.print(f"[dim]malhae: {escape(m.note)}[/dim]", soft_wrap=True)
+
+
+def _quantized(file_type: str | None) -> bool:
+    """Whether llama.cpp's quantizer made a file of this type (where an importance matrix could have been used)."""
+    from convert import types
+
+    otype = types.TYPES.get(file_type or "")
+    return otype is not None and otype.direct is None
