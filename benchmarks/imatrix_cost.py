@@ -8,7 +8,8 @@ builds and converts it to F16 with malhae, or takes --model. Then, alternating t
 importance matrix over the first --chunks chunks of malhae's calibration corpus (--imatrix auto's text) and reports
 the wall time and peak resident memory of each (GNU time), their ratios, and how far the two files' sums differ.
 Both evaluate the perplexity of the scored halves as they go (llama-imatrix's default; malhae always does), and
-llama-imatrix runs on the very llama.cpp libraries malhae loads (app.eval.upstream.same_libraries_env).
+llama-imatrix runs on the very llama.cpp libraries malhae loads (app.eval.upstream.same_libraries_env), with the same
+weight layout (--no-repack where malhae turns llama.cpp's extra CPU buffers off).
 
 The goal it checks: malhae's step within 1.1× llama-imatrix's time and memory. Random weights cost what real ones
 do; what the numbers mean is the collection's overhead (a Python callback per graph node) against upstream's C++.
@@ -30,6 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 
 from app.eval import upstream  # noqa: E402
+from app.runtime import llama  # noqa: E402
 from convert import corpus, pipeline  # noqa: E402
 from convert import imatrix as imatrix_file  # noqa: E402
 
@@ -62,7 +64,9 @@ def main() -> None:
     malhae_cmd = [sys.executable, "-m", "app", "imatrix", str(model), "--text", str(text), *common, "--gpu-layers",
                   str(args.gpu_layers), "-o", str(ours), "--force"]
     upstream_cmd = [str(exe), "-m", str(model), "-f", str(text), "-c", str(args.ctx), "--chunks", str(args.chunks),
-                    "-t", str(args.threads), "-ngl", str(args.gpu_layers), "-o", str(theirs)]
+                    "-t", str(args.threads), "-ngl", str(args.gpu_layers), "-o", str(theirs),
+                    # the weight layout malhae's engine uses (extra CPU buffers off on AMX CPUs: llama.py)
+                    "--repack" if llama.use_extra_buffer_types() else "--no-repack"]
     times: dict[str, list[tuple[float, float]]] = {"malhae": [], "llama-imatrix": []}
     env = upstream.same_libraries_env()
     for r in range(args.rounds):

@@ -66,6 +66,16 @@ def test_sums_cover_every_matrix_of_every_layer(demo_imatrix):
     assert demo_imatrix.chunk_count == 30 and demo_imatrix.chunk_size == 128
 
 
+def test_process_output_adds_the_output_head(calibration_file):
+    """--process-output (llama-imatrix's flag of the same name): output.weight too, over every position."""
+    with Model(DEMO) as model:
+        im, _, _ = importance.compute(model, calibration_file.read_text(encoding="utf-8"), n_ctx=64, chunks=3,
+                                      threads=2, output=True)
+    assert im.sums["output.weight"].shape == (1, 256)
+    assert im.counts["output.weight"].tolist() == [3 * 64]
+    assert len(im.sums) == 25
+
+
 def test_equals_upstream_llama_imatrix(demo_imatrix, calibration_file, tmp_path):
     exe = upstream.tool_exe("llama-imatrix")
     if exe is None:
