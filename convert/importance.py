@@ -18,7 +18,7 @@ from pathlib import Path
 
 from app.errors import UserError
 from app.runtime.activations import MIN_ROWS, SquareSums
-from app.runtime.llama import Model
+from app.runtime.llama import Interrupts, Model
 from app.runtime.logprobs import NLLSum, log_prob
 from app.runtime.windows import DEFAULT_BATCH, Layout, check_context, context_for, read_text, scored_logits, text_tokens
 from app.runtime.windows import text_windows as windows_of
@@ -61,9 +61,12 @@ def compute(model: Model, text: str, *, n_ctx: int = DEFAULT_CTX, n_batch: int =
     check_context(model, n_ctx, notify)
     collector = SquareSums(output=output, copy=copy)
     sums = NLLSum()
-    with context_for(model, layout, threads, eval_callback=collector.callback) as ctx:
+    # Ctrl-C arrives while llama.cpp runs the collector: held, it stops llama_decode and is raised here
+    with Interrupts() as interrupted, context_for(model, layout, threads, eval_callback=collector.callback,
+                                                  abort=interrupted) as ctx:
         scored = scored_logits(ctx, windows, layout, every_position=True, in_place=True)
         for done, (logits, targets) in enumerate(scored, start=1):
+            interrupted.check()
             collector.check()
             sums.add(-log_prob(logits, targets))
             if progress:

@@ -10,9 +10,11 @@ own refusals; and the point of it all to the demo model's loss on the held-out b
 from __future__ import annotations
 
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import gguf
@@ -380,3 +382,25 @@ def test_imatrix_costs_the_demos_q3_k_m_little(demo_losses):
     this uniform an imatrix hardly matters, and for Q3_K_M it loses 1 %. Held to that, so that a change making it
     worse shows."""
     assert demo_losses["q3_k_m", "auto"] < 1.02 * demo_losses["q3_k_m", None]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_stops_at_once_and_writes_nothing(sig, tmp_path):
+    """Ctrl-C while llama.cpp evaluates: it used to be raised inside the eval callback, where ctypes swallowed it, and
+    the run went on to the end and wrote its file. Now it stops llama_decode through the abort callback."""
+    text = tmp_path / "long.txt"
+    text.write_text("\n\n".join([corpus.calibration_text()[1]] * 6), encoding="utf-8")  # ~20 s of work here
+    out = tmp_path / "o.imatrix.gguf"
+    proc = subprocess.Popen([sys.executable, "-m", "app", "imatrix", str(DEMO), "--text", str(text), "--ctx", "128",
+                             "--threads", "2", "-o", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(2.5)  # loaded and computing
+    assert proc.poll() is None, "it finished before it could be interrupted"
+    sent = time.monotonic()
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - sent < 3, "the interrupt waited for the computation"
+    assert "interrupted" in err and "Traceback" not in err and "Exception ignored" not in err
+    assert list(tmp_path.iterdir()) == [text]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +60,47 @@ def log_to(sink: Callable[[int, str], None]) -> Iterator[None]:
         yield
     finally:
         _log_sink = previous
+
+
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM held as a flag while llama.cpp calls back into Python, raised afterwards.
+
+    Python raises KeyboardInterrupt at whatever bytecode runs next, and while llama.cpp computes, that is inside one
+    of malhae's ctypes callbacks (the importance matrix's eval callback runs at every matrix multiplication): ctypes
+    prints such an exception and swallows it, so Ctrl-C did nothing and the run went on to the end. Inside the block
+    the signals only set `pending`; llama.cpp is asked to stop through its abort callback (Context(abort=…)); the
+    interrupt is raised where Python is in charge again (`check()`, and at the end of the block). Main thread only
+    (elsewhere the block does nothing); a signal the process ignores stays ignored."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._hold)
+        return self
+
+    def _hold(self, signum: int, frame: object) -> None:
+        self.pending = True
+
+    def __call__(self) -> bool:
+        return self.pending
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        if exc_type is None:
+            self.check()
 
 
 def lib_dir() -> Path:
@@ -197,7 +240,7 @@ class Context(Owned):
 
     def __init__(self, model: Model, *, n_ctx: int, n_batch: int = DEFAULT_BATCH, threads: int | None = None,
                  precise: bool = False, n_seq: int = 1, n_ubatch: int | None = None, unified_kv: bool = False,
-                 eval_callback: object | None = None):
+                 eval_callback: object | None = None, abort: Callable[[], bool] | None = None):
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
@@ -223,6 +266,10 @@ class Context(Owned):
         if not self.ptr:
             raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path} "
                             "(out of memory? try a smaller --ctx)")
+        self.abort = abort
+        if abort is not None:  # asked between graph nodes (on the calling thread): True stops llama_decode
+            self._abort_callback = lc.ggml_abort_callback(lambda _data: bool(abort()))
+            lc.llama_set_abort_callback(self.ptr, self._abort_callback, None)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -236,6 +283,8 @@ class Context(Owned):
     def decode(self, batch: Batch, hint: str = "") -> None:
         """Evaluate `batch`; a failure is a UserError naming its size (`hint`: what the user can do about it)."""
         rc = lc.llama_decode(self.ptr, batch.ptr)
+        if rc == 2 and self.abort is not None and self.abort():  # stopped by the abort callback: an interrupt
+            raise KeyboardInterrupt
         if rc != 0:
             raise UserError(f"llama.cpp failed to evaluate a batch of {batch.n_tokens} tokens (llama_decode → {rc})"
                             + (f"; {hint}" if hint else ""))

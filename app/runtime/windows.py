@@ -112,9 +112,10 @@ def text_windows(model: Model, tokens: list[int], layout: Layout) -> list[list[i
     return chunks
 
 
-def context_for(model: Model, layout: Layout, threads: int | None, eval_callback: object | None = None) -> Context:
+def context_for(model: Model, layout: Layout, threads: int | None, eval_callback: object | None = None,
+                abort: Callable[[], bool] | None = None) -> Context:
     return Context(model, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, threads=threads,
-                   n_seq=layout.n_seq, n_ubatch=DEFAULT_UBATCH, eval_callback=eval_callback)
+                   n_seq=layout.n_seq, n_ubatch=DEFAULT_UBATCH, eval_callback=eval_callback, abort=abort)
 
 
 def scored_logits(ctx: Context, chunks: list[list[int]], layout: Layout, *, every_position: bool = False,
