@@ -24,6 +24,7 @@ import numpy as np
 
 from app import files
 from app.errors import UserError
+from app.runtime.gguf_info import read_info
 
 MAX_ENTRIES = 1 << 16  # tensors in one file: a 1000-layer model has ~7000
 MAX_VALUES = 1 << 26  # values in one entry (64 Mi: 256 experts × 256 Ki columns)
@@ -97,29 +98,29 @@ def read(path: Path) -> Imatrix:
 
 
 def _read_gguf(path: Path) -> Imatrix:
+    """The GGUF format, through the project's own bounded header reader (app.runtime.gguf_info), data by memmap."""
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # noqa: BLE001 - gguf-py raises anything from ValueError to struct.error on bad bytes
-        raise _not_imatrix(path, f"a damaged or truncated GGUF: {e}") from None
-    kind = _field_str(reader, "general.type")
+        info = read_info(path, arrays=("imatrix.datasets",))
+    except UserError:
+        raise _not_imatrix(path, "a damaged or truncated GGUF") from None
+    kind = info.text("general.type")
     if kind != "imatrix":
         raise _not_imatrix(path, f"a GGUF of type {kind!r}" if kind else "a GGUF without general.type = imatrix")
-    if len(reader.tensors) > 2 * MAX_ENTRIES:
-        raise _not_imatrix(path, f"{len(reader.tensors)} tensors")
+    if len(info.tensors) > 2 * MAX_ENTRIES:
+        raise _not_imatrix(path, f"{len(info.tensors)} tensors")
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        if t.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise _not_imatrix(path, f"{t.name} is {t.tensor_type.name}, not F32")
+    for t in info.tensors:
+        if t.type != gguf.GGMLQuantizationType.F32:
+            raise _not_imatrix(path, f"{t.name} is {t.type.name}, not F32")
         if t.n_elements > MAX_VALUES:
             raise _not_imatrix(path, f"{t.name} has {t.n_elements} values")
-        data = np.array(t.data, dtype=np.float32).reshape(-1)
-        shape = [int(n) for n in t.shape]  # ne0 first
+        values = np.frombuffer(data, dtype="<f4", count=t.n_elements, offset=info.data_offset + t.offset)
         if t.name.endswith(".in_sum2"):
-            n_cols = shape[0]
-            sums[t.name.removesuffix(".in_sum2")] = data.reshape(-1, n_cols).astype(np.float64)
+            sums[t.name.removesuffix(".in_sum2")] = values.reshape(-1, t.shape[0]).astype(np.float64)
         elif t.name.endswith(".counts"):
-            counts[t.name.removesuffix(".counts")] = np.rint(data).astype(np.int64)
+            counts[t.name.removesuffix(".counts")] = np.rint(values).astype(np.int64)
     if not sums:
         raise _not_imatrix(path, "no .in_sum2 tensors")
     unpaired = sorted(set(sums) ^ set(counts))
@@ -130,30 +131,14 @@ def _read_gguf(path: Path) -> Imatrix:
             raise _not_imatrix(path, f"{name} has {s.shape[0]} matrices but {counts[name].size} counts")
         if not np.isfinite(s).all() or (s < 0).any() or (counts[name] < 0).any():
             raise _not_imatrix(path, f"{name} holds negative or non-finite values")
-    datasets = _field_strs(reader, "imatrix.datasets")[:MAX_DATASETS]
-    return Imatrix(sums, counts, datasets, _field_int(reader, "imatrix.chunk_count"),
-                   _field_int(reader, "imatrix.chunk_size"))
+    datasets = info.metadata.get("imatrix.datasets")
+    datasets = [d for d in datasets if isinstance(d, str)][:MAX_DATASETS] if isinstance(datasets, list) else []
+    return Imatrix(sums, counts, datasets, _count(info.metadata.get("imatrix.chunk_count")),
+                   _count(info.metadata.get("imatrix.chunk_size")))
 
 
-def _field_str(reader: gguf.GGUFReader, key: str) -> str | None:
-    f = reader.get_field(key)
-    if f is None or not f.types or f.types[0] != gguf.GGUFValueType.STRING:
-        return None
-    return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-
-
-def _field_strs(reader: gguf.GGUFReader, key: str) -> list[str]:
-    f = reader.get_field(key)
-    if f is None or f.types[:2] != [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING]:
-        return []
-    return [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
-
-
-def _field_int(reader: gguf.GGUFReader, key: str) -> int:
-    f = reader.get_field(key)
-    if f is None or not f.types or f.types[0] == gguf.GGUFValueType.STRING or f.types[0] == gguf.GGUFValueType.ARRAY:
-        return 0
-    return int(f.parts[f.data[0]][0])
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
 def _read_legacy(path: Path) -> Imatrix:

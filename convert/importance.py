@@ -64,6 +64,8 @@ def compute(model: Model, text: str, *, n_ctx: int = DEFAULT_CTX, n_batch: int =
     # Ctrl-C arrives while llama.cpp runs the collector: held, it stops llama_decode and is raised here
     with Interrupts() as interrupted, context_for(model, layout, threads, eval_callback=collector.callback,
                                                   abort=interrupted) as ctx:
+        if progress:  # the bar shows at once: the first decode group of a large model takes a minute on a CPU
+            progress(0, len(windows), float("nan"))
         scored = scored_logits(ctx, windows, layout, every_position=True, in_place=True)
         for done, (logits, targets) in enumerate(scored, start=1):
             interrupted.check()
@@ -88,11 +90,12 @@ def calibration(text_path: Path | None) -> tuple[tuple[str, ...], str]:
     return (text_path.name,), read_text(text_path)
 
 
-def compute_file(model_path: Path, text: str, *, datasets: tuple[str, ...], n_ctx: int = DEFAULT_CTX,
+def compute_file(model_path: Path, text: str, *, datasets: tuple[str, ...], n_ctx: int | None = None,
                  n_batch: int = DEFAULT_BATCH, chunks: int | None = None, threads: int | None = None,
                  gpu_layers: str | int | None = "auto", output: bool = False, progress: Progress | None = None,
                  notify: Callable[[str], None] | None = None) -> tuple[Imatrix, float, int]:
-    """Load the GGUF (offloaded as --gpu-layers says) and compute; `n_ctx` is capped at what it was trained on."""
+    """Load the GGUF (offloaded as --gpu-layers says) and compute; `n_ctx` None: DEFAULT_CTX, or the context the
+    model was trained on if that is shorter (--imatrix auto)."""
     from app.runtime import hardware, offload
     from app.runtime.engine import check_model_file
 
@@ -100,6 +103,8 @@ def compute_file(model_path: Path, text: str, *, datasets: tuple[str, ...], n_ct
     if info.file_type and info.file_type not in FULL_PRECISION and notify:
         notify(f"{model_path.name} is {info.file_type}: an importance matrix is best computed on the F16 (or Q8_0) "
                "file the quantized one is made from")
+    if n_ctx is None:
+        n_ctx = min(DEFAULT_CTX, info.arch_int("context_length") or DEFAULT_CTX)
     layout = Layout.of(n_ctx, n_batch)
     plan = offload.choose(info, gpu_layers, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, notify=notify)
     with Model(model_path, n_gpu_layers=plan.n_gpu_layers) as model:

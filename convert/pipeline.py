@@ -204,8 +204,7 @@ def _calibrate(staged: Path, out: Path, threads: int | None, progress: Progress 
     from convert import importance
 
     datasets, text = importance.calibration(None)
-    n_ctx = min(importance.DEFAULT_CTX, int(read_info(staged).arch_int("context_length") or importance.DEFAULT_CTX))
-    im, _, _ = importance.compute_file(staged, text, datasets=datasets, n_ctx=n_ctx, threads=threads,
+    im, _, _ = importance.compute_file(staged, text, datasets=datasets, threads=threads,
                                        progress=(lambda d, t, _p: progress("calibrating", d, t)) if progress
                                        else None)
     imatrix_file.write(im, out, force=True)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -18,7 +20,7 @@ class WindowProgress(Bars):
         self._format = value_format
 
     def update(self, done: int, total: int, value: float) -> None:
-        self.advance("windows", "", done, total, value=self._format.format(value))
+        self.advance("windows", "", done, total, value="" if math.isnan(value) else self._format.format(value))
 
 
 def ppl_result(result, as_json: bool) -> None:
