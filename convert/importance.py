@@ -93,7 +93,8 @@ def calibration(text_path: Path | None) -> tuple[tuple[str, ...], str]:
 def compute_file(model_path: Path, text: str, *, datasets: tuple[str, ...], n_ctx: int | None = None,
                  n_batch: int = DEFAULT_BATCH, chunks: int | None = None, threads: int | None = None,
                  gpu_layers: str | int | None = "auto", output: bool = False, progress: Progress | None = None,
-                 notify: Callable[[str], None] | None = None) -> tuple[Imatrix, float, int]:
+                 notify: Callable[[str], None] | None = None, device: str | None = None
+                 ) -> tuple[Imatrix, float, int]:
     """Load the GGUF (offloaded as --gpu-layers says) and compute; `n_ctx` None: DEFAULT_CTX, or the context the
     model was trained on if that is shorter (--imatrix auto)."""
     from app.runtime import hardware, offload
@@ -106,8 +107,9 @@ def compute_file(model_path: Path, text: str, *, datasets: tuple[str, ...], n_ct
     if n_ctx is None:
         n_ctx = min(DEFAULT_CTX, info.arch_int("context_length") or DEFAULT_CTX)
     layout = Layout.of(n_ctx, n_batch)
-    plan = offload.choose(info, gpu_layers, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, notify=notify)
-    with Model(model_path, n_gpu_layers=plan.n_gpu_layers) as model:
+    plan = offload.choose(info, gpu_layers, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, notify=notify,
+                          device=device)
+    with Model.planned(model_path, plan) as model:
         return compute(model, text, n_ctx=n_ctx, n_batch=n_batch, chunks=chunks,
                        threads=threads or hardware.physical_cores(), datasets=datasets, output=output,
                        progress=progress, notify=notify)
@@ -116,7 +118,8 @@ def compute_file(model_path: Path, text: str, *, datasets: tuple[str, ...], n_ct
 def run(model_path: Path, out: Path, *, text_path: Path | None = None, force: bool = False,
         n_ctx: int = DEFAULT_CTX, n_batch: int = DEFAULT_BATCH, chunks: int | None = None,
         threads: int | None = None, gpu_layers: str | int | None = "auto", output: bool = False,
-        progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> Result:
+        progress: Progress | None = None, notify: Callable[[str], None] | None = None,
+        device: str | None = None) -> Result:
     """Everything `malhae imatrix` does: check the cheap things first (output path, text), then load and compute."""
     from app import files
 
@@ -127,7 +130,7 @@ def run(model_path: Path, out: Path, *, text_path: Path | None = None, force: bo
     started = time.perf_counter()
     im, ppl, n_tokens = compute_file(model_path, text, datasets=datasets, n_ctx=n_ctx, n_batch=n_batch,
                                      chunks=chunks, threads=threads, gpu_layers=gpu_layers, output=output,
-                                     progress=progress, notify=notify)
+                                     progress=progress, notify=notify, device=device)
     write(im, out, force=force)
     return Result(out, len(im.sums), im.chunk_count, im.chunk_size, n_tokens, ppl, time.perf_counter() - started,
                   datasets)

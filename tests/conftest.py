@@ -68,12 +68,13 @@ def k_quant_checkpoint(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked gpu need a CUDA build of llama-cpp-python and a GPU NVML can see; CI has neither."""
-    from app.runtime import hardware
+    """Tests marked gpu need a GPU build of llama-cpp-python (CUDA, Metal, ROCm, Vulkan …) and a GPU it can use, as
+    ggml lists them; CI has neither."""
+    from app.runtime import devices
 
-    if hardware.llama_supports_gpu() and hardware.nvidia_gpus():
+    if any(d.offloads for d in devices.listed()):
         return
-    skip = pytest.mark.skip(reason="needs an NVIDIA GPU and a CUDA build of llama-cpp-python")
+    skip = pytest.mark.skip(reason="needs a GPU and a GPU build of llama-cpp-python")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -51,7 +51,8 @@ def test_missing_file_means_built_in_defaults(tmp_path):
     values = config.sampling_values("chat", {}, settings)
     assert values["temperature"] == 0.7 and values["max_tokens"] == 512 and values["seed"] is None
     assert config.sampling_values("complete", {}, settings)["max_tokens"] == 256
-    assert config.runtime_values({}, settings) == {"ctx": None, "threads": None, "gpu_layers": "auto"}
+    assert config.runtime_values({}, settings) == {"ctx": None, "threads": None, "gpu_layers": "auto",
+                                                   "device": None}
 
 
 # --- what it may say -----------------------------------------------------------------------------------------
@@ -139,14 +140,16 @@ def test_a_directory_or_non_utf8_file_is_an_error(tmp_path):
 # --- precedence ----------------------------------------------------------------------------------------------
 
 def test_flag_beats_file_beats_built_in(tmp_path):
-    settings = config.load(write(tmp_path, "ctx = 1024\ngpu_layers = 0\n[sampling]\ntemperature = 0.2\ntop_k = 5\n"))
+    settings = config.load(write(tmp_path, 'ctx = 1024\ngpu_layers = 0\ndevice = "CUDA1"\n[sampling]\n'
+                                           'temperature = 0.2\ntop_k = 5\n'))
     values = config.sampling_values("ask", {"temperature": 0.9, "top_k": None}, settings)
     assert values["temperature"] == 0.9  # flag
     assert values["top_k"] == 5  # file
     assert values["top_p"] == 0.95 and values["max_tokens"] == 256  # built-in
     assert config.sampling_values("ask", {"temperature": 0.0}, settings)["temperature"] == 0.0  # 0 is a value
     run = config.runtime_values({"ctx": 64, "threads": None, "gpu_layers": None}, settings)
-    assert run == {"ctx": 64, "threads": None, "gpu_layers": 0}
+    assert run == {"ctx": 64, "threads": None, "gpu_layers": 0, "device": "CUDA1"}
+    assert config.runtime_values({"device": "cpu"}, settings)["device"] == "cpu"
 
 
 # --- writing -------------------------------------------------------------------------------------------------

@@ -126,15 +126,18 @@ def test_long_korean_stream_has_no_broken_characters():
 
 
 def _fake_gpu(monkeypatch, supports: bool, free: int = 20 * 2**30):
+    """A GPU cannot be had here: ggml's device list and the machine's facts are replaced (tests/fake_devices.py),
+    llama.cpp itself is real."""
+    import fake_devices as fake
+
     from app.runtime import hardware
 
-    gpu = hardware.GPU(0, "NVIDIA GeForce RTX 4090", 24 * 2**30, free)
-    monkeypatch.setattr(hardware, "nvidia_gpus", lambda: (gpu,))
-    monkeypatch.setattr(hardware, "llama_supports_gpu", lambda: supports)
+    nvidia = hardware.Facts("Linux", "x86_64", False, ("NVIDIA GeForce RTX 4090",), False)
+    gpus = (fake.cuda(0, free, 24 * 2**30),) if supports else ()
+    return fake.install(monkeypatch, *gpus, fake.cpu(), facts=nvidia)
 
 
 def test_cpu_only_build_on_a_gpu_machine_says_how_to_get_cuda(model_path, monkeypatch):
-    """NVML and a GPU cannot be had here: the machine's answers are replaced, llama.cpp itself is real."""
     _fake_gpu(monkeypatch, supports=False)
     said: list[str] = []
     with Engine(model_path, n_ctx=64, notify=said.append) as e:
@@ -149,7 +152,7 @@ def test_failed_gpu_load_retries_with_fewer_layers(model_path, monkeypatch):
     real_init = llama.Model.__init__
     tried: list[int] = []
 
-    def picky(self, path, *, vocab_only=False, n_gpu_layers=0, use_mmap=True):
+    def picky(self, path, *, vocab_only=False, n_gpu_layers=0, use_mmap=True, **where):
         tried.append(n_gpu_layers)
         if n_gpu_layers > 1:  # as if the GPU ran out of memory
             raise UserError("cannot load: out of device memory")

@@ -1,10 +1,12 @@
-"""On an NVIDIA GPU with a CUDA build: automatic offload puts everything on the GPU and computes what the CPU does."""
+"""On a GPU with a GPU build (CUDA here; Metal, ROCm, Vulkan alike): automatic offload puts everything on the GPU and
+computes what the CPU does."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from app.runtime import devices
 from app.runtime.engine import Engine
 from app.runtime.llama import Context, Model
 from app.runtime.settings import Sampling
@@ -22,6 +24,7 @@ def model_path(k_quant_checkpoint, tmp_path_factory):
 def test_auto_offloads_every_layer(model_path):
     with Engine(model_path, n_ctx=256) as e:
         assert e.plan.full and e.n_gpu_layers == e.plan.n_layer + 1
+        assert e.plan.devices and all(d.offloads for d in e.plan.devices) and e.plan.load_devices
         _, stats = e.complete("대한민국의 주권은", Sampling(temperature=0, max_tokens=32, ignore_eos=True))
         assert stats.generated_tokens == 32 and stats.decode_tps > 0
 
@@ -65,3 +68,31 @@ def test_imatrix_on_the_gpu_matches_the_cpu():
     for name, sums in cpu.sums.items():
         assert gpu.counts[name].tolist() == cpu.counts[name].tolist()
         assert float(np.abs(gpu.sums[name] - sums).max() / np.abs(sums).max()) < 1e-2, name
+
+
+def test_ggml_reports_the_gpu_nvml_reports():
+    """The ctypes binding against a real GPU: ggml's CUDA device is NVML's GPU, with about its memory."""
+    from app.runtime import hardware
+
+    gpus = hardware.nvidia_gpus()
+    if not gpus:
+        pytest.skip("NVML (nvidia-ml-py) sees no NVIDIA GPU here")
+    cuda = [d for d in devices.listed() if d.backend == "CUDA"]
+    assert len(cuda) == len(gpus)
+    for d, g in zip(cuda, gpus, strict=True):
+        assert d.kind == "gpu" and (g.name in d.description or d.description in g.name)
+        assert abs(d.total - g.total) <= 0.02 * g.total and 0 < d.free <= d.total
+
+
+@pytest.mark.skipif(models.demo_model() is None, reason="the bundled demo model is not built")
+def test_device_cpu_keeps_the_gpu_out():
+    """--device cpu: no layer and no large batch on the GPU (an empty device list), the same greedy text."""
+    greedy = Sampling(temperature=0, max_tokens=40)
+    with Engine(models.demo_model(), device="cpu") as cpu:
+        assert cpu.plan.load_devices == () and cpu.n_gpu_layers == 0 and cpu.plan.cpu_only
+        cpu_text, _ = cpu.complete("대한민국의 주권은", greedy)
+    name = next(d.name for d in devices.listed() if d.offloads)
+    with Engine(models.demo_model(), device=name) as gpu:
+        assert gpu.plan.full and [d.name for d in gpu.plan.devices] == [name]
+        gpu_text, _ = gpu.complete("대한민국의 주권은", greedy)
+    assert gpu_text == cpu_text

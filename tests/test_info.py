@@ -107,9 +107,12 @@ def test_memory_is_the_planners_arithmetic(q4):
     assert cpu.weights_cpu == total and cpu.kv_cpu == kv_layer * n_layer
     assert cpu.ram == total + kv_layer * n_layer + offload.model_sizes(info, n_ctx, min(512, n_ctx)).compute_bytes
 
+    # llama.cpp offloads the output layer first, then the last repeating layers (i_gpu_start in llama-model.cpp)
     one = describe(q4, gpu_layers="1", n_ctx=64).memory
-    assert one.weights_gpu == layer[0] and one.weights_cpu == total - layer[0]
-    assert one.kv_gpu == 2 * 64 * n_embd * 2 and one.kv_cpu == one.kv_gpu * (n_layer - 1)
+    assert one.weights_gpu == output and one.weights_cpu == total - output and one.kv_gpu == 0
+    two = describe(q4, gpu_layers="2", n_ctx=64).memory
+    assert two.weights_gpu == output + layer[-1] and two.weights_cpu == total - output - layer[-1]
+    assert two.kv_gpu == 2 * 64 * n_embd * 2 and two.kv_cpu == two.kv_gpu * (n_layer - 1)
 
     sizes = offload.model_sizes(info, n_ctx, min(512, n_ctx))
     for free in (0, GiB // 2, 80 * GiB):  # no GPU, a small one, a big one
@@ -119,19 +122,19 @@ def test_memory_is_the_planners_arithmetic(q4):
         assert mem.weights_gpu + mem.weights_cpu == total
     full = describe(q4, vram_gib=80).memory
     assert full.gpu_layers == n_layer + 1 and full.weights_gpu == sum(layer) + output
-    assert full.vram == sum(layer) + output + kv_layer * n_layer + sizes.compute_bytes + offload.CUDA_CONTEXT_BYTES
+    assert full.vram == sum(layer) + output + kv_layer * n_layer + sizes.compute_bytes + offload.DEVICE_CONTEXT_BYTES
 
 
 def test_partial_offload_split(q4):
     """Find a free-memory figure where only some layers fit; the split then follows the planner layer by layer."""
     info = read_info(q4)
     sizes = offload.model_sizes(info, 256, 256)
-    overhead = offload.CUDA_CONTEXT_BYTES + sizes.compute_bytes
-    one_layer = sizes.layer_bytes[0] + sizes.kv_bytes_per_layer
-    free = int((overhead + one_layer + 1) / (1 - offload.SAFETY_FRACTION)) + 1
+    overhead = offload.DEVICE_CONTEXT_BYTES + sizes.compute_bytes
+    output_and_one = sizes.output_bytes + sizes.layer_bytes[-1] + sizes.kv_bytes_per_layer
+    free = int((overhead + output_and_one + 1) / (1 - offload.SAFETY_FRACTION)) + 1
     mem = describe(q4, n_ctx=256, vram_gib=free / GiB).memory
-    assert mem.gpu_layers == 1 == offload.plan(sizes, free).n_gpu_layers
-    assert mem.weights_gpu == sizes.layer_bytes[0] and mem.kv_gpu == sizes.kv_bytes_per_layer
+    assert mem.gpu_layers == 2 == offload.plan(sizes, free).n_gpu_layers  # the output layer and the last layer
+    assert mem.weights_gpu == sizes.output_bytes + sizes.layer_bytes[-1] and mem.kv_gpu == sizes.kv_bytes_per_layer
     assert mem.vram == offload.plan(sizes, free).gpu_bytes
 
 
@@ -151,7 +154,8 @@ def test_cli_prints_the_facts_and_json():
     text = run_cli("info", str(DEMO), "--vram", "24")
     assert text.returncode == 0, text.stderr.decode()
     out = text.stdout.decode()
-    assert "8,605,696" in out and "F16" in out and "all layers on the GPU" in out and "CUDA context" in out
+    assert "8,605,696" in out and "F16" in out and "all layers on the GPU (a GPU with 24.00 GiB free" in out
+    assert "GPU context" in out
     data = json.loads(run_cli("info", str(DEMO), "--json", "--ctx", "512").stdout)
     assert data["parameters"] == 8_605_696 and data["memory"]["n_ctx"] == 512
     assert data["memory"]["ram"] == describe(DEMO, n_ctx=512).memory.ram

@@ -42,12 +42,14 @@ def test_partial_offload_is_the_most_that_fits():
                            compute_bytes=500 * 2**20)
     for free in (1 * GiB, 2 * GiB, 4 * GiB, 6 * GiB, 8 * GiB):
         p = offload.plan(s, free)
-        budget = free * (1 - offload.SAFETY_FRACTION) - offload.CUDA_CONTEXT_BYTES - s.compute_bytes
+        budget = free * (1 - offload.SAFETY_FRACTION) - offload.DEVICE_CONTEXT_BYTES - s.compute_bytes
         if p.full:
             assert s.total - s.compute_bytes <= budget
             continue
-        assert p.n_gpu_layers * (layer + kv) <= budget  # what it chose fits ...
-        assert (p.n_gpu_layers + 1) * (layer + kv) > budget  # ... and one more layer would not
+        # llama.cpp's n_gpu_layers = k is the output layer and k - 1 repeating layers (i_gpu_start, llama-model.cpp)
+        output = 200 * 2**20
+        assert output + (p.n_gpu_layers - 1) * (layer + kv) <= budget  # what it chose fits ...
+        assert output + p.n_gpu_layers * (layer + kv) > budget  # ... and one more layer would not
     layers = [offload.plan(s, free).n_gpu_layers for free in range(0, 12 * GiB, GiB // 2)]
     assert layers == sorted(layers) and layers[0] == 0 and layers[-1] == 25  # more memory never means fewer layers
 
@@ -64,24 +66,26 @@ DEMO = models.demo_model()
 
 @pytest.fixture
 def fake_gpu(monkeypatch):
-    """A visible 24 GB NVIDIA GPU and a CUDA-capable llama-cpp-python, as NVML and llama.cpp would report them on
-    such a machine; llama.cpp itself stays real (this CPU build ignores the layers it is asked to offload). Records
-    the n_gpu_layers every model load is given."""
-    from app.runtime import hardware, llama
+    """A 24 GB NVIDIA GPU with 20 GB free, as a CUDA build's ggml lists it (tests/fake_devices.py); llama.cpp itself
+    stays real. Records the n_gpu_layers every model load is given."""
+    import fake_devices as fake
 
-    gpu = hardware.GPU(0, "NVIDIA GeForce RTX 4090", 24 * GiB, 20 * GiB)
-    monkeypatch.setattr(hardware, "nvidia_gpus", lambda: (gpu,))
-    monkeypatch.setattr(hardware, "llama_supports_gpu", lambda: True)
-    loads: list[int] = []
-    real_init = llama.Model.__init__
+    loads = fake.install(monkeypatch, fake.cuda(0, 20 * GiB, 24 * GiB), fake.cpu())
 
-    def recording(self, path, *, vocab_only=False, n_gpu_layers=0, use_mmap=True):
-        if not vocab_only:
-            loads.append(n_gpu_layers)
-        real_init(self, path, vocab_only=vocab_only, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+    class Layers(list):
+        def clear(self):
+            loads.calls.clear()
 
-    monkeypatch.setattr(llama.Model, "__init__", recording)
-    return loads
+        def __eq__(self, other):
+            return loads.layers == other
+
+        def __bool__(self):
+            return bool(loads.layers)
+
+        def __getitem__(self, i):
+            return loads.layers[i]
+
+    return Layers()
 
 
 @pytest.mark.skipif(DEMO is None, reason="the bundled demo model is not built")
@@ -121,21 +125,24 @@ def test_eval_kobest_with_auto_offload_through_the_cli(fake_gpu, capsys):
     assert fake_gpu and fake_gpu[0] > 0 and '"task": "copa"' in capsys.readouterr().out
 
 
-def test_cpu_only_build_says_how_to_get_cuda_once_per_load(monkeypatch):
+def test_cpu_only_build_says_how_to_get_cuda_once(monkeypatch):
+    """A CPU-only build (ggml lists the CPU alone) on a machine with an NVIDIA GPU: said once per process, however
+    many models load (a chat's /model, a draft model), and not at all for --gpu-layers 0."""
+    import fake_devices as fake
+
     from app.runtime import hardware
 
-    gpu = hardware.GPU(0, "NVIDIA GeForce RTX 3060", 12 * GiB, 11 * GiB)
-    monkeypatch.setattr(hardware, "nvidia_gpus", lambda: (gpu,))
-    monkeypatch.setattr(hardware, "llama_supports_gpu", lambda: False)
+    nvidia = hardware.Facts("Linux", "x86_64", False, ("NVIDIA GeForce RTX 3060",), False)
+    fake.install(monkeypatch, fake.cpu(), facts=nvidia)
     info = read_info(DEMO) if DEMO else None
     if info is None:
         pytest.skip("the bundled demo model is not built")
     said: list[str] = []
-    for asked in ("auto", 12):
+    assert offload.choose(info, 0, n_ctx=256, notify=said.append).n_gpu_layers == 0 and not said
+    for asked in ("auto", 12, "auto"):
         plan = offload.choose(info, asked, n_ctx=256, notify=said.append)
         assert plan.n_gpu_layers == 0
-    assert len(said) == 2 and all(hardware.CUDA_INSTALL_HINT in s and "RTX 3060" in s for s in said)
-    assert offload.choose(info, 0, n_ctx=256, notify=said.append).n_gpu_layers == 0 and len(said) == 2
+    assert len(said) == 1 and hardware.CUDA_INSTALL_HINT in said[0] and "RTX 3060" in said[0]
 
 
 def test_what_if_plans_only_the_automatic_offload():

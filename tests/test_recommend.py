@@ -22,7 +22,7 @@ def _gpu_need(e: Entry, t: str) -> tuple[float, float]:
     s = e.sizes[t]
     kv = 2 * e.context * e.d_model * 2
     compute = 512 * (e.vocab_rows + 4 * e.d_ff + 8 * e.d_model) * 4 + 64 * 2**20
-    return s.gpu_weights + kv * e.layers, compute + offload.CUDA_CONTEXT_BYTES
+    return s.gpu_weights + kv * e.layers, compute + offload.DEVICE_CONTEXT_BYTES
 
 
 @pytest.mark.parametrize("gb", recommend.VRAM_SIZES_GB)

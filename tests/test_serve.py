@@ -509,17 +509,17 @@ def test_a_new_request_does_not_wait_for_a_running_one(endless):
 
 
 def test_gpu_plan_counts_every_slots_cache(demo_path, monkeypatch):
-    """No GPU here: NVML's answers are faked (as in test_engine.py), llama.cpp is real. A GPU with room for the model
-    and one slot's KV cache takes all layers for --parallel 1, and fewer for --parallel 8, whose cache is 8× larger;
-    the server then works with the layers it planned."""
-    from app.runtime import hardware, offload
+    """No GPU here: ggml's device list is faked (tests/fake_devices.py), llama.cpp is real. A GPU with room for the
+    model and one slot's KV cache takes all layers for --parallel 1, and fewer for --parallel 8, whose cache is 8×
+    larger; the server then works with the layers it planned."""
+    import fake_devices as fake
+
+    from app.runtime import offload
     from app.runtime.gguf_info import read_info
 
     one_slot = offload.model_sizes(read_info(demo_path), 1024)
-    free = int((one_slot.total + offload.CUDA_CONTEXT_BYTES) / (1 - offload.SAFETY_FRACTION)) + 4096
-    gpu = hardware.GPU(0, "NVIDIA GeForce RTX 4090", 24 * 2**30, free)
-    monkeypatch.setattr(hardware, "nvidia_gpus", lambda: (gpu,))
-    monkeypatch.setattr(hardware, "llama_supports_gpu", lambda: True)
+    free = int((one_slot.total + offload.DEVICE_CONTEXT_BYTES) / (1 - offload.SAFETY_FRACTION)) + 4096
+    fake.install(monkeypatch, fake.cuda(0, free, 24 * 2**30), fake.cpu())
     with serving(demo_path, parallel=1, n_ctx=1024, gpu_layers="auto") as server:
         assert server.state.service.engine.plan.full
     with serving(demo_path, parallel=8, n_ctx=1024, gpu_layers="auto") as server:

@@ -437,7 +437,7 @@ def open_chat(*, model: str | None, resolve: Resolve, template: str | None = Non
               gpu_layers: str | int = "auto", no_color: bool = False, verbose: bool = False,
               reader: Reader | None = None, out: TextIO | None = None, console: Console | None = None,
               endpoint: Endpoint | None = None, remote_chat: bool = False, draft: str | Path | None = None,
-              draft_max: int | None = None) -> Chat:
+              draft_max: int | None = None, device: str | None = None) -> Chat:
     """Check the options, open the model, pick the template; the reader, output and console default to the
     process's own (a prompt on a terminal, plain lines from a pipe). `resolve` turns --model and /model values into
     files (the CLI passes the store's rule, so that this package does not depend on the store). With an `endpoint`,
@@ -459,7 +459,7 @@ def open_chat(*, model: str | None, resolve: Resolve, template: str | None = Non
         # the draft goes with the session: a model opened by /model or /set ctx keeps it, /set draft changes it
         d, n = (chat.draft, chat.draft_max) if chat is not None else (draft, draft_max)
         return open_backend(p, model=name, remote_chat=remote_chat, n_ctx=n_ctx, threads=threads,
-                            gpu_layers=gpu_layers, verbose=verbose, notify=note, draft=d, draft_max=n)
+                            gpu_layers=gpu_layers, verbose=verbose, notify=note, draft=d, draft_max=n, device=device)
 
     chat: Chat | None = None
 

@@ -112,7 +112,7 @@ def imatrix(
     ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-imatrix's --ctx-size)."),
     chunks: int | None = typer.Option(None, "--chunks", help="Use at most this many chunks (default: all the "
                                       "text)."),
-    batch: o.Batch = 2048, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    batch: o.Batch = 2048, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     process_output: bool = typer.Option(False, "--process-output", help="Also collect for output.weight (as "
                                         "llama-imatrix --process-output)."),
 ) -> None:
@@ -128,12 +128,13 @@ def imatrix(
         raise UserError("give the model: malhae imatrix polyglot-ko-5.8b-f16.gguf (the F16 you will quantize)")
     if text is not None:
         read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
-    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers, device=device)[0]
     init(o.verbose())
     path = models.resolve(model, ui.note)
     out = (output or Path.cwd() / f"{path.name.removesuffix('.gguf')}.imatrix.gguf").absolute()
     with views.WindowProgress("importance matrix", "ppl {:.3f}") as progress:
         result = importance.run(path, out, text_path=text, force=force, n_ctx=ctx, n_batch=batch, chunks=chunks,
                                 threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
-                                output=process_output, progress=progress.update, notify=ui.note)
+                                device=run_opts["device"], output=process_output, progress=progress.update,
+                                notify=ui.note)
     convert_view.imatrix_summary(result)

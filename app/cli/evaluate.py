@@ -27,8 +27,9 @@ EVAL_MODEL = "GGUF file or store name (default: the bundled demo)."
 def eval_ppl(
     model: str | None = typer.Argument(None, help=EVAL_MODEL), text: o.TextFile = ...,
     ctx: o.Window = 512, batch: o.Batch = 2048, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
-    json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None,
-    timeout: o.Timeout = None, model_option: o.ModelOption = None, concurrency: o.Concurrency = None,
+    device: o.DeviceOption = None, json_out: o.Json = False, endpoint: o.EndpointOption = None,
+    api_key: o.ApiKey = None, timeout: o.Timeout = None, model_option: o.ModelOption = None,
+    concurrency: o.Concurrency = None,
 ) -> None:
     """Perplexity on a text, computed as llama.cpp's llama-perplexity computes it (same number)."""
     from app import ui
@@ -40,9 +41,9 @@ def eval_ppl(
 
     model = _one_model(model, model_option)
     read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
-    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers, device=device)[0]
     remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note,
-                            local_flags={"threads": threads, "gpu_layers": gpu_layers})
+                            local_flags={"threads": threads, "gpu_layers": gpu_layers, "device": device})
     if remote is not None:
         from app.eval import remote as scoring
         from app.runtime.remote import RemoteBackend
@@ -58,7 +59,8 @@ def eval_ppl(
     path = models.resolve(model, ui.note)
     with views.WindowProgress("perplexity", "ppl {:.3f}") as progress:
         result = ppl.run(path, text, n_ctx=ctx, n_batch=batch, threads=run_opts["threads"],
-                         gpu_layers=run_opts["gpu_layers"], progress=progress.update, notify=ui.note)
+                         gpu_layers=run_opts["gpu_layers"], device=run_opts["device"], progress=progress.update,
+                         notify=ui.note)
     views.ppl_result(result, json_out)
 
 
@@ -85,7 +87,7 @@ def eval_compare(
     model_a: str = typer.Argument(..., help="Reference GGUF (e.g. the F16 file) or store name."),
     model_b: str = typer.Argument(..., help="GGUF to measure against it (e.g. a quantization)."),
     text: o.TextFile = ..., ctx: o.Window = 512, batch: o.Batch = 2048, threads: o.Threads = None,
-    gpu_layers: o.GpuLayers = None, json_out: o.Json = False,
+    gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None, json_out: o.Json = False,
 ) -> None:
     """Quantization loss of B against A: mean KL divergence, top-1 agreement, perplexity of each and their ratio."""
     from app import ui
@@ -95,12 +97,13 @@ def eval_compare(
     from app.store import models
 
     read_text(text)  # a wrong --text is the likelier mistake: say so before loading two models
-    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers, device=device)[0]
     init(o.verbose())
     path_a, path_b = models.resolve(model_a, ui.note), models.resolve(model_b, ui.note)
     with views.WindowProgress("comparing", "KL {:.5f}") as progress:
         result = compare.run(path_a, path_b, text, n_ctx=ctx, n_batch=batch, threads=run_opts["threads"],
-                             gpu_layers=run_opts["gpu_layers"], progress=progress.update, notify=ui.note)
+                             gpu_layers=run_opts["gpu_layers"], device=run_opts["device"], progress=progress.update,
+                             notify=ui.note)
     views.compare_result(result, json_out)
 
 
@@ -115,7 +118,7 @@ def eval_kobest(
                                          "(<task>/train.jsonl, test.jsonl; default: the bundled sample)."),
     hub: bool = typer.Option(False, "--hub", help="Load skt/kobest_v1 from the hub (needs `datasets` and a network)."),
     limit: int | None = typer.Option(None, "--limit", help="Docs per task, for a quick run (default: all)."),
-    threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     precise: bool = typer.Option(False, "--precise", help="f32 K/V cache, no flash attention: slower; scores move "
                                  "less with how the choices are batched."),
     json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None,
@@ -139,10 +142,11 @@ def eval_kobest(
     if src.kind == "sample":
         ui.note("no --data given: using the bundled sample (models/data/kobest-sample), written by malhae — "
                 "not KoBEST, its scores mean nothing. Pass --data DIR with the skt/kobest_v1 files.")
-    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers, device=device)[0]
     model = _one_model(model, model_option)
     remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note,
-                            local_flags={"threads": threads, "gpu_layers": gpu_layers, "precise": precise or None})
+                            local_flags={"threads": threads, "gpu_layers": gpu_layers, "device": device,
+                                         "precise": precise or None})
     if remote is not None:
         from app.runtime.remote import RemoteBackend
 
@@ -157,8 +161,8 @@ def eval_kobest(
     path = models.resolve(model, ui.note)
     with kobest_render.KobestProgress() as progress:
         report = evaluate.evaluate(path, src, chosen, shot_counts, limit=limit, threads=run_opts["threads"],
-                                   gpu_layers=run_opts["gpu_layers"], precise=precise, progress=progress.update,
-                                   notify=ui.note)
+                                   gpu_layers=run_opts["gpu_layers"], device=run_opts["device"], precise=precise,
+                                   progress=progress.update, notify=ui.note)
     kobest_render.table(report, json_out)
 
 
@@ -168,7 +172,7 @@ def bench(
     n_prompt: int = typer.Option(512, "--prompt", "-p", help="Prompt tokens for the prompt-speed test."),
     n_gen: int = typer.Option(128, "--gen", "-n", help="Tokens for the decode-speed test."),
     repetitions: int = typer.Option(3, "--repetitions", "-r"),
-    threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     ctx: int | None = typer.Option(None, "--ctx", help="Context size (default: what the test needs; the settings "
                                    "file's ctx is not used here)."),
     json_out: bool = typer.Option(False, "--json"),
@@ -180,14 +184,15 @@ def bench(
     from app.runtime.engine import Engine
     from app.store import models
 
-    run_opts = o.settings_for("bench", threads=threads, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("bench", threads=threads, gpu_layers=gpu_layers, device=device)[0]
     path = models.resolve(model, ui.note)
     with Engine(path, n_ctx=ctx or max(n_prompt + 16, 16 + n_gen + 8), threads=run_opts["threads"],
-                gpu_layers=run_opts["gpu_layers"], verbose=o.verbose(), notify=ui.note) as engine:
+                gpu_layers=run_opts["gpu_layers"], device=run_opts["device"], verbose=o.verbose(),
+                notify=ui.note) as engine:
         pp, tg = benchmod.run_engine(engine, n_prompt, n_gen, repetitions)
         up_pp = up_tg = None
         if llama_bench:
             up_pp, up_tg = upstream.run_llama_bench(llama_bench, path, n_prompt, n_gen, engine.threads,
-                                                    engine.n_gpu_layers, repetitions)
+                                                    engine.plan, repetitions)
         result = benchmod.BenchResult(pp, tg, repetitions, up_pp, up_tg)
         views.bench_table(result, engine, n_prompt, n_gen, json_out)

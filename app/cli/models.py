@@ -117,7 +117,7 @@ def info(
     model: str | None = typer.Argument(None, help="GGUF file or model name (default: the bundled demo)."),
     ctx: int | None = typer.Option(None, "--ctx", help="Context for the memory estimate (default: the settings "
                                    f"file's, else the model's, at most {DEFAULT_MAX_CTX}, as the engine uses)."),
-    gpu_layers: o.GpuLayers = None,
+    gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     vram: float | None = typer.Option(None, "--vram", help="Plan for a GPU with this many GiB free instead "
                                       "(what if)."),
     json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
@@ -127,19 +127,21 @@ def info(
     from app.store import info_view, models
     from app.store.info import describe
 
-    run_opts = o.settings_for("info", ctx=ctx, gpu_layers=gpu_layers)[0]
+    run_opts = o.settings_for("info", ctx=ctx, gpu_layers=gpu_layers, device=device)[0]
     if vram is not None:
         units.gib_bytes("--vram", vram)  # a bad flag is refused before anything is said about the model
     if vram is not None and gpu_layers is None:
         run_opts["gpu_layers"] = "auto"  # --vram plans the automatic offload, whatever the settings file says
+    if vram is not None and device is None:
+        run_opts["device"] = None  # and a GPU that is not here, whatever device the settings file names
     path = models.resolve(model, ui.note)
-    info_view.info_report(describe(path, n_ctx=run_opts["ctx"], gpu_layers=run_opts["gpu_layers"], vram_gib=vram),
-                          json_out)
+    info_view.info_report(describe(path, n_ctx=run_opts["ctx"], gpu_layers=run_opts["gpu_layers"], vram_gib=vram,
+                                   device=run_opts["device"]), json_out)
 
 
 def recommend(
     vram: float | None = typer.Option(None, "--vram", help="GiB of free VRAM to plan for; 0 = no GPU (default: "
-                                      "this machine's NVIDIA GPUs, free memory now)."),
+                                      "this machine's GPUs as llama.cpp sees them, free memory now)."),
     ram: float | None = typer.Option(None, "--ram", help="GiB of RAM to plan for without a GPU (default: this "
                                      "machine's)."),
     json_out: bool = typer.Option(False, "--json", help="Print the picks as JSON."),
@@ -149,5 +151,6 @@ def recommend(
     from app.store import recommend as rec
 
     machine = rec.machine(vram, ram)
-    rows = [(e, rec.pick(e, vram_bytes=machine.vram_bytes, ram_bytes=machine.ram_bytes)) for e in catalog.load()]
+    rows = [(e, rec.pick(e, vram_bytes=machine.vram_bytes, ram_bytes=machine.ram_bytes, gpus=machine.gpus))
+            for e in catalog.load()]
     catalog_view.recommendation(machine, rows, json_out)

@@ -28,6 +28,11 @@ Ctx = Annotated[int | None, typer.Option("--ctx", help=f"Context size (default: 
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: physical cores).")]
 GpuLayers = Annotated[str | None, typer.Option("--gpu-layers", help="auto, 0 (CPU only) or a number of layers "
                                                                     f"{_default('gpu_layers')}.")]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="Where to offload: auto (every discrete GPU, else "
+                                                "an integrated one the whole model fits on), cpu, or GPUs by name or "
+                                                "number as `malhae info` lists them: CUDA1, MTL0, Vulkan0, 1, or "
+                                                "CUDA0,CUDA1 to split over those (default: config.toml's device, "
+                                                "else auto).")]
 Template = Annotated[str | None, typer.Option("--template", help="Prompt format: base, koalpaca, kullm (default: the "
                                                                  "GGUF's chat template, else from the model's name).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
@@ -74,7 +79,7 @@ Batch = Annotated[int, typer.Option("--batch", help="Tokens per decode; batch/ct
 
 
 def settings_for(command: str, stop: tuple[str, ...] = (), **flags: object):
-    """(ctx/threads/gpu_layers, Sampling) for a command: each flag given, else config.toml's, else the built-in.
+    """(ctx/threads/gpu_layers/device, Sampling) for a command: each flag given, else config.toml's, else the built-in.
 
     `flags` holds the command's own options by setting name (None: not given); a command without sampling
     options (bench, eval, info) just ignores the Sampling."""
@@ -82,7 +87,7 @@ def settings_for(command: str, stop: tuple[str, ...] = (), **flags: object):
     from app.store import config
 
     file = config.load()
-    run = config.runtime_values({k: flags.get(k) for k in ("ctx", "threads", "gpu_layers")}, file)
+    run = config.runtime_values({k: flags.get(k) for k in ("ctx", "threads", "gpu_layers", "device")}, file)
     values = config.sampling_values(command, {k: v for k, v in flags.items() if k in SAMPLING_KEYS}, file)
     return run, Sampling(**values, stop=stop).checked()
 
@@ -111,7 +116,8 @@ def draft_for(flag: str | None, draft_max: int | None, *, remote: bool = False):
     return settings.draft(raw, lambda word: models.resolve(word, ui.note), usage), n
 
 
-LOCAL_ONLY = ("threads", "gpu_layers", "draft", "draft_max")  # decided by the server when an endpoint runs the model
+# decided by the server when an endpoint runs the model
+LOCAL_ONLY = ("threads", "gpu_layers", "device", "draft", "draft_max")
 
 
 def endpoint_for(flag: str | None, api_key: str | None = None, timeout: float | None = None, *,

@@ -24,7 +24,7 @@ def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, t
     shot = oneshot.run(kind, given.text, target, sampling, n_ctx=run_opts["ctx"], threads=run_opts["threads"],
                        gpu_layers=run_opts["gpu_layers"], template=template, verbose=o.verbose(), notify=ui.note,
                        model=model if endpoint else None, remote_chat=remote["remote_chat"],
-                       documents=given.documents, draft=draft, draft_max=draft_max)
+                       documents=given.documents, draft=draft, draft_max=draft_max, device=run_opts["device"])
     if json_out:
         ui.json_result(shot.collect())
     else:
@@ -42,7 +42,7 @@ def complete(
     temperature: o.Temperature = None, top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None,
     repeat_penalty: o.RepeatPenalty = None, repeat_last_n: o.RepeatLastN = None, seed: o.Seed = None,
     frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
-    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None, timeout: o.Timeout = None,
     files: list[Path] = FILES, draft: o.Draft = None, draft_max: o.DraftMax = None,
 ) -> None:
@@ -51,7 +51,8 @@ def complete(
     _oneshot("complete", prompt, model, json_out, None, stop, remote, max_tokens=max_tokens, temperature=temperature,
              top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
              seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
-             threads=threads, gpu_layers=gpu_layers, files=files, draft=draft, draft_max=draft_max)
+             threads=threads, gpu_layers=gpu_layers, device=device, files=files, draft=draft,
+             draft_max=draft_max)
 
 
 def ask(
@@ -59,7 +60,7 @@ def ask(
     temperature: o.Temperature = None, top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None,
     repeat_penalty: o.RepeatPenalty = None, repeat_last_n: o.RepeatLastN = None, seed: o.Seed = None,
     frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
-    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
+    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     template: o.Template = None, json_out: o.Json = False, endpoint: o.EndpointOption = None,
     api_key: o.ApiKey = None, timeout: o.Timeout = None, remote_chat: o.RemoteChat = False,
     files: list[Path] = FILES, draft: o.Draft = None, draft_max: o.DraftMax = None,
@@ -69,13 +70,15 @@ def ask(
     _oneshot("ask", prompt, model, json_out, template, stop, remote, max_tokens=max_tokens, temperature=temperature,
              top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
              seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
-             threads=threads, gpu_layers=gpu_layers, files=files, draft=draft, draft_max=draft_max)
+             threads=threads, gpu_layers=gpu_layers, device=device, files=files, draft=draft,
+             draft_max=draft_max)
 
 
 def chat(
     model: o.ModelOption = None, template: o.Template = None,
     system: str | None = typer.Option(None, "--system", help="System text (default: the template's)."),
-    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, temperature: o.Temperature = None,
+    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
+    temperature: o.Temperature = None,
     top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None, repeat_penalty: o.RepeatPenalty = None,
     max_tokens: o.ChatMaxTokens = None,
     seed: int | None = typer.Option(None, "--seed", help="Fix the sampling seed for repeatable answers."),
@@ -90,12 +93,12 @@ def chat(
 
     run_opts, sampling = o.settings_for("chat", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                         repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed, ctx=ctx,
-                                        threads=threads, gpu_layers=gpu_layers)
+                                        threads=threads, gpu_layers=gpu_layers, device=device)
     remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, notify=ui.note,
-                            local_flags={"threads": threads, "gpu_layers": gpu_layers, "draft": draft,
-                                         "draft_max": draft_max})
+                            local_flags={"threads": threads, "gpu_layers": gpu_layers, "device": device,
+                                         "draft": draft, "draft_max": draft_max})
     draft_at, n_draft = o.draft_for(draft, draft_max, remote=remote is not None)
     repl.open_chat(model=model, resolve=models.resolve, template=template, system=system, sampling=sampling,
                    ctx=run_opts["ctx"], threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
                    no_color=no_color, verbose=o.verbose(), endpoint=remote, remote_chat=remote_chat,
-                   draft=draft_at, draft_max=n_draft).run()
+                   draft=draft_at, draft_max=n_draft, device=run_opts["device"]).run()

@@ -113,10 +113,10 @@ def evaluate(a: Model, b: Model, text: str, *, n_ctx: int = 512, n_batch: int = 
 
 def run(path_a: Path, path_b: Path, text_path: Path, *, n_ctx: int = 512, n_batch: int = DEFAULT_BATCH,
         threads: int | None = None, gpu_layers: str | int = "auto", progress: Progress | None = None,
-        notify: Callable[[str], None] | None = None) -> CompareResult:
+        notify: Callable[[str], None] | None = None, device: str | None = None) -> CompareResult:
     """`malhae eval compare`: cheap checks first (arguments, text, vocabularies), then both models loaded at once.
 
-    With `--gpu-layers auto`, A is planned into the free VRAM first and B into what A leaves."""
+    With `--gpu-layers auto`, A is planned into the free VRAM first and B into what A leaves on each device."""
     from app.runtime import hardware, offload
     from app.runtime.engine import check_model_file
 
@@ -126,8 +126,8 @@ def run(path_a: Path, path_b: Path, text_path: Path, *, n_ctx: int = 512, n_batc
     with Model(path_a, vocab_only=True) as va, Model(path_b, vocab_only=True) as vb:
         check_same_vocab(va, vb)
     shape = {"n_ctx": layout.n_seq * layout.n_ctx, "n_batch": layout.n_batch}
-    plan_a = offload.choose(info_a, gpu_layers, **shape, notify=notify)
-    plan_b = offload.choose(info_b, gpu_layers, **shape, reserved=plan_a.gpu_bytes)
-    with Model(path_a, n_gpu_layers=plan_a.n_gpu_layers) as a, Model(path_b, n_gpu_layers=plan_b.n_gpu_layers) as b:
+    plan_a = offload.choose(info_a, gpu_layers, **shape, notify=notify, device=device)
+    plan_b = offload.choose(info_b, gpu_layers, **shape, reserved=plan_a.used(), device=device)
+    with Model.planned(path_a, plan_a) as a, Model.planned(path_b, plan_b) as b:
         return evaluate(a, b, text, n_ctx=n_ctx, n_batch=n_batch, threads=threads or hardware.physical_cores(),
                         progress=progress, notify=notify)

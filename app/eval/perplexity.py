@@ -73,7 +73,7 @@ def evaluate(model: Model, text: str, *, n_ctx: int = 512, n_batch: int = DEFAUL
 
 def run(model_path: Path, text_path: Path, *, n_ctx: int = 512, n_batch: int = DEFAULT_BATCH,
         threads: int | None = None, gpu_layers: str = "auto", progress: Progress | None = None,
-        notify: Callable[[str], None] | None = None) -> PerplexityResult:
+        notify: Callable[[str], None] | None = None, device: str | None = None) -> PerplexityResult:
     """`malhae eval ppl`: read the text first (its mistakes are cheaper to report than a model load), then load."""
     from app.runtime import hardware, offload
     from app.runtime.engine import check_model_file
@@ -81,8 +81,9 @@ def run(model_path: Path, text_path: Path, *, n_ctx: int = 512, n_batch: int = D
     layout = Layout.of(n_ctx, n_batch)
     text = read_text(text_path)
     info = check_model_file(model_path)
-    plan = offload.choose(info, gpu_layers, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, notify=notify)
-    with Model(model_path, n_gpu_layers=plan.n_gpu_layers) as model:
+    plan = offload.choose(info, gpu_layers, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, notify=notify,
+                          device=device)
+    with Model.planned(model_path, plan) as model:
         return evaluate(model, text, n_ctx=n_ctx, n_batch=n_batch, threads=threads or hardware.physical_cores(),
                         progress=progress, notify=notify)
 

@@ -35,15 +35,22 @@ def same_libraries_env() -> dict[str, str]:
     return dict(os.environ, LD_LIBRARY_PATH=os.pathsep.join(filter(None, [lib_dir, os.environ.get("LD_LIBRARY_PATH")])))
 
 
-def run_llama_bench(exe: Path, model: Path, n_prompt: int, n_gen: int, threads: int, gpu_layers: int,
+def run_llama_bench(exe: Path, model: Path, n_prompt: int, n_gen: int, threads: int, plan,
                     repetitions: int) -> tuple[float, float]:
+    """llama-bench on the engine's plan (an app.runtime.offload.Plan): its layers, and its devices and split when
+    it names them, so both run on the same hardware."""
     if not exe.is_file():
         raise UserError(f"--llama-bench {exe} does not exist; build llama.cpp's llama-bench (see "
                         "benchmarks/build_llama_tools.py)")
     # same weight layout as the engine: extra CPU buffers off on AMX CPUs (see llama.use_extra_buffer_types)
     repack = "1" if llama.use_extra_buffer_types() else "0"
     cmd = [str(exe.absolute()), "-m", str(model), "-p", str(n_prompt), "-n", str(n_gen), "-t", str(threads),
-           "-ngl", str(gpu_layers), "-r", str(repetitions), "--repack", repack, "-o", "json"]
+           "-ngl", str(plan.n_gpu_layers), "-r", str(repetitions), "--repack", repack, "-o", "json"]
+    chosen = plan.load_devices
+    if chosen is not None:
+        cmd += ["-dev", "/".join(d.name for d in plan.devices) if chosen else "none"]
+    if plan.split:
+        cmd += ["-ts", "/".join(f"{n:g}" for n in plan.split)]
     proc = children.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=same_libraries_env())
     if proc.returncode != 0:
         raise UserError(f"llama-bench failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")

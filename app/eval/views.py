@@ -56,10 +56,13 @@ def compare_result(result, as_json: bool) -> None:
 
 
 def bench_table(result, engine, n_prompt: int, n_gen: int, as_json: bool) -> None:
-    where = f"{engine.n_gpu_layers} GPU layers" if engine.n_gpu_layers else "CPU"
+    where = engine.plan.where
     if as_json:
         json_result(result.as_dict() | {"model": str(engine.path), "threads": engine.threads,
-                                        "gpu_layers": engine.n_gpu_layers, "n_prompt": n_prompt, "n_gen": n_gen})
+                                        "gpu_layers": engine.n_gpu_layers, "where": where,
+                                        "devices": [d.name for d in engine.plan.devices],
+                                        "split": engine.plan.layers if len(engine.plan.devices) > 1 else None,
+                                        "n_prompt": n_prompt, "n_gen": n_gen})
         return
     table = Table(title=f"{engine.path.name} — {engine.threads} threads, {where}, median of {result.runs}")
     for col in ("test", "malhae tok/s", "llama-bench tok/s", "ratio"):

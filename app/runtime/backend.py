@@ -45,7 +45,7 @@ class Backend(Protocol):
 def open_backend(target: Path | Endpoint, *, model: str | None = None, remote_chat: bool = False,
                  n_ctx: int | None = None, threads: int | None = None, gpu_layers: str | int | None = "auto",
                  verbose: bool = False, notify: Callable[[str], None] | None = None, draft: str | Path | None = None,
-                 draft_max: int | None = None) -> Backend:
+                 draft_max: int | None = None, device: str | None = None) -> Backend:
     """A GGUF file is loaded here (speculating with `draft`); an Endpoint is asked for `model` (None: its only one),
     and decodes as its server does."""
     if isinstance(target, Endpoint):
@@ -56,4 +56,4 @@ def open_backend(target: Path | Endpoint, *, model: str | None = None, remote_ch
     from app.runtime.settings import DEFAULT_DRAFT_MAX
 
     return Engine(target, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=notify,
-                  draft=draft, draft_max=draft_max or DEFAULT_DRAFT_MAX)
+                  draft=draft, draft_max=draft_max or DEFAULT_DRAFT_MAX, device=device)

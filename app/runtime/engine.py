@@ -110,10 +110,10 @@ class Engine:
     def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
                  gpu_layers: str | int | None = "auto", n_batch: int = DEFAULT_BATCH, verbose: bool = False,
                  notify: Notify | None = None, n_seq: int = 1, draft: str | Path | None = None,
-                 draft_max: int = DEFAULT_DRAFT_MAX) -> None:
+                 draft_max: int = DEFAULT_DRAFT_MAX, device: str | None = None) -> None:
         """`n_ctx` is each sequence's context; `n_seq` sequences (the server's slots) each get their own part of one
         KV cache, so memory is n_seq × n_ctx tokens. `draft` turns speculative decoding on: "lookup" or the path of a
-        draft model's GGUF (see set_draft)."""
+        draft model's GGUF (see set_draft). `device`: --device (app.runtime.devices.select; None: auto)."""
         self.path = path
         self.info = check_model_file(path)
         self.notify = notify or (lambda message: None)
@@ -124,8 +124,9 @@ class Engine:
         self.n_batch = max(min(n_batch, self.n_ctx), n_seq)
         self.threads = threads or hardware.physical_cores()
         self.n_seq = n_seq
+        self.device = device
         self.plan = offload.choose(self.info, gpu_layers, n_ctx=self.n_ctx * n_seq, n_batch=self.n_batch,
-                                   notify=self.notify)
+                                   notify=self.notify, device=device)
         self.n_gpu_layers = self.plan.n_gpu_layers
         self.model: llama.Model | None = None
         self.ctx = None
@@ -162,7 +163,7 @@ class Engine:
             drafter = Lookup()
         else:
             helper = Engine(Path(draft), n_ctx=self.n_ctx, threads=self.threads,
-                            gpu_layers="auto" if self.n_gpu_layers else 0, notify=self.notify)
+                            gpu_layers="auto" if self.n_gpu_layers else 0, notify=self.notify, device=self.device)
             try:
                 drafter = DraftModel(helper, self.model)
             except BaseException:
@@ -180,10 +181,11 @@ class Engine:
     # --- loading ---------------------------------------------------------------------------------------------
 
     def _load(self) -> None:
-        layers = self.n_gpu_layers
+        plan = self.plan
         while True:
+            layers = plan.n_gpu_layers
             try:
-                self.model = llama.Model(self.path, n_gpu_layers=layers)
+                self.model = llama.Model.planned(self.path, plan)
                 self.ctx = llama.Context(self.model, n_ctx=self.n_ctx * self.n_seq, n_batch=self.n_batch,
                                          threads=self.threads, n_seq=self.n_seq)
                 break
@@ -193,10 +195,10 @@ class Engine:
                     self.model = None
                 if layers <= 0:
                     raise
-                fewer = layers * 3 // 4
-                self.notify(f"not enough GPU memory for {layers} layers; retrying with {fewer}")
-                layers = fewer
-        self.n_gpu_layers = layers
+                plan = offload.fewer(plan, layers * 3 // 4)
+                self.notify(f"not enough GPU memory for {layers} layers; retrying with {plan.n_gpu_layers}")
+        self.plan = plan
+        self.n_gpu_layers = plan.n_gpu_layers
 
     def close(self) -> None:
         speculator = getattr(self, "speculator", None)
@@ -231,12 +233,12 @@ class Engine:
     @property
     def where(self) -> str:
         """Where it runs, briefly (the chat's banner)."""
-        return f"{self.path.name}, {f'{self.n_gpu_layers} GPU layers' if self.n_gpu_layers else 'CPU'}"
+        return f"{self.path.name}, {self.plan.describe(detail=False)}"
 
     @property
     def location(self) -> str:
         """Where it runs, in full (/show)."""
-        where = f"{self.n_gpu_layers} GPU layers" if self.n_gpu_layers else f"CPU, {self.threads} threads"
+        where = self.plan.where if self.n_gpu_layers else f"CPU, {self.threads} threads"
         return f"{self.path} ({where})"
 
     def chat_template_info(self) -> tuple[str | None, str, str]:

@@ -1,8 +1,10 @@
-"""ggml's own C library (libggml-base, shipped inside llama-cpp-python), through ctypes: the few functions and the one
-struct malhae needs that llama-cpp-python does not bind.
+"""ggml's own C libraries (libggml-base and libggml, shipped inside llama-cpp-python), through ctypes: the few
+functions and the one struct malhae needs that llama-cpp-python does not bind.
 
-Why here: the converter quantizes rows with ggml_quantize_chunk, and the importance matrix reads the tensors of
-llama.cpp's compute graph as the scheduler evaluates them (the `cb_eval` callback hands over a `struct ggml_tensor *`).
+Why here: the converter quantizes rows with ggml_quantize_chunk, the importance matrix reads the tensors of
+llama.cpp's compute graph as the scheduler evaluates them (the `cb_eval` callback hands over a `struct ggml_tensor *`),
+and the offload planner asks ggml's device registry (libggml) which GPUs this build can use and how much memory they
+have free, for CUDA, Metal, ROCm, Vulkan and SYCL alike.
 The struct's layout is copied from the vendored ggml.h; `_check_layout` proves it on a real tensor at load, so a
 llama-cpp-python with another layout fails with a clear message instead of reading garbage.
 """
@@ -10,11 +12,11 @@ llama-cpp-python with another layout fails with a clear message instead of readi
 from __future__ import annotations
 
 import ctypes
+import os
 from functools import cache
+from pathlib import Path
 
 import numpy as np
-
-from app.runtime import llama
 
 MAX_DIMS = 4
 MAX_SRC = 10
@@ -52,13 +54,7 @@ class _InitParams(ctypes.Structure):
 @cache
 def base() -> ctypes.CDLL:
     """libggml-base with the signatures malhae calls declared."""
-    directory = llama.lib_dir()
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-        if (directory / name).exists():
-            lib = ctypes.CDLL(str(directory / name))
-            break
-    else:
-        raise RuntimeError(f"ggml's base library is not in {directory}; reinstall llama-cpp-python")
+    lib = _find("ggml-base")
     lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                         ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
@@ -81,6 +77,91 @@ def base() -> ctypes.CDLL:
     lib.ggml_set_name.restype = ctypes.POINTER(Tensor)
     _check_layout(lib)
     return lib
+
+
+def lib_dir() -> Path:
+    """Where the llama.cpp and ggml shared libraries that llama-cpp-python loads are (found without importing
+    llama_cpp, which loads them: this module sits below app.runtime.llama)."""
+    explicit = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if explicit:
+        return Path(explicit)
+    from importlib.util import find_spec
+
+    spec = find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("llama-cpp-python is not installed; pip install llama-cpp-python")
+    return Path(spec.origin).parent / "lib"
+
+
+def _find(stem: str) -> ctypes.CDLL:
+    directory = lib_dir()
+    for name in (f"lib{stem}.so", f"lib{stem}.dylib", f"{stem}.dll"):
+        if (directory / name).exists():
+            return ctypes.CDLL(str(directory / name))
+    raise RuntimeError(f"ggml's {stem} library is not in {directory}; reinstall llama-cpp-python")
+
+
+@cache
+def registry() -> ctypes.CDLL:
+    """libggml (the backend registry) with the device functions declared. Call llama.init() first where llama.cpp's
+    log should stay quiet: it loads the backends of builds that ship them as plug-ins (GGML_BACKEND_DL); this loads
+    them itself otherwise."""
+    lib = _find("ggml")
+    lib.ggml_backend_dev_count.argtypes = []
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    for name in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p]
+        getattr(lib, name).restype = ctypes.c_char_p
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                            ctypes.POINTER(ctypes.c_size_t)]
+    lib.ggml_backend_dev_memory.restype = None
+    lib.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_reg_name.restype = ctypes.c_char_p
+    lib.ggml_backend_reg_count.argtypes = []
+    lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+    if not lib.ggml_backend_reg_count():
+        lib.ggml_backend_load_all()
+    return lib
+
+
+DEVICE_TYPES = ("cpu", "gpu", "igpu", "accel", "meta")  # enum ggml_backend_dev_type, in order (ggml-backend.h)
+MAX_DEVICES = 64  # more than any machine has; a broken registry must not make malhae loop for ever
+
+
+def device_count() -> int:
+    return min(int(registry().ggml_backend_dev_count()), MAX_DEVICES)
+
+
+def device_handle(index: int) -> int:
+    """The ggml_backend_dev_t of device `index` (for llama_model_params.devices)."""
+    handle = registry().ggml_backend_dev_get(index)
+    if not handle:
+        raise RuntimeError(f"ggml has no device {index}")
+    return int(handle)
+
+
+def device_facts(index: int) -> tuple[str, str, str, str, int, int]:
+    """(name, description, type, backend, free bytes, total bytes) of device `index`, as ggml reports them now."""
+    lib = registry()
+    dev = device_handle(index)
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    kind = lib.ggml_backend_dev_type(dev)
+    reg = lib.ggml_backend_dev_backend_reg(dev)
+    backend = lib.ggml_backend_reg_name(reg) if reg else None
+
+    def text(raw: bytes | None) -> str:
+        return raw.decode("utf-8", "replace") if raw else ""
+
+    return (text(lib.ggml_backend_dev_name(dev)), text(lib.ggml_backend_dev_description(dev)),
+            DEVICE_TYPES[kind] if 0 <= kind < len(DEVICE_TYPES) else "unknown", text(backend),
+            int(free.value), int(total.value))
 
 
 def _check_layout(lib: ctypes.CDLL) -> None:

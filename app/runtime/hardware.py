@@ -1,14 +1,21 @@
-"""What this machine has: physical CPU cores, NVIDIA GPUs and their free memory, whether llama.cpp can use them.
+"""What this machine has, whatever llama-cpp-python was built for: physical CPU cores, RAM, and which GPUs exist, for
+the one-line hint that says how to install a build that can use them.
 
-NVML (nvidia-ml-py) is optional: without it, or without a GPU, everything reports "no GPU" and malhae runs on the CPU.
+What the installed build can use is ggml's to say (app.runtime.devices); this module answers what ggml cannot: that
+an NVIDIA or AMD GPU is in the machine although the build is CPU-only, or that a Mac's Python runs under Rosetta.
+NVML (nvidia-ml-py) is optional; without it the PCI vendor ids in /sys/class/drm still tell an NVIDIA GPU on Linux.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
+import shutil
+import subprocess
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 
 @cache
@@ -83,4 +90,70 @@ def llama_supports_gpu() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-CUDA_INSTALL_HINT = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir llama-cpp-python')
+_REINSTALL = "pip install --force-reinstall --no-cache-dir llama-cpp-python"
+CUDA_INSTALL_HINT = f'CMAKE_ARGS="-DGGML_CUDA=on" {_REINSTALL}'
+HIP_INSTALL_HINT = (f'CMAKE_ARGS="-DGGML_HIP=on" {_REINSTALL} (with ROCm installed), or CMAKE_ARGS="-DGGML_VULKAN=on" '
+                    f'{_REINSTALL} (with the Vulkan SDK)')
+METAL_INSTALL_HINT = f'CMAKE_ARGS="-DGGML_METAL=on" {_REINSTALL}'
+VENDOR_NVIDIA = "0x10de"
+VENDOR_AMD = "0x1002"
+DRM = Path("/sys/class/drm")
+
+
+@dataclass(frozen=True)
+class Facts:
+    """The machine as the install hint needs it (tests give their own)."""
+
+    system: str  # platform.system(): Linux, Darwin, Windows
+    machine: str  # platform.machine(): x86_64, arm64, AMD64 …
+    rosetta: bool  # macOS: this Python is an x86_64 process translated on Apple Silicon
+    nvidia: tuple[str, ...]  # NVIDIA GPUs seen (their names through NVML, else "NVIDIA GPU" per PCI device)
+    amd: bool  # an AMD GPU: PCI vendor 0x1002 under /sys/class/drm, or rocm-smi on the PATH
+
+
+def drm_vendors(root: Path | None = None) -> list[str]:
+    """The PCI vendor id of each display device Linux lists under /sys/class/drm (card0, card1 …; not their
+    connectors)."""
+    vendors = []
+    try:
+        cards = sorted(p for p in (root or DRM).iterdir() if p.name.startswith("card") and "-" not in p.name)
+    except OSError:
+        return []
+    for card in cards[:64]:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            vendors.append((card / "device" / "vendor").read_text(encoding="ascii")[:16].strip().lower())
+    return vendors
+
+
+def _rosetta() -> bool:
+    try:
+        out = subprocess.run(["sysctl", "-n", "sysctl.proc_translated"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.stdout.strip() == "1"
+
+
+@cache
+def facts() -> Facts:
+    system = platform.system()
+    vendors = drm_vendors() if system == "Linux" else []
+    nvidia = tuple(g.name for g in nvidia_gpus()) or ("NVIDIA GPU",) * vendors.count(VENDOR_NVIDIA)
+    amd = system == "Linux" and (VENDOR_AMD in vendors or shutil.which("rocm-smi") is not None)
+    return Facts(system, platform.machine(), system == "Darwin" and _rosetta(), nvidia, amd)
+
+
+def install_hint(f: Facts) -> str | None:
+    """For a llama-cpp-python without any GPU device: what GPU the machine has and the one command that builds
+    llama.cpp for it, in one line; None where there is nothing better to install."""
+    cpu = "but this llama-cpp-python was built without {}, so malhae runs on the CPU. For GPU speed: {}"
+    if f.nvidia:
+        return f"an NVIDIA GPU ({f.nvidia[0]}) is present, " + cpu.format("CUDA", CUDA_INSTALL_HINT)
+    if f.amd:
+        return "an AMD GPU is present, " + cpu.format("ROCm or Vulkan", HIP_INSTALL_HINT)
+    if f.system == "Darwin" and f.rosetta:
+        return ("this Python runs under Rosetta (x86_64) on Apple Silicon, where llama.cpp has no Metal, so malhae "
+                "runs on the CPU. For GPU speed: install an arm64 Python (python.org or `brew install python`), "
+                "then malhae in it")
+    if f.system == "Darwin" and f.machine == "arm64":
+        return "this is Apple Silicon, " + cpu.format("Metal", METAL_INSTALL_HINT)
+    return None

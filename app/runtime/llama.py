@@ -22,6 +22,7 @@ import llama_cpp as lc
 import numpy as np
 
 from app.errors import UserError
+from app.runtime import ggml
 from app.runtime.settings import DEFAULT_BATCH, check
 
 _backend_ready = False
@@ -103,9 +104,7 @@ class Interrupts:
             self.check()
 
 
-def lib_dir() -> Path:
-    """Where the llama.cpp and ggml shared libraries that llama-cpp-python loads are."""
-    return Path(os.environ.get("LLAMA_CPP_LIB_PATH") or Path(lc.__file__).parent / "lib")
+lib_dir = ggml.lib_dir  # where the llama.cpp and ggml shared libraries that llama-cpp-python loads are
 
 
 def _cpu_has_amx() -> bool:
@@ -153,13 +152,26 @@ class Owned:
 class Model(Owned):
     """A loaded GGUF model (or only its vocabulary); free it with close() or a with-block."""
 
-    def __init__(self, path: Path, *, vocab_only: bool = False, n_gpu_layers: int = 0, use_mmap: bool = True):
+    def __init__(self, path: Path, *, vocab_only: bool = False, n_gpu_layers: int = 0, use_mmap: bool = True,
+                 devices: Sequence[int] | None = None, tensor_split: Sequence[float] | None = None):
+        """`devices`: ggml device indices to offload to, in order (None: llama.cpp's default choice; (): none, not
+        even for large batches); `tensor_split`: the layers each of them takes (app.runtime.offload.Plan.split)."""
         init()
         params = lc.llama_model_default_params()
         params.vocab_only = vocab_only
         params.n_gpu_layers = n_gpu_layers
         params.use_mmap = use_mmap
         params.use_extra_bufts = use_extra_buffer_types()
+        if devices is not None:  # a NULL-terminated array of ggml_backend_dev_t; llama.cpp copies it at load
+            chosen = (ctypes.c_void_p * (len(devices) + 1))(*(ggml.device_handle(i) for i in devices), None)
+            params.devices = ctypes.cast(chosen, ctypes.c_void_p)
+        if tensor_split:  # llama_max_devices() floats, copied by llama.cpp at load
+            if len(tensor_split) > lc.llama_max_devices():
+                raise UserError(f"this llama-cpp-python splits over at most {lc.llama_max_devices()} devices; "
+                                "name fewer with --device")
+            split = (ctypes.c_float * lc.llama_max_devices())(*tensor_split)
+            params.tensor_split = split
+            params.split_mode = lc.LLAMA_SPLIT_MODE_LAYER
         errors: list[str] = []
         with log_to(lambda level, msg: errors.append(msg) if level == 2 or "error" in msg.lower() else None):
             self.ptr = lc.llama_model_load_from_file(str(path).encode(), params)
@@ -170,6 +182,11 @@ class Model(Owned):
         self.n_gpu_layers = n_gpu_layers
         self.vocab = lc.llama_model_get_vocab(self.ptr)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+
+    @classmethod
+    def planned(cls, path: Path, plan) -> Model:
+        """The model loaded where an app.runtime.offload.Plan puts it: its layers, devices and split."""
+        return cls(path, n_gpu_layers=plan.n_gpu_layers, devices=plan.load_devices, tensor_split=plan.split)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -214,6 +231,13 @@ class Model(Owned):
         return buf.raw[:n]
 
 
+def repeating_on_gpu(n_gpu_layers: int, n_layer: int) -> int:
+    """How many repeating layers llama.cpp puts on the GPU for n_gpu_layers: it offloads the output layer first,
+    then the last repeating layers (i_gpu_start = n_layer + 1 - n_gpu_layers in llama-model.cpp), so 1 means the
+    output layer alone and n_layer + 1 everything."""
+    return max(0, min(n_gpu_layers, n_layer + 1) - 1)
+
+
 def _check_kv_fits(model: Model, n_ctx: int, element_bytes: int) -> None:
     """Refuse a KV cache larger than this machine's RAM before llama.cpp allocates it.
 
@@ -226,7 +250,7 @@ def _check_kv_fits(model: Model, n_ctx: int, element_bytes: int) -> None:
     n_layer = lc.llama_model_n_layer(model.ptr)
     n_embd_kv = lc.llama_model_n_embd(model.ptr) * lc.llama_model_n_head_kv(model.ptr) // max(
         1, lc.llama_model_n_head(model.ptr))
-    host_layers = max(0, n_layer - model.n_gpu_layers)
+    host_layers = n_layer - repeating_on_gpu(model.n_gpu_layers, n_layer)
     need = 2 * n_ctx * host_layers * n_embd_kv * element_bytes
     ram = hardware.total_ram()
     if need > ram:

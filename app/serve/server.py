@@ -51,6 +51,7 @@ class Options:
     n_ctx: int | None = None
     threads: int | None = None
     gpu_layers: str | int | None = "auto"
+    device: str | None = None  # --device (None: auto)
     template: str | None = None
     api_key: str | None = None
     allow_origins: tuple[str, ...] = ()
@@ -274,7 +275,7 @@ class Server:
             self.state.service = Service.load(o.path, model_id=o.model_id, parallel=o.parallel, queue=o.queue,
                                               n_ctx=o.n_ctx, threads=o.threads, gpu_layers=o.gpu_layers,
                                               template=o.template, verbose=o.verbose, notify=o.notify,
-                                              draft=o.draft, draft_max=o.draft_max)
+                                              draft=o.draft, draft_max=o.draft_max, device=o.device)
         except Exception as e:  # UserError or a bug: the server cannot serve, so it stops
             self.state.error = str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__}: {e})"
             self.uvicorn.should_exit = True

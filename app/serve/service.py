@@ -32,9 +32,9 @@ class Service:
     @classmethod
     def load(cls, path: Path, *, model_id: str, parallel: int, queue: int, n_ctx: int | None, threads: int | None,
              gpu_layers: str | int | None, template: str | None = None, verbose: bool = False, notify=None,
-             draft: str | Path | None = None, draft_max: int | None = None) -> Service:
+             draft: str | Path | None = None, draft_max: int | None = None, device: str | None = None) -> Service:
         engine = Engine(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=notify,
-                        n_seq=parallel, draft=draft, draft_max=draft_max or DEFAULT_DRAFT_MAX)
+                        n_seq=parallel, draft=draft, draft_max=draft_max or DEFAULT_DRAFT_MAX, device=device)
         try:
             chosen = templates.get(template) if template else templates.for_engine(engine)
             service = cls(engine, Scheduler(engine, queue=queue), chosen, model_id)

@@ -76,18 +76,24 @@ def catalog(entries: tuple[Entry, ...], as_json: bool) -> None:
 def recommendation(machine: recommend.Machine, rows: list[tuple[Entry, recommend.Pick]], as_json: bool) -> None:
     if as_json:
         data = {"vram_bytes": machine.vram_bytes, "ram_bytes": machine.ram_bytes, "gpus": list(machine.gpu_names),
+                "devices": [d.as_dict() for d in machine.gpus], "hint": machine.hint,
                 "models": [{"name": e.name, "hub_id": e.hub_id, **p.as_dict(), "pull": pull_command(e, p)}
                            for e, p in rows]}
         out.print_json(json.dumps(data, ensure_ascii=False))
         return
+    integrated = bool(machine.gpus) and all(d.kind == "igpu" for d in machine.gpus)
+    if machine.hint:
+        err.print(f"[dim]malhae: {escape(machine.hint)}[/dim]", soft_wrap=True)
     if machine.vram_bytes:
         where = ", ".join(machine.gpu_names) or "GPU"
-        source = "given" if machine.vram_given else "free now (NVML)"
-        err.print(f"[dim]{escape(where)}: {units.gib(machine.vram_bytes)} VRAM {source}; a pick fits entirely "
-                  "on the GPU at context 2048 (the offload planner's arithmetic)[/dim]", soft_wrap=True)
-    else:
+        source = "given" if machine.vram_given else "free now, as llama.cpp reports it"
+        shared = " (integrated: used only where a pick fits entirely, else RAM)" if integrated else ""
+        err.print(f"[dim]{escape(where)}{shared}: {units.gib(machine.vram_bytes)} VRAM {source}; a pick fits "
+                  "entirely on the GPU at context 2048 (the offload planner's arithmetic)[/dim]", soft_wrap=True)
+    if not machine.vram_bytes or integrated:
         source = "given" if machine.ram_given else "total"
-        err.print(f"[dim]no usable NVIDIA GPU; {units.gib(machine.ram_bytes)} RAM {source}: a pick uses at most "
+        err.print(f"[dim]{'no usable GPU; ' if not machine.vram_bytes else ''}"
+                  f"{units.gib(machine.ram_bytes)} RAM {source}: a pick uses at most "
                   f"{recommend.RAM_FRACTION:.0%} of it (weights + KV cache at context 2048 + compute buffer), and is "
                   f"at most {recommend.RAM_CEILING}: without a GPU every token reads all weights, so smaller decodes "
                   "faster[/dim]",

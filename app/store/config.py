@@ -31,8 +31,9 @@ TOP_KEYS = {"default_model": "a string (a store name or a path to a .gguf file)"
             "endpoint": "a string: an OpenAI-compatible API's base URL, e.g. http://127.0.0.1:8080/v1",
             "api_key_env": "a string: the name of the environment variable that holds the endpoint's API key",
             "endpoint_timeout": "a number of seconds from 0.1 to 86400",
-            "draft": "a string: off, lookup, or a draft model (a store name or a path to a .gguf file)"}
-STRING_KEYS = ("default_model", "endpoint", "api_key_env", "draft")
+            "draft": "a string: off, lookup, or a draft model (a store name or a path to a .gguf file)",
+            "device": "a string: auto, cpu, or GPUs as `malhae info` lists them (CUDA1, MTL0, Vulkan0, 1, CUDA0,CUDA1)"}
+STRING_KEYS = ("default_model", "endpoint", "api_key_env", "draft", "device")
 TOP_KEYS |= {k: s.rule for k, s in SETTINGS.items() if s.table is None}
 
 
@@ -52,6 +53,7 @@ class Settings:
     endpoint_timeout: float | None = None
     draft: str | None = None  # speculative decoding: off, lookup or a model (resolved when a command runs)
     draft_max: int | None = None
+    device: str | None = None  # --device's default (checked against this machine's devices when a model loads)
 
 
 MAX_FILE = 1 << 20  # a settings file is a few lines
@@ -208,8 +210,9 @@ def sampling_values(command: str, flags: dict[str, object], settings: Settings) 
 
 
 def runtime_values(flags: dict[str, object], settings: Settings) -> dict[str, object]:
-    """ctx, threads and gpu_layers: flag > file > built-in (None for ctx and threads: the model's / the CPU's)."""
-    out = {}
+    """ctx, threads, gpu_layers and device: flag > file > built-in (None for ctx and threads: the model's / the
+    CPU's; None for device: auto)."""
+    out: dict[str, object] = {"device": pick(flags.get("device"), settings.device, None)}
     for key in ("ctx", "threads", "gpu_layers"):
         flag = flags.get(key)
         if key == "gpu_layers" and isinstance(flag, str):

@@ -14,8 +14,10 @@ from gguf import Keys, TokenType
 
 from app import units
 from app.errors import UserError
-from app.runtime import offload, templates
+from app.runtime import devices, offload, templates
+from app.runtime.devices import Device
 from app.runtime.gguf_info import GGUFInfo, check_shape, read_info
+from app.runtime.llama import repeating_on_gpu
 from app.runtime.settings import DEFAULT_BATCH, context_size
 from app.runtime.settings import gpu_layers as parse_gpu_layers
 
@@ -55,6 +57,16 @@ class ChatTemplate:
 
 
 @dataclass(frozen=True)
+class DeviceShare:
+    name: str
+    description: str
+    platform: str
+    layers: int  # of the plan's gpu_layers (the output layer counts on the last GPU)
+    bytes: int  # estimated, context and compute buffer included
+    free: int  # what the plan could fill there
+
+
+@dataclass(frozen=True)
 class Memory:
     n_ctx: int
     n_batch: int
@@ -67,13 +79,17 @@ class Memory:
     weights_cpu: int
     kv_gpu: int
     kv_cpu: int
-    compute: int  # the planner's compute-buffer estimate, on the GPU when any layer is there, else in RAM
-    cuda_context: int
+    compute: int  # the planner's compute-buffer estimate: one on each GPU used, else one in RAM
+    gpu_buffers: int  # how many GPUs hold a compute buffer (0: CPU only)
+    device_context: int  # every GPU's context (driver, BLAS workspace), all together
+    where: str = "CPU"  # the plan in a few words (offload.Plan.where)
+    split: tuple[DeviceShare, ...] = ()  # each GPU's part, in llama.cpp's order
+    devices: tuple[Device, ...] = ()  # every device this llama-cpp-python has (ggml's list)
     note: str = ""
 
     @property
     def vram(self) -> int:
-        return self.weights_gpu + self.kv_gpu + (self.compute + self.cuda_context if self.gpu_layers else 0)
+        return self.weights_gpu + self.kv_gpu + self.compute * self.gpu_buffers + self.device_context
 
     @property
     def ram(self) -> int:
@@ -167,7 +183,7 @@ def _chat_template(info: GGUFInfo, name: str) -> ChatTemplate:
 
 
 def memory(info: GGUFInfo, n_ctx: int | None = None, gpu_layers: str | int = "auto",
-           vram_gib: float | None = None) -> Memory:
+           vram_gib: float | None = None, device: str | None = None) -> Memory:
     """Where the weights, KV cache and buffers would go: the engine's own context rule and offload choice
     (app.runtime.offload.choose), so `info` shows what `chat` would do."""
     n_ctx = context_size(n_ctx, info.arch_int(Keys.LLM.CONTEXT_LENGTH))
@@ -176,23 +192,29 @@ def memory(info: GGUFInfo, n_ctx: int | None = None, gpu_layers: str | int = "au
     scalars = replace(info, metadata={k: len(v) if isinstance(v, list) else v for k, v in info.metadata.items()})
     sizes = offload.model_sizes(scalars, n_ctx, n_batch)
     n_layer = sizes.n_layer
-    p = offload.choose(scalars, gpu_layers, n_ctx=n_ctx, n_batch=n_batch,
+    said: list[str] = []  # the install hint, where the build cannot use this machine's GPU
+    p = offload.choose(scalars, gpu_layers, n_ctx=n_ctx, n_batch=n_batch, device=device, notify=said.append,
                        vram=units.gib_bytes("--vram", vram_gib) if vram_gib is not None else None)
     n, mode, reason = p.n_gpu_layers, p.mode, p.reason
     free = p.free_bytes if mode == "what-if" or (mode == "auto" and p.free_bytes) else None
-    note = ""
+    note = " ".join(said)
     if mode == "asked" and reason == "no GPU support":  # show where N layers would go, and say they will not
         n = min(int(parse_gpu_layers(gpu_layers)), n_layer + 1)
-        note = "this llama-cpp-python has no CUDA support, so the engine would run everything on the CPU here" if n \
-            else ""
-    on_gpu = min(n, n_layer)
+        note = note or ("this llama-cpp-python has no GPU support, so the engine would run everything on the CPU "
+                        "here" if n else "")
+    on_gpu = repeating_on_gpu(n, n_layer)
     weights = sum(t.nbytes for t in info.tensors)
-    weights_gpu = sum(sizes.layer_bytes[:on_gpu]) + (sizes.output_bytes if n > n_layer else 0)
+    weights_gpu = sum(sizes.layer_bytes[n_layer - on_gpu:]) + (sizes.output_bytes if n else 0)
     kv_gpu = sizes.kv_bytes_per_layer * on_gpu
+    gpus = max(1, len(p.devices)) if n else 0
+    split = tuple(DeviceShare(d.name, d.description, d.platform, c, b, f)
+                  for d, c, b, f in zip(p.devices, p.layers, p.device_bytes, p.device_free, strict=False))
     return Memory(n_ctx=n_ctx, n_batch=n_batch, gpu_layers=n, n_layer=n_layer, mode=mode, reason=reason,
                   free_vram=free, weights_gpu=weights_gpu, weights_cpu=weights - weights_gpu, kv_gpu=kv_gpu,
                   kv_cpu=sizes.kv_bytes_per_layer * n_layer - kv_gpu, compute=sizes.compute_bytes,
-                  cuda_context=offload.CUDA_CONTEXT_BYTES if n else 0, note=note)
+                  gpu_buffers=gpus, device_context=offload.DEVICE_CONTEXT_BYTES * gpus,
+                  where=p.where if n == p.n_gpu_layers else f"{n} layers on the GPU", split=split,
+                  devices=devices.listed(), note=note)
 
 
 def check_file(path: Path) -> None:
@@ -204,7 +226,7 @@ def check_file(path: Path) -> None:
 
 
 def describe(path: Path, *, n_ctx: int | None = None, gpu_layers: str | int = "auto",
-             vram_gib: float | None = None) -> ModelInfo:
+             vram_gib: float | None = None, device: str | None = None) -> ModelInfo:
     check_file(path)
     info = read_info(path, arrays=(Keys.Tokenizer.LIST, Keys.Tokenizer.TOKEN_TYPE))
     if info.text("general.type") == "imatrix":
@@ -225,4 +247,4 @@ def describe(path: Path, *, n_ctx: int | None = None, gpu_layers: str | int = "a
         rotary_dims=info.arch_int(Keys.Rope.DIMENSION_COUNT), d_ff=info.arch_int(Keys.LLM.FEED_FORWARD_LENGTH),
         file_type=info.file_type, quantization=mix, tensor_bytes=info.tensor_bytes, tokenizer=_tokenizer(info),
         chat_template=_chat_template(info, info.name or path.stem),
-        memory=memory(info, n_ctx, gpu_layers, vram_gib) if n_layer else None, imatrix=_imatrix(info))
+        memory=memory(info, n_ctx, gpu_layers, vram_gib, device) if n_layer else None, imatrix=_imatrix(info))

@@ -66,11 +66,13 @@ def info_report(mi, as_json: bool = False) -> None:
     m = mi.memory
     if m is None:
         return
-    where = ("CPU only" if not m.gpu_layers else "all layers on the GPU" if m.gpu_layers > m.n_layer
-             else f"{m.gpu_layers} of {m.n_layer} layers on the GPU")
+    devices = ", ".join(_device(d) for d in m.devices) or "none"
+    out.print(f"devices (as llama.cpp sees them): {escape(devices)}", soft_wrap=True)
+    where = "CPU only" if not m.gpu_layers else m.where
     basis = {"auto": "--gpu-layers auto on this machine", "asked": f"--gpu-layers {m.gpu_layers}",
              "what-if": f"a GPU with {units.gib(m.free_vram or 0)} free"}[m.mode]
-    out.print(f"estimated memory for context {m.n_ctx:,}, {where} ({basis}: {m.reason}):", soft_wrap=True)
+    out.print(f"estimated memory for context {m.n_ctx:,}, {escape(where)} ({basis}: {escape(m.reason)}):",
+              soft_wrap=True)
     mem = Table()
     for col in ("", "VRAM", "RAM"):
         mem.add_column(col, justify="left" if not col else "right")
@@ -80,12 +82,28 @@ def info_report(mi, as_json: bool = False) -> None:
 
     mem.add_row("weights", cell(m.weights_gpu), cell(m.weights_cpu))
     mem.add_row("KV cache (f16)", cell(m.kv_gpu), cell(m.kv_cpu))
-    mem.add_row("compute buffer", cell(m.compute if m.gpu_layers else 0), cell(0 if m.gpu_layers else m.compute))
-    mem.add_row("CUDA context", cell(m.cuda_context), "—")
+    mem.add_row("compute buffer" if m.gpu_buffers < 2 else f"compute buffers ({m.gpu_buffers})",
+                cell(m.compute * m.gpu_buffers), cell(0 if m.gpu_layers else m.compute))
+    mem.add_row("GPU context" if m.gpu_buffers < 2 else f"GPU contexts ({m.gpu_buffers})", cell(m.device_context), "—")
     mem.add_row("[bold]total[/bold]", f"[bold]{cell(m.vram)}[/bold]", f"[bold]{cell(m.ram)}[/bold]")
     out.print(mem)
+    if len(m.split) > 1:
+        split = Table(title="split over the GPUs (llama.cpp's tensor_split)")
+        for col in ("device", "layers", "needs", "free"):
+            split.add_column(col, justify="left" if col == "device" else "right")
+        for s in m.split:
+            split.add_row(escape(f"{s.name} ({s.description})"), str(s.layers), units.gib(s.bytes), units.gib(s.free))
+        out.print(split)
     if m.note:
         err.print(f"[dim]malhae: {escape(m.note)}[/dim]", soft_wrap=True)
+
+
+def _device(d) -> str:
+    """`CUDA0 NVIDIA GeForce RTX 4090 (CUDA, 20.1 of 24.0 GiB free)`, `CPU`."""
+    if d.kind == "cpu":
+        return d.name
+    kind = "integrated, " if d.kind == "igpu" else "unified memory, " if d.unified else ""
+    return f"{d.name} {d.description} ({d.platform}, {kind}{units.gib(d.free)} of {units.gib(d.total)} free)"
 
 
 def _quantized(file_type: str | None) -> bool:

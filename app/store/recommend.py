@@ -15,10 +15,12 @@ quality/speed balance. Anyone who prefers quality over speed can still pull a la
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from app import units
 from app.runtime import offload
+from app.runtime.devices import Device
 from app.store.catalog import QUALITY_ORDER, Entry
 
 GiB = 2**30
@@ -64,12 +66,14 @@ def ram_needed(entry: Entry, type_name: str, n_ctx: int | None = None) -> int:
     return entry.sizes[type_name].total + sizes.kv_bytes_per_layer * sizes.n_layer + sizes.compute_bytes
 
 
-def pick_gpu(entry: Entry, free_bytes: int) -> Pick:
+def pick_gpu(entry: Entry, gpus: int | Sequence[Device]) -> Pick:
+    """`gpus`: free bytes of one GPU, or this machine's GPUs (the planner then splits over them as it would)."""
     for type_name in QUALITY_ORDER:
-        plan = offload.plan(planner_sizes(entry, type_name), free_bytes)
+        plan = offload.plan(planner_sizes(entry, type_name), gpus)
         if plan.full:
-            return Pick(type_name, "gpu", plan.gpu_bytes, free_bytes)
-    return Pick(None, "gpu", 0, free_bytes, partial=offload.plan(planner_sizes(entry, PARTIAL_TYPE), free_bytes))
+            return Pick(type_name, "gpu", plan.gpu_bytes, plan.free_bytes)
+    partial = offload.plan(planner_sizes(entry, PARTIAL_TYPE), gpus)
+    return Pick(None, "gpu", 0, partial.free_bytes, partial=partial)
 
 
 def pick_ram(entry: Entry, ram_bytes: int) -> Pick:
@@ -81,9 +85,14 @@ def pick_ram(entry: Entry, ram_bytes: int) -> Pick:
     return Pick(None, "ram", 0, budget)
 
 
-def pick(entry: Entry, *, vram_bytes: int | None, ram_bytes: int) -> Pick:
+def pick(entry: Entry, *, vram_bytes: int | None, ram_bytes: int, gpus: Sequence[Device] = ()) -> Pick:
     """With a GPU: the best type that fits on it (or a partial offload); without one: the best up to RAM_CEILING
-    that fits in RAM."""
+    that fits in RAM. `gpus`, when given, are this machine's (ggml's) and are planned for instead of `vram_bytes`;
+    integrated ones only when a type fits entirely, as `--gpu-layers auto` uses them (offload.choose)."""
+    if gpus:
+        p = pick_gpu(entry, gpus)
+        integrated = all(d.kind == "igpu" for d in gpus)
+        return p if p.full or not integrated else pick_ram(entry, ram_bytes)
     return pick_gpu(entry, vram_bytes) if vram_bytes else pick_ram(entry, ram_bytes)
 
 
@@ -96,27 +105,35 @@ def table(entry: Entry) -> dict[str, str | None]:
 
 @dataclass(frozen=True)
 class Machine:
-    vram_bytes: int | None  # free VRAM summed over NVIDIA GPUs (what the engine offloads into), None: no GPU
+    vram_bytes: int | None  # free GPU memory the planner may fill, all GPUs together; None: no GPU
     ram_bytes: int
-    gpu_names: tuple[str, ...]
+    gpus: tuple[Device, ...]  # this machine's GPUs that --gpu-layers auto offloads to (none when --vram is given)
     vram_given: bool
     ram_given: bool
+    hint: str | None = None  # a GPU llama.cpp cannot use with this build: how to install one that can
+
+    @property
+    def gpu_names(self) -> tuple[str, ...]:
+        return tuple(d.label for d in self.gpus)
 
 
 def machine(vram_gb: float | None = None, ram_gb: float | None = None) -> Machine:
-    """This machine's figures (NVML free VRAM, total RAM), or the ones given (GiB)."""
-    from app.runtime import hardware
+    """This machine's figures (the GPUs ggml lists and what the planner may fill on them, total RAM), or the ones
+    given (GiB)."""
+    from app.runtime import devices, hardware
 
     given_vram = units.gib_bytes("--vram", vram_gb) if vram_gb is not None else None
     given_ram = units.gib_bytes("--ram", ram_gb) if ram_gb is not None else None
-    names: tuple[str, ...] = ()
+    gpus: tuple[Device, ...] = ()
+    hint = None
     if given_vram is not None:
         vram = given_vram or None
     else:
-        gpus = hardware.nvidia_gpus()
-        names = tuple(g.name for g in gpus)
-        vram = sum(g.free for g in gpus) or None
+        listed = devices.listed()
+        ram = devices.host_memory(listed)
+        gpus = devices.offload_targets(listed)
+        vram = sum(devices.usable(d, ram) for d in gpus) or None
+        if not any(d.offloads for d in listed):
+            hint = hardware.install_hint(hardware.facts())
     ram = given_ram if given_ram is not None else hardware.total_ram()
-    return Machine(vram, ram, names, vram_gb is not None, ram_gb is not None)
-
-
+    return Machine(vram, ram, gpus, vram_gb is not None, ram_gb is not None, hint)

@@ -133,7 +133,8 @@ def check_shots_fit(splits: dict[str, tuple[list, list]], shots: list[int]) -> N
 
 def evaluate(model_path: Path, src: data.Source, tasks: list[Task], shots: list[int], *, limit: int | None = None,
              threads: int | None = None, gpu_layers: str | int = "auto", precise: bool = False,
-             progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> Report:
+             progress: Progress | None = None, notify: Callable[[str], None] | None = None,
+             device: str | None = None) -> Report:
     from app.eval.loglik import Scorer
     from app.runtime import hardware, offload
     from app.runtime.engine import check_model_file
@@ -142,8 +143,8 @@ def evaluate(model_path: Path, src: data.Source, tasks: list[Task], shots: list[
     splits = _splits(src, tasks, shots, limit)
     info = check_model_file(model_path)  # the data is checked first, then the model
     shape = Scorer.shape(info, max(len(t.choice_formats) for t in tasks))
-    plan = offload.choose(info, gpu_layers, n_ctx=shape.n_ctx, n_batch=shape.n_batch, notify=notify)
-    with Model(model_path, n_gpu_layers=plan.n_gpu_layers) as model, \
+    plan = offload.choose(info, gpu_layers, n_ctx=shape.n_ctx, n_batch=shape.n_batch, notify=notify, device=device)
+    with Model.planned(model_path, plan) as model, \
             Scorer(model, threads=threads or hardware.physical_cores(), precise=precise,
                    max_choices=shape.max_choices) as scorer:
         report = Report(str(model_path), src.label, scorer.max_length)
