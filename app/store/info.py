@@ -74,7 +74,7 @@ class Memory:
     n_layer: int
     mode: str  # "auto", "asked" (a number was given) or "what-if" (--vram)
     reason: str  # the planner's reason
-    free_vram: int | None  # what the plan was made for (NVML, or --vram); None: no GPU
+    free_vram: int | None  # what the plan was made for (ggml's devices, or --vram); None: no GPU
     weights_gpu: int
     weights_cpu: int
     kv_gpu: int

@@ -2,7 +2,7 @@
 
 GPU: the best-quality type (app.store.catalog.QUALITY_ORDER) that the engine's own offload planner
 (app/runtime/offload.py) would put entirely on the GPU at the model's full context (2048): every repeating layer and the
-output layer, the f16 KV cache for the whole context, the compute buffer for one 512-token batch, the CUDA context and a
+output layer, the f16 KV cache for the whole context, the compute buffer for one 512-token batch, the GPU context and a
 5% safety margin, the very figures `--gpu-layers auto` uses, so a pick made here loads fully there. When no type fits,
 the planner's partial offload of q4_k_m is reported instead: that many layers on the GPU, the rest on the CPU.
 
