@@ -86,7 +86,7 @@ def main() -> None:
         prompt = template.prompt([("user", "대한민국 헌법에 대해 자세히 설명해 주세요.")])
         # greedy, end tokens suppressed and no stop strings: every run writes exactly --tokens tokens
         sampling = Sampling(temperature=0, repeat_penalty=1.0, max_tokens=args.tokens, ignore_eos=True)
-        where = f"{engine.n_gpu_layers} GPU layers" if engine.n_gpu_layers else "CPU"
+        where = engine.plan.where
         print(f"{args.model.name}: {engine.threads} threads, {where}, {args.tokens} tokens per answer", flush=True)
         terminal = PseudoTerminal()
         devnull = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115

@@ -59,7 +59,7 @@ def main() -> None:
 
     with Engine(args.model, n_ctx=args.ctx, threads=args.threads, gpu_layers=args.gpu_layers, notify=print) as engine:
         template = templates.for_model(engine.name)
-        where = f"{engine.n_gpu_layers} GPU layers" if engine.n_gpu_layers else "CPU"
+        where = engine.plan.where
         print(f"{args.model.name}: {engine.threads} threads, {where}, context {engine.n_ctx}, template "
               f"{template.name}, answers of {args.answer_tokens} tokens", flush=True)
         runs: list[list[dict]] = []

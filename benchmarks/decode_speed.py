@@ -36,11 +36,11 @@ def main() -> None:
     rows = []
     with Engine(args.model, n_ctx=max(args.prompt + 16, args.gen + 32), threads=args.threads,
                 gpu_layers=args.gpu_layers, notify=print) as engine:
-        print(f"{args.model.name}: {engine.threads} threads, {engine.n_gpu_layers} GPU layers", flush=True)
+        print(f"{args.model.name}: {engine.threads} threads, {engine.plan.where}", flush=True)
         for r in range(args.rounds):
             pp, tg = bench.run_engine(engine, args.prompt, args.gen, 1)
             up_pp, up_tg = upstream.run_llama_bench(args.llama_bench, args.model, args.prompt, args.gen, engine.threads,
-                                                 engine.n_gpu_layers, 1)
+                                                 engine.plan, 1)
             rows.append((pp, up_pp, tg, up_tg))
             print(f"round {r + 1}: pp {pp:8.1f} vs {up_pp:8.1f} ({pp / up_pp:6.1%})   "
                   f"tg {tg:7.2f} vs {up_tg:7.2f} ({tg / up_tg:6.1%})", flush=True)

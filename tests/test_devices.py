@@ -181,7 +181,7 @@ def test_asked_layers_are_split_over_the_gpus(monkeypatch):
     assert [d.name for d in both.devices] == ["CUDA1", "CUDA0"]
     cpu = offload.choose(info, "auto", n_ctx=2048, device="cpu")
     assert cpu.n_gpu_layers == 0 and cpu.load_devices == ()
-    for bad, words in (("CUDA7", "0 = CUDA0"), ("3", "1 = CUDA1"), ("CUDA0,cuda0", "named twice")):
+    for bad, words in (("CUDA7", "0 = CUDA0"), ("3", "1 = CUDA1"), ("CUDA0,cuda0", "CUDA0 twice")):
         with pytest.raises(UserError, match=words):
             offload.choose(info, "auto", n_ctx=2048, device=bad)
 
@@ -252,7 +252,7 @@ def test_bench_runs_where_it_was_told(monkeypatch, capsys):
     assert result["devices"] == ["CUDA1"] and result["where"].startswith("all layers on CUDA1")
     assert loads.calls[0]["devices"] == (2,) and loads.calls[0]["tensor_split"] is None
     assert main(["bench", str(DEMO), "--device", "CUDA2"]) == 2
-    assert "--device 'CUDA2': no such device" in capsys.readouterr().err
+    assert "device 'CUDA2' (--device, or the settings file's device): no such device" in capsys.readouterr().err
 
 
 @needs_demo
@@ -354,3 +354,27 @@ def test_a_gpu_build_never_hints(monkeypatch):
     info = planned_as(monkeypatch, "polyglot-ko-1.3b")
     said: list[str] = []
     assert offload.choose(info, "auto", n_ctx=2048, notify=said.append).full and said == []
+
+
+@needs_demo
+def test_a_device_in_the_settings_file_is_checked_like_the_flag(tmp_path, monkeypatch, capsys):
+    settings = tmp_path / "config.toml"
+    settings.write_text('device = "CUDA5"\n', encoding="utf-8")
+    monkeypatch.setenv("MALHAE_CONFIG", str(settings))
+    assert main(["ask", "안녕", "-n", "2", "--model", str(DEMO)]) == 2
+    err = capsys.readouterr().err
+    assert "device 'CUDA5' (--device, or the settings file's device)" in err and "Traceback" not in err
+    assert main(["ask", "안녕", "-n", "2", "--model", str(DEMO), "--device", "cpu"]) == 0  # the flag wins
+
+
+@needs_demo
+def test_a_split_is_said_once(monkeypatch):
+    fake.install(monkeypatch, fake.cuda(0, 20 * GiB), fake.cuda(1, 10 * GiB), fake.cpu())
+    from app.runtime.engine import Engine
+
+    said: list[str] = []
+    for _ in range(2):
+        with Engine(DEMO, n_ctx=64, notify=said.append) as engine:
+            layers = engine.plan.layers
+    assert said == [f"all layers on CUDA0 + CUDA1 ({layers[0]} + {layers[1]}): split over 2 GPUs in proportion to "
+                    "free memory (20.00 GiB + 10.00 GiB free)"]

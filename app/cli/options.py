@@ -142,5 +142,6 @@ def endpoint_for(flag: str | None, api_key: str | None = None, timeout: float | 
     endpoint = Endpoint.parse(url, key, timeout if timeout is not None else file.endpoint_timeout)
     ignored = [f"--{k.replace('_', '-')}" for k, v in (local_flags or {}).items() if v is not None]
     if ignored and notify:
-        notify(f"{' and '.join(ignored)} apply to a local model; the server at {endpoint.url} decides its own")
+        verb = "apply" if len(ignored) > 1 else "applies"
+        notify(f"{' and '.join(ignored)} {verb} to a local model; the server at {endpoint.url} decides its own")
     return endpoint

@@ -116,9 +116,9 @@ def select(spec: str | None, devices: tuple[Device, ...]) -> tuple[Device, ...] 
         elif not part.isdigit():
             found = next((d for d in gpus if d.name.lower() == part.lower()), None)
         if found is None:
-            raise UserError(f"--device {part!r}: {_no_such(gpus)}")
+            raise UserError(f"device {part!r} (--device, or the settings file's device): {_no_such(gpus)}")
         if found in chosen:
-            raise UserError(f"--device {word}: {found.name} is named twice; name each device once")
+            raise UserError(f"device {word!r} names {found.name} twice; name each device once")
         chosen.append(found)
     return tuple(chosen)
 

@@ -265,6 +265,15 @@ def _say_once(notify: Callable[[str], None] | None, message: str) -> None:
         notify(message)
 
 
+def _said_split(p: Plan, notify: Callable[[str], None] | None) -> Plan:
+    """Over several GPUs, say how the layers are shared (once): llama.cpp is given that split, not its own."""
+    if len(p.devices) > 1:
+        free = " + ".join(units.gib(f) for f in p.device_free)
+        how = "packed to fit each one's memory" if "to fit each" in p.reason else "in proportion to free memory"
+        _say_once(notify, f"{p.where}: split over {len(p.devices)} GPUs {how} ({free} free)")
+    return p
+
+
 def choose(info: GGUFInfo, requested: str | int | None, *, n_ctx: int, n_batch: int = DEFAULT_BATCH,
            notify: Callable[[str], None] | None = None, vram: int | None = None,
            reserved: Mapping[int, int] | None = None, device: str | None = None) -> Plan:
@@ -302,8 +311,8 @@ def choose(info: GGUFInfo, requested: str | int | None, *, n_ctx: int, n_batch: 
     sizes = model_sizes(info, n_ctx, n_batch)
     ram = devices.host_memory(listed)
     if isinstance(asked, int):
-        return asked_plan(sizes, asked, targets, ram)
-    p = plan(sizes, targets, reserved=reserved, ram=ram)
+        return _said_split(asked_plan(sizes, asked, targets, ram), notify)
+    p = _said_split(plan(sizes, targets, reserved=reserved, ram=ram), notify)
     if chosen is None and all(d.kind == "igpu" for d in targets) and not p.full:
         gpu = targets[0]
         return Plan(0, n_layer, 0, p.free_bytes, f"the integrated GPU {gpu.label} has room for {p.n_gpu_layers} of "
