@@ -378,3 +378,10 @@ def test_a_split_is_said_once(monkeypatch):
             layers = engine.plan.layers
     assert said == [f"all layers on CUDA0 + CUDA1 ({layers[0]} + {layers[1]}): split over 2 GPUs in proportion to "
                     "free memory (20.00 GiB + 10.00 GiB free)"]
+
+
+@needs_demo
+def test_what_if_and_a_device_do_not_mix(capsys):
+    assert main(["info", str(DEMO), "--vram", "8", "--device", "CUDA0"]) == 2
+    assert "--vram plans for a GPU that is not here; leave out --device" in capsys.readouterr().err
+    assert main(["info", str(DEMO), "--vram", "8", "--device", "auto"]) == 0

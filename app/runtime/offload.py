@@ -292,7 +292,7 @@ def choose(info: GGUFInfo, requested: str | int | None, *, n_ctx: int, n_batch: 
         if asked != "auto":
             raise UserError("--vram plans the automatic offload (--gpu-layers auto); give either --vram or "
                             "--gpu-layers N")
-        if devices.select(device, ()) is not None:
+        if device is not None and device.strip().lower() not in ("", "auto"):
             raise UserError("--vram plans for a GPU that is not here; leave out --device")
         return replace(plan(model_sizes(info, n_ctx, n_batch), vram), mode="what-if")
     listed = devices.listed()
