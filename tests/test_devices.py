@@ -147,8 +147,10 @@ def test_vulkan_igpu_2gb(monkeypatch):
     assert everything(small.sizes) <= budget(small.sizes, 2 * GiB) < everything(large.sizes)
     fits = offload.choose(small, "auto", n_ctx=2048)
     assert fits.full and fits.devices == (igpu,) and "integrated" in fits.reason
-    cpu = offload.choose(large, "auto", n_ctx=2048)
+    said: list[str] = []
+    cpu = offload.choose(large, "auto", n_ctx=2048, notify=said.append)
     assert cpu.n_gpu_layers == 0 and "integrated GPU Vulkan0" in cpu.reason and "--device Vulkan0" in cpu.reason
+    assert said == [cpu.reason]  # said, not only shown by `malhae info`
     forced = offload.choose(large, "auto", n_ctx=2048, device="Vulkan0")
     assert 0 < forced.n_gpu_layers <= large.sizes.n_layer and forced.devices == (igpu,)
 

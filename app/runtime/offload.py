@@ -315,9 +315,11 @@ def choose(info: GGUFInfo, requested: str | int | None, *, n_ctx: int, n_batch: 
     p = _said_split(plan(sizes, targets, reserved=reserved, ram=ram), notify)
     if chosen is None and all(d.kind == "igpu" for d in targets) and not p.full:
         gpu = targets[0]
-        return Plan(0, n_layer, 0, p.free_bytes, f"the integrated GPU {gpu.label} has room for {p.n_gpu_layers} of "
-                    f"{n_layer + 1} layers; it shares the CPU's memory, so a partial offload gains nothing and the CPU "
-                    f"runs it (--device {gpu.name} offloads anyway)")
+        cpu = Plan(0, n_layer, 0, p.free_bytes, f"the integrated GPU {gpu.label} has room for {p.n_gpu_layers} of "
+                   f"{n_layer + 1} layers; it shares the CPU's memory, so a partial offload gains nothing and the CPU "
+                   f"runs it (--device {gpu.name} offloads anyway)")
+        _say_once(notify, cpu.reason)
+        return cpu
     if chosen is None and all(d.kind == "igpu" for d in targets):
         return replace(p, reason=f"{p.reason} on the integrated GPU")
     return p
