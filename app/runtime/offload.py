@@ -63,6 +63,7 @@ class Plan:
     device_bytes: tuple[int, ...] = ()  # each device's estimated share of gpu_bytes
     device_free: tuple[int, ...] = ()  # what the planner could fill on each (devices.usable, less any reserved)
     cpu_only: bool = False  # --device cpu: not even llama.cpp's offload of large batches to a GPU
+    packed: bool = False  # over several GPUs: packed to fit each one, since the proportional split did not fit
 
     @property
     def load_devices(self) -> tuple[int, ...] | None:
@@ -210,7 +211,7 @@ def plan(sizes: ModelSizes, gpus: int | None | Sequence[Device], *, reserved: Ma
         layers = tuple(counts[i] for i in keep)
         return Plan(k, sizes.n_layer, sum(device_bytes), free_total, _reason(k, sizes.n_layer, used, layers,
                     [frees[i] for i in keep], balanced), devices=used, layers=layers, device_bytes=device_bytes,
-                    device_free=tuple(frees[i] for i in keep))
+                    device_free=tuple(frees[i] for i in keep), packed=not balanced)
     return Plan(0, sizes.n_layer, 0, free_total, f"0 of {sizes.n_layer + 1} layers fit in {_free(frees)} free")
 
 
@@ -227,20 +228,19 @@ def _reason(k: int, n_layer: int, used: tuple[Device, ...], layers: tuple[int, .
     return f"{fit}; split {' + '.join(str(n) for n in layers)} over {len(used)} GPUs {how}"
 
 
-def asked_plan(sizes: ModelSizes, n: int, targets: Sequence[Device], ram: int, mode: str = "asked",
-               reason: str = "as asked") -> Plan:
+def asked_plan(sizes: ModelSizes, n: int, targets: Sequence[Device], ram: int) -> Plan:
     """n layers as given (capped at everything) over `targets`, split in proportion to their free memory, whether
     it fits or not (the engine retries with fewer when it does not)."""
     n = min(n, sizes.n_layer + 1)
     if not targets or not n:
-        return Plan(0, sizes.n_layer, 0, 0, reason, mode=mode)
+        return Plan(0, sizes.n_layer, 0, 0, "as asked", mode="asked")
     frees = [devices.usable(d, ram) for d in targets]
     counts = _proportional(n, [float(f) for f in frees])
     shares = _shares(_units(sizes, n), counts)
     keep = [i for i, c in enumerate(counts) if c]
     overhead = DEVICE_CONTEXT_BYTES + sizes.compute_bytes
     device_bytes = tuple(int(shares[i] + overhead) for i in keep)
-    return Plan(n, sizes.n_layer, sum(device_bytes), sum(frees), reason, mode=mode,
+    return Plan(n, sizes.n_layer, sum(device_bytes), sum(frees), "as asked", mode="asked",
                 devices=tuple(targets[i] for i in keep), layers=tuple(counts[i] for i in keep),
                 device_bytes=device_bytes, device_free=tuple(frees[i] for i in keep))
 
@@ -269,7 +269,7 @@ def _said_split(p: Plan, notify: Callable[[str], None] | None) -> Plan:
     """Over several GPUs, say how the layers are shared (once): llama.cpp is given that split, not its own."""
     if len(p.devices) > 1:
         free = " + ".join(units.gib(f) for f in p.device_free)
-        how = "packed to fit each one's memory" if "to fit each" in p.reason else "in proportion to free memory"
+        how = "packed to fit each one's memory" if p.packed else "in proportion to free memory"
         _say_once(notify, f"{p.where}: split over {len(p.devices)} GPUs {how} ({free} free)")
     return p
 
