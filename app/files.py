@@ -137,6 +137,68 @@ def read_text(path: Path, limit: int) -> str:
     return read_bytes(path, limit).decode("utf-8")
 
 
+# --- what a user is told when a file cannot be read ----------------------------------------------------------------
+
+class MissingFile(UserError):
+    """cannot_read's error for a file that does not exist: a UserError like the others, and its own class so that a
+    caller for whom absence is normal (no settings file means the defaults) catches just that."""
+
+
+def read_user_text(path: Path, what: str, *, limit: int, fix: str = "", verb: str = "read") -> str:
+    """The UTF-8 text of a file the user named, or one UserError line in the project's one wording (cannot_read,
+    not_utf8): "cannot read settings file /x/config.toml: it is a directory; FIX".
+
+    `what` names the file before its path ("settings file"; "" when the path says enough), `fix` (what to do
+    instead) ends every message, `verb` replaces "read" where the caller's other messages say "load"."""
+    data = read_user_bytes(path, what, limit=limit, fix=fix, verb=verb)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(_label(path, what), data, e, fix) from None
+
+
+def read_user_bytes(path: Path, what: str, *, limit: int, fix: str = "", verb: str = "read") -> bytes:
+    """read_bytes with read_user_text's messages, for files whose bytes are parsed as a format (JSON, a binary
+    file): their decoding fails as that format, with the format's own message."""
+    try:
+        return read_bytes(path, limit)
+    except OSError as e:
+        raise cannot_read(e, path, what, fix=fix, verb=verb) from None
+
+
+def cannot_read(error: OSError, path: Path | str, what: str = "", *, fix: str = "", verb: str = "read") -> UserError:
+    """The one wording of an OSError met reading a file, for read_user_bytes and for callers that open a file
+    themselves (a stream, a header): every command says a missing file, a folder or a permission the same way.
+
+    A missing file says both "does not exist" and "no such file": the words people search for. read_bytes' own
+    errors (too large, not a regular file) already say why in their strerror."""
+    where = _label(path, what)
+    if isinstance(error, FileNotFoundError):
+        return MissingFile(_with_fix(f"cannot {verb} {where}: it does not exist (no such file)", fix))
+    if isinstance(error, IsADirectoryError):
+        reason = "it is a directory"
+    elif isinstance(error, PermissionError):
+        reason = f"permission denied (ls -l {path} shows who may read it)"
+    else:
+        reason = error.strerror or str(error)
+    return UserError(_with_fix(f"cannot {verb} {where}: {reason}", fix))
+
+
+def not_utf8(where: str, data: bytes, error: UnicodeDecodeError, fix: str = "") -> UserError:
+    """The one wording of bytes that are not UTF-8 (`where`: "text file /x/t.txt", "standard input"): the first bad
+    byte and where it is, and the conversion that fixes the usual cause, a file saved as EUC-KR/CP949."""
+    return UserError(_with_fix(f"{where} is not valid UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                               "convert it first, e.g. iconv -f cp949 -t utf-8 (EUC-KR/CP949 files are common)", fix))
+
+
+def _label(path: Path | str, what: str) -> str:
+    return f"{what} {path}" if what else str(path)
+
+
+def _with_fix(message: str, fix: str) -> str:
+    return f"{message}; {fix}" if fix else message
+
+
 # --- how ---------------------------------------------------------------------------------------------------------
 
 def partial_path(target: Path, step: str | None = None) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 
 from app.errors import UserError
+from app.files import cannot_read
 
 
 class CheckpointError(UserError):
@@ -100,7 +101,7 @@ def _scan_safetensors(path: Path) -> list[TensorRef]:
                                       f"(header of {header_len} bytes in a {size}-byte file); download it again")
             header = json.loads(f.read(header_len))
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from e
+        raise cannot_read(e, path) from e
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path.name} has a corrupt header ({e}); download it again") from e
     base = 8 + header_len
@@ -172,7 +173,7 @@ def _load_pickle(path: Path) -> dict:
     except RuntimeError as e:
         raise CheckpointError(f"{path.name} cannot be read ({str(e).splitlines()[0]}); download it again") from e
     except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from e
+        raise cannot_read(e, path) from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path.name} is not a state dict of tensors; malhae reads Hugging Face checkpoints")
     return state

@@ -11,9 +11,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from app import files
 from app.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
+MAX_CONFIG = 1 << 24  # a config.json is a few KB; 16 MB is no model's
 # llama.cpp's gptneox graph uses the tanh GELU; these activations are the same function or close approximations of it.
 GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python")
 
@@ -85,11 +87,10 @@ def read_config(model_dir: Path) -> NeoXConfig:
     if not path.is_file():
         raise ConfigError(f"no config.json in {model_dir}: give the folder of a Hugging Face model "
                           "(config.json, tokenizer.json and the weights)")
+    data = files.read_user_bytes(path, "", limit=MAX_CONFIG)
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}; check the file's permissions") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # not UTF-8 is not JSON either: one fix, download again
         raise ConfigError(f"{path} is not valid JSON ({e}); download the model's config.json again") from e
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} is not a JSON object; download the model's config.json again")

@@ -91,7 +91,7 @@ def read(path: Path) -> Imatrix:
         with open(path, "rb") as f:
             magic = f.read(4)
     except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        raise files.cannot_read(e, path, "imatrix file") from None
     if magic == b"GGUF":
         return _read_gguf(path)
     return _read_legacy(path)
@@ -144,10 +144,7 @@ def _count(value: object) -> int:
 def _read_legacy(path: Path) -> Imatrix:
     """llama-imatrix's .dat: int32 n_entries; per entry int32 len, name, int32 ncall, int32 nval, float32[nval];
     then optionally int32 chunk count, int32 len, dataset name."""
-    try:
-        data = files.read_bytes(path, 1 << 34)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    data = files.read_user_bytes(path, "imatrix file", limit=1 << 34)
     pos = 0
 
     def take(fmt: str) -> tuple:

@@ -13,7 +13,10 @@ from pathlib import Path
 
 from gguf import TokenType
 
+from app import files
 from app.errors import UserError
+
+MAX_JSON = 1 << 28  # the largest tokenizer.json files are tens of MB; 256 MB is no tokenizer's
 
 
 class TokenizerError(UserError):
@@ -79,10 +82,9 @@ def read_vocab(model_dir: Path, n_vocab: int, config_ids: dict[str, int | None])
     if not path.is_file():
         raise TokenizerError(f"no tokenizer.json in {model_dir}: malhae needs the model's fast tokenizer file "
                              "(download tokenizer.json from the model's repository)")
+    raw = files.read_user_bytes(path, "", limit=MAX_JSON)
     try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise TokenizerError(f"cannot read {path}: {e.strerror}") from e
+        tok = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{path} is not valid JSON ({e}); download it again") from e
 
@@ -135,9 +137,10 @@ def read_vocab(model_dir: Path, n_vocab: int, config_ids: dict[str, int | None])
     for extra in ("special_tokens_map.json", "tokenizer_config.json"):
         p = model_dir / extra
         if p.is_file():
+            raw = files.read_user_bytes(p, "", limit=MAX_JSON)
             try:
-                data = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                data = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise TokenizerError(f"{p} is not valid JSON ({e}); download it again") from e
             if not isinstance(data, dict):
                 raise TokenizerError(f"{p} is not a JSON object; download it again")

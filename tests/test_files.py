@@ -3,6 +3,7 @@ outright, kill -9) are removed by the next write into the folder, and only those
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import subprocess
@@ -183,3 +184,49 @@ def test_every_command_that_writes_refuses_a_device(tmp_path, checkpoints, capsy
         assert kind.strip() in capsys.readouterr().err
     _unchanged(in_store)
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_files_that_cannot_be_read_are_said_in_one_wording(tmp_path):
+    """read_user_text's lines, written out: every command that reads a file the user named says these the same way."""
+    from app.errors import UserError
+
+    def error(path, **kw) -> str:
+        with pytest.raises(UserError) as e:
+            files.read_user_text(path, "text file", limit=16, **kw)
+        return str(e.value)
+
+    missing = tmp_path / "none.txt"
+    with pytest.raises(files.MissingFile):  # a UserError that a caller for whom absence is normal can catch alone
+        files.read_user_text(missing, "text file", limit=16)
+    assert error(missing) == f"cannot read text file {missing}: it does not exist (no such file)"
+    assert error(missing, fix="give another") == (f"cannot read text file {missing}: it does not exist (no such "
+                                                  "file); give another")
+    assert error(tmp_path) == f"cannot read text file {tmp_path}: it is a directory"
+    cp949 = tmp_path / "cp949.txt"
+    cp949.write_bytes("가".encode() + "헌법".encode("cp949"))
+    assert error(cp949) == (f"text file {cp949} is not valid UTF-8 (byte 0xc7 at offset 3); convert it first, e.g. "
+                            "iconv -f cp949 -t utf-8 (EUC-KR/CP949 files are common)")
+    big = tmp_path / "big.txt"
+    big.write_text("x" * 17)
+    assert error(big) == f"cannot read text file {big}: it is larger than such a file can be (16 bytes)"
+    assert error(big, verb="load") == f"cannot load text file {big}: it is larger than such a file can be (16 bytes)"
+    fine = tmp_path / "fine.txt"
+    fine.write_text("x" * 16)
+    assert files.read_user_text(fine, "", limit=16) == "x" * 16
+
+
+def test_a_file_without_permission_is_said_with_how_to_see_who_may_read_it(tmp_path, monkeypatch):
+    """Refused at the open, as root too (who reads anything regardless of the mode)."""
+    from app.errors import UserError
+
+    locked = tmp_path / "locked.txt"
+    locked.write_text("x")
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(os, "open", refuse)
+    with pytest.raises(UserError) as e:
+        files.read_user_bytes(locked, "", limit=16, fix="give a text file")
+    assert str(e.value) == f"cannot read {locked}: permission denied (ls -l {locked} shows who may read it); give a " \
+                           "text file"

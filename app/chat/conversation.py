@@ -277,17 +277,11 @@ def load(path: Path, current: Template | None = None) -> tuple[Conversation, str
     """The conversation in a file, and the name of the model it was saved with (informative only)."""
     path = path.expanduser()
     where = str(path)
-    try:
-        raw = files.read_bytes(path, MAX_FILE)
-    except FileNotFoundError:
-        raise UserError(f"cannot load {where}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"cannot load {where}: it is a directory; give a file saved with /save") from None
-    except OSError as e:
-        raise UserError(f"cannot load {where}: {e.strerror or e}; give a file saved with /save") from None
+    # verb "load": every message about a chat file that cannot be used starts "cannot load PATH:", as those below
+    raw = files.read_user_bytes(path, "", limit=MAX_FILE, fix="give a file saved with /save", verb="load")
     try:
         data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
+    except UnicodeDecodeError:  # part of what a chat file is, like JSON: worded with its other faults
         raise UserError(f"cannot load {where}: not a text file (not UTF-8); give a file saved with /save") from None
     except json.JSONDecodeError as e:
         raise UserError(f"cannot load {where}: not JSON ({e.msg} at line {e.lineno}, column {e.colno}); give a "

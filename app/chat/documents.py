@@ -9,7 +9,6 @@ goes before the question, separated by a blank line, as people paste a text and 
 from __future__ import annotations
 
 import errno
-import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -44,8 +43,7 @@ def decode(data: bytes, where: str) -> str:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{where} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
-                        "first, e.g. iconv -f cp949 -t utf-8 (EUC-KR/CP949 files are common)") from None
+        raise files.not_utf8(where, data, e) from None
     return text.removeprefix("\ufeff").rstrip("\r\n")
 
 
@@ -78,19 +76,12 @@ def read_document(path: Path | str) -> Document:
     name = str(path)
     try:
         data = files.read_bytes(Path(path).expanduser(), MAX_INPUT)
-    except FileNotFoundError:
-        raise UserError(f"cannot read {name}: no such file") from None
-    except IsADirectoryError:
-        raise UserError(f"cannot read {name}: it is a directory; give a text file") from None
-    except PermissionError:
-        raise UserError(f"cannot read {name}: permission denied (ls -l {name} shows who may read it)") from None
     except OSError as e:
-        if e.errno == errno.EFBIG:
+        if e.errno == errno.EFBIG:  # said as standard input's limit is: in what a context holds
             raise too_long(name) from None
-        if e.errno == errno.EINVAL:  # a FIFO, a device, a socket
-            raise UserError(f"cannot read {name}: {e.strerror}; to read from a pipe, send it to standard input "
-                            "(cmd | malhae ask …)") from None
-        raise UserError(f"cannot read {name}: {e.strerror or os.strerror(e.errno or 0) or e}") from None
+        pipe = e.errno == errno.EINVAL  # a FIFO, a device, a socket
+        raise files.cannot_read(e, name, fix="to read from a pipe, send it to standard input (cmd | malhae ask …)"
+                                if pipe else "give a text file") from None
     text = decode(data, name)
     if not text.strip():
         raise UserError(f"{name} is empty: there is nothing in it to read")

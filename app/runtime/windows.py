@@ -41,20 +41,7 @@ MAX_TEXT = 1 << 30  # 1 GB of text is hours of scoring; more is a wrong file
 def read_text(path: Path) -> str:
     """The text of a file as llama-perplexity reads it: bytes as they are (no newline translation), one trailing
     newline removed; mistakes become one-line errors."""
-    try:
-        data = files.read_bytes(path, MAX_TEXT)
-    except FileNotFoundError:
-        raise UserError(f"text file {path} does not exist; give a UTF-8 text file with --text") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory; --text takes one UTF-8 text file") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror or e}; --text takes one UTF-8 text file") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start}); convert it "
-                        f"first, e.g. iconv -f cp949 -t utf-8 {path} > text-utf8.txt (EUC-KR/CP949 files are "
-                        "common)") from None
+    text = files.read_user_text(path, "text file", limit=MAX_TEXT, fix="--text takes one UTF-8 text file")
     return text.removesuffix("\n")
 
 

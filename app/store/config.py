@@ -70,16 +70,16 @@ def config_path() -> Path:
 def load(path: Path | None = None) -> Settings:
     path = path or config_path()
     try:
-        text = files.read_text(path, MAX_FILE).removeprefix("\ufeff")  # Windows editors start files with a BOM
-    except FileNotFoundError:
+        text = _read(path)
+    except files.MissingFile:  # no settings file: the built-in defaults
         return Settings(path)
-    except IsADirectoryError:
-        raise UserError(f"settings file {path} is a directory; remove it or point MALHAE_CONFIG at a file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"settings file {path} is not UTF-8 text; save it as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"cannot read settings file {path}: {e.strerror or e}") from None
     return parse(text, path)
+
+
+def _read(path: Path) -> str:
+    """The settings file's text (files.read_user_text's messages); Windows editors start files with a BOM."""
+    return files.read_user_text(path, "settings file", limit=MAX_FILE,
+                                fix="fix it, or set MALHAE_CONFIG to use another file").removeprefix("\ufeff")
 
 
 def parse(text: str, path: Path) -> Settings:
@@ -229,11 +229,9 @@ def set_default_model(value: str | None, path: Path | None = None) -> Path:
     """Write (or with None, remove) `default_model`, keeping everything else in the file as it was."""
     path = path or config_path()
     try:
-        text = files.read_text(path, MAX_FILE).removeprefix("\ufeff") if path.exists() else ""
-    except UnicodeDecodeError:
-        raise UserError(f"settings file {path} is not UTF-8 text; save it as UTF-8") from None
-    except OSError as e:
-        raise UserError(f"cannot read settings file {path}: {e.strerror or e}") from None
+        text = _read(path)
+    except files.MissingFile:  # the first setting: the file is created
+        text = ""
     if text:
         parse(text, path)  # refuse to build on a broken file: the user should see and fix it first
     new = set_top_level(text, "default_model", value)

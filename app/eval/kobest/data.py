@@ -12,6 +12,7 @@ command and its tests run anywhere — its scores mean nothing.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -19,9 +20,11 @@ from pathlib import Path
 
 from app.errors import UserError
 from app.eval.kobest.tasks import Doc, Task
+from app.files import cannot_read, read_user_text
 
 HUB_ID = "skt/kobest_v1"
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+MAX_FILE = 1 << 28  # a KoBEST split is a few MB; a file past 256 MB is not one
 
 
 @dataclass(frozen=True)
@@ -85,36 +88,31 @@ def find_files(root: Path, task: str, split: str) -> list[Path]:
 def read_rows(path: Path):
     """(row, "file:line") pairs; JSON Lines, a JSON array, CSV/TSV with a header, or parquet (needs pyarrow)."""
     suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            yield from _read_parquet(path)
-        elif suffix in (".csv", ".tsv"):
-            with open(path, encoding="utf-8-sig", newline="") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                for row in reader:
-                    yield row, f"{path}:{reader.line_num}"
-        else:
-            text = path.read_text(encoding="utf-8-sig")
-            if text.lstrip().startswith("["):
-                try:
-                    rows = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-                for i, row in enumerate(rows):
-                    yield row, f"{path}: item {i + 1}"
-                return
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{n}: not a JSON object ({e.msg}); each line must be one row") from None
-                yield row, f"{path}:{n}"
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    text = read_user_text(path, "data file", limit=MAX_FILE).removeprefix("\ufeff")  # a BOM: Excel's CSV
+    if suffix in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
+        for row in reader:
+            yield row, f"{path}:{reader.line_num}"
+        return
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        for i, row in enumerate(rows):
+            yield row, f"{path}: item {i + 1}"
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n}: not a JSON object ({e.msg}); each line must be one row") from None
+        yield row, f"{path}:{n}"
 
 
 def _read_parquet(path: Path):
@@ -123,7 +121,11 @@ def _read_parquet(path: Path):
     except ImportError:
         raise UserError(f"{path} is parquet, which needs pyarrow: pip install pyarrow (or use the .jsonl files "
                         f"of {HUB_ID})") from None
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        table = pq.read_table(path)
+    except OSError as e:
+        raise cannot_read(e, path, "data file") from None
+    for i, row in enumerate(table.to_pylist()):
         yield row, f"{path}: row {i + 1}"
 
 
