@@ -1,4 +1,5 @@
-"""The HTTP server: routes, the API key, errors as JSON, loading the model while /health says 503, and uvicorn.
+"""The HTTP server: the route table (its handlers, the API key and errors as JSON are in app.serve.routes), loading
+the model while /health says 503, and uvicorn.
 
 The socket is bound before anything else (a port in use is a one-line error, and port 0 picks a free one for
 tests), then uvicorn serves while the model loads in a thread: clients polling /health see 503 until it is ready.
@@ -7,11 +8,9 @@ tests), then uvicorn serves while the model loads in a thread: clients polling /
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import socket
 import threading
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,122 +70,30 @@ class State:
 
 
 def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] = ()):
-    """The Starlette application; every route's ApiError (and any bug) becomes OpenAI's JSON error shape.
+    """The Starlette application: the route table (the handlers and the rules every route shares are in
+    app.serve.routes, which imports Starlette and so is imported only here) and CORS.
 
     `allow_origins`: web pages (scheme://host:port, or "*") whose scripts may call the server from a browser (CORS).
     None by default: a page on any site could otherwise drive the local model through the user's browser."""
     from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route
 
-    from app.serve import fields, ollama_api, openai_api
-    from app.serve.errors import ApiError
-    from app.serve.fields import Body
+    from app.serve import ollama_api, openai_api, routes
+    from app.serve.routes import route
 
-    key = api_key.encode() if api_key else None
-
-    def error_response(e: ApiError, ollama: bool) -> Response:
-        body = {"error": e.message} if ollama else e.body()
-        return JSONResponse(body, status_code=e.status, headers=e.headers)
-
-    def route(path: str, handler, methods: tuple[str, ...] = ("GET",), *, needs_model: bool = True,
-              ollama: bool = False) -> Route:
-        async def endpoint(request: Request) -> Response:
-            try:
-                if key is not None and path != "/health":
-                    given = request.headers.get("authorization", "")
-                    token = given[7:].strip() if given[:7].lower() == "bearer " else ""
-                    if not hmac.compare_digest(token.encode(), key):
-                        raise ApiError("a valid API key is needed: send the header `Authorization: Bearer KEY`"
-                                       if not token else "the API key is not valid", 401, code="invalid_api_key")
-                svc = state.service
-                if needs_model and svc is None:
-                    raise ApiError("the model is still loading; retry shortly", 503, code="loading",
-                                   kind="server_error", headers={"Retry-After": "2"})
-                result = await handler(request, svc) if needs_model else await handler(request)
-                return result if isinstance(result, Response) else JSONResponse(result)
-            except ApiError as e:
-                return error_response(e, ollama)
-            except UserError as e:  # a rule of the runtime (an empty prompt, a context too small)
-                return error_response(ApiError(str(e)), ollama)
-            except Exception as e:  # a bug: the request fails, the server goes on
-                traceback.print_exc()
-                return error_response(ApiError(f"internal error ({type(e).__name__}: {e})", 500,
-                                               kind="server_error"), ollama)
-
-        return Route(path, endpoint, methods=list(methods))
-
-    async def health(request):
-        if state.service is None:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        sched = state.service.scheduler
-        return {"status": "ok", "slots_idle": len(sched.slots) - sched.active, "slots_busy": sched.active,
-                "waiting": len(sched.waiting)}
-
-    async def models(request, svc):
-        return {"object": "list", "data": [_model_card(svc)]}
-
-    async def tokenize(request, svc):
-        body = Body(await fields.read_json(request), ("prompt", "content", "add_special_tokens", "model",
-                                                      "with_pieces", "parse_special"))
-        text = body.get("prompt", (str,)) if "prompt" in body.data else body.get("content", (str,), "")
-        special = body.flag("add_special_tokens", True)
-        # counting a long text is the point here: unbounded, in a thread (llama_tokenize frees the GIL)
-        parse = body.flag("parse_special", True)  # llama-server's: False reads "<|endoftext|>" as plain text
-        tokens = await asyncio.to_thread(svc.tokenize, text, add_special=special, bounded=False, parse_special=parse)
-        out = {"tokens": tokens, "count": len(tokens), "max_model_len": svc.n_ctx}
-        if body.flag("with_pieces"):
-            out["pieces"] = [svc.token_text(t) for t in tokens]
-        return out
-
-    async def detokenize(request, svc):
-        body = Body(await fields.read_json(request), ("tokens", "model"))
-        tokens = body.get("tokens", (list,), [])
-        text = svc.detokenize(svc.check_ids(tokens, "tokens"))
-        return {"prompt": text, "content": text}
-
-    async def tokenizer_info(request, svc):
-        return {"model": svc.model_id, "tokenizer_model": svc.engine.info.text("tokenizer.ggml.model"),
-                "eos_token": svc.eos_text,
-                "bos_token": svc.special_text("tokenizer.ggml.bos_token_id"),
-                "pad_token": svc.special_text("tokenizer.ggml.padding_token_id"),
-                "chat_template": svc.chat_template, "model_max_length": svc.n_ctx, "max_model_len": svc.n_ctx,
-                "vocab_size": svc.n_vocab, "add_bos_token": svc.engine.model.bos is not None}
-
-    async def version(request):
-        return ollama_api.version()
-
-    async def tags(request, svc):
-        return ollama_api.tags(svc)
-
-    async def ps(request, svc):
-        return ollama_api.ps(svc)
-
-    async def root(request):  # Ollama's clients (and people) check that something answers here
-        return PlainTextResponse("malhae is running (OpenAI API at /v1, Ollama API at /api)\n")
-
-    async def not_found(request, exc):
-        e = ApiError(f"no such endpoint: {request.method} {request.url.path}", 404, code="not_found")
-        return error_response(e, request.url.path.startswith("/api/"))
-
-    async def bad_method(request, exc):
-        return JSONResponse(ApiError(f"{request.method} is not allowed on {request.url.path}", 405,
-                                     code="method_not_allowed").body(), status_code=405)
-
-    routes = [
-        route("/health", health, needs_model=False),
-        route("/v1/models", models),
+    table = [
+        route("/health", routes.health, needs_model=False),
+        route("/v1/models", routes.models),
         route("/v1/completions", openai_api.completions, ("POST",)),
         route("/v1/chat/completions", openai_api.chat, ("POST",)),
-        route("/tokenize", tokenize, ("POST",)),
-        route("/detokenize", detokenize, ("POST",)),
-        route("/tokenizer_info", tokenizer_info),
-        Route("/", root, methods=["GET", "HEAD"]),
-        route("/api/version", version, needs_model=False, ollama=True),
+        route("/tokenize", routes.tokenize, ("POST",)),
+        route("/detokenize", routes.detokenize, ("POST",)),
+        route("/tokenizer_info", routes.tokenizer_info),
+        Route("/", routes.root, methods=["GET", "HEAD"]),
+        route("/api/version", routes.version, needs_model=False, ollama=True),
         route("/api/show", ollama_api.show, ("POST",), ollama=True),
-        route("/api/ps", ps, ollama=True),
-        route("/api/tags", tags, ollama=True),
+        route("/api/ps", routes.ps, ollama=True),
+        route("/api/tags", routes.tags, ollama=True),
         route("/api/generate", ollama_api.generate, ("POST",), ollama=True),
         route("/api/chat", ollama_api.chat, ("POST",), ollama=True),
     ]
@@ -197,14 +104,10 @@ def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] 
 
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))
-    return Starlette(routes=routes, middleware=middleware, exception_handlers={404: not_found, 405: bad_method})
-
-
-def _model_card(svc) -> dict:
-    return {"id": svc.model_id, "object": "model", "created": svc.created, "owned_by": "malhae",
-            "context_length": svc.n_ctx, "max_model_len": svc.n_ctx,
-            "meta": {"n_ctx": svc.n_ctx, "n_ctx_train": svc.engine.model.n_ctx_train, "n_vocab": svc.n_vocab,
-                     "parallel": len(svc.scheduler.slots), "file": str(svc.engine.path)}}
+    app = Starlette(routes=table, middleware=middleware,
+                    exception_handlers={404: routes.not_found, 405: routes.bad_method})
+    routes.install(app, state, api_key)
+    return app
 
 
 def make_uvicorn(config):

@@ -1,0 +1,156 @@
+"""The HTTP handlers and the one wrapper every route goes through (API key, loading state, errors as JSON).
+
+Module-level functions rather than closures inside build_app, so that each can be read and tested on its own; what
+they share — the server's State and the API key — travels on the Starlette application (`request.app.state`, set
+once by `install`), the place Starlette gives for exactly that. This module imports Starlette at the top, so only
+build_app imports it: `import app.serve.server` must work without the `serve` extra (see server.missing_extra).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import traceback
+from collections.abc import Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from app.errors import UserError
+from app.serve import fields, ollama_api
+from app.serve.errors import ApiError
+from app.serve.fields import Body
+from app.serve.service import Service
+
+Handler = Callable[..., Awaitable[object]]  # (request) or (request, svc) -> a Response or a JSON-able value
+
+
+def install(app: Starlette, state: object, api_key: str | None) -> None:
+    """Give the routes what they share: the server's State (the Service once loaded; typed loosely because server
+    imports this module, not the other way round) and the API key (None: open)."""
+    app.state.malhae = state
+    app.state.api_key = api_key.encode() if api_key else None
+
+
+def error_response(e: ApiError, ollama: bool) -> Response:
+    """OpenAI's error shape, or Ollama's `{"error": "…"}` on its routes (its clients read only that)."""
+    body = {"error": e.message} if ollama else e.body()
+    return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+
+def route(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, needs_model: bool = True,
+          ollama: bool = False) -> Route:
+    """`handler` behind the rules every route shares, in one place so that no route can forget one: the API key
+    (all but /health, which load balancers poll without one), 503 while the model loads (handlers that need it get
+    the Service as their second argument), and every ApiError, UserError or bug as a JSON error — a bug fails the
+    request, never the server."""
+    async def endpoint(request: Request) -> Response:
+        try:
+            key = request.app.state.api_key
+            if key is not None and path != "/health":
+                given = request.headers.get("authorization", "")
+                token = given[7:].strip() if given[:7].lower() == "bearer " else ""
+                if not hmac.compare_digest(token.encode(), key):
+                    raise ApiError("a valid API key is needed: send the header `Authorization: Bearer KEY`"
+                                   if not token else "the API key is not valid", 401, code="invalid_api_key")
+            svc = request.app.state.malhae.service
+            if needs_model and svc is None:
+                raise ApiError("the model is still loading; retry shortly", 503, code="loading",
+                               kind="server_error", headers={"Retry-After": "2"})
+            result = await handler(request, svc) if needs_model else await handler(request)
+            return result if isinstance(result, Response) else JSONResponse(result)
+        except ApiError as e:
+            return error_response(e, ollama)
+        except UserError as e:  # a rule of the runtime (an empty prompt, a context too small)
+            return error_response(ApiError(str(e)), ollama)
+        except Exception as e:  # a bug: the request fails, the server goes on
+            traceback.print_exc()
+            return error_response(ApiError(f"internal error ({type(e).__name__}: {e})", 500,
+                                           kind="server_error"), ollama)
+
+    return Route(path, endpoint, methods=list(methods))
+
+
+# --- the handlers: (request) when they work without the model, else (request, svc) --------------------------------
+
+async def health(request: Request) -> object:
+    """503 while loading (clients poll this until ready), then what the slots are doing."""
+    service = request.app.state.malhae.service
+    if service is None:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    sched = service.scheduler
+    return {"status": "ok", "slots_idle": len(sched.slots) - sched.active, "slots_busy": sched.active,
+            "waiting": len(sched.waiting)}
+
+
+async def models(request: Request, svc: Service) -> dict:
+    return {"object": "list", "data": [_model_card(svc)]}
+
+
+async def tokenize(request: Request, svc: Service) -> dict:
+    """llama-server's /tokenize: counting a long text is the point here, so unbounded, in a thread (llama_tokenize
+    frees the GIL)."""
+    body = Body(await fields.read_json(request), ("prompt", "content", "add_special_tokens", "model",
+                                                  "with_pieces", "parse_special"))
+    text = body.get("prompt", (str,)) if "prompt" in body.data else body.get("content", (str,), "")
+    special = body.flag("add_special_tokens", True)
+    parse = body.flag("parse_special", True)  # llama-server's: False reads "<|endoftext|>" as plain text
+    tokens = await asyncio.to_thread(svc.tokenize, text, add_special=special, bounded=False, parse_special=parse)
+    out = {"tokens": tokens, "count": len(tokens), "max_model_len": svc.n_ctx}
+    if body.flag("with_pieces"):
+        out["pieces"] = [svc.token_text(t) for t in tokens]
+    return out
+
+
+async def detokenize(request: Request, svc: Service) -> dict:
+    body = Body(await fields.read_json(request), ("tokens", "model"))
+    tokens = body.get("tokens", (list,), [])
+    text = svc.detokenize(svc.check_ids(tokens, "tokens"))
+    return {"prompt": text, "content": text}
+
+
+async def tokenizer_info(request: Request, svc: Service) -> dict:
+    """What vLLM's and lm-eval's clients ask to set themselves up without the tokenizer files."""
+    return {"model": svc.model_id, "tokenizer_model": svc.engine.info.text("tokenizer.ggml.model"),
+            "eos_token": svc.eos_text,
+            "bos_token": svc.special_text("tokenizer.ggml.bos_token_id"),
+            "pad_token": svc.special_text("tokenizer.ggml.padding_token_id"),
+            "chat_template": svc.chat_template, "model_max_length": svc.n_ctx, "max_model_len": svc.n_ctx,
+            "vocab_size": svc.n_vocab, "add_bos_token": svc.engine.model.bos is not None}
+
+
+async def version(request: Request) -> dict:
+    return ollama_api.version()
+
+
+async def tags(request: Request, svc: Service) -> dict:
+    return ollama_api.tags(svc)
+
+
+async def ps(request: Request, svc: Service) -> dict:
+    return ollama_api.ps(svc)
+
+
+async def root(request: Request) -> Response:
+    """Ollama's clients (and people) check that something answers here; no API key, nothing to leak."""
+    return PlainTextResponse("malhae is running (OpenAI API at /v1, Ollama API at /api)\n")
+
+
+async def not_found(request: Request, exc: Exception) -> Response:
+    """An unknown path, as a JSON error in the shape its API's clients read (Ollama's under /api/)."""
+    e = ApiError(f"no such endpoint: {request.method} {request.url.path}", 404, code="not_found")
+    return error_response(e, request.url.path.startswith("/api/"))
+
+
+async def bad_method(request: Request, exc: Exception) -> Response:
+    return JSONResponse(ApiError(f"{request.method} is not allowed on {request.url.path}", 405,
+                                 code="method_not_allowed").body(), status_code=405)
+
+
+def _model_card(svc: Service) -> dict:
+    return {"id": svc.model_id, "object": "model", "created": svc.created, "owned_by": "malhae",
+            "context_length": svc.n_ctx, "max_model_len": svc.n_ctx,
+            "meta": {"n_ctx": svc.n_ctx, "n_ctx_train": svc.engine.model.n_ctx_train, "n_vocab": svc.n_vocab,
+                     "parallel": len(svc.scheduler.slots), "file": str(svc.engine.path)}}
