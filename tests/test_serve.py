@@ -659,8 +659,9 @@ def test_a_bug_in_the_scheduler_fails_its_request_not_the_server(demo, monkeypat
 def test_requests_arriving_together_start_in_one_step(demo_path):
     """An idle scheduler waits `gather` seconds for more arrivals, so a burst's prompts share the first decode.
     Here 4 jobs arrive 20 ms apart and each wants 1 token: gathered, one step serves all; without it, 4."""
-    from app.runtime.batching import Done, Job, Scheduler
+    from app.runtime.batching import Scheduler
     from app.runtime.engine import Engine
+    from app.runtime.events import Done, Job
     from app.runtime.settings import Sampling
 
     for gather, most in ((0.3, 1), (0.0, 4)):

@@ -44,6 +44,7 @@ from app.runtime.endpoint import Endpoint
 from app.runtime.engine import Stats, check_model_file
 from app.runtime.settings import DEFAULT_DRAFT_MAX, SETTABLE, SETTINGS, Sampling, check, parse
 from app.runtime.settings import draft as draft_setting
+from app.runtime.step import StopReason
 
 
 class Terminated(KeyboardInterrupt):
@@ -186,7 +187,7 @@ class Chat:
             raise
         stats = engine.stats if engine.stats is not before else Stats(prompt_tokens=len(prepared.tokens))
         if interrupted:
-            stats.stop_reason = "interrupted"
+            stats.stop_reason = StopReason.INTERRUPTED
         self.conv.answer(text.rstrip())
         self.last_stats = stats
         self.status(stats)
@@ -196,11 +197,11 @@ class Chat:
     def status(self, s: Stats) -> None:
         parts = [f"{s.generated_tokens} tokens", f"{s.decode_tps:.1f} tok/s",
                  f"context {s.prompt_tokens + s.generated_tokens}/{self.engine.n_ctx}"]
-        if s.stop_reason == "interrupted":
+        if s.stop_reason == StopReason.INTERRUPTED:
             parts.append("interrupted (중단됨)")
-        elif s.stop_reason == "length":
+        elif s.stop_reason == StopReason.LENGTH:
             parts.append(f"stopped at max_tokens {self.conv.sampling.max_tokens} (/set max_tokens N for longer)")
-        elif s.stop_reason == "context":
+        elif s.stop_reason == StopReason.CONTEXT:
             parts.append("context full (문맥이 가득 찼습니다)")
         self.dim(" · ".join(parts))
         self.console.print()

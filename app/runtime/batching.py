@@ -10,7 +10,8 @@ chain. A slot remembers the tokens in its cache after its request ends, and a ne
 shares the longest prefix with it: a chat client that resends the whole conversation pays for its new turn only.
 
 The scheduler runs in one thread that alone touches the context; `submit` and `Job.cancel` may be called from any
-thread. Results go out through each job's `emit` callback, called on the scheduler thread (keep it short).
+thread. Results go out through each job's `emit` callback, called on the scheduler thread (keep it short); the job
+and its events are in app/runtime/events.py, and each token goes through the engine's own step (app/runtime/step.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import ctypes
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import llama_cpp as lc
 import numpy as np
@@ -29,75 +28,12 @@ from app.errors import UserError
 from app.runtime import logprobs as lp
 from app.runtime import sampler
 from app.runtime.engine import Engine, common_prefix
+from app.runtime.events import Done, Event, Job, Prompt, Token, TokenLogprob
 from app.runtime.llama import Batch
-from app.runtime.settings import Sampling
-from app.runtime.stream import TextStream
+from app.runtime.step import Step, StopReason
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; the legacy completions limit is 5, and lm-eval asks for 1
 GATHER_SECONDS = 0.005  # an idle scheduler waits this long for requests arriving together (see Scheduler._gather)
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token's log-probability under the model (the raw distribution, before temperature or top-k) and the likeliest
-    alternatives at its position; `logprob` is None for the first prompt token, which nothing predicts."""
-
-    token: int
-    logprob: float | None
-    top: tuple[tuple[int, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class Token:
-    """One generated token: `text` is what may be shown now (whole characters, never a stop string; often "")."""
-
-    token: int
-    text: str
-    logprob: TokenLogprob | None = None
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """The prompt's own log-probabilities (echo), sent once before any generated token."""
-
-    tokens: tuple[TokenLogprob, ...]
-
-
-@dataclass(frozen=True)
-class Done:
-    """The end of a job: finish_reason "stop" (end token or stop text), "length" (max_tokens or the context), or
-    "error" with `error` saying why."""
-
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    text: str  # all released text of the answer
-    error: str = ""
-    seconds: float = 0.0
-    ttft: float = 0.0
-    stop_text: str | None = None  # the stop text that ended it (None: an end token, the length, an error)
-
-
-Event = Token | Prompt | Done
-
-
-@dataclass
-class Job:
-    """One sequence to generate: `tokens` is the whole prompt, `max_new` at most what the slot's context has left."""
-
-    tokens: list[int]
-    sampling: Sampling
-    max_new: int
-    emit: Callable[[Event], None]
-    logprobs: int | None = None  # None: none; n: each generated token's log-probability and its n likeliest rivals
-    echo: bool = False  # also the prompt's log-probabilities (needs its logits: the cache is not reused)
-    cancelled: bool = False
-    submitted: float = field(default_factory=time.perf_counter)
-
-    def cancel(self) -> None:
-        """Stop generating (the client went away); the slot is freed at the next step."""
-        self.cancelled = True
 
 
 class Busy(Exception):
@@ -110,10 +46,9 @@ class _Slot:
         self.cache: list[int] = []  # tokens whose K/V this sequence holds, in order
         self.job: Job | None = None
         self.chain = None
-        self.stream: TextStream | None = None
+        self.step: Step | None = None  # the job's end token, stop texts, length, and generated count
         self.fed = 0  # prompt tokens in the cache (prefill is done when it reaches len(job.tokens))
         self.pending: int | None = None  # the last sampled token, to be decoded next step
-        self.generated = 0
         self.cached = 0
         self.row = -1  # batch index of this slot's sampling row in the current step, -1 when none
         self.echo_rows: list[tuple[int, int]] = []  # (batch index, position) of prompt rows wanting logits
@@ -150,7 +85,6 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stop = False
         self._batch = Batch(self.n_batch)
-        self._buf = ctypes.create_string_buffer(256)
         self.steps = 0  # decodes done (tests check that requests really shared steps)
         self._thread = threading.Thread(target=self._run, name="malhae-scheduler", daemon=True)
         self._thread.start()
@@ -209,9 +143,10 @@ class Scheduler:
                         # what the cache holds is no longer known for sure: start this sequence afresh
                         lc.llama_memory_seq_rm(self.mem, slot.seq, 0, -1)
                         slot.cache, slot.known, slot.fed = [], [], 0
-                        self._finish(slot, "error", f"internal error in the scheduler ({type(e).__name__}: {e})")
+                        self._finish(slot, StopReason.ERROR,
+                                     f"internal error in the scheduler ({type(e).__name__}: {e})")
         for job in self.waiting:
-            self._send(job, Done("error", len(job.tokens), 0, 0, "", "the server is shutting down"))
+            self._send(job, Done(StopReason.ERROR, len(job.tokens), 0, 0, "", "the server is shutting down"))
         self.waiting.clear()
 
     def _gather(self) -> None:
@@ -275,12 +210,14 @@ class Scheduler:
         slot.fed = common
         slot.cached = common
         slot.pending = None
-        slot.generated = 0
+        # check_request's max_new is at most what the context has left (so it ends with LENGTH); the room guards a
+        # Job made otherwise
+        max_new = min(job.max_new, self.n_slot_ctx - len(job.tokens))
+        slot.step = Step(self.model.vocab, job.sampling.stop, max_new, job.max_new)
         slot.prompt_lp = []
         slot.started = time.perf_counter()
         slot.ttft = 0.0
         slot.chain = sampler.chain(self.model.vocab, self.model.n_vocab, job.sampling, job.tokens)
-        slot.stream = TextStream(job.sampling.stop)
         if job.echo:
             slot.prompt_lp = reused if common else [TokenLogprob(job.tokens[0], None)]
 
@@ -339,8 +276,8 @@ class Scheduler:
                 if slot.busy and (slot.row >= 0 or slot.echo_rows or slot.fed < len(slot.job.tokens)):
                     slot.cache, slot.known = [], []
                     lc.llama_memory_seq_rm(self.mem, slot.seq, 0, -1)
-                    self._finish(slot, "error", f"llama.cpp could not evaluate a batch of {n} tokens "
-                                                f"(llama_decode → {rc})")
+                    self._finish(slot, StopReason.ERROR, f"llama.cpp could not evaluate a batch of {n} tokens "
+                                                         f"(llama_decode → {rc})")
             return
         for slot in self.slots:
             if slot.busy and slot.echo_rows:
@@ -377,13 +314,13 @@ class Scheduler:
         slot.prompt_lp += self._logprobs(first, [tokens[pos + 1] for _, pos in slot.echo_rows], slot.job.logprobs or 0)
 
     def _sample(self, slot: _Slot) -> None:
-        job = slot.job
-        if slot.generated == 0 and job.echo:  # the prompt is complete: its log-probabilities go out first
+        job, step = slot.job, slot.step
+        if step.n == 0 and job.echo:  # the prompt is complete: its log-probabilities go out first
             self._send(job, Prompt(tuple(slot.prompt_lp)))
             slot.known, slot.known_top = slot.prompt_lp, job.logprobs or 0
             slot.prompt_lp = []
-        if slot.generated >= job.max_new:  # max_tokens 0: the prompt was all that was asked for
-            self._finish(slot, "length")
+        if step.reason is not None:  # max_tokens 0: the prompt was all that was asked for
+            self._finish(slot, step.reason)
             return
         token = lc.llama_sampler_sample(slot.chain, self.ctx, slot.row)
         logprob = self._logprobs(slot.row, [token], job.logprobs)[0] if job.logprobs is not None else None
@@ -391,23 +328,17 @@ class Scheduler:
 
     def _take(self, slot: _Slot, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Hand out a sampled token; False when that ended the job (its slot is free again)."""
-        job = slot.job
-        if slot.generated == 0:
+        job, step = slot.job, slot.step
+        if step.n == 0:
             slot.ttft = time.perf_counter() - job.submitted  # waiting in the queue counts: the client waited
-        if lc.llama_vocab_is_eog(self.model.vocab, token):
-            self._finish(slot, "stop")
-            return False
-        slot.generated += 1
-        size = lc.llama_token_to_piece(self.model.vocab, token, self._buf, len(self._buf), 0, False)
-        text = slot.stream.feed(self._buf.raw[:max(0, size)])
-        self._send(job, Token(token, text, logprob))
-        if slot.stream.stopped:
-            self._finish(slot, "stop")
-        elif slot.generated >= job.max_new or len(slot.cache) >= self.n_slot_ctx:
-            self._finish(slot, "length")
-        else:
+        text = step.take(token)
+        reason = step.reason
+        if reason is not StopReason.EOS:  # an end token is not handed out
+            self._send(job, Token(token, text, logprob))
+        if reason is None:
             slot.pending = token
             return True
+        self._finish(slot, reason)
         return False
 
     def _speculating(self) -> _Slot | None:
@@ -432,16 +363,14 @@ class Scheduler:
     def _speculate(self, slot: _Slot) -> None:
         """Decode the slot's pending token with a draft (app/runtime/speculate.py), then hand out what was
         accepted and the one sample after it, as _sample would have, one by one."""
-        job = slot.job
         token, slot.pending = slot.pending, None
         slot.cache.append(token)
-        limit = min(job.max_new - slot.generated - 1, self.n_slot_ctx - len(slot.cache) - 1)
         try:
-            sampled = self.engine.speculator.advance(self.ctx, slot.chain, slot.seq, slot.cache, limit)
+            sampled = self.engine.speculator.advance(self.ctx, slot.chain, slot.seq, slot.cache, slot.step.draft_room)
         except UserError as e:
             slot.cache, slot.known = [], []
             lc.llama_memory_seq_rm(self.mem, slot.seq, 0, -1)
-            self._finish(slot, "error", str(e))
+            self._finish(slot, StopReason.ERROR, str(e))
             return
         self.steps += 1
         slot.cache.extend(sampled[:-1])  # the accepted draft is in the KV cache, the last sample not yet
@@ -449,18 +378,18 @@ class Scheduler:
             if not self._take(slot, t):
                 return
 
-    def _finish(self, slot: _Slot, reason: str, error: str = "") -> None:
-        job = slot.job
+    def _finish(self, slot: _Slot, reason: StopReason, error: str = "") -> None:
+        job, step = slot.job, slot.step
         if job is None:
             return
-        if reason != "error" and not slot.stream.stopped:
-            tail = slot.stream.finish()
+        if step is None:  # failed before it started (_start raised for another slot admitted with it)
+            step = Step(self.model.vocab, (), 0, 0)
+        elif reason is not StopReason.ERROR:
+            tail = step.finish()
             if tail:
                 self._send(job, Token(-1, tail))
-        text = slot.stream.text if slot.stream else ""
-        matched = slot.stream.matched if slot.stream and reason == "stop" else None
-        self._send(job, Done(reason, len(job.tokens), slot.generated, slot.cached, text, error,
-                             time.perf_counter() - slot.started, slot.ttft, matched))
+        self._send(job, Done(reason, len(job.tokens), step.n, slot.cached, step.text, error,
+                             time.perf_counter() - slot.started, slot.ttft, step.matched))
         self._release(slot)
 
     def _release(self, slot: _Slot) -> None:
@@ -471,6 +400,7 @@ class Scheduler:
             # a half-evaluated prompt stays a valid prefix: keep exactly what the cache holds
             slot.cache = slot.cache[:slot.fed]
         slot.job = None
+        slot.step = None
         slot.pending = None
         slot.last_used = time.perf_counter()
 

@@ -11,7 +11,6 @@ costs its own tokens, not the whole conversation's.
 
 from __future__ import annotations
 
-import ctypes
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from app.runtime import hardware, llama, offload, sampler
 from app.runtime.gguf_info import GGUFInfo, check_shape, read_info
 from app.runtime.settings import DEFAULT_BATCH, DEFAULT_DRAFT_MAX, Sampling, check, context_size
 from app.runtime.speculate import Counts, Speculator
-from app.runtime.stream import TextStream
+from app.runtime.step import Step, StopReason
 
 SUPPORTED_ARCHITECTURES = ("gptneox",)
 Notify = Callable[[str], None]
@@ -39,7 +38,7 @@ class Stats:
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0  # after the first token
     ttft: float = 0.0  # time to first token: prompt evaluation + first sample
-    stop_reason: str = ""  # "eos", "stop", "length", "context", "interrupted"
+    stop_reason: StopReason | str = ""  # "" until an answer ended
     draft_proposed: int = 0  # speculative decoding: drafted tokens verified, and how many of them were kept
     draft_accepted: int = 0
 
@@ -55,7 +54,9 @@ class Stats:
         return after_first / self.decode_seconds if self.decode_seconds > 0 and after_first > 0 else 0.0
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"prompt_tps": round(self.prompt_tps, 2), "decode_tps": round(self.decode_tps, 2)}
+        """Plain values for JSON (`--json`, bench files): stop_reason as its plain word, not the Enum."""
+        return asdict(self) | {"stop_reason": str(self.stop_reason), "prompt_tps": round(self.prompt_tps, 2),
+                               "decode_tps": round(self.decode_tps, 2)}
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -293,13 +294,11 @@ class Engine:
         start = time.perf_counter()
         self.evaluate(tokens)
         stats.prompt_seconds = time.perf_counter() - start
-        max_new = min(s.max_tokens, self.n_ctx - len(tokens))
+        step = Step(self.vocab, s.stop, min(s.max_tokens, self.n_ctx - len(tokens)), s.max_tokens)
         chain = self._sampler(s, tokens)
-        stream = TextStream(s.stop)
-        vocab, ctx = self.vocab, self.ctx.ptr
-        sample, is_eog, to_piece, decode, get_one = (lc.llama_sampler_sample, lc.llama_vocab_is_eog,
-                                                     lc.llama_token_to_piece, lc.llama_decode, lc.llama_batch_get_one)
-        buf = ctypes.create_string_buffer(256)
+        ctx = self.ctx.ptr
+        take, sample, decode, get_one = step.take, lc.llama_sampler_sample, lc.llama_decode, lc.llama_batch_get_one
+        eos = StopReason.EOS
         one = (lc.llama_token * 1)()
         cache = self.cache
         spec = self.speculator
@@ -307,36 +306,28 @@ class Engine:
             spec.counts = Counts()
         ahead: list[int] = []  # tokens the sampler already chose in a verification, not yet handed out
         self.generated = generated = []  # token ids of this answer, for callers that need them (tests, eval)
-        n = 0
         first = 0.0
-        stats.stop_reason = "interrupted"
+        stats.stop_reason = StopReason.INTERRUPTED  # until the loop ends on its own
+        reason = step.reason
         try:
-            while True:
-                if n >= max_new:
-                    stats.stop_reason = "length" if n >= s.max_tokens else "context"
-                    break
+            while reason is None:
                 token = ahead.pop(0) if ahead else sample(chain, ctx, -1)
-                if n == 0:
+                if not first:
                     first = time.perf_counter()
                     stats.ttft = first - start
-                if is_eog(vocab, token):
-                    stats.stop_reason = "eos"
+                piece = take(token)
+                reason = step.reason
+                if reason is eos:
                     break
-                n += 1
                 generated.append(token)
-                size = to_piece(vocab, token, buf, 256, 0, False)
-                piece = stream.feed(buf.raw[:size])
                 if piece:
                     yield piece
-                if stream.stopped:
-                    stats.stop_reason = "stop"
-                    break
-                if n >= max_new or ahead:
+                if reason is not None or ahead:
                     continue  # nothing will follow, or the next token is known and this one already in the cache
                 if spec is not None:
                     cache.append(token)
                     try:
-                        ahead = spec.advance(ctx, chain, 0, cache, max_new - n - 1)
+                        ahead = spec.advance(ctx, chain, 0, cache, step.draft_room)
                     except UserError:
                         cache.pop()  # advance dropped it from the KV cache
                         raise
@@ -346,12 +337,12 @@ class Engine:
                 if decode(ctx, get_one(one, 1)) != 0:
                     raise UserError("llama.cpp failed while generating (llama_decode error)")
                 cache.append(token)
-            if stats.stop_reason != "stop":
-                tail = stream.finish()
-                if tail:
-                    yield tail
+            stats.stop_reason = reason
+            tail = step.finish()  # nothing after a stop text
+            if tail:
+                yield tail
         finally:
-            stats.generated_tokens = n
+            stats.generated_tokens = step.n
             stats.decode_seconds = time.perf_counter() - first if first else 0.0
             if spec is not None:
                 stats.draft_proposed, stats.draft_accepted = spec.counts.proposed, spec.counts.accepted

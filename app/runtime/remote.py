@@ -20,6 +20,7 @@ from app.errors import UserError
 from app.runtime.endpoint import Endpoint, HttpError
 from app.runtime.engine import Stats, check_fits, check_prompt
 from app.runtime.settings import Sampling
+from app.runtime.step import StopReason
 from app.runtime.stream import TextStream
 
 Notify = Callable[[str], None]
@@ -281,7 +282,7 @@ class RemoteBackend:
         # the stop text found, or None for an end token: vLLM's and malhae's stop_reason, llama-server's stop_type
         matched: object = ...
         usage = None
-        stats.stop_reason = "interrupted"
+        stats.stop_reason = StopReason.INTERRUPTED
         events = self.endpoint.stream(path, body)
         try:
             for event in events:
@@ -315,27 +316,24 @@ class RemoteBackend:
                 if stream.stopped:
                     break
             if stream.stopped:
-                stats.stop_reason = "stop"
+                stats.stop_reason = StopReason.STOP
             else:
                 tail = stream.finish()
                 if tail:
                     yield tail
-                if finish == "length":
-                    stats.stop_reason = "length" if max_new >= s.max_tokens else "context"
-                elif finish is None:
+                if finish is None:
                     raise UserError(f"the answer from {self.endpoint.url} ended without a finish_reason; the "
                                     "server stopped it")
-                else:
-                    # without stop_reason, an end token and a stop text both read "stop"
-                    found = isinstance(matched, str) or matched is ... and bool(s.stop)
-                    stats.stop_reason = "stop" if finish == "stop" and found else "eos"
+                # without stop_reason, an end token and a stop text both read "stop"
+                found = isinstance(matched, str) or matched is ... and bool(s.stop)
+                stats.stop_reason = StopReason.from_openai(finish, stop_text=found, max_tokens=max_new >= s.max_tokens)
         finally:
             events.close()
             stats.decode_seconds = time.perf_counter() - first if first else 0.0
             stats.generated_tokens = pieces
             if usage is not None:
                 self._read_usage(stats, usage)
-                if self.kind == LLAMA_CPP and stats.stop_reason == "eos" and stats.generated_tokens:
+                if self.kind == LLAMA_CPP and stats.stop_reason is StopReason.EOS and stats.generated_tokens:
                     stats.generated_tokens -= 1  # llama-server counts the end token; malhae counts what was said
 
     @staticmethod

@@ -17,7 +17,8 @@ import collections
 import weakref
 from collections.abc import AsyncIterator
 
-from app.runtime.batching import Busy, Done, Event, Job, Scheduler
+from app.runtime.batching import Busy, Scheduler
+from app.runtime.events import Done, Event, Job
 from app.runtime.settings import Sampling
 from app.serve.errors import ApiError, busy
 

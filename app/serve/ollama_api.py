@@ -13,7 +13,7 @@ import json
 from datetime import datetime, timezone
 
 from app import __version__
-from app.runtime.batching import Done, Token
+from app.runtime.events import Done, Token
 from app.serve import fields
 from app.serve.errors import ApiError, shutting_down
 from app.serve.fields import Body
@@ -128,7 +128,7 @@ async def chat(request, svc: Service):
 
 def _finish_line(svc: Service, content: dict, done: Done | None, reason: str | None = None) -> dict:
     line = {"model": svc.model_id, "created_at": _now(), **content, "done": True,
-            "done_reason": reason or ("length" if done and done.finish_reason == "length" else "stop")}
+            "done_reason": reason or (done.reason.ollama if done else "stop")}
     if done is not None:
         ns = 1_000_000_000
         line |= {"total_duration": int(done.seconds * ns), "load_duration": 0,

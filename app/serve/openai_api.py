@@ -14,7 +14,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from app.runtime.batching import MAX_TOP_LOGPROBS, Done, Prompt, Token, TokenLogprob
+from app.runtime.batching import MAX_TOP_LOGPROBS
+from app.runtime.events import Done, Prompt, Token, TokenLogprob
 from app.serve import fields
 from app.serve.errors import ApiError, shutting_down
 from app.serve.fields import Body
@@ -86,7 +87,7 @@ def _collect(choice: _Choice, event) -> None:
         choice.prompt = list(event.tokens)
     elif isinstance(event, Done):
         choice.done = event
-        choice.finish = "length" if event.finish_reason == "length" else "stop"
+        choice.finish = event.reason.openai
         choice.error = event.error
 
 
