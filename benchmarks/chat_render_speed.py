@@ -28,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.chat.writer import write_answer  # noqa: E402
 from app.runtime import templates  # noqa: E402
 from app.runtime.engine import Engine  # noqa: E402
-from app.runtime.settings import Sampling  # noqa: E402
+from app.runtime.settings import (
+    LoadOptions,  # noqa: E402
+    Sampling,  # noqa: E402
+)
 
 
 class PseudoTerminal:
@@ -80,14 +83,15 @@ def main() -> None:
     parser.add_argument("--gpu-layers", default="auto")
     args = parser.parse_args()
 
-    with Engine(args.model, n_ctx=args.tokens + 256, threads=args.threads, gpu_layers=args.gpu_layers,
+    with Engine(LoadOptions(model=args.model, ctx=args.tokens + 256, threads=args.threads, gpu_layers=args.gpu_layers),
                 notify=print) as engine:
         template = templates.for_model(engine.name)
         prompt = template.prompt([("user", "대한민국 헌법에 대해 자세히 설명해 주세요.")])
         # greedy, end tokens suppressed and no stop strings: every run writes exactly --tokens tokens
         sampling = Sampling(temperature=0, repeat_penalty=1.0, max_tokens=args.tokens, ignore_eos=True)
         where = engine.plan.where
-        print(f"{args.model.name}: {engine.threads} threads, {where}, {args.tokens} tokens per answer", flush=True)
+        print(f"{args.model.name}: {engine.options.threads} threads, {where}, {args.tokens} tokens per answer",
+              flush=True)
         terminal = PseudoTerminal()
         devnull = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115
         try:

@@ -24,7 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from app.chat.conversation import Conversation  # noqa: E402
 from app.runtime import templates  # noqa: E402
 from app.runtime.engine import Engine  # noqa: E402
-from app.runtime.settings import Sampling  # noqa: E402
+from app.runtime.settings import (
+    LoadOptions,  # noqa: E402
+    Sampling,  # noqa: E402
+)
 
 MESSAGES = ["안녕하세요", "대한민국의 수도는 어디인가요?", "헌법 제1조는 무엇인가요?", "국회의원의 임기는 몇 년인가요?",
             "대통령의 임기는요?", "고마워요", "법원은 무엇을 하나요?", "헌법재판소는요?", "국민의 의무를 알려 주세요",
@@ -57,10 +60,11 @@ def main() -> None:
     parser.add_argument("--gpu-layers", default="auto")
     args = parser.parse_args()
 
-    with Engine(args.model, n_ctx=args.ctx, threads=args.threads, gpu_layers=args.gpu_layers, notify=print) as engine:
+    with Engine(LoadOptions(model=args.model, ctx=args.ctx, threads=args.threads, gpu_layers=args.gpu_layers),
+                notify=print) as engine:
         template = templates.for_model(engine.name)
         where = engine.plan.where
-        print(f"{args.model.name}: {engine.threads} threads, {where}, context {engine.n_ctx}, template "
+        print(f"{args.model.name}: {engine.options.threads} threads, {where}, context {engine.n_ctx}, template "
               f"{template.name}, answers of {args.answer_tokens} tokens", flush=True)
         runs: list[list[dict]] = []
         cold: list[dict] = []

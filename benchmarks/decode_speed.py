@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from app.eval import bench, upstream  # noqa: E402
 from app.runtime.engine import Engine  # noqa: E402
+from app.runtime.settings import LoadOptions  # noqa: E402
 
 
 def shaped_q4(workdir: Path) -> Path:
@@ -60,15 +61,16 @@ def main() -> None:
         args.model = shaped_q4(args.workdir)
 
     rows = []
-    with Engine(args.model, n_ctx=max(args.prompt + 16, args.gen + 32), threads=args.threads,
-                gpu_layers=args.gpu_layers, device=args.device, notify=print) as engine:
-        print(f"{args.model.name}: {engine.threads} threads, {engine.plan.where} ({engine.plan.reason})", flush=True)
+    with Engine(LoadOptions(model=args.model, ctx=max(args.prompt + 16, args.gen + 32), threads=args.threads,
+                            gpu_layers=args.gpu_layers, device=args.device), notify=print) as engine:
+        threads = engine.options.threads
+        print(f"{args.model.name}: {threads} threads, {engine.plan.where} ({engine.plan.reason})", flush=True)
         if args.expect_full and not engine.plan.full:
             raise SystemExit(f"not every layer is on the GPU: {engine.plan.where}")
         for r in range(args.rounds):
             pp, tg = bench.run_engine(engine, args.prompt, args.gen, 1)
-            up_pp, up_tg = upstream.run_llama_bench(args.llama_bench, args.model, args.prompt, args.gen, engine.threads,
-                                                 engine.plan, 1)
+            up_pp, up_tg = upstream.run_llama_bench(args.llama_bench, args.model, args.prompt, args.gen, threads,
+                                                    engine.plan, 1)
             rows.append((pp, up_pp, tg, up_tg))
             print(f"round {r + 1}: pp {pp:8.1f} vs {up_pp:8.1f} ({pp / up_pp:6.1%})   "
                   f"tg {tg:7.2f} vs {up_tg:7.2f} ({tg / up_tg:6.1%})", flush=True)

@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from app.runtime.settings import LoadOptions
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -234,7 +236,7 @@ def greedy(path: Path, texts: list[str], n_new: int = 64, threads: int = 2) -> G
     with Model(path) as model:
         tokenized = [model.tokenize(t) for t in texts]
         n_ctx = max(len(t) for t in tokenized) + n_new + 8
-        with Context(model, n_ctx=n_ctx, threads=threads) as ctx, Batch(n_ctx) as batch:
+        with Context(model, LoadOptions(ctx=n_ctx, threads=threads)) as ctx, Batch(n_ctx) as batch:
             for tokens in tokenized:
                 ctx.clear()
                 batch.fill(tokens, range(len(tokens)))

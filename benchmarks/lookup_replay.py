@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.runtime.draft import Lookup  # noqa: E402
 from app.runtime.engine import Engine  # noqa: E402
-from app.runtime.settings import Sampling  # noqa: E402
+from app.runtime.settings import LoadOptions, Sampling  # noqa: E402
 from app.runtime.speculate import DraftLength, Speculator  # noqa: E402
 from benchmarks.speculative import cases, twin  # noqa: E402
 
@@ -43,7 +43,7 @@ def record(model: Path, prompts: dict[str, str], tokens: int, threads: int) -> d
     """{case: {"prompt": token ids, "answer": plain greedy token ids}}."""
     sampling = Sampling(temperature=0, repeat_penalty=1.0, max_tokens=tokens, ignore_eos=True)
     out = {}
-    with Engine(model, n_ctx=2048, threads=threads) as engine:
+    with Engine(LoadOptions(model=model, ctx=2048, threads=threads)) as engine:
         for case, prompt in prompts.items():
             ids = engine.tokenize(prompt)
             if len(ids) + tokens > engine.n_ctx:

@@ -28,6 +28,8 @@ sys.path.insert(0, str(ROOT))
 
 from app.eval import perplexity, upstream  # noqa: E402
 from app.runtime.llama import init  # noqa: E402
+from app.runtime.settings import LoadOptions  # noqa: E402
+from app.runtime.windows import Layout  # noqa: E402
 
 BILLS = ROOT / "models" / "data" / "ko-public-domain" / "bills"
 HELD_OUT = ("1809898.txt", "1809899.txt")
@@ -64,11 +66,11 @@ def main(argv: list[str] | None = None) -> None:
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for model in models:
             for n_ctx, n_batch in LAYOUTS:
-                mine = perplexity.run(model, text, n_ctx=n_ctx, n_batch=n_batch, threads=args.threads,
-                                      gpu_layers="0")
+                mine = perplexity.run(LoadOptions(model=model, threads=args.threads, gpu_layers="0"), text,
+                                      Layout.of(n_ctx, n_batch))
                 started = time.perf_counter()
-                theirs, theirs_err = upstream.run_llama_perplexity(exe, model, text, n_ctx=n_ctx, n_batch=n_batch,
-                                                                     threads=args.threads)
+                theirs, theirs_err = upstream.run_llama_perplexity(exe, model, text, Layout.of(n_ctx, n_batch),
+                                                                   threads=args.threads)
                 theirs_s = time.perf_counter() - started
                 diff = (mine.ppl - theirs) / theirs
                 print(f"| {model.name} | {n_ctx} | {n_batch} | {mine.windows} × {mine.n_seq} | {mine.ppl:.4f} ± "

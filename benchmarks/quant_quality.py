@@ -36,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from app.eval import compare  # noqa: E402
 from app.runtime.llama import Model, init  # noqa: E402
+from app.runtime.settings import LoadOptions  # noqa: E402
+from app.runtime.windows import Layout  # noqa: E402
 from convert import corpus, importance, pipeline  # noqa: E402
 from convert import imatrix as imatrix_file  # noqa: E402
 from convert import types as out_types  # noqa: E402
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             datasets, calibration = importance.calibration(None)
             with Model(f16.path) as model:
-                im, _, _ = importance.compute(model, calibration, threads=args.threads, datasets=datasets)
+                im, _, _ = importance.compute(model, calibration, None, LoadOptions(threads=args.threads),
+                                              datasets=datasets)
             im_path = Path(tmp) / "auto.imatrix.gguf"
             imatrix_file.write(im, im_path)
             im_seconds = time.perf_counter() - started
@@ -88,7 +91,8 @@ def main(argv: list[str] | None = None) -> None:
                     result = f16 if type_name == "f16" else pipeline.convert(
                         src, type_name, Path(tmp) / f"{type_name}-{tag}.gguf", threads=args.threads, imatrix=used)
                     with Model(result.path) as model:
-                        r = compare.evaluate(reference, model, text, n_ctx=args.n_ctx, threads=args.threads)
+                        r = compare.evaluate(reference, model, text, Layout.of(args.n_ctx),
+                                             LoadOptions(threads=args.threads))
                     row.append((used is not None, result, r))
                 rows.append((type_name, row))
                 print(f"{type_name}: done", file=sys.stderr, flush=True)

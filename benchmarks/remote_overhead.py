@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from app.runtime.settings import LoadOptions
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -51,7 +53,8 @@ def main() -> None:
     a = parser.parse_args()
     model = a.model or models.demo_model()
     rows = []
-    with Server(Options(path=model, model_id=model.stem, port=0, threads=a.threads, parallel=1)) as server:
+    with Server(Options(load=LoadOptions(model=model, threads=a.threads, parallel=1), model_id=model.stem,
+                        port=0)) as server:
         url = server.url + "/v1"
         for r in range(a.rounds):
             # a prompt of its own each round: the server's slot would otherwise reuse the last round's prompt (a

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.runtime.engine import Engine  # noqa: E402
-from app.runtime.settings import Sampling  # noqa: E402
+from app.runtime.settings import LoadOptions, Sampling  # noqa: E402
 
 DATA = ROOT / "models" / "data" / "ko-public-domain"
 DEMO = ROOT / "models" / "malhae-demo-ko-f16.gguf"
@@ -158,8 +158,8 @@ def serve_rounds(model: Path, prompts: dict[str, str], threads: int, tokens: int
     rows: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in range(rounds):
         for draft in (("lookup", None) if r % 2 == 0 else (None, "lookup")):
-            opts = Options(path=model, model_id=model.stem, port=0, threads=threads, parallel=3, n_ctx=2048,
-                           gpu_layers=0, draft=draft)
+            opts = Options(load=LoadOptions(model=model, threads=threads, parallel=3, ctx=2048, gpu_layers=0,
+                                            draft=draft), model_id=model.stem, port=0)
             with Server(opts) as server:
                 server.state.ready.wait(600)
                 for clients in (1, 3):
@@ -216,8 +216,8 @@ def main() -> None:
 
         drafts = {"plain": None, "lookup": "lookup", "cut2": first_layers(DEMO, Path(tmp) / "demo-2.gguf", 2),
                   "demo": DEMO}
-        engines = {m: Engine(model, n_ctx=2048, threads=a.threads, gpu_layers=gpu, draft=drafts[m],
-                             draft_max=a.draft_max) for m in modes}
+        engines = {m: Engine(LoadOptions(model=model, ctx=2048, threads=a.threads, gpu_layers=gpu, draft=drafts[m],
+                                         draft_max=a.draft_max)) for m in modes}
         sampling = Sampling(temperature=0, repeat_penalty=1.0, max_tokens=a.tokens, ignore_eos=True)
         results: dict[tuple[str, str], Runs] = {(c, m): Runs() for c in prompts for m in modes}
         upstream: dict[str, list[tuple[float, float]]] = {c: [] for c in prompts}

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.runtime.llama import Batch, Context, Model  # noqa: E402
+from app.runtime.settings import LoadOptions  # noqa: E402
 
 TEXT = ROOT / "models" / "data" / "ko-public-domain" / "constitution.txt"
 WARMUP = 2  # untimed passes over every k: first-touch of weights and compute buffers, thread pool start
@@ -60,7 +61,7 @@ def measure(path: Path, ks: list[int], *, threads: int, reps: int, prompt: int =
         tokens = _tokens(model, prompt + max(ks))
         head, draft = tokens[:prompt], tokens[prompt:]
         n_batch = max(prompt, max(ks))
-        with Context(model, n_ctx=prompt + max(ks) + 8, n_batch=n_batch, threads=threads) as ctx, \
+        with Context(model, LoadOptions(ctx=prompt + max(ks) + 8, batch=n_batch, threads=threads)) as ctx, \
                 Batch(n_batch) as batch:
             memory = lc.llama_get_memory(ctx.ptr)
             batch.fill(head, range(prompt))

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from app.errors import UserError
 from app.runtime.activations import MIN_ROWS, SquareSums
 from app.runtime.llama import Interrupts, Model
 from app.runtime.logprobs import NLLSum, log_prob
+from app.runtime.settings import LoadOptions
 from app.runtime.windows import DEFAULT_BATCH, Layout, check_context, context_for, read_text, scored_logits, text_tokens
 from app.runtime.windows import text_windows as windows_of
 from convert import corpus
@@ -43,26 +44,33 @@ class Result:
     datasets: tuple[str, ...]
 
 
-def compute(model: Model, text: str, *, n_ctx: int = DEFAULT_CTX, n_batch: int = DEFAULT_BATCH,
-            chunks: int | None = None, threads: int | None = None, datasets: tuple[str, ...] = (),
-            output: bool = False, copy: bool | None = None, progress: Progress | None = None,
-            notify: Callable[[str], None] | None = None) -> tuple[Imatrix, float, int]:
-    """(the importance matrix, the perplexity of the scored halves, the text's tokens) of `text` under `model`."""
+def chunk_layout(n_ctx: int = DEFAULT_CTX, n_batch: int = DEFAULT_BATCH) -> Layout:
+    """The windows of `malhae imatrix --ctx N --batch B`: perplexity's layout, of at least MIN_ROWS tokens."""
     if n_ctx < MIN_ROWS:
         raise UserError(f"--ctx {n_ctx} is too small: llama.cpp's importance matrix ignores batches of fewer than "
                         f"{MIN_ROWS} tokens; use --ctx 512 (llama-imatrix's default) or at least {MIN_ROWS}")
+    return Layout.of(n_ctx, n_batch)
+
+
+def compute(model: Model, text: str, layout: Layout | None = None, options: LoadOptions | None = None, *,
+            chunks: int | None = None, datasets: tuple[str, ...] = (), output: bool = False, copy: bool | None = None,
+            progress: Progress | None = None, notify: Callable[[str], None] | None = None
+            ) -> tuple[Imatrix, float, int]:
+    """(the importance matrix, the perplexity of the scored halves, the text's tokens) of `text` under `model`,
+    in `layout`'s chunks (llama-imatrix's --ctx-size and --batch-size; default 512 and 2048, as llama-imatrix), on
+    a context made as `options` say (threads)."""
+    layout = chunk_layout(layout.n_ctx, layout.n_batch) if layout else chunk_layout()
     if chunks is not None and not 1 <= chunks <= MAX_CHUNKS:
         raise UserError(f"--chunks {chunks} must be from 1 to {MAX_CHUNKS} (default: all the text)")
     if not text.strip():
         raise UserError("the calibration text is empty; give a UTF-8 text file with some Korean in it (--text)")
-    layout = Layout.of(n_ctx, n_batch)
     tokens = text_tokens(model, text)
     windows = windows_of(model, tokens, layout)[:chunks]
-    check_context(model, n_ctx, notify)
+    check_context(model, layout.n_ctx, notify)
     collector = SquareSums(output=output, copy=copy)
     sums = NLLSum()
     # Ctrl-C arrives while llama.cpp runs the collector: held, it stops llama_decode and is raised here
-    with Interrupts() as interrupted, context_for(model, layout, threads, eval_callback=collector.callback,
+    with Interrupts() as interrupted, context_for(model, layout, options, eval_callback=collector.callback,
                                                   abort=interrupted) as ctx:
         if progress:  # the bar shows at once: the first decode group of a large model takes a minute on a CPU
             progress(0, len(windows), float("nan"))
@@ -90,37 +98,32 @@ def calibration(text_path: Path | None) -> tuple[tuple[str, ...], str]:
     return (text_path.name,), read_text(text_path)
 
 
-def compute_file(model_path: Path, text: str, *, datasets: tuple[str, ...], n_ctx: int | None = None,
-                 n_batch: int = DEFAULT_BATCH, chunks: int | None = None, threads: int | None = None,
-                 gpu_layers: str | int | None = "auto", output: bool = False, progress: Progress | None = None,
-                 notify: Callable[[str], None] | None = None, device: str | None = None
-                 ) -> tuple[Imatrix, float, int]:
-    """Load the GGUF (offloaded as --gpu-layers says) and compute; `n_ctx` None: DEFAULT_CTX, or the context the
-    model was trained on if that is shorter (--imatrix auto)."""
+def compute_file(options: LoadOptions, text: str, *, datasets: tuple[str, ...], layout: Layout | None = None,
+                 chunks: int | None = None, output: bool = False, progress: Progress | None = None,
+                 notify: Callable[[str], None] | None = None) -> tuple[Imatrix, float, int]:
+    """Load options.model (offloaded, threaded as `options` say) and compute; `layout` None: chunks of
+    DEFAULT_CTX, or of the context the model was trained on if that is shorter (--imatrix auto)."""
     from app.runtime import hardware, offload
     from app.runtime.engine import check_model_file
 
+    model_path = options.model
     info = check_model_file(model_path)
     if info.file_type and info.file_type not in FULL_PRECISION and notify:
         notify(f"{model_path.name} is {info.file_type}: an importance matrix is best computed on the F16 (or Q8_0) "
                "file the quantized one is made from")
-    if n_ctx is None:
-        n_ctx = min(DEFAULT_CTX, info.arch_int("context_length") or DEFAULT_CTX)
-    layout = Layout.of(n_ctx, n_batch)
-    plan = offload.choose(info, gpu_layers, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, notify=notify,
-                          device=device)
+    layout = layout or chunk_layout(min(DEFAULT_CTX, info.arch_int("context_length") or DEFAULT_CTX))
+    options = replace(options, threads=options.threads or hardware.physical_cores())
+    plan = offload.choose(info, layout.options(options), notify=notify)
     with Model.planned(model_path, plan) as model:
-        return compute(model, text, n_ctx=n_ctx, n_batch=n_batch, chunks=chunks,
-                       threads=threads or hardware.physical_cores(), datasets=datasets, output=output,
+        return compute(model, text, layout, options, chunks=chunks, datasets=datasets, output=output,
                        progress=progress, notify=notify)
 
 
-def run(model_path: Path, out: Path, *, text_path: Path | None = None, force: bool = False,
-        n_ctx: int = DEFAULT_CTX, n_batch: int = DEFAULT_BATCH, chunks: int | None = None,
-        threads: int | None = None, gpu_layers: str | int | None = "auto", output: bool = False,
-        progress: Progress | None = None, notify: Callable[[str], None] | None = None,
-        device: str | None = None) -> Result:
-    """Everything `malhae imatrix` does: check the cheap things first (output path, text), then load and compute."""
+def run(options: LoadOptions, out: Path, *, text_path: Path | None = None, force: bool = False,
+        layout: Layout | None = None, chunks: int | None = None, output: bool = False,
+        progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> Result:
+    """Everything `malhae imatrix` does for options.model: check the cheap things first (output path, text), then
+    load and compute (`layout`: chunks of 512 tokens, 2048 per decode, unless given)."""
     from app import files
 
     files.check_target(out, force, replace_hint="add --force to overwrite it", other_hint="choose another -o")
@@ -128,9 +131,8 @@ def run(model_path: Path, out: Path, *, text_path: Path | None = None, force: bo
     if not text.strip():
         raise UserError(f"{text_path} is empty; give a UTF-8 text file with some Korean in it")
     started = time.perf_counter()
-    im, ppl, n_tokens = compute_file(model_path, text, datasets=datasets, n_ctx=n_ctx, n_batch=n_batch,
-                                     chunks=chunks, threads=threads, gpu_layers=gpu_layers, output=output,
-                                     progress=progress, notify=notify, device=device)
+    im, ppl, n_tokens = compute_file(options, text, datasets=datasets, layout=layout or chunk_layout(),
+                                     chunks=chunks, output=output, progress=progress, notify=notify)
     write(im, out, force=force)
     return Result(out, len(im.sums), im.chunk_count, im.chunk_size, n_tokens, ppl, time.perf_counter() - started,
                   datasets)

@@ -201,10 +201,11 @@ def check_imatrix_option(otype: out_types.OutType, imatrix: str | Path | None) -
 
 def _calibrate(staged: Path, out: Path, threads: int | None, progress: Progress | None) -> None:
     """--imatrix auto: the importance matrix of the staged F16 over malhae's calibration corpus, into `out`."""
+    from app.runtime.settings import LoadOptions
     from convert import importance
 
     datasets, text = importance.calibration(None)
-    im, _, _ = importance.compute_file(staged, text, datasets=datasets, threads=threads,
+    im, _, _ = importance.compute_file(LoadOptions(model=staged, threads=threads), text, datasets=datasets,
                                        progress=(lambda d, t, _p: progress("calibrating", d, t)) if progress
                                        else None)
     imatrix_file.write(im, out, force=True)

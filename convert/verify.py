@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from app.errors import UserError
 from app.runtime.llama import Context, Model
+from app.runtime.settings import LoadOptions
 
 F32_TOLERANCE = 1e-3
 F16_TOLERANCE = 2e-2
@@ -80,7 +81,8 @@ def hf_logits(src: Path, token_lists: list[list[int]]) -> list[np.ndarray]:
 
 def gguf_logits(path: Path, token_lists: list[list[int]], threads: int | None = None) -> list[np.ndarray]:
     n_ctx = max(len(t) for t in token_lists) + 8
-    with Model(path) as model, Context(model, n_ctx=n_ctx, n_batch=n_ctx, threads=threads, precise=True) as ctx:
+    options = LoadOptions(ctx=n_ctx, batch=n_ctx, threads=threads)
+    with Model(path) as model, Context(model, options, precise=True) as ctx:
         return [ctx.logits(tokens) for tokens in token_lists]
 
 

@@ -21,9 +21,12 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 @contextmanager
 def serving(path: Path, *, parallel: int = 4, n_ctx: int = 512, **options):
     """`malhae serve` on a free port, 2 threads, the model named after its file; stopped when the block ends."""
+    from app.runtime.settings import LoadOptions
     from app.serve.server import Options, Server  # needs the serve extra: import where a server is wanted
 
-    opts = Options(path=path, model_id=path.stem, port=0, threads=2, parallel=parallel, n_ctx=n_ctx, **options)
+    load = LoadOptions(model=path, threads=2, parallel=parallel, ctx=n_ctx,
+                       **{k: options.pop(k) for k in ("draft", "draft_max", "gpu_layers", "device") if k in options})
+    opts = Options(load=load, model_id=path.stem, port=0, **options)
     with Server(opts) as server:
         yield server
 

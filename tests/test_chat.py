@@ -28,8 +28,9 @@ from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
 from app.chat import reader, repl, writer
+from app.chat import session as chat_session
 from app.errors import UserError
-from app.runtime.settings import Sampling
+from app.runtime.settings import LoadOptions, Sampling
 from app.store import models
 from convert import pipeline
 
@@ -146,7 +147,9 @@ def talk(model: Path, keys: str, *, setup=None, out: io.StringIO | None = None, 
     with create_pipe_input() as pipe:
         pipe.send_text(keys)
         pipe.close()
-        session = repl.open_chat(model=str(model), resolve=models.resolve, threads=1, gpu_layers="0",
+        given = {k: options.pop(k) for k in ("ctx", "draft", "draft_max") if k in options}
+        load = LoadOptions(threads=1, gpu_layers="0", **given)
+        session = chat_session.open_chat(load, model=str(model), resolve=models.resolve,
                                  reader=reader.PromptReader(history, input=pipe, output=DummyOutput()), out=out,
                                  console=Console(file=err, width=120), **options)
         if setup:

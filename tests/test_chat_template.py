@@ -17,7 +17,7 @@ from app.errors import UserError
 from app.runtime import templates
 from app.runtime.engine import Engine
 from app.runtime.gguf_info import read_info
-from app.runtime.settings import Sampling
+from app.runtime.settings import LoadOptions, Sampling
 from convert import pipeline
 from convert.rewrite import copy_gguf
 
@@ -167,10 +167,10 @@ def test_llama_cpp_builtin_template_function_does_not_know_these_formats():
 
 
 def test_malhae_reads_the_template_back_in_order_flag_gguf_name(converted):
-    with Engine(converted["koalpaca"].path, n_ctx=256) as engine:
+    with Engine(LoadOptions(model=converted["koalpaca"].path, ctx=256)) as engine:
         assert templates.identify(engine.name) is None  # the name ("hf", the folder's) alone would mean base
         assert templates.for_engine(engine).name == "koalpaca"
-    with Engine(converted["unknown"].path, n_ctx=256) as engine:
+    with Engine(LoadOptions(model=converted["unknown"].path, ctx=256)) as engine:
         assert templates.for_engine(engine).name == "base"
     meta = {"tokenizer.chat_template": templates.get("kullm").chat_template}
     assert templates.for_gguf("koalpaca-polyglot-12.8b", meta).name == "kullm"  # the file beats the name
@@ -189,7 +189,7 @@ def with_chat_template(src: Path, dst: Path, source: str) -> Path:
 
 def test_a_foreign_template_is_rendered_with_jinja_and_stops_at_eos(converted, tmp_path):
     path = with_chat_template(converted["unknown"].path, tmp_path / "foreign.gguf", FOREIGN)
-    with Engine(path, n_ctx=256) as engine:
+    with Engine(LoadOptions(model=path, ctx=256)) as engine:
         tpl = templates.for_engine(engine)
         assert tpl.name == "gguf" and tpl.stop == ("<|endoftext|>",)
         prompt = tpl.prompt([("user", "안녕"), ("assistant", "네"), ("user", "또")], "시스템")
@@ -213,7 +213,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_ask_uses_the_template_from_the_gguf(converted):
     question = "대한민국의 주권은 누구에게 있나요?"
-    engine = Engine(converted["kullm"].path, n_ctx=256)
+    engine = Engine(LoadOptions(model=converted["kullm"].path, ctx=256))
     try:
         kullm_tokens = len(engine.tokenize(templates.get("kullm").prompt([("user", question)])))
         base_tokens = len(engine.tokenize(templates.get("base").prompt([("user", question)])))

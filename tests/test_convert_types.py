@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from app.runtime.llama import Context, Model
+from app.runtime.settings import LoadOptions
 from convert import pipeline
 from convert import types as out_types
 
@@ -29,7 +30,7 @@ def test_every_type_is_listed():
 @pytest.fixture(scope="module")
 def f16_reference(k_quant_checkpoint, tmp_path_factory):
     path = pipeline.convert(k_quant_checkpoint, "f16", tmp_path_factory.mktemp("ref") / "ref.gguf").path
-    with Model(path) as model, Context(model, n_ctx=128) as ctx:
+    with Model(path) as model, Context(model, LoadOptions(ctx=128)) as ctx:
         tokens = model.tokenize("대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.")
         return tokens, ctx.logits(tokens)
 
@@ -51,7 +52,7 @@ def test_type_loads_and_generates(type_name, k_quant_checkpoint, f16_reference, 
     assert MAIN_TENSOR_TYPE[type_name] in counts, counts
 
     tokens, ref_logits = f16_reference
-    with Model(result.path) as model, Context(model, n_ctx=128) as ctx:
+    with Model(result.path) as model, Context(model, LoadOptions(ctx=128)) as ctx:
         logits = ctx.logits(tokens)
         assert np.isfinite(logits).all()
         generated = ctx.greedy(tokens, 8)

@@ -19,6 +19,7 @@ from tokenizers import Tokenizer
 
 from app.eval.perplexity import perplexity
 from app.runtime.llama import Context, Model
+from app.runtime.settings import LoadOptions
 from app.runtime.windows import windows
 from convert import corpus, pipeline, verify
 
@@ -42,12 +43,12 @@ def f16_ppl() -> float:
 
 
 def _top1(path: Path, chunks: list[list[int]]) -> np.ndarray:
-    with Model(path) as model, Context(model, n_ctx=512) as ctx:
+    with Model(path) as model, Context(model, LoadOptions(ctx=512)) as ctx:
         return np.concatenate([ctx.logits(chunk).argmax(-1) for chunk in chunks])
 
 
 def test_greedy_continues_article_1():
-    with Model(GGUF) as model, Context(model, n_ctx=64) as ctx:
+    with Model(GGUF) as model, Context(model, LoadOptions(ctx=64)) as ctx:
         new = ctx.greedy(model.tokenize(PROMPT), 20)
         text = b"".join(model.token_bytes(t) for t in new).decode("utf-8", errors="replace")
     assert ARTICLE_1_2 in text, text

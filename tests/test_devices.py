@@ -16,7 +16,7 @@ from app.cli import main
 from app.errors import UserError
 from app.runtime import devices, ggml, hardware, llama, offload
 from app.runtime.gguf_info import read_info
-from app.runtime.settings import Sampling
+from app.runtime.settings import LoadOptions, Sampling
 from app.store import catalog, models, recommend
 
 GiB = 2**30
@@ -75,7 +75,7 @@ def test_devices_and_split_reach_llama_cpp():
     split load and compute exactly what the default load computes."""
     texts = []
     for where in ({}, {"devices": (), "tensor_split": (2.0, 1.0)}, {"devices": None, "n_gpu_layers": 99}):
-        with llama.Model(DEMO, **where) as model, llama.Context(model, n_ctx=64, n_batch=64, threads=1) as ctx:
+        with llama.Model(DEMO, **where) as model, llama.Context(model, LoadOptions(ctx=64, batch=64, threads=1)) as ctx:
             texts.append(ctx.greedy(model.tokenize("대한민국의 주권은"), 8))
     assert texts[0] == texts[1] == texts[2] and len(texts[0]) == 8
 
@@ -145,13 +145,13 @@ def test_vulkan_igpu_2gb(monkeypatch):
     fake.install(monkeypatch, fake.cpu(16 * GiB), igpu)
     small, large = planned_as(monkeypatch, "polyglot-ko-1.3b"), planned_as(monkeypatch, "polyglot-ko-3.8b")
     assert everything(small.sizes) <= budget(small.sizes, 2 * GiB) < everything(large.sizes)
-    fits = offload.choose(small, "auto", n_ctx=2048)
+    fits = offload.choose(small, LoadOptions(gpu_layers="auto", ctx=2048))
     assert fits.full and fits.devices == (igpu,) and "integrated" in fits.reason
     said: list[str] = []
-    cpu = offload.choose(large, "auto", n_ctx=2048, notify=said.append)
+    cpu = offload.choose(large, LoadOptions(gpu_layers="auto", ctx=2048), notify=said.append)
     assert cpu.n_gpu_layers == 0 and "integrated GPU Vulkan0" in cpu.reason and "--device Vulkan0" in cpu.reason
     assert said == [cpu.reason]  # said, not only shown by `malhae info`
-    forced = offload.choose(large, "auto", n_ctx=2048, device="Vulkan0")
+    forced = offload.choose(large, LoadOptions(gpu_layers="auto", ctx=2048, device="Vulkan0"))
     assert 0 < forced.n_gpu_layers <= large.sizes.n_layer and forced.devices == (igpu,)
 
 
@@ -175,17 +175,17 @@ def test_exactly_fits_with_the_kv_cache():
 def test_asked_layers_are_split_over_the_gpus(monkeypatch):
     fake.install(monkeypatch, fake.cuda(0, 20 * GiB), fake.cuda(1, 10 * GiB), fake.cpu())
     info = planned_as(monkeypatch, "polyglot-ko-12.8b")
-    p = offload.choose(info, 12, n_ctx=2048)
+    p = offload.choose(info, LoadOptions(gpu_layers=12, ctx=2048))
     assert p.mode == "asked" and p.n_gpu_layers == 12 and p.layers == (8, 4) and p.split == (8.0, 4.0)
-    one = offload.choose(info, "auto", n_ctx=2048, device="1")
+    one = offload.choose(info, LoadOptions(gpu_layers="auto", ctx=2048, device="1"))
     assert [d.name for d in one.devices] == ["CUDA1"] and one.split is None
-    both = offload.choose(info, "auto", n_ctx=2048, device="cuda1,CUDA0")
+    both = offload.choose(info, LoadOptions(gpu_layers="auto", ctx=2048, device="cuda1,CUDA0"))
     assert [d.name for d in both.devices] == ["CUDA1", "CUDA0"]
-    cpu = offload.choose(info, "auto", n_ctx=2048, device="cpu")
+    cpu = offload.choose(info, LoadOptions(gpu_layers="auto", ctx=2048, device="cpu"))
     assert cpu.n_gpu_layers == 0 and cpu.load_devices == ()
     for bad, words in (("CUDA7", "0 = CUDA0"), ("3", "1 = CUDA1"), ("CUDA0,cuda0", "CUDA0 twice")):
         with pytest.raises(UserError, match=words):
-            offload.choose(info, "auto", n_ctx=2048, device=bad)
+            offload.choose(info, LoadOptions(gpu_layers="auto", ctx=2048, device=bad))
 
 
 def test_a_failed_load_retries_with_fewer_layers_on_the_same_split():
@@ -204,7 +204,7 @@ def test_engine_loads_with_the_plans_layers_devices_and_split(monkeypatch):
     loads = fake.install(monkeypatch, a, b, fake.cpu())
     from app.runtime.engine import Engine
 
-    with Engine(DEMO, n_ctx=64) as engine:
+    with Engine(LoadOptions(model=DEMO, ctx=64)) as engine:
         plan = engine.plan
         out = engine.complete("대한민국은", Sampling(temperature=0, max_tokens=4))
     n_layer = read_info(DEMO).arch_int("block_count")
@@ -285,14 +285,15 @@ def test_chat_banner_says_where_the_model_runs(monkeypatch):
     from prompt_toolkit.output import DummyOutput
     from rich.console import Console
 
-    from app.chat import reader, repl
+    from app.chat import reader
+    from app.chat import session as chat_session
 
     fake.install(monkeypatch, fake.cuda(0, 20 * GiB), fake.cpu())
     err = io.StringIO()
     with create_pipe_input() as pipe:
         pipe.send_text("/show\r")
         pipe.close()
-        session = repl.open_chat(model=str(DEMO), resolve=models.resolve, threads=1,
+        session = chat_session.open_chat(LoadOptions(threads=1), model=str(DEMO), resolve=models.resolve,
                                  reader=reader.PromptReader(InMemoryHistory(), input=pipe, output=DummyOutput()),
                                  out=io.StringIO(), console=Console(file=err, width=200),
                                  sampling=Sampling(max_tokens=4, seed=1))
@@ -355,7 +356,7 @@ def test_a_gpu_build_never_hints(monkeypatch):
     fake.install(monkeypatch, fake.cuda(0, 20 * GiB), fake.cpu(), facts=nvidia)
     info = planned_as(monkeypatch, "polyglot-ko-1.3b")
     said: list[str] = []
-    assert offload.choose(info, "auto", n_ctx=2048, notify=said.append).full and said == []
+    assert offload.choose(info, LoadOptions(gpu_layers="auto", ctx=2048), notify=said.append).full and said == []
 
 
 @needs_demo
@@ -376,7 +377,7 @@ def test_a_split_is_said_once(monkeypatch):
 
     said: list[str] = []
     for _ in range(2):
-        with Engine(DEMO, n_ctx=64, notify=said.append) as engine:
+        with Engine(LoadOptions(model=DEMO, ctx=64), notify=said.append) as engine:
             layers = engine.plan.layers
     assert said == [f"all layers on CUDA0 + CUDA1 ({layers[0]} + {layers[1]}): split over 2 GPUs in proportion to "
                     "free memory (20.00 GiB + 10.00 GiB free)"]

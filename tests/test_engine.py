@@ -9,7 +9,7 @@ import pytest
 
 from app.errors import UserError
 from app.runtime.engine import Engine, check_model_file
-from app.runtime.settings import Sampling
+from app.runtime.settings import LoadOptions, Sampling
 from app.store import models
 from convert import pipeline
 
@@ -23,7 +23,7 @@ def model_path(k_quant_checkpoint, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(model_path):
-    with Engine(model_path, n_ctx=256, gpu_layers=0) as e:
+    with Engine(LoadOptions(model=model_path, ctx=256, gpu_layers=0)) as e:
         yield e
 
 
@@ -38,7 +38,7 @@ def test_greedy_is_deterministic_and_matches_argmax(engine, model_path):
     assert first == second and engine.generated == ids
     from app.runtime.llama import Context, Model  # an independent greedy: argmax of full-sequence logits
 
-    with Model(model_path) as m, Context(m, n_ctx=256) as ctx:
+    with Model(model_path) as m, Context(m, LoadOptions(ctx=256)) as ctx:
         assert ctx.greedy(m.tokenize(PROMPT), 8) == ids[:8]
 
 
@@ -66,7 +66,7 @@ def test_kv_cache_reuse_evaluates_only_new_tokens_and_changes_nothing(engine, mo
     _, stats = engine.complete(longer, GREEDY)
     assert stats.cached_tokens >= len(engine.tokenize(PROMPT)) - 1
     warm = list(engine.generated)
-    with Engine(model_path, n_ctx=256, gpu_layers=0) as fresh:
+    with Engine(LoadOptions(model=model_path, ctx=256, gpu_layers=0)) as fresh:
         fresh.complete(longer, GREEDY)
         assert fresh.generated == warm and fresh.stats.cached_tokens == 0
 
@@ -88,7 +88,7 @@ def test_stop_string_spanning_tokens_is_cut_exactly(engine):
 
 
 def test_prompt_longer_than_context_says_by_how_much(model_path):
-    with Engine(model_path, n_ctx=32, gpu_layers=0) as small:
+    with Engine(LoadOptions(model=model_path, ctx=32, gpu_layers=0)) as small:
         long_prompt = "대한민국 헌법 " * 40
         n = len(small.tokenize(long_prompt))
         with pytest.raises(UserError, match=f"the prompt is {n} tokens, {n - 32 + 1} more than the context of 32"):
@@ -96,7 +96,7 @@ def test_prompt_longer_than_context_says_by_how_much(model_path):
 
 
 def test_answer_stops_when_the_context_is_full(model_path):
-    with Engine(model_path, n_ctx=32, gpu_layers=0) as small:
+    with Engine(LoadOptions(model=model_path, ctx=32, gpu_layers=0)) as small:
         _, stats = small.complete(PROMPT, Sampling(temperature=0, max_tokens=100, ignore_eos=True))
         assert stats.stop_reason == "context" and stats.prompt_tokens + stats.generated_tokens == 32
 
@@ -116,7 +116,7 @@ def test_other_architecture_is_refused(tmp_path):
 def test_long_korean_stream_has_no_broken_characters():
     """A trained model writes real Korean; streamed pieces must never contain U+FFFD and must add up to exactly the
     text of the same tokens decoded at once."""
-    with Engine(models.demo_model(), gpu_layers=0) as demo:
+    with Engine(LoadOptions(model=models.demo_model(), gpu_layers=0)) as demo:
         for seed in (1, 2, 3):
             s = Sampling(temperature=0.9, seed=seed, max_tokens=300, ignore_eos=True)
             pieces = list(demo.generate("대한민국의 국민은", s))
@@ -140,7 +140,7 @@ def _fake_gpu(monkeypatch, supports: bool, free: int = 20 * 2**30):
 def test_cpu_only_build_on_a_gpu_machine_says_how_to_get_cuda(model_path, monkeypatch):
     _fake_gpu(monkeypatch, supports=False)
     said: list[str] = []
-    with Engine(model_path, n_ctx=64, notify=said.append) as e:
+    with Engine(LoadOptions(model=model_path, ctx=64), notify=said.append) as e:
         assert e.n_gpu_layers == 0
     assert len(said) == 1 and 'CMAKE_ARGS="-DGGML_CUDA=on" pip install' in said[0] and "RTX 4090" in said[0]
 
@@ -160,7 +160,7 @@ def test_failed_gpu_load_retries_with_fewer_layers(model_path, monkeypatch):
 
     monkeypatch.setattr(llama.Model, "__init__", picky)
     said: list[str] = []
-    with Engine(model_path, n_ctx=64, notify=said.append) as e:
+    with Engine(LoadOptions(model=model_path, ctx=64), notify=said.append) as e:
         assert e.n_gpu_layers <= 1
         e.complete(PROMPT, Sampling(temperature=0, max_tokens=4))
     assert tried[0] == 3 and tried == sorted(tried, reverse=True)  # planned all 2 layers + output, then fewer

@@ -21,6 +21,8 @@ from app.errors import UserError
 from app.eval import compare, perplexity, upstream
 from app.runtime import windows
 from app.runtime.llama import Context, Model
+from app.runtime.settings import LoadOptions
+from app.runtime.windows import Layout
 from convert import pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +52,8 @@ def _independent(path_a: Path, path_b: Path, text: str, n_ctx: int) -> tuple[np.
     with Model(path_a) as a, Model(path_b) as b:
         tokens = a.tokenize(text, parse_special=False)
         windows = [tokens[i * n_ctx:(i + 1) * n_ctx] for i in range(len(tokens) // n_ctx)]
-        with Context(a, n_ctx=n_ctx, n_batch=n_ctx) as ca, Context(b, n_ctx=n_ctx, n_batch=n_ctx) as cb:
+        with Context(a, LoadOptions(ctx=n_ctx, batch=n_ctx)) as ca, Context(b, LoadOptions(ctx=n_ctx,
+                                                                                           batch=n_ctx)) as cb:
             la = np.concatenate([ca.logits(w)[n_ctx // 2:n_ctx - 1] for w in windows]).astype(np.float64)
             lb = np.concatenate([cb.logits(w)[n_ctx // 2:n_ctx - 1] for w in windows]).astype(np.float64)
     targets = np.concatenate([w[n_ctx // 2 + 1:] for w in windows])
@@ -67,7 +70,7 @@ def _independent(path_a: Path, path_b: Path, text: str, n_ctx: int) -> tuple[np.
 
 
 def test_a_file_against_itself_is_exactly_zero(text_file):
-    r = compare.run(GGUF, GGUF, text_file, n_ctx=128)
+    r = compare.run(GGUF, GGUF, text_file, Layout.of(128))
     assert r.kl_mean == 0.0 and r.kl_max == 0.0
     assert r.top1 == 1.0
     assert r.ppl_a == r.ppl_b and r.ppl_ratio == 1.0
@@ -75,14 +78,15 @@ def test_a_file_against_itself_is_exactly_zero(text_file):
 
 
 def test_quantization_loss_is_positive_and_ordered(text_file, quantized):
-    q8 = compare.run(GGUF, quantized["q8_0"], text_file, n_ctx=128)
-    q4 = compare.run(GGUF, quantized["q4_k_m"], text_file, n_ctx=128)
+    q8 = compare.run(GGUF, quantized["q8_0"], text_file, Layout.of(128))
+    q4 = compare.run(GGUF, quantized["q4_k_m"], text_file, Layout.of(128))
     assert 0 < q8.kl_mean < q4.kl_mean
     assert q8.kl_median <= q8.kl_p99 <= q8.kl_max
     assert 1.0 >= q8.top1 > q4.top1
     # A's perplexity is the one `eval ppl` reports for the same text and context
-    assert q8.ppl_a == pytest.approx(perplexity.run(GGUF, text_file, n_ctx=128).ppl, rel=1e-12)
-    assert q4.ppl_b == pytest.approx(perplexity.run(quantized["q4_k_m"], text_file, n_ctx=128).ppl, rel=1e-12)
+    assert q8.ppl_a == pytest.approx(perplexity.run(LoadOptions(model=GGUF), text_file, Layout.of(128)).ppl, rel=1e-12)
+    assert q4.ppl_b == pytest.approx(perplexity.run(LoadOptions(model=quantized["q4_k_m"]), text_file,
+                                                    Layout.of(128)).ppl, rel=1e-12)
 
 
 @pytest.mark.parametrize("n_batch", [512, 128])  # four windows per decode, one
@@ -90,7 +94,7 @@ def test_equals_an_independent_numpy_computation(text_file, quantized, n_batch):
     text = windows.read_text(text_file)
     kl, top1, ppl_a, ppl_b = _independent(GGUF, quantized["q4_k_m"], text, 128)
     with Model(GGUF) as a, Model(quantized["q4_k_m"]) as b:
-        r = compare.evaluate(a, b, text, n_ctx=128, n_batch=n_batch)
+        r = compare.evaluate(a, b, text, Layout.of(128, n_batch))
     assert r.tokens_scored == kl.size
     assert r.kl_mean == pytest.approx(float(kl.mean()), rel=1e-3)
     assert r.kl_max == pytest.approx(float(kl.max()), rel=1e-2)

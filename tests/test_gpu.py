@@ -9,7 +9,7 @@ import pytest
 from app.runtime import devices
 from app.runtime.engine import Engine
 from app.runtime.llama import Context, Model
-from app.runtime.settings import Sampling
+from app.runtime.settings import LoadOptions, Sampling
 from app.store import models
 from convert import pipeline
 
@@ -22,7 +22,7 @@ def model_path(k_quant_checkpoint, tmp_path_factory):
 
 
 def test_auto_offloads_every_layer(model_path):
-    with Engine(model_path, n_ctx=256) as e:
+    with Engine(LoadOptions(model=model_path, ctx=256)) as e:
         assert e.plan.full and e.n_gpu_layers == e.plan.n_layer + 1
         assert e.plan.devices and all(d.offloads for d in e.plan.devices) and e.plan.load_devices
         _, stats = e.complete("대한민국의 주권은", Sampling(temperature=0, max_tokens=32, ignore_eos=True))
@@ -32,9 +32,9 @@ def test_auto_offloads_every_layer(model_path):
 def test_gpu_logits_match_cpu(model_path):
     with Model(model_path) as m:
         tokens = m.tokenize("대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다.")
-        with Context(m, n_ctx=128) as ctx:
+        with Context(m, LoadOptions(ctx=128)) as ctx:
             cpu = ctx.logits(tokens)
-    with Model(model_path, n_gpu_layers=99) as m, Context(m, n_ctx=128) as ctx:
+    with Model(model_path, n_gpu_layers=99) as m, Context(m, LoadOptions(ctx=128)) as ctx:
         gpu = ctx.logits(tokens)
     scale = max(1.0, float(np.abs(cpu).max()))
     assert float(np.abs(cpu - gpu).max()) <= 2e-2 * scale
@@ -43,9 +43,9 @@ def test_gpu_logits_match_cpu(model_path):
 @pytest.mark.skipif(models.demo_model() is None, reason="the bundled demo model is not built")
 def test_demo_greedy_is_the_same_on_gpu_and_cpu():
     greedy = Sampling(temperature=0, max_tokens=40)
-    with Engine(models.demo_model(), gpu_layers=0) as cpu:
+    with Engine(LoadOptions(model=models.demo_model(), gpu_layers=0)) as cpu:
         cpu_text, _ = cpu.complete("대한민국의 주권은", greedy)
-    with Engine(models.demo_model()) as gpu:
+    with Engine(LoadOptions(model=models.demo_model())) as gpu:
         assert gpu.n_gpu_layers > 0
         gpu_text, _ = gpu.complete("대한민국의 주권은", greedy)
     assert gpu_text == cpu_text
@@ -61,9 +61,9 @@ def test_imatrix_on_the_gpu_matches_the_cpu():
         pytest.skip("the bundled demo model is not built")
     text = corpus.calibration_text()[1]
     with Model(demo) as m:
-        cpu, _, _ = importance.compute(m, text, n_ctx=128, chunks=16, threads=2)
+        cpu, _, _ = importance.compute(m, text, importance.chunk_layout(128), LoadOptions(threads=2), chunks=16)
     with Model(demo, n_gpu_layers=99) as m:
-        gpu, _, _ = importance.compute(m, text, n_ctx=128, chunks=16, threads=2)
+        gpu, _, _ = importance.compute(m, text, importance.chunk_layout(128), LoadOptions(threads=2), chunks=16)
     assert sorted(gpu.sums) == sorted(cpu.sums)
     for name, sums in cpu.sums.items():
         assert gpu.counts[name].tolist() == cpu.counts[name].tolist()
@@ -88,11 +88,11 @@ def test_ggml_reports_the_gpu_nvml_reports():
 def test_device_cpu_keeps_the_gpu_out():
     """--device cpu: no layer and no large batch on the GPU (an empty device list), the same greedy text."""
     greedy = Sampling(temperature=0, max_tokens=40)
-    with Engine(models.demo_model(), device="cpu") as cpu:
+    with Engine(LoadOptions(model=models.demo_model(), device="cpu")) as cpu:
         assert cpu.plan.load_devices == () and cpu.n_gpu_layers == 0 and cpu.plan.cpu_only
         cpu_text, _ = cpu.complete("대한민국의 주권은", greedy)
     name = next(d.name for d in devices.listed() if d.offloads)
-    with Engine(models.demo_model(), device=name) as gpu:
+    with Engine(LoadOptions(model=models.demo_model(), device=name)) as gpu:
         assert gpu.plan.full and [d.name for d in gpu.plan.devices] == [name]
         gpu_text, _ = gpu.complete("대한민국의 주권은", greedy)
     assert gpu_text == cpu_text

@@ -26,6 +26,7 @@ from app.errors import UserError
 from app.eval import compare, upstream
 from app.runtime import activations, quant
 from app.runtime.llama import Model
+from app.runtime.settings import LoadOptions
 from convert import corpus, importance, pipeline
 from convert import imatrix as imatrix_file
 from convert import types as out_types
@@ -51,8 +52,9 @@ def calibration_file(tmp_path_factory) -> Path:
 def demo_imatrix(calibration_file) -> imatrix_file.Imatrix:
     """The demo's importance matrix over 30 chunks of 128 tokens of the calibration text."""
     with Model(DEMO) as model:
-        im, ppl, _ = importance.compute(model, calibration_file.read_text(encoding="utf-8"), n_ctx=128, chunks=30,
-                                        threads=2, datasets=("calibration.txt",))
+        im, ppl, _ = importance.compute(model, calibration_file.read_text(encoding="utf-8"),
+                                        importance.chunk_layout(128), LoadOptions(threads=2), chunks=30,
+                                        datasets=("calibration.txt",))
     assert 1.0 < ppl < 50  # the demo read (and memorised) most of this text
     return im
 
@@ -71,8 +73,8 @@ def test_sums_cover_every_matrix_of_every_layer(demo_imatrix):
 def test_process_output_adds_the_output_head(calibration_file):
     """--process-output (llama-imatrix's flag of the same name): output.weight too, over every position."""
     with Model(DEMO) as model:
-        im, _, _ = importance.compute(model, calibration_file.read_text(encoding="utf-8"), n_ctx=64, chunks=3,
-                                      threads=2, output=True)
+        im, _, _ = importance.compute(model, calibration_file.read_text(encoding="utf-8"), importance.chunk_layout(64),
+                                      LoadOptions(threads=2), chunks=3, output=True)
     assert im.sums["output.weight"].shape == (1, 256)
     assert im.counts["output.weight"].tolist() == [3 * 64]
     assert len(im.sums) == 25
@@ -106,7 +108,8 @@ def test_equals_numpy_sums_of_transformers_activations(k_quant_checkpoint, tmp_p
     text = corpus.calibration_text()[1][:20000]
     n_ctx, n_chunks = 64, 6
     with Model(gguf_path) as model:
-        ours, _, _ = importance.compute(model, text, n_ctx=n_ctx, chunks=n_chunks, threads=2)
+        ours, _, _ = importance.compute(model, text, importance.chunk_layout(n_ctx), LoadOptions(threads=2),
+                                        chunks=n_chunks)
         tokens = model.tokenize(text, add_special=True, parse_special=False)
     hf = GPTNeoXForCausalLM.from_pretrained(k_quant_checkpoint, dtype=torch.float32).eval()
     expected: dict[str, np.ndarray] = {}
@@ -137,8 +140,10 @@ def test_copy_from_device_path_gives_the_same_sums(calibration_file):
     must be the very ones read in place."""
     text = calibration_file.read_text(encoding="utf-8")
     with Model(DEMO) as model:
-        direct, _, _ = importance.compute(model, text, n_ctx=64, chunks=4, threads=2, copy=False)
-        copied, _, _ = importance.compute(model, text, n_ctx=64, chunks=4, threads=2, copy=True)
+        direct, _, _ = importance.compute(model, text, importance.chunk_layout(64), LoadOptions(threads=2), chunks=4,
+                                          copy=False)
+        copied, _, _ = importance.compute(model, text, importance.chunk_layout(64), LoadOptions(threads=2), chunks=4,
+                                          copy=True)
     for name in direct.sums:
         assert np.array_equal(direct.sums[name], copied.sums[name]), name
 
@@ -150,12 +155,12 @@ def test_device_tensors_are_copied_not_read_in_place(monkeypatch, calibration_fi
 
     text = calibration_file.read_text(encoding="utf-8")
     with Model(DEMO) as model:
-        direct, _, _ = importance.compute(model, text, n_ctx=64, chunks=2, threads=2)
+        direct, _, _ = importance.compute(model, text, importance.chunk_layout(64), LoadOptions(threads=2), chunks=2)
         calls = []
         real_rows = ggml.f32_rows
         monkeypatch.setattr(ggml, "on_host", lambda t: False)
         monkeypatch.setattr(ggml, "f32_rows", lambda t, copy=None: calls.append(copy) or real_rows(t, copy))
-        copied, _, _ = importance.compute(model, text, n_ctx=64, chunks=2, threads=2)
+        copied, _, _ = importance.compute(model, text, importance.chunk_layout(64), LoadOptions(threads=2), chunks=2)
     assert calls and all(c is None for c in calls)  # the collector left it to f32_rows, which saw "not host"
     for name in direct.sums:
         assert np.array_equal(direct.sums[name], copied.sums[name]), name
@@ -346,7 +351,8 @@ def _losses(src: Path, tmp: Path) -> dict[tuple[str, str | None], float]:
             for imatrix in (None, "auto"):
                 path = pipeline.convert(src, type_name, tmp / f"{type_name}-{imatrix}.gguf", imatrix=imatrix).path
                 with Model(path) as model:
-                    out[type_name, imatrix] = compare.evaluate(reference, model, text, threads=2).kl_mean
+                    out[type_name, imatrix] = compare.evaluate(reference, model, text, None,
+                                                               LoadOptions(threads=2)).kl_mean
     return out
 
 

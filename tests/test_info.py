@@ -17,6 +17,7 @@ from app.errors import UserError
 from app.runtime import offload, templates
 from app.runtime.engine import Engine
 from app.runtime.gguf_info import read_info
+from app.runtime.settings import LoadOptions
 from app.store.info import describe
 from convert import pipeline
 
@@ -39,7 +40,7 @@ def field(reader: gguf.GGUFReader, key: str):
 
 
 def check_against_reader(path: Path) -> None:
-    mi = describe(path, gpu_layers="0")
+    mi = describe(path, LoadOptions(gpu_layers="0"))
     ref = gguf.GGUFReader(path)
     assert mi.parameters == sum(int(t.n_elements) for t in ref.tensors)
     counts, nbytes = Counter(), Counter()
@@ -102,15 +103,15 @@ def test_memory_is_the_planners_arithmetic(q4):
     total = sum(t.nbytes for t in info.tensors)
     kv_layer = 2 * n_ctx * n_embd * 2  # K and V in f16, no grouped-query heads in GPT-NeoX
 
-    cpu = describe(q4, gpu_layers="0").memory
+    cpu = describe(q4, LoadOptions(gpu_layers="0")).memory
     assert (cpu.n_ctx, cpu.gpu_layers, cpu.weights_gpu, cpu.vram) == (n_ctx, 0, 0, 0)
     assert cpu.weights_cpu == total and cpu.kv_cpu == kv_layer * n_layer
     assert cpu.ram == total + kv_layer * n_layer + offload.model_sizes(info, n_ctx, min(512, n_ctx)).compute_bytes
 
     # llama.cpp offloads the output layer first, then the last repeating layers (i_gpu_start in llama-model.cpp)
-    one = describe(q4, gpu_layers="1", n_ctx=64).memory
+    one = describe(q4, LoadOptions(gpu_layers="1", ctx=64)).memory
     assert one.weights_gpu == output and one.weights_cpu == total - output and one.kv_gpu == 0
-    two = describe(q4, gpu_layers="2", n_ctx=64).memory
+    two = describe(q4, LoadOptions(gpu_layers="2", ctx=64)).memory
     assert two.weights_gpu == output + layer[-1] and two.weights_cpu == total - output - layer[-1]
     assert two.kv_gpu == 2 * 64 * n_embd * 2 and two.kv_cpu == two.kv_gpu * (n_layer - 1)
 
@@ -132,7 +133,7 @@ def test_partial_offload_split(q4):
     overhead = offload.DEVICE_CONTEXT_BYTES + sizes.compute_bytes
     output_and_one = sizes.output_bytes + sizes.layer_bytes[-1] + sizes.kv_bytes_per_layer
     free = int((overhead + output_and_one + 1) / (1 - offload.SAFETY_FRACTION)) + 1
-    mem = describe(q4, n_ctx=256, vram_gib=free / GiB).memory
+    mem = describe(q4, LoadOptions(ctx=256), vram_gib=free / GiB).memory
     assert mem.gpu_layers == 2 == offload.plan(sizes, free).n_gpu_layers  # the output layer and the last layer
     assert mem.weights_gpu == sizes.output_bytes + sizes.layer_bytes[-1] and mem.kv_gpu == sizes.kv_bytes_per_layer
     assert mem.vram == offload.plan(sizes, free).gpu_bytes
@@ -140,10 +141,10 @@ def test_partial_offload_split(q4):
 
 def test_auto_plan_and_context_are_the_engines():
     mi = describe(DEMO)
-    with Engine(DEMO) as engine:
+    with Engine(LoadOptions(model=DEMO)) as engine:
         assert (mi.memory.n_ctx, mi.memory.n_batch, mi.memory.gpu_layers) == (engine.n_ctx, engine.n_batch,
                                                                               engine.n_gpu_layers)
-    assert describe(DEMO, n_ctx=300).memory.n_ctx == 300
+    assert describe(DEMO, LoadOptions(ctx=300)).memory.n_ctx == 300
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -158,7 +159,7 @@ def test_cli_prints_the_facts_and_json():
     assert "GPU context" in out
     data = json.loads(run_cli("info", str(DEMO), "--json", "--ctx", "512").stdout)
     assert data["parameters"] == 8_605_696 and data["memory"]["n_ctx"] == 512
-    assert data["memory"]["ram"] == describe(DEMO, n_ctx=512).memory.ram
+    assert data["memory"]["ram"] == describe(DEMO, LoadOptions(ctx=512)).memory.ram
 
 
 def test_errors_are_one_line(tmp_path):
@@ -171,9 +172,9 @@ def test_errors_are_one_line(tmp_path):
     assert "truncated" in one_error_line(run_cli("info", str(tmp_path / "cut.gguf")))
     assert "--gpu-layers" in one_error_line(run_cli("info", str(DEMO), "--gpu-layers", "many"))
     with pytest.raises(UserError, match="16 or more"):
-        describe(DEMO, n_ctx=8)
+        describe(DEMO, LoadOptions(ctx=8))
     with pytest.raises(UserError, match="either --vram or --gpu-layers"):
-        describe(DEMO, gpu_layers="2", vram_gib=8)
+        describe(DEMO, LoadOptions(gpu_layers="2"), vram_gib=8)
 
 
 def test_a_gguf_without_a_chat_template(checkpoints, tmp_path):

@@ -7,7 +7,10 @@
   modules, never on the CLI or a view;
 - no two app or convert modules import each other, however indirectly (function-level imports count: a cycle hidden
   inside a function is still a cycle, and it once hid behind a swallowed ImportError);
-- no module reaches into another's private names (`from m import _x`, `m._x`).
+- no module reaches into another's private names (`from m import _x`, `m._x`);
+- how a model is loaded travels as one value (app.runtime.settings.LoadOptions): no function outside the CLI's
+  option declarations takes two or more load settings as separate parameters;
+- no module is longer than MAX_LINES (one idea per readable file).
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = {"app", "app.children", "app.errors", "app.flags", "app.files", "app.units", "app.ui"}
 MIDDLE = ("app.chat", "app.store", "app.eval", "app.serve")
+# load settings, by every name they had on their way from a flag to llama.cpp
+LOAD_SETTINGS = {"threads", "gpu_layers", "device", "n_ctx", "ctx", "parallel", "n_seq", "draft", "draft_max"}
+MAX_LINES = 450
 
 
 def modules() -> dict[str, Path]:
@@ -136,6 +142,32 @@ def test_no_private_names_across_modules():
     assert not wrong, wrong
 
 
+def loose_load_settings(name: str) -> list[str]:
+    """Functions of module `name` taking two or more load settings as separate parameters ("module:line f(a, b)").
+    CLI commands too: they take the load flags through app.cli.options.load_flags, as one dict."""
+    out = []
+    for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        a = node.args
+        loose = [p for p in (*a.posonlyargs, *a.args, *a.kwonlyargs) if p.arg in LOAD_SETTINGS]
+        if len(loose) >= 2:
+            out.append(f"{name}:{node.lineno} {node.name}({', '.join(p.arg for p in loose)})")
+    return out
+
+
+def test_load_settings_travel_as_one_value():
+    """A new load setting must not have to be spelled out in a dozen signatures: give a LoadOptions instead."""
+    wrong = [found for name in MODULES for found in loose_load_settings(name)]
+    assert not wrong, wrong
+
+
+def test_no_module_over_the_line_limit():
+    long = {name: n for name, path in MODULES.items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, long
+
+
 def test_the_walk_sees_what_it_checks():
     """The rules above would pass vacuously on an empty or misread tree."""
     assert {"app.runtime.llama", "app.runtime.engine", "app.chat.repl", "app.store.local", "app.eval.perplexity",
@@ -154,11 +186,14 @@ def test_the_rules_catch_planted_violations(tmp_path, monkeypatch):
     runtime = tmp_path / "fake_runtime.py"
     runtime.write_text("def f():\n    from app.chat import fake_chat\n", encoding="utf-8")
     convert = tmp_path / "fake_convert.py"
-    convert.write_text("from app.store import models_view\n", encoding="utf-8")
+    convert.write_text("from app.store import models_view\n\n\ndef load(path, *, threads=None, n_ctx=512):\n"
+                       "    pass\n" + "#\n" * MAX_LINES, encoding="utf-8")
     monkeypatch.setitem(MODULES, "app.chat.fake_chat", chat)
     monkeypatch.setitem(MODULES, "app.runtime.fake_runtime", runtime)
     monkeypatch.setitem(MODULES, "convert.fake_convert", convert)
     for rule in (test_only_the_runtime_imports_llama_cpp, test_layers_depend_one_way, test_no_import_cycles,
-                 test_no_private_names_across_modules, test_convert_never_imports_a_view_or_the_cli):
+                 test_no_private_names_across_modules, test_convert_never_imports_a_view_or_the_cli,
+                 test_load_settings_travel_as_one_value, test_no_module_over_the_line_limit):
         with pytest.raises(AssertionError):
             rule()
+    assert loose_load_settings("convert.fake_convert") == ["convert.fake_convert:4 load(threads, n_ctx)"]

@@ -18,6 +18,7 @@ from app.errors import UserError
 from app.eval.loglik import Scorer
 from app.eval.scoring import log_prob
 from app.runtime.llama import Context, Model
+from app.runtime.settings import LoadOptions
 
 GGUF = Path(__file__).resolve().parent.parent / "models" / "malhae-demo-ko-f16.gguf"
 PROMPT = "대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. 질문: 주권은 누구에게 있나? 답변: "
@@ -33,7 +34,7 @@ def model():
 def _reference(model: Model, context: list[int], cont: list[int], max_length: int) -> float:
     """The harness's _loglikelihood_tokens for one request, on one plain sequence."""
     inp = (context + cont)[-(max_length + 1):][:-1]
-    with Context(model, n_ctx=max_length, n_batch=max_length, threads=1) as ctx:
+    with Context(model, LoadOptions(ctx=max_length, batch=max_length, threads=1)) as ctx:
         logits = ctx.logits(inp).astype(np.float64)
     rows = logits[len(inp) - len(cont):]
     peak = rows.max(-1, keepdims=True)
@@ -107,7 +108,7 @@ def test_left_truncation_as_the_harness_does_it(model):
 
 def test_greedy_flag(model):
     context = model.tokenize(PROMPT)
-    with Context(model, n_ctx=256, threads=1) as ctx:
+    with Context(model, LoadOptions(ctx=256, threads=1)) as ctx:
         last = ctx.logits(context)[-1]
     best, worst = int(last.argmax()), int(last.argmin())
     with Scorer(model, threads=1) as scorer:

@@ -7,6 +7,8 @@ import pytest
 from app.errors import UserError
 from app.runtime import offload
 from app.runtime.gguf_info import read_info
+from app.runtime.settings import LoadOptions
+from app.runtime.windows import Layout
 from app.store import models
 from convert import pipeline
 
@@ -100,20 +102,21 @@ def test_every_command_offloads_by_the_same_rule(fake_gpu, tmp_path):
     from app.store.info import describe
 
     everything = read_info(DEMO).arch_int("block_count") + 1
-    with Engine(DEMO, n_ctx=64) as engine:
+    with Engine(LoadOptions(model=DEMO, ctx=64)) as engine:
         assert engine.n_gpu_layers == everything and engine.plan.mode == "auto"
     assert describe(DEMO).memory.gpu_layers == everything
     text = tmp_path / "t.txt"
     text.write_text("대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 "
                     "나온다. " * 20, encoding="utf-8")
-    perplexity.run(DEMO, text, n_ctx=64, gpu_layers="auto")
-    compare.run(DEMO, DEMO, text, n_ctx=64, gpu_layers="auto")
-    report = evaluate.evaluate(DEMO, data.source(None, False), select("copa"), [0], limit=2, gpu_layers="auto")
+    perplexity.run(LoadOptions(model=DEMO, gpu_layers="auto"), text, Layout.of(64))
+    compare.run(DEMO, DEMO, text, Layout.of(64), LoadOptions(gpu_layers="auto"))
+    report = evaluate.evaluate(LoadOptions(model=DEMO, gpu_layers="auto"), data.source(None, False), select("copa"),
+                               [0], limit=2)
     assert report.cells[0].n == 2
     assert fake_gpu == [everything] * 5  # engine, ppl, compare A and B, kobest
     fake_gpu.clear()
-    perplexity.run(DEMO, text, n_ctx=64, gpu_layers="1")
-    perplexity.run(DEMO, text, n_ctx=64, gpu_layers=0)
+    perplexity.run(LoadOptions(model=DEMO, gpu_layers="1"), text, Layout.of(64))
+    perplexity.run(LoadOptions(model=DEMO, gpu_layers=0), text, Layout.of(64))
     assert fake_gpu == [1, 0]
 
 
@@ -138,9 +141,9 @@ def test_cpu_only_build_says_how_to_get_cuda_once(monkeypatch):
     if info is None:
         pytest.skip("the bundled demo model is not built")
     said: list[str] = []
-    assert offload.choose(info, 0, n_ctx=256, notify=said.append).n_gpu_layers == 0 and not said
+    assert offload.choose(info, LoadOptions(gpu_layers=0, ctx=256), notify=said.append).n_gpu_layers == 0 and not said
     for asked in ("auto", 12, "auto"):
-        plan = offload.choose(info, asked, n_ctx=256, notify=said.append)
+        plan = offload.choose(info, LoadOptions(gpu_layers=asked, ctx=256), notify=said.append)
         assert plan.n_gpu_layers == 0
     assert len(said) == 1 and hardware.CUDA_INSTALL_HINT in said[0] and "RTX 3060" in said[0]
 
@@ -149,8 +152,8 @@ def test_what_if_plans_only_the_automatic_offload():
     info = read_info(DEMO) if DEMO else None
     if info is None:
         pytest.skip("the bundled demo model is not built")
-    plan = offload.choose(info, "auto", n_ctx=256, vram=8 * GiB)
+    plan = offload.choose(info, LoadOptions(gpu_layers="auto", ctx=256), vram=8 * GiB)
     assert plan.mode == "what-if" and plan.full and plan.free_bytes == 8 * GiB
-    assert offload.choose(info, "auto", n_ctx=256, vram=0).n_gpu_layers == 0
+    assert offload.choose(info, LoadOptions(gpu_layers="auto", ctx=256), vram=0).n_gpu_layers == 0
     with pytest.raises(UserError, match="either --vram or --gpu-layers"):
-        offload.choose(info, 3, n_ctx=256, vram=8 * GiB)
+        offload.choose(info, LoadOptions(gpu_layers=3, ctx=256), vram=8 * GiB)

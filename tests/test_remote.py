@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from app.runtime.settings import LoadOptions
+
 pytest.importorskip("uvicorn")
 
 from helpers import one_error_line, serving  # noqa: E402
@@ -211,11 +213,11 @@ def test_every_sampling_setting_reaches_the_server(endless, endless_path, demo, 
     from app.runtime.engine import Engine
 
     sampled = Sampling(temperature=1.2, top_k=50, top_p=0.95, min_p=0.02, seed=11, max_tokens=40)
-    with Engine(endless_path, n_ctx=512, threads=2) as engine:
+    with Engine(LoadOptions(model=endless_path, ctx=512, threads=2)) as engine:
         _same_draws(engine, remote.RemoteBackend(Endpoint.parse(url(endless))), "대한민국 헌법", sampled,
                     {"temperature": 0.6, "top_k": 5, "top_p": 0.5, "min_p": 0.9, "seed": 12})
     penalised = Sampling(temperature=0, repeat_penalty=1.5, repeat_last_n=64, max_tokens=80)
-    with Engine(demo_path, n_ctx=512, threads=2) as engine:
+    with Engine(LoadOptions(model=demo_path, ctx=512, threads=2)) as engine:
         _same_draws(engine, remote.RemoteBackend(Endpoint.parse(url(demo))),
                     "대한민국 헌법 제1조 대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고,", penalised,
                     {"repeat_penalty": 1.0, "repeat_last_n": 4, "frequency_penalty": 1.0, "presence_penalty": 1.0})

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from app.runtime.settings import LoadOptions
+
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
@@ -665,7 +667,7 @@ def test_requests_arriving_together_start_in_one_step(demo_path):
     from app.runtime.settings import Sampling
 
     for gather, most in ((0.3, 1), (0.0, 4)):
-        with Engine(demo_path, n_ctx=128, n_seq=4, threads=1) as engine:
+        with Engine(LoadOptions(model=demo_path, ctx=128, parallel=4, threads=1)) as engine:
             scheduler = Scheduler(engine, gather=gather)
             done = threading.Semaphore(0)
             try:
@@ -812,7 +814,8 @@ def test_random_requests_never_get_a_500(demo):
 def test_stopping_ends_answers_in_progress_cleanly(endless_path, capfd):
     """Ctrl-C with answers streaming: each gets a 'shutting down' error and [DONE] (a whole answer a 503) at once,
     instead of uvicorn cutting them off after its graceful timeout and logging a traceback for each."""
-    server = Server(Options(path=endless_path, model_id="m", port=0, threads=2, parallel=2, n_ctx=4096)).start()
+    server = Server(Options(load=LoadOptions(model=endless_path, threads=2, parallel=2, ctx=4096), model_id="m",
+                            port=0)).start()
     stream = _open_stream(server, {"prompt": "대한민국", "max_tokens": 4000, "stream": True})
     whole: dict[str, object] = {}
     waiter = threading.Thread(target=lambda: whole.update(out=request(server, "POST", "/v1/completions",

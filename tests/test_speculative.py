@@ -16,7 +16,7 @@ import pytest
 from app.errors import UserError
 from app.runtime.draft import Lookup
 from app.runtime.engine import Engine, common_prefix
-from app.runtime.settings import Sampling
+from app.runtime.settings import LoadOptions, Sampling
 from app.runtime.speculate import EXPLORE_AFTER, PRIOR_ACCEPT, DraftLength
 from convert.rewrite import copy_gguf, first_layers
 
@@ -39,7 +39,8 @@ def speculating(draft, **options) -> Engine:
     """The demo with `draft`, deciding draft lengths as on a GPU (verifying is nearly free, so it drafts whenever it
     can): the same choices whatever else this machine is doing, and the verification path runs as often as possible.
     DraftLength's own choices are tested on their own (test_draft_length_follows_costs_and_acceptance)."""
-    engine = Engine(DEMO, n_ctx=options.pop("n_ctx", 1024), threads=2, gpu_layers=0, draft=draft, **options)
+    engine = Engine(LoadOptions(model=DEMO, ctx=options.pop("n_ctx", 1024), threads=2, gpu_layers=0, draft=draft,
+                                **options))
     engine.speculator.length = DraftLength(engine.speculator.draft_max, costs=GPU_LIKE, draft_cost=0.0)
     return engine
 
@@ -49,7 +50,7 @@ GPU_LIKE = {rows: 1.0 + 0.02 * (rows - 1) for rows in (1, 64)}
 
 @pytest.fixture(scope="module")
 def plain():
-    with Engine(DEMO, n_ctx=1024, threads=2, gpu_layers=0) as e:
+    with Engine(LoadOptions(model=DEMO, ctx=1024, threads=2, gpu_layers=0)) as e:
         yield e
 
 
@@ -167,12 +168,12 @@ def test_draft_models_of_another_vocabulary_are_refused(tmp_path, checkpoints):
     small = pipeline.convert(checkpoints("tf4-st-f16"), "f16", tmp_path / "other.gguf").path
     with pytest.raises(UserError, match=r"other.gguf cannot draft for this model: its vocabulary has 1,0\d\d "
                                         r"tokens and the model's 7,552"):
-        Engine(DEMO, n_ctx=256, threads=2, gpu_layers=0, draft=small)
+        Engine(LoadOptions(model=DEMO, ctx=256, threads=2, gpu_layers=0, draft=small))
     tokens = gguf.GGUFReader(DEMO).fields[gguf.Keys.Tokenizer.LIST].contents()
     tokens[1000] = "다른토큰"
     renamed = copy_gguf(DEMO, tmp_path / "renamed.gguf", fields={gguf.Keys.Tokenizer.LIST: tokens})
     with pytest.raises(UserError, match="renamed.gguf cannot draft for this model: token 1000 is"):
-        Engine(DEMO, n_ctx=256, threads=2, gpu_layers=0, draft=renamed)
+        Engine(LoadOptions(model=DEMO, ctx=256, threads=2, gpu_layers=0, draft=renamed))
 
 
 def test_a_draft_models_cost_per_token_leaves_out_reading_a_new_prompt(plain, monkeypatch):
@@ -187,7 +188,7 @@ def test_a_draft_models_cost_per_token_leaves_out_reading_a_new_prompt(plain, mo
 
     clock = [0.0]
     monkeypatch.setattr(draft_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-    drafter = DraftModel(Engine(DEMO, n_ctx=1024, threads=2, gpu_layers=0), plain.model)
+    drafter = DraftModel(Engine(LoadOptions(model=DEMO, ctx=1024, threads=2, gpu_layers=0)), plain.model)
     evaluate = drafter.engine.evaluate
 
     def timed(tokens: list[int]) -> None:
@@ -331,7 +332,7 @@ def test_set_draft_in_chat(tmp_path):
     from test_chat import talk
 
     def frozen(chat) -> None:
-        chat.engine.speculator.length = DraftLength(chat.draft_max, costs=GPU_LIKE, draft_cost=0.0)
+        chat.engine.speculator.length = DraftLength(chat.load.draft_max, costs=GPU_LIKE, draft_cost=0.0)
 
     keys = (CONSTITUTION[:400].replace("\n", " ") + "\r/stats\r/set draft_max 4\r/show\r/set draft off\r"
             f"/set draft nosuch\r/set draft\r/set draft_max 0\r/set draft {tmp_path}\r안녕\r/stats\r")

@@ -13,7 +13,7 @@ from app.runtime import templates
 from app.runtime.backend import Backend, open_backend
 from app.runtime.endpoint import Endpoint
 from app.runtime.engine import Stats
-from app.runtime.settings import Sampling
+from app.runtime.settings import LoadOptions, Sampling
 
 
 @dataclass(frozen=True)
@@ -90,16 +90,13 @@ class OneShot:
         return out
 
 
-def run(kind: str, text: str, target: Path | Endpoint, sampling: Sampling, *, n_ctx: int | None,
-        threads: int | None, gpu_layers: str | int, template: str | None, verbose: bool, notify,
-        model: str | None = None, remote_chat: bool = False, documents: Sequence[Document] = (),
-        draft: str | Path | None = None, draft_max: int | None = None, device: str | None = None) -> OneShot:
-    """Open the model (a GGUF here, or `model` on an endpoint) and frame the prompt; the caller streams `pieces()`
-    or `collect()`s them. `documents` are those `text` holds (read_prompt's): a prompt too long for the context
-    says what each of them takes, since they, not the question, are what usually makes it long."""
-    engine = open_backend(target, model=model, remote_chat=remote_chat, n_ctx=n_ctx, threads=threads,
-                          gpu_layers=gpu_layers, verbose=verbose, notify=notify, draft=draft, draft_max=draft_max,
-                          device=device)
+def run(kind: str, text: str, load: LoadOptions, sampling: Sampling, *, template: str | None, notify,
+        endpoint: Endpoint | None = None, model: str | None = None, remote_chat: bool = False,
+        documents: Sequence[Document] = ()) -> OneShot:
+    """Open the model (load.model here, or `model` on an `endpoint`) and frame the prompt; the caller streams
+    `pieces()` or `collect()`s them. `documents` are those `text` holds (read_prompt's): a prompt too long for the
+    context says what each of them takes, since they, not the question, are what usually makes it long."""
+    engine = open_backend(load, endpoint=endpoint, model=model, remote_chat=remote_chat, notify=notify)
     messages = None
     try:
         if kind == "ask":

@@ -6,12 +6,11 @@ conversation keeps and what fits in the context is app.chat.conversation's busin
 
 from __future__ import annotations
 
-import os
 import signal
-import sys
 import threading
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -29,20 +28,16 @@ from app.chat.reader import (
     KEYS,
     QUIT_HINT,
     InputCancelled,
-    LineReader,
-    PromptReader,
     Reader,
     classify,
-    open_history,
     resolve_command,
 )
 from app.chat.writer import AnswerBroken, write_answer
 from app.errors import UserError
 from app.runtime import templates
-from app.runtime.backend import Backend, open_backend
-from app.runtime.endpoint import Endpoint
+from app.runtime.backend import Backend
 from app.runtime.engine import Stats, check_model_file
-from app.runtime.settings import DEFAULT_DRAFT_MAX, SETTABLE, SETTINGS, Sampling, check, parse
+from app.runtime.settings import SETTABLE, SETTINGS, LoadOptions, parse
 from app.runtime.settings import draft as draft_setting
 from app.runtime.step import StopReason
 
@@ -55,16 +50,18 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
-OpenEngine = Callable[[Path, int | None], Backend]
+OpenEngine = Callable[[LoadOptions], Backend]  # a model as these options say (on the chat's endpoint, if any)
 Resolve = Callable[[str | None, Callable[[str], None] | None], Path]  # --model / /model value → file (the store's)
 
 
 class Chat:
     """One chat session: reads, runs commands, streams answers; the conversation and the engine outlive mistakes."""
 
-    def __init__(self, conversation: Conversation, engine: Backend, *, open_engine: OpenEngine, resolve: Resolve,
-                 reader: Reader, out: TextIO, console: Console, terminal: bool, template_fixed: bool = False,
-                 draft: str | Path | None = None, draft_max: int = DEFAULT_DRAFT_MAX) -> None:
+    def __init__(self, conversation: Conversation, engine: Backend, load: LoadOptions, *, open_engine: OpenEngine,
+                 resolve: Resolve, reader: Reader, out: TextIO, console: Console, terminal: bool,
+                 template_fixed: bool = False) -> None:
+        """`load`: how the running model was loaded, as asked (a ctx of None stays the model's own after /model);
+        /model, /set ctx and /set draft change it, and every model the session opens is loaded as it says."""
         self.conv = conversation
         self.engine = engine
         self.open_engine = open_engine
@@ -78,8 +75,7 @@ class Chat:
         self.last_stats: Stats | None = None
         self.running = True
         self.pending: list[Document] = []  # read with /read, put before the next message
-        self.draft = draft  # speculative decoding for local models: None/"off", "lookup" or a draft model's file
-        self.draft_max = draft_max
+        self.load = load
 
     # --- loop ---
 
@@ -268,7 +264,7 @@ class Chat:
             raise UserError(f"the context is the server's ({self.engine.n_ctx} tokens); it cannot be changed from "
                             "here")
         if key == "ctx":
-            self._reopen(self.engine.path, value)
+            self._reopen(replace(self.load, ctx=value))
             self.conv.ctx = value
             self.info(f"context is now {self.engine.n_ctx} tokens (the model was loaded again)")
             return
@@ -283,14 +279,16 @@ class Chat:
         if key == "draft_max":
             if not raw.strip():
                 raise UserError(f"give a value: /set draft_max {SETTINGS['draft_max'].example}")
-            self.draft_max = parse("draft_max", raw, "/set draft_max")
-            self.engine.set_draft(self.draft, self.draft_max)
-            self.info(f"draft_max = {self.draft_max}")
+            load = replace(self.load, draft_max=parse("draft_max", raw, "/set draft_max"))
+            self.engine.set_draft(load)
+            self.load = load
+            self.info(f"draft_max = {load.draft_max}")
             return
         value = draft_setting(raw, lambda word: self.resolve(word, None), "/set draft")
+        load = replace(self.load, draft=value)
         with self.console.status("loading the draft model…" if isinstance(value, Path) else "…"):
-            self.engine.set_draft(value, self.draft_max)
-        self.draft = value
+            self.engine.set_draft(load)
+        self.load = load
         self.info(f"draft = {self.engine.draft}" + (" (speculative decoding off)" if value == "off" else ""))
 
     def cmd_show(self, arg: str) -> None:
@@ -314,7 +312,8 @@ class Chat:
         values["seed"] = "random" if s.seed is None else s.seed
         values["ctx"] = self.engine.n_ctx
         if not self.engine.remote:
-            values["draft"] = f"{self.engine.draft} (max {self.draft_max})" if self.engine.draft != "off" else "off"
+            values["draft"] = f"{self.engine.draft} (max {self.load.draft_max})" if self.engine.draft != "off" \
+                else "off"
         return " · ".join(f"{k} {_number(v)}" for k, v in values.items())
 
     def cmd_retry(self, arg: str) -> None:
@@ -378,7 +377,7 @@ class Chat:
             return
         if not arg:
             raise UserError("give a model file or a name from `malhae models`: /model path/to/model.gguf")
-        self._reopen(self.resolve(arg, None), self.conv.ctx)
+        self._reopen(replace(self.load, model=self.resolve(arg, None)))
         if not self.template_fixed:
             self.conv.template = templates.for_engine(self.engine)
         self.info(f"model {self.engine.name} ({self.engine.path.name}) · template {self.conv.template.name} · "
@@ -416,78 +415,18 @@ class Chat:
         if self.engine.remote:
             self.dim(f"measured here, over the network; the token counts are the server's ({self.engine.where})")
 
-    def _reopen(self, path: Path, n_ctx: int | None) -> None:
+    def _reopen(self, load: LoadOptions) -> None:
         """Load a model (or the same one with another context); if that fails, the one that worked comes back."""
-        check_model_file(path)  # the common mistakes, before the running engine is given up
-        old_path, old_ctx = self.engine.path, self.conv.ctx
+        check_model_file(load.model)  # the common mistakes, before the running engine is given up
         self.engine.close()
         try:
-            with self.console.status(f"loading {path.name}…"):
-                self.engine = self.open_engine(path, n_ctx)
+            with self.console.status(f"loading {load.model.name}…"):
+                self.engine = self.open_engine(load)
         except BaseException:
-            self.engine = self.open_engine(old_path, old_ctx)
+            self.engine = self.open_engine(self.load)
             raise
+        self.load = load
 
 
 def _number(value: object) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
-
-
-def open_chat(*, model: str | None, resolve: Resolve, template: str | None = None, system: str | None = None,
-              sampling: Sampling | None = None, ctx: int | None = None, threads: int | None = None,
-              gpu_layers: str | int = "auto", no_color: bool = False, verbose: bool = False,
-              reader: Reader | None = None, out: TextIO | None = None, console: Console | None = None,
-              endpoint: Endpoint | None = None, remote_chat: bool = False, draft: str | Path | None = None,
-              draft_max: int | None = None, device: str | None = None) -> Chat:
-    """Check the options, open the model, pick the template; the reader, output and console default to the
-    process's own (a prompt on a terminal, plain lines from a pipe). `resolve` turns --model and /model values into
-    files (the CLI passes the store's rule, so that this package does not depend on the store). With an `endpoint`,
-    --model names the server's model and nothing is loaded here."""
-    sampling = sampling or Sampling()
-    no_color = no_color or bool(os.environ.get("NO_COLOR"))
-    if console is None:
-        console = Console(file=sys.stderr, highlight=False, color_system=None if no_color else "auto")
-
-    def note(message: str) -> None:
-        console.print(f"malhae: {message}", style="dim", markup=False, highlight=False,
-                      soft_wrap=ui.soft_wrap(console))
-
-    sampling.checked()
-    check("ctx", ctx)
-    chosen = templates.get(template) if template else None
-
-    def open_engine(p: Path | Endpoint, n_ctx: int | None, name: str | None = None) -> Backend:
-        # the draft goes with the session: a model opened by /model or /set ctx keeps it, /set draft changes it
-        d, n = (chat.draft, chat.draft_max) if chat is not None else (draft, draft_max)
-        return open_backend(p, model=name, remote_chat=remote_chat, n_ctx=n_ctx, threads=threads,
-                            gpu_layers=gpu_layers, verbose=verbose, notify=note, draft=d, draft_max=n, device=device)
-
-    chat: Chat | None = None
-
-    if endpoint is not None:
-        with console.status(f"connecting to {endpoint.url}…"):
-            engine = open_engine(endpoint, ctx, model)
-    else:
-        path = resolve(model, note)
-        with console.status(f"loading {path.name}…"):
-            engine = open_engine(path, ctx)
-    try:
-        conversation = Conversation(chosen or templates.for_engine(engine), sampling, ctx, system)
-        if out is None:
-            out = sys.stdout
-        if reader is None and sys.stdin.isatty():
-            output = None
-            if not sys.stdout.isatty():  # answers go to a file or pipe: the prompt goes to the terminal
-                from prompt_toolkit.output import create_output
-
-                output = create_output(stdout=sys.stderr)
-            reader = PromptReader(open_history(note), color=not no_color, output=output)
-        elif reader is None:
-            reader = LineReader(sys.stdin.buffer)
-        chat = Chat(conversation, engine, open_engine=open_engine, resolve=resolve, reader=reader, out=out,
-                    console=console, terminal=out.isatty(), template_fixed=chosen is not None, draft=draft,
-                    draft_max=draft_max or DEFAULT_DRAFT_MAX)
-        return chat
-    except BaseException:
-        engine.close()
-        raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -47,7 +48,7 @@ def convert(
         raise UserError("give the model directory: malhae convert ./polyglot-ko-1.3b --type q4_k_m")
     # an unknown --type, or one that needs an imatrix and has none, are the cheapest mistakes to report
     imatrix = pipeline.check_imatrix_option(out_types.get(type_name), imatrix)
-    threads = o.settings_for("convert", threads=threads)[0]["threads"]
+    threads = o.settings_for("convert", threads=threads)[0].threads
     target = None
     if add:  # a taken store name is refused now, not after minutes of converting
         from app.store.local import open_store
@@ -92,7 +93,7 @@ def pull(
     from app.store import catalog_view, convert_view
     from app.store import pull as pull_mod
 
-    threads = o.settings_for("pull", threads=threads)[0]["threads"]
+    threads = o.settings_for("pull", threads=threads)[0].threads
     init(o.verbose())
     with convert_view.ConvertProgress() as progress:
         pulled = pull_mod.pull(model, type_name, name=name, force=force, revision=revision, threads=threads,
@@ -102,7 +103,9 @@ def pull(
     catalog_view.pulled(pulled)
 
 
+@o.load_flags(leave_out=("ctx", "draft", "draft_max"))
 def imatrix(
+    load: dict[str, object],
     model: str | None = typer.Argument(None, help="GGUF file (F16, BF16 or F32 is best) or store name."),
     text: Path | None = typer.Option(None, "--text", help="UTF-8 calibration text (default: malhae's Korean "
                                      "corpus: the constitution, bills and dialogues; never the held-out bills)."),
@@ -112,7 +115,7 @@ def imatrix(
     ctx: int = typer.Option(512, "--ctx", help="Tokens per chunk (llama-imatrix's --ctx-size)."),
     chunks: int | None = typer.Option(None, "--chunks", help="Use at most this many chunks (default: all the "
                                       "text)."),
-    batch: o.Batch = 2048, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
+    batch: o.Batch = 2048,
     process_output: bool = typer.Option(False, "--process-output", help="Also collect for output.weight (as "
                                         "llama-imatrix --process-output)."),
 ) -> None:
@@ -128,13 +131,12 @@ def imatrix(
         raise UserError("give the model: malhae imatrix polyglot-ko-5.8b-f16.gguf (the F16 you will quantize)")
     if text is not None:
         read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
-    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers, device=device)[0]
+    options, _ = o.settings_for("eval", **load)
     init(o.verbose())
     path = models.resolve(model, ui.note)
     out = (output or Path.cwd() / f"{path.name.removesuffix('.gguf')}.imatrix.gguf").absolute()
     with views.WindowProgress("importance matrix", "ppl {:.3f}") as progress:
-        result = importance.run(path, out, text_path=text, force=force, n_ctx=ctx, n_batch=batch, chunks=chunks,
-                                threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
-                                device=run_opts["device"], output=process_output, progress=progress.update,
-                                notify=ui.note)
+        result = importance.run(replace(options, model=path), out, text_path=text, force=force,
+                                layout=importance.chunk_layout(ctx, batch), chunks=chunks, output=process_output,
+                                progress=progress.update, notify=ui.note)
     convert_view.imatrix_summary(result)

@@ -7,6 +7,7 @@ the model's trained window as the harness does, and bench sizes its own context.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -24,10 +25,11 @@ EVAL_MODEL = "GGUF file or store name (default: the bundled demo)."
 
 
 @app.command("ppl")
+@o.load_flags(leave_out=("ctx", "draft", "draft_max"))
 def eval_ppl(
+    load: dict[str, object],
     model: str | None = typer.Argument(None, help=EVAL_MODEL), text: o.TextFile = ...,
-    ctx: o.Window = 512, batch: o.Batch = 2048, threads: o.Threads = None, gpu_layers: o.GpuLayers = None,
-    device: o.DeviceOption = None, json_out: o.Json = False, endpoint: o.EndpointOption = None,
+    ctx: o.Window = 512, batch: o.Batch = 2048, json_out: o.Json = False, endpoint: o.EndpointOption = None,
     api_key: o.ApiKey = None, timeout: o.Timeout = None, model_option: o.ModelOption = None,
     concurrency: o.Concurrency = None,
 ) -> None:
@@ -36,14 +38,13 @@ def eval_ppl(
     from app.eval import perplexity as ppl
     from app.eval import views
     from app.runtime.llama import init
-    from app.runtime.windows import read_text
+    from app.runtime.windows import Layout, read_text
     from app.store import models
 
     model = _one_model(model, model_option)
     read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
-    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers, device=device)[0]
-    remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note,
-                            local_flags={"threads": threads, "gpu_layers": gpu_layers, "device": device})
+    options, _ = o.settings_for("eval", **load)
+    remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note, flags=load)
     if remote is not None:
         from app.eval import remote as scoring
         from app.runtime.remote import RemoteBackend
@@ -56,11 +57,10 @@ def eval_ppl(
         return
     _local_only(concurrency)
     init(o.verbose())
-    path = models.resolve(model, ui.note)
+    layout = Layout.of(ctx, batch)
+    options = replace(options, model=models.resolve(model, ui.note))
     with views.WindowProgress("perplexity", "ppl {:.3f}") as progress:
-        result = ppl.run(path, text, n_ctx=ctx, n_batch=batch, threads=run_opts["threads"],
-                         gpu_layers=run_opts["gpu_layers"], device=run_opts["device"], progress=progress.update,
-                         notify=ui.note)
+        result = ppl.run(options, text, layout, progress=progress.update, notify=ui.note)
     views.ppl_result(result, json_out)
 
 
@@ -83,32 +83,34 @@ def _one_model(argument: str | None, option: str | None) -> str | None:
 
 
 @app.command("compare")
+@o.load_flags(leave_out=("ctx", "draft", "draft_max"))
 def eval_compare(
+    load: dict[str, object],
     model_a: str = typer.Argument(..., help="Reference GGUF (e.g. the F16 file) or store name."),
     model_b: str = typer.Argument(..., help="GGUF to measure against it (e.g. a quantization)."),
-    text: o.TextFile = ..., ctx: o.Window = 512, batch: o.Batch = 2048, threads: o.Threads = None,
-    gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None, json_out: o.Json = False,
+    text: o.TextFile = ..., ctx: o.Window = 512, batch: o.Batch = 2048, json_out: o.Json = False,
 ) -> None:
     """Quantization loss of B against A: mean KL divergence, top-1 agreement, perplexity of each and their ratio."""
     from app import ui
     from app.eval import compare, views
     from app.runtime.llama import init
-    from app.runtime.windows import read_text
+    from app.runtime.windows import Layout, read_text
     from app.store import models
 
     read_text(text)  # a wrong --text is the likelier mistake: say so before loading two models
-    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers, device=device)[0]
+    options, _ = o.settings_for("eval", **load)
     init(o.verbose())
+    layout = Layout.of(ctx, batch)
     path_a, path_b = models.resolve(model_a, ui.note), models.resolve(model_b, ui.note)
     with views.WindowProgress("comparing", "KL {:.5f}") as progress:
-        result = compare.run(path_a, path_b, text, n_ctx=ctx, n_batch=batch, threads=run_opts["threads"],
-                             gpu_layers=run_opts["gpu_layers"], device=run_opts["device"], progress=progress.update,
-                             notify=ui.note)
+        result = compare.run(path_a, path_b, text, layout, options, progress=progress.update, notify=ui.note)
     views.compare_result(result, json_out)
 
 
 @app.command("kobest")
+@o.load_flags(leave_out=("ctx", "draft", "draft_max"))
 def eval_kobest(
+    load: dict[str, object],
     model: str | None = typer.Argument(None, help=EVAL_MODEL),
     tasks: str = typer.Option("copa,hellaswag,boolq,sentineg,wic", "--tasks", show_default=False,
                               help="Comma-separated tasks (default: all five, copa,hellaswag,boolq,sentineg,wic)."),
@@ -118,7 +120,6 @@ def eval_kobest(
                                          "(<task>/train.jsonl, test.jsonl; default: the bundled sample)."),
     hub: bool = typer.Option(False, "--hub", help="Load skt/kobest_v1 from the hub (needs `datasets` and a network)."),
     limit: int | None = typer.Option(None, "--limit", help="Docs per task, for a quick run (default: all)."),
-    threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     precise: bool = typer.Option(False, "--precise", help="f32 K/V cache, no flash attention: slower; scores move "
                                  "less with how the choices are batched."),
     json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None,
@@ -142,11 +143,9 @@ def eval_kobest(
     if src.kind == "sample":
         ui.note("no --data given: using the bundled sample (models/data/kobest-sample), written by malhae — "
                 "not KoBEST, its scores mean nothing. Pass --data DIR with the skt/kobest_v1 files.")
-    run_opts = o.settings_for("eval", threads=threads, gpu_layers=gpu_layers, device=device)[0]
+    options, _ = o.settings_for("eval", **load)
     model = _one_model(model, model_option)
-    remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note,
-                            local_flags={"threads": threads, "gpu_layers": gpu_layers, "device": device,
-                                         "precise": precise or None})
+    remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note, flags=load | {"precise": precise})
     if remote is not None:
         from app.runtime.remote import RemoteBackend
 
@@ -158,21 +157,21 @@ def eval_kobest(
         return
     _local_only(concurrency)
     init(o.verbose())
-    path = models.resolve(model, ui.note)
+    options = replace(options, model=models.resolve(model, ui.note))
     with kobest_render.KobestProgress() as progress:
-        report = evaluate.evaluate(path, src, chosen, shot_counts, limit=limit, threads=run_opts["threads"],
-                                   gpu_layers=run_opts["gpu_layers"], device=run_opts["device"], precise=precise,
+        report = evaluate.evaluate(options, src, chosen, shot_counts, limit=limit, precise=precise,
                                    progress=progress.update, notify=ui.note)
     kobest_render.table(report, json_out)
 
 
+@o.load_flags(leave_out=("ctx", "draft", "draft_max"))
 def bench(
+    load: dict[str, object],
     model: o.ModelArgument = None,
     llama_bench: Path | None = typer.Option(None, "--llama-bench", help="Also run this llama-bench and compare."),
     n_prompt: int = typer.Option(512, "--prompt", "-p", help="Prompt tokens for the prompt-speed test."),
     n_gen: int = typer.Option(128, "--gen", "-n", help="Tokens for the decode-speed test."),
     repetitions: int = typer.Option(3, "--repetitions", "-r"),
-    threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     ctx: int | None = typer.Option(None, "--ctx", help="Context size (default: what the test needs; the settings "
                                    "file's ctx is not used here)."),
     json_out: bool = typer.Option(False, "--json"),
@@ -184,15 +183,13 @@ def bench(
     from app.runtime.engine import Engine
     from app.store import models
 
-    run_opts = o.settings_for("bench", threads=threads, gpu_layers=gpu_layers, device=device)[0]
+    options, _ = o.settings_for("bench", **load, ctx=ctx or max(n_prompt + 16, 16 + n_gen + 8))
     path = models.resolve(model, ui.note)
-    with Engine(path, n_ctx=ctx or max(n_prompt + 16, 16 + n_gen + 8), threads=run_opts["threads"],
-                gpu_layers=run_opts["gpu_layers"], device=run_opts["device"], verbose=o.verbose(),
-                notify=ui.note) as engine:
+    with Engine(replace(options, model=path), notify=ui.note) as engine:
         pp, tg = benchmod.run_engine(engine, n_prompt, n_gen, repetitions)
         up_pp = up_tg = None
         if llama_bench:
-            up_pp, up_tg = upstream.run_llama_bench(llama_bench, path, n_prompt, n_gen, engine.threads,
+            up_pp, up_tg = upstream.run_llama_bench(llama_bench, path, n_prompt, n_gen, engine.options.threads,
                                                     engine.plan, repetitions)
         result = benchmod.BenchResult(pp, tg, repetitions, up_pp, up_tg)
         views.bench_table(result, engine, n_prompt, n_gen, json_out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -113,11 +114,12 @@ def models_catalog(
     catalog_view.catalog(catalog.load(), json_out)
 
 
+@o.load_flags(leave_out=("ctx", "threads", "draft", "draft_max"))
 def info(
+    load: dict[str, object],
     model: str | None = typer.Argument(None, help="GGUF file or model name (default: the bundled demo)."),
     ctx: int | None = typer.Option(None, "--ctx", help="Context for the memory estimate (default: the settings "
                                    f"file's, else the model's, at most {DEFAULT_MAX_CTX}, as the engine uses)."),
-    gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     vram: float | None = typer.Option(None, "--vram", help="Plan for a GPU with this many GiB free instead "
                                       "(what if)."),
     json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
@@ -127,16 +129,14 @@ def info(
     from app.store import info_view, models
     from app.store.info import describe
 
-    run_opts = o.settings_for("info", ctx=ctx, gpu_layers=gpu_layers, device=device)[0]
+    options, _ = o.settings_for("info", ctx=ctx, **load)
     if vram is not None:
         units.gib_bytes("--vram", vram)  # a bad flag is refused before anything is said about the model
-    if vram is not None and gpu_layers is None:
-        run_opts["gpu_layers"] = "auto"  # --vram plans the automatic offload, whatever the settings file says
-    if vram is not None and device is None:
-        run_opts["device"] = None  # and a GPU that is not here, whatever device the settings file names
+        # --vram plans the automatic offload on a GPU that is not here, whatever the settings file says
+        options = replace(options, gpu_layers=options.gpu_layers if load["gpu_layers"] is not None else "auto",
+                          device=load["device"])
     path = models.resolve(model, ui.note)
-    info_view.info_report(describe(path, n_ctx=run_opts["ctx"], gpu_layers=run_opts["gpu_layers"], vram_gib=vram,
-                                   device=run_opts["device"]), json_out)
+    info_view.info_report(describe(path, options, vram_gib=vram), json_out)
 
 
 def recommend(

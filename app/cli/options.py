@@ -78,18 +78,73 @@ Window = Annotated[int, typer.Option("--ctx", help="Tokens per window; the secon
 Batch = Annotated[int, typer.Option("--batch", help="Tokens per decode; batch/ctx windows go together.")]
 
 
-def settings_for(command: str, stop: tuple[str, ...] = (), **flags: object):
-    """(ctx/threads/gpu_layers/device, Sampling) for a command: each flag given, else config.toml's, else the built-in.
+# decided by the server when an endpoint runs the model: given with --endpoint, they are said to be ignored
+LOCAL_ONLY = ("threads", "gpu_layers", "device", "draft", "draft_max", "precise")
 
-    `flags` holds the command's own options by setting name (None: not given); a command without sampling
-    options (bench, eval, info) just ignores the Sampling."""
-    from app.runtime.settings import SAMPLING_KEYS, Sampling
+
+# every flag that says how a local model is loaded, declared once: a command takes them all through @load_flags
+# (less those it leaves out), so that a new load setting is one line here, not one parameter per command
+LOAD_FLAGS = {"ctx": Ctx, "threads": Threads, "gpu_layers": GpuLayers, "device": DeviceOption, "draft": Draft,
+              "draft_max": DraftMax}
+
+
+def load_flags(*, leave_out: tuple[str, ...] = ()):
+    """Decorate a Typer command so that it also takes LOAD_FLAGS' options (less `leave_out`); the command gets
+    them as one dict, its keyword `load` (None: not given), to hand to settings_for."""
+    import functools
+    import inspect
+
+    def decorate(command):
+        own = inspect.signature(command, eval_str=True)  # Typer reads the Annotated options from the signature
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=LOAD_FLAGS[name])
+                 for name in LOAD_FLAGS if name not in leave_out]
+        names = [p.name for p in added]
+
+        @functools.wraps(command)
+        def with_load_flags(**options: object):
+            return command(load={name: options.pop(name) for name in names}, **options)
+
+        kept = [p for p in own.parameters.values() if p.name != "load"]
+        with_load_flags.__signature__ = own.replace(parameters=[*kept, *added])
+        return with_load_flags
+
+    return decorate
+
+
+def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = False, **flags: object):
+    """(LoadOptions, Sampling) for a command: each flag given, else config.toml's, else the built-in.
+
+    `flags` holds the command's own options by setting name (None: not given). Only the load settings a command
+    has are taken from config.toml (bench has no draft: it never speculates; eval's --ctx is a window, always
+    given); a command without sampling options (bench, eval, info) just ignores the Sampling. A draft model is
+    found the way --model is (the store); with an endpoint (`remote`) the server decodes as it does: no draft."""
+    from app.runtime.settings import SAMPLING_KEYS, LoadOptions, Sampling
     from app.store import config
 
     file = config.load()
     run = config.runtime_values({k: flags.get(k) for k in ("ctx", "threads", "gpu_layers", "device")}, file)
+    load = {k: v for k, v in run.items() if k in flags}
+    load |= {k: flags[k] for k in ("batch", "parallel") if flags.get(k) is not None}
+    if "draft" in flags and not remote:
+        load |= _draft(flags["draft"], flags.get("draft_max"), file)
     values = config.sampling_values(command, {k: v for k, v in flags.items() if k in SAMPLING_KEYS}, file)
-    return run, Sampling(**values, stop=stop).checked()
+    return LoadOptions(**load, verbose=verbose()), Sampling(**values, stop=stop).checked()
+
+
+def _draft(flag: object, draft_max: object, file) -> dict[str, object]:
+    """draft and draft_max: --draft > config.toml's draft > DEFAULT_DRAFT; --draft-max > config.toml's > the
+    settings table's (LoadOptions' own default: given only when the flag or the file says it)."""
+    from app import ui
+    from app.runtime import settings
+    from app.store import config, models
+
+    if draft_max is not None:
+        settings.check("draft_max", draft_max)
+    raw = flag if flag is not None else file.draft or DEFAULT_DRAFT
+    usage = "--draft" if flag is not None else f"{file.path}: draft"
+    out = {"draft": settings.draft(raw, lambda word: models.resolve(word, ui.note), usage)}
+    n = config.pick(draft_max, file.draft_max, None)
+    return out | ({"draft_max": n} if n is not None else {})
 
 
 def verbose() -> bool:
@@ -98,32 +153,11 @@ def verbose() -> bool:
     return flags.VERBOSE
 
 
-def draft_for(flag: str | None, draft_max: int | None, *, remote: bool = False):
-    """(draft, draft_max) for a local run: --draft > config.toml's draft > the built-in; a model name is found the
-    way --model's is (the store). With an endpoint the server decodes as it does: (None, None)."""
-    from app import ui
-    from app.runtime import settings
-    from app.store import config, models
-
-    if remote:
-        return None, None
-    file = config.load()
-    if draft_max is not None:
-        settings.check("draft_max", draft_max)
-    n = config.pick(draft_max, file.draft_max, settings.SETTINGS["draft_max"].default)
-    raw = flag if flag is not None else file.draft or DEFAULT_DRAFT
-    usage = "--draft" if flag is not None else f"{file.path}: draft"
-    return settings.draft(raw, lambda word: models.resolve(word, ui.note), usage), n
-
-
-# decided by the server when an endpoint runs the model
-LOCAL_ONLY = ("threads", "gpu_layers", "device", "draft", "draft_max")
-
-
 def endpoint_for(flag: str | None, api_key: str | None = None, timeout: float | None = None, *,
-                 remote_chat: bool = False, local_flags: dict[str, object] | None = None, notify=None):
+                 remote_chat: bool = False, flags: dict[str, object] | None = None, notify=None):
     """The Endpoint to run on (flag > $MALHAE_ENDPOINT > config.toml's endpoint; `local` or none: None, a local
-    model). The key: --api-key, else the environment variable config.toml's api_key_env names (MALHAE_API_KEY)."""
+    model). The key: --api-key, else the environment variable config.toml's api_key_env names (MALHAE_API_KEY).
+    `flags`: the command's options by name; those in LOCAL_ONLY that were given are said to be ignored."""
     import os
 
     from app.errors import UserError
@@ -140,7 +174,8 @@ def endpoint_for(flag: str | None, api_key: str | None = None, timeout: float | 
     variable = file.api_key_env or "MALHAE_API_KEY"
     key = api_key if api_key is not None else os.environ.get(variable) or None
     endpoint = Endpoint.parse(url, key, timeout if timeout is not None else file.endpoint_timeout)
-    ignored = [f"--{k.replace('_', '-')}" for k, v in (local_flags or {}).items() if v is not None]
+    given = flags or {}
+    ignored = [f"--{k.replace('_', '-')}" for k in LOCAL_ONLY if given.get(k) not in (None, False)]
     if ignored and notify:
         verb = "apply" if len(ignored) > 1 else "applies"
         notify(f"{' and '.join(ignored)} {verb} to a local model; the server at {endpoint.url} decides its own")

@@ -1,35 +1,14 @@
-"""`malhae complete`, `malhae ask` and `malhae chat`: generation on a local model."""
+"""`malhae complete`, `malhae ask` and `malhae chat`: generation on a local model (or a server's)."""
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import replace
 from pathlib import Path
 
 import typer
 
 from app.cli import options as o
-
-
-def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, template: str | None,
-             stop: list[str], remote: dict, files: list[Path] | None = None, **flags: object) -> None:
-    """`complete` and `ask` share every option; only how the prompt is framed differs."""
-    from app import ui
-    from app.chat import oneshot, writer
-    from app.store import models
-
-    run_opts, sampling = o.settings_for(kind, tuple(stop), **flags)
-    endpoint = o.endpoint_for(**remote, local_flags={k: flags[k] for k in o.LOCAL_ONLY}, notify=ui.note)
-    given = oneshot.read_prompt(prompt, kind, files or ())
-    target = endpoint or models.resolve(model, ui.note)
-    draft, draft_max = o.draft_for(flags["draft"], flags["draft_max"], remote=endpoint is not None)
-    shot = oneshot.run(kind, given.text, target, sampling, n_ctx=run_opts["ctx"], threads=run_opts["threads"],
-                       gpu_layers=run_opts["gpu_layers"], template=template, verbose=o.verbose(), notify=ui.note,
-                       model=model if endpoint else None, remote_chat=remote["remote_chat"],
-                       documents=given.documents, draft=draft, draft_max=draft_max, device=run_opts["device"])
-    if json_out:
-        ui.json_result(shot.collect())
-    else:
-        writer.write_oneshot(shot)
-
 
 PROMPT_ARG = typer.Argument(None, help="The text; `-` or nothing reads it from a pipe.")
 STOP = typer.Option([], "--stop", help="Stop before this text (repeatable).")
@@ -37,68 +16,81 @@ FILES = typer.Option([], "--file", help="A UTF-8 text file to put before the tex
                      "(repeatable, in order).")
 
 
-def complete(
+def _oneshot_options(
     prompt: str | None = PROMPT_ARG, model: o.ModelOption = None, max_tokens: o.OneShotMaxTokens = None,
     temperature: o.Temperature = None, top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None,
     repeat_penalty: o.RepeatPenalty = None, repeat_last_n: o.RepeatLastN = None, seed: o.Seed = None,
     frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
-    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
-    json_out: o.Json = False, endpoint: o.EndpointOption = None, api_key: o.ApiKey = None, timeout: o.Timeout = None,
-    files: list[Path] = FILES, draft: o.Draft = None, draft_max: o.DraftMax = None,
-) -> None:
-    """Continue a text as it is (raw completion, for base models)."""
-    remote = {"flag": endpoint, "api_key": api_key, "timeout": timeout, "remote_chat": False}
-    _oneshot("complete", prompt, model, json_out, None, stop, remote, max_tokens=max_tokens, temperature=temperature,
-             top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-             seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
-             threads=threads, gpu_layers=gpu_layers, device=device, files=files, draft=draft,
-             draft_max=draft_max)
-
-
-def ask(
-    prompt: str | None = PROMPT_ARG, model: o.ModelOption = None, max_tokens: o.OneShotMaxTokens = None,
-    temperature: o.Temperature = None, top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None,
-    repeat_penalty: o.RepeatPenalty = None, repeat_last_n: o.RepeatLastN = None, seed: o.Seed = None,
-    frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
-    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     template: o.Template = None, json_out: o.Json = False, endpoint: o.EndpointOption = None,
     api_key: o.ApiKey = None, timeout: o.Timeout = None, remote_chat: o.RemoteChat = False,
-    files: list[Path] = FILES, draft: o.Draft = None, draft_max: o.DraftMax = None,
+    files: list[Path] = FILES,
 ) -> None:
-    """Ask one question, framed in the model's prompt format, and print the answer."""
-    remote = {"flag": endpoint, "api_key": api_key, "timeout": timeout, "remote_chat": remote_chat}
-    _oneshot("ask", prompt, model, json_out, template, stop, remote, max_tokens=max_tokens, temperature=temperature,
-             top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-             seed=seed, frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, ctx=ctx,
-             threads=threads, gpu_layers=gpu_layers, device=device, files=files, draft=draft,
-             draft_max=draft_max)
+    """The options `ask` and `complete` share, declared once: never called, its signature is theirs (and
+    @load_flags adds the load options)."""
 
 
+def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, stop: list[str], files: list[Path],
+             endpoint: str | None, api_key: str | None, timeout: float | None, load: dict[str, object],
+             template: str | None = None, remote_chat: bool = False, **sampling: object) -> None:
+    """`complete` and `ask`: only how the prompt is framed differs (ask puts it in the model's template)."""
+    from app import ui
+    from app.chat import oneshot, writer
+    from app.store import models
+
+    remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, flags=load, notify=ui.note)
+    options, chosen = o.settings_for(kind, tuple(stop), remote=remote is not None, **load, **sampling)
+    given = oneshot.read_prompt(prompt, kind, files or ())
+    if remote is None:
+        options = replace(options, model=models.resolve(model, ui.note))
+    shot = oneshot.run(kind, given.text, options, chosen, template=template, notify=ui.note, endpoint=remote,
+                       model=model if remote else None, remote_chat=remote_chat, documents=given.documents)
+    if json_out:
+        ui.json_result(shot.collect())
+    else:
+        writer.write_oneshot(shot)
+
+
+def _command(kind: str, help_text: str, leave_out: tuple[str, ...] = ()):
+    """The Typer command `kind`: _oneshot_options' signature, less the options in `leave_out`."""
+    shared = inspect.signature(_oneshot_options, eval_str=True)  # Typer reads the Annotated options from it
+
+    def command(**options: object) -> None:
+        _oneshot(kind, **options)
+
+    command.__signature__ = shared.replace(parameters=[p for name, p in shared.parameters.items()
+                                                       if name not in leave_out])
+    command.__annotations__ = {k: v for k, v in _oneshot_options.__annotations__.items() if k not in leave_out}
+    command.__name__ = command.__qualname__ = kind
+    command.__doc__ = help_text
+    return o.load_flags()(command)
+
+
+complete = _command("complete", "Continue a text as it is (raw completion, for base models).",
+                    leave_out=("template", "remote_chat"))
+ask = _command("ask", "Ask one question, framed in the model's prompt format, and print the answer.")
+
+
+@o.load_flags()
 def chat(
+    load: dict[str, object],
     model: o.ModelOption = None, template: o.Template = None,
     system: str | None = typer.Option(None, "--system", help="System text (default: the template's)."),
-    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     temperature: o.Temperature = None,
     top_p: o.TopP = None, top_k: o.TopK = None, min_p: o.MinP = None, repeat_penalty: o.RepeatPenalty = None,
     max_tokens: o.ChatMaxTokens = None,
     seed: int | None = typer.Option(None, "--seed", help="Fix the sampling seed for repeatable answers."),
     no_color: bool = typer.Option(False, "--no-color", help="No colours or styles (also: the NO_COLOR variable)."),
     endpoint: o.EndpointOption = None, api_key: o.ApiKey = None, timeout: o.Timeout = None,
-    remote_chat: o.RemoteChat = False, draft: o.Draft = None, draft_max: o.DraftMax = None,
+    remote_chat: o.RemoteChat = False,
 ) -> None:
     """Talk with a model (대화): streaming answers, input history, /commands; /help inside for more."""
     from app import ui
-    from app.chat import repl
+    from app.chat import session
     from app.store import models
 
-    run_opts, sampling = o.settings_for("chat", temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                        repeat_penalty=repeat_penalty, max_tokens=max_tokens, seed=seed, ctx=ctx,
-                                        threads=threads, gpu_layers=gpu_layers, device=device)
-    remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, notify=ui.note,
-                            local_flags={"threads": threads, "gpu_layers": gpu_layers, "device": device,
-                                         "draft": draft, "draft_max": draft_max})
-    draft_at, n_draft = o.draft_for(draft, draft_max, remote=remote is not None)
-    repl.open_chat(model=model, resolve=models.resolve, template=template, system=system, sampling=sampling,
-                   ctx=run_opts["ctx"], threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
-                   no_color=no_color, verbose=o.verbose(), endpoint=remote, remote_chat=remote_chat,
-                   draft=draft_at, draft_max=n_draft, device=run_opts["device"]).run()
+    remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, flags=load, notify=ui.note)
+    options, sampling = o.settings_for("chat", remote=remote is not None, **load, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                                       max_tokens=max_tokens, seed=seed)
+    session.open_chat(options, model=model, resolve=models.resolve, template=template, system=system, sampling=sampling,
+                   no_color=no_color, endpoint=remote, remote_chat=remote_chat).run()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import typer
 
@@ -13,7 +14,9 @@ MAX_PARALLEL = 64
 MAX_QUEUE = 4096
 
 
+@o.load_flags()
 def serve(
+    load: dict[str, object],
     model: o.ModelOption = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 reaches every network "
                              "(set --api-key then)."),
@@ -21,13 +24,11 @@ def serve(
     parallel: int = typer.Option(4, "--parallel", "-np", help="Requests generated at once (slots); each has its own "
                                  "--ctx of KV cache."),
     queue: int = typer.Option(64, "--queue", help="Requests that may wait for a slot; more get 503 (Retry-After)."),
-    ctx: o.Ctx = None, threads: o.Threads = None, gpu_layers: o.GpuLayers = None, device: o.DeviceOption = None,
     template: o.Template = None,
     api_key: str | None = typer.Option(None, "--api-key", envvar="MALHAE_API_KEY", show_envvar=True,
                                        help="Require `Authorization: Bearer KEY` on every endpoint but /health."),
     allow_origin: list[str] = typer.Option([], "--allow-origin", help="A web page origin (http://host:port, or *) "
                                            "whose scripts may call the server from a browser (CORS); repeatable."),
-    draft: o.Draft = None, draft_max: o.DraftMax = None,
 ) -> None:
     """Serve a model over HTTP (OpenAI and Ollama APIs) for other programs: editors, Open WebUI, lm-eval, scripts."""
     from app import ui
@@ -53,15 +54,11 @@ def serve(
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise UserError(f"--allow-origin {origin!r}: give a page's origin as scheme://host[:port] (no path), "
                             "e.g. --allow-origin http://localhost:3000, or * for any page")
-    run_opts, _ = o.settings_for("serve", ctx=ctx, threads=threads, gpu_layers=gpu_layers, device=device)
+    loaded, _ = o.settings_for("serve", **load, parallel=parallel)
     path = models.resolve(model, ui.note)
-    draft_at, n_draft = o.draft_for(draft, draft_max)
     check_model_file(path)  # a wrong file is one line now, not a server that starts and then stops
-    options = server.Options(path=path, model_id=path.stem, host=host, port=port, parallel=parallel, queue=queue,
-                             n_ctx=run_opts["ctx"], threads=run_opts["threads"], gpu_layers=run_opts["gpu_layers"],
-                             device=run_opts["device"], template=template, api_key=api_key,
-                             allow_origins=tuple(allow_origin), verbose=o.verbose(), notify=ui.note, draft=draft_at,
-                             draft_max=n_draft)
+    options = server.Options(load=replace(loaded, model=path), model_id=path.stem, host=host, port=port, queue=queue,
+                             template=template, api_key=api_key, allow_origins=tuple(allow_origin), notify=ui.note)
     srv = server.Server(options)  # binds now: a port in use is an error before anything loads
     if not server.is_loopback(host) and not api_key:
         ui.err.print(f"[bold yellow]malhae: warning:[/] serving on {host} without --api-key: anyone who can reach "

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from app.errors import UserError
 from app.eval.scoring import NLLSum, log_softmax
 from app.runtime import windows
 from app.runtime.llama import Model
-from app.runtime.windows import DEFAULT_BATCH, Layout
+from app.runtime.settings import LoadOptions
+from app.runtime.windows import Layout
 
 Progress = Callable[[int, int, float], None]  # (windows done, windows in all, running mean KL)
 
@@ -78,20 +79,20 @@ class CompareResult:
         return asdict(self) | {"ppl_ratio": self.ppl_ratio}
 
 
-def evaluate(a: Model, b: Model, text: str, *, n_ctx: int = 512, n_batch: int = DEFAULT_BATCH,
-             threads: int | None = None, progress: Progress | None = None,
-             notify: Callable[[str], None] | None = None) -> CompareResult:
-    """Compare two loaded models on `text`, window by window."""
-    layout = Layout.of(n_ctx, n_batch)
+def evaluate(a: Model, b: Model, text: str, layout: Layout | None = None, options: LoadOptions | None = None, *,
+             progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> CompareResult:
+    """Compare two loaded models on `text`, window by window (`layout`: llama-perplexity's by default; `options`:
+    how the contexts are made)."""
+    layout = layout or Layout.of()
     check_same_vocab(a, b)
     chunks = windows.text_windows(a, windows.text_tokens(a, text), layout)
-    windows.check_context(a, n_ctx, notify)
+    windows.check_context(a, layout.n_ctx, notify)
     nll_a, nll_b = NLLSum(), NLLSum()
     kls: list[np.ndarray] = []
     same = 0
     kl_sum = 0.0
     started = time.perf_counter()
-    with windows.context_for(a, layout, threads) as ctx_a, windows.context_for(b, layout, threads) as ctx_b:
+    with windows.context_for(a, layout, options) as ctx_a, windows.context_for(b, layout, options) as ctx_b:
         pairs = zip(windows.scored_logits(ctx_a, chunks, layout), windows.scored_logits(ctx_b, chunks, layout),
                     strict=True)
         for done, ((la, targets), (lb, _)) in enumerate(pairs, start=1):
@@ -111,23 +112,25 @@ def evaluate(a: Model, b: Model, text: str, *, n_ctx: int = 512, n_batch: int = 
                          int(kl.size), len(chunks), layout.n_ctx, time.perf_counter() - started)
 
 
-def run(path_a: Path, path_b: Path, text_path: Path, *, n_ctx: int = 512, n_batch: int = DEFAULT_BATCH,
-        threads: int | None = None, gpu_layers: str | int = "auto", progress: Progress | None = None,
-        notify: Callable[[str], None] | None = None, device: str | None = None) -> CompareResult:
-    """`malhae eval compare`: cheap checks first (arguments, text, vocabularies), then both models loaded at once.
+def run(path_a: Path, path_b: Path, text_path: Path, layout: Layout | None = None,
+        options: LoadOptions | None = None, *, progress: Progress | None = None,
+        notify: Callable[[str], None] | None = None) -> CompareResult:
+    """`malhae eval compare`: both models loaded as `options` say (their layers, devices, threads; its model field
+    is not used), cheap checks first (arguments, text, vocabularies), then both models loaded at once.
 
     With `--gpu-layers auto`, A is planned into the free VRAM first and B into what A leaves on each device."""
     from app.runtime import hardware, offload
     from app.runtime.engine import check_model_file
 
-    layout = Layout.of(n_ctx, n_batch)
+    layout = layout or Layout.of()
     text = windows.read_text(text_path)
     info_a, info_b = check_model_file(path_a), check_model_file(path_b)
     with Model(path_a, vocab_only=True) as va, Model(path_b, vocab_only=True) as vb:
         check_same_vocab(va, vb)
-    shape = {"n_ctx": layout.n_seq * layout.n_ctx, "n_batch": layout.n_batch}
-    plan_a = offload.choose(info_a, gpu_layers, **shape, notify=notify, device=device)
-    plan_b = offload.choose(info_b, gpu_layers, **shape, reserved=plan_a.used(), device=device)
+    options = options or LoadOptions()
+    options = replace(options, threads=options.threads or hardware.physical_cores())
+    shaped = layout.options(options)
+    plan_a = offload.choose(info_a, shaped, notify=notify)
+    plan_b = offload.choose(info_b, shaped, reserved=plan_a.used())
     with Model.planned(path_a, plan_a) as a, Model.planned(path_b, plan_b) as b:
-        return evaluate(a, b, text, n_ctx=n_ctx, n_batch=n_batch, threads=threads or hardware.physical_cores(),
-                        progress=progress, notify=notify)
+        return evaluate(a, b, text, layout, options, progress=progress, notify=notify)

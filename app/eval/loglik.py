@@ -14,7 +14,7 @@ and each group shares its own prompt, so the numbers stay the harness's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from gguf import Keys
@@ -23,7 +23,7 @@ from app.errors import UserError
 from app.eval.scoring import log_prob
 from app.runtime.gguf_info import GGUFInfo
 from app.runtime.llama import Batch, Context, Model, Owned
-from app.runtime.settings import DEFAULT_BATCH
+from app.runtime.settings import DEFAULT_BATCH, LoadOptions
 
 SPARE = 512  # cache room for the choices' own tokens, beyond the prompt
 
@@ -35,6 +35,11 @@ class Shape:
     n_ctx: int
     n_batch: int
     max_choices: int
+
+    def options(self, load: LoadOptions) -> LoadOptions:
+        """`load` with this shape, as the offload planner counts it: one cache of n_ctx tokens that every choice
+        shares (unified), so one sequence's worth."""
+        return replace(load, ctx=self.n_ctx, batch=self.n_batch, parallel=1)
 
 
 @dataclass(frozen=True)
@@ -67,8 +72,8 @@ class Scorer(Owned):
         self.max_length = max_length or model.n_ctx_train
         self.max_choices = max_choices
         # the unified cache holds one prompt plus every choice's own tokens; `spare` is room for the choices
-        self.ctx = Context(model, n_ctx=self.max_length + spare, n_batch=n_batch, threads=threads, precise=precise,
-                           n_seq=max_choices, unified_kv=True)
+        self.ctx = Context(model, LoadOptions(ctx=self.max_length + spare, batch=n_batch, threads=threads,
+                                              parallel=max_choices), precise=precise, unified_kv=True)
         self.spare = spare
         self._batch = Batch(n_batch, max_choices)
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from app.eval.scoring import NLLSum, log_prob
 from app.runtime.llama import Model
+from app.runtime.settings import LoadOptions
 from app.runtime.windows import (
-    DEFAULT_BATCH,
     Layout,
     check_context,
     context_for,
@@ -53,16 +53,17 @@ class PerplexityResult:
         return asdict(self) | {"tokens_per_second": round(self.tokens_per_second, 1)}
 
 
-def evaluate(model: Model, text: str, *, n_ctx: int = 512, n_batch: int = DEFAULT_BATCH, threads: int | None = None,
+def evaluate(model: Model, text: str, layout: Layout | None = None, options: LoadOptions | None = None, *,
              progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> PerplexityResult:
-    """Perplexity of `text` under a loaded model, with llama-perplexity's estimate and ±."""
-    layout = Layout.of(n_ctx, n_batch)
+    """Perplexity of `text` under a loaded model, with llama-perplexity's estimate and ±; `layout`: the windows
+    (default: llama-perplexity's 512 tokens, 2048 per decode), `options`: how the context is made (threads)."""
+    layout = layout or Layout.of()
     tokens = text_tokens(model, text)
     chunks = text_windows(model, tokens, layout)
-    check_context(model, n_ctx, notify)
+    check_context(model, layout.n_ctx, notify)
     sums = NLLSum()
     started = time.perf_counter()
-    with context_for(model, layout, threads) as ctx:
+    with context_for(model, layout, options) as ctx:
         for done, (logits, targets) in enumerate(scored_logits(ctx, chunks, layout), start=1):
             sums.add(-log_prob(logits, targets))
             if progress:
@@ -71,25 +72,24 @@ def evaluate(model: Model, text: str, *, n_ctx: int = 512, n_batch: int = DEFAUL
                             layout.n_batch, layout.n_seq, len(tokens), time.perf_counter() - started)
 
 
-def run(model_path: Path, text_path: Path, *, n_ctx: int = 512, n_batch: int = DEFAULT_BATCH,
-        threads: int | None = None, gpu_layers: str = "auto", progress: Progress | None = None,
-        notify: Callable[[str], None] | None = None, device: str | None = None) -> PerplexityResult:
-    """`malhae eval ppl`: read the text first (its mistakes are cheaper to report than a model load), then load."""
+def run(options: LoadOptions, text_path: Path, layout: Layout | None = None, *, progress: Progress | None = None,
+        notify: Callable[[str], None] | None = None) -> PerplexityResult:
+    """`malhae eval ppl` on options.model: read the text first (its mistakes are cheaper to report than a model
+    load), then load it as `options` say (its layers, devices, threads) for `layout`'s windows."""
     from app.runtime import hardware, offload
     from app.runtime.engine import check_model_file
 
-    layout = Layout.of(n_ctx, n_batch)
+    layout = layout or Layout.of()
     text = read_text(text_path)
-    info = check_model_file(model_path)
-    plan = offload.choose(info, gpu_layers, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, notify=notify,
-                          device=device)
-    with Model.planned(model_path, plan) as model:
-        return evaluate(model, text, n_ctx=n_ctx, n_batch=n_batch, threads=threads or hardware.physical_cores(),
-                        progress=progress, notify=notify)
+    info = check_model_file(options.model)
+    options = replace(options, threads=options.threads or hardware.physical_cores())
+    plan = offload.choose(info, layout.options(options), notify=notify)
+    with Model.planned(options.model, plan) as model:
+        return evaluate(model, text, layout, options, progress=progress, notify=notify)
 
 
-def perplexity(model_path: Path, text: str, n_ctx: int = 512, threads: int | None = None) -> tuple[float, int]:
+def perplexity(model_path: Path, text: str, layout: Layout | None = None) -> tuple[float, int]:
     """(perplexity, number of tokens scored) of `text` under the GGUF at `model_path` (for tests and scripts)."""
     with Model(model_path) as model:
-        result = evaluate(model, text, n_ctx=n_ctx, threads=threads)
+        result = evaluate(model, text, layout)
     return result.ppl, result.tokens_scored

@@ -16,7 +16,7 @@ from pathlib import Path
 from app import children
 from app.errors import UserError
 from app.runtime import hardware, llama
-from app.runtime.windows import DEFAULT_BATCH
+from app.runtime.windows import Layout
 
 
 def tools_dir() -> Path:
@@ -75,11 +75,13 @@ def llama_perplexity_exe() -> Path | None:
     return tool_exe("llama-perplexity")
 
 
-def run_llama_perplexity(exe: Path, model_path: Path, text_path: Path, *, n_ctx: int = 512,
-                         n_batch: int = DEFAULT_BATCH, threads: int | None = None) -> tuple[float, float]:
-    """(perplexity, ±) from `llama-perplexity -m MODEL -f TEXT -c CTX`, run on the same llama.cpp libraries and
-    weight layout as malhae, so that a difference is the method's, not two compilations'."""
-    cmd = [str(exe), "-m", str(model_path), "-f", str(text_path), "-c", str(n_ctx), "-b", str(n_batch),
+def run_llama_perplexity(exe: Path, model_path: Path, text_path: Path, layout: Layout | None = None,
+                         threads: int | None = None) -> tuple[float, float]:
+    """(perplexity, ±) from `llama-perplexity -m MODEL -f TEXT -c CTX -b BATCH` for `layout`'s windows (default:
+    its own 512 and 2048), run on the same llama.cpp libraries and weight layout as malhae, so that a difference is
+    the method's, not two compilations'."""
+    layout = layout or Layout.of()
+    cmd = [str(exe), "-m", str(model_path), "-f", str(text_path), "-c", str(layout.n_ctx), "-b", str(layout.n_batch),
            "-t", str(threads or hardware.physical_cores()), "-ngl", "0",
            "--repack" if llama.use_extra_buffer_types() else "--no-repack"]
     for _attempt in range(3):  # its logger writes from a thread and can exit before the last lines are out

@@ -58,13 +58,13 @@ def compare_result(result, as_json: bool) -> None:
 def bench_table(result, engine, n_prompt: int, n_gen: int, as_json: bool) -> None:
     where = engine.plan.where
     if as_json:
-        json_result(result.as_dict() | {"model": str(engine.path), "threads": engine.threads,
+        json_result(result.as_dict() | {"model": str(engine.path), "threads": engine.options.threads,
                                         "gpu_layers": engine.n_gpu_layers, "where": where,
                                         "devices": [d.name for d in engine.plan.devices],
                                         "split": engine.plan.layers if len(engine.plan.devices) > 1 else None,
                                         "n_prompt": n_prompt, "n_gen": n_gen})
         return
-    table = Table(title=f"{engine.path.name} — {engine.threads} threads, {where}, median of {result.runs}")
+    table = Table(title=f"{engine.path.name} — {engine.options.threads} threads, {where}, median of {result.runs}")
     for col in ("test", "malhae tok/s", "llama-bench tok/s", "ratio"):
         table.add_column(col, justify="right")
     for label, mine, theirs in ((f"pp{n_prompt}", result.prompt_tps, result.upstream_prompt_tps),

@@ -8,12 +8,11 @@ config.toml's endpoint).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Protocol
 
 from app.runtime.endpoint import Endpoint
 from app.runtime.engine import Stats
-from app.runtime.settings import Sampling
+from app.runtime.settings import LoadOptions, Sampling
 
 
 class Backend(Protocol):
@@ -42,18 +41,14 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def open_backend(target: Path | Endpoint, *, model: str | None = None, remote_chat: bool = False,
-                 n_ctx: int | None = None, threads: int | None = None, gpu_layers: str | int | None = "auto",
-                 verbose: bool = False, notify: Callable[[str], None] | None = None, draft: str | Path | None = None,
-                 draft_max: int | None = None, device: str | None = None) -> Backend:
-    """A GGUF file is loaded here (speculating with `draft`); an Endpoint is asked for `model` (None: its only one),
-    and decodes as its server does."""
-    if isinstance(target, Endpoint):
+def open_backend(options: LoadOptions, *, endpoint: Endpoint | None = None, model: str | None = None,
+                 remote_chat: bool = False, notify: Callable[[str], None] | None = None) -> Backend:
+    """`options.model` loaded here as `options` say (speculating with options.draft); or, with an `endpoint`, its
+    model named `model` (None: its only one), which decodes as its server does: of `options` only ctx applies."""
+    if endpoint is not None:
         from app.runtime.remote import RemoteBackend
 
-        return RemoteBackend(target, model, chat=remote_chat, n_ctx=n_ctx, notify=notify)
+        return RemoteBackend(endpoint, model, chat=remote_chat, n_ctx=options.ctx, notify=notify)
     from app.runtime.engine import Engine
-    from app.runtime.settings import DEFAULT_DRAFT_MAX
 
-    return Engine(target, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=notify,
-                  draft=draft, draft_max=draft_max or DEFAULT_DRAFT_MAX, device=device)
+    return Engine(options, notify=notify)

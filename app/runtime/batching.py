@@ -77,7 +77,7 @@ class Scheduler:
         self.mem = lc.llama_get_memory(self.ctx)
         self.n_slot_ctx = engine.n_ctx
         self.n_batch = engine.n_batch
-        self.slots = [_Slot(i) for i in range(engine.n_seq)]
+        self.slots = [_Slot(i) for i in range(engine.options.parallel)]
         self.queue_limit = queue
         self.gather = gather
         self._prompt_step = 0.0  # seconds the last decode holding prompt tokens took

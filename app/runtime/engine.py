@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import llama_cpp as lc
@@ -22,7 +22,7 @@ from gguf import Keys
 from app.errors import UserError
 from app.runtime import hardware, llama, offload, sampler
 from app.runtime.gguf_info import GGUFInfo, check_shape, read_info
-from app.runtime.settings import DEFAULT_BATCH, DEFAULT_DRAFT_MAX, Sampling, check, context_size
+from app.runtime.settings import LoadOptions, Sampling, check, context_size
 from app.runtime.speculate import Counts, Speculator
 from app.runtime.step import Step, StopReason
 
@@ -108,26 +108,23 @@ def check_model_file(path: Path) -> GGUFInfo:
 class Engine:
     remote = False  # the local implementation of app.runtime.backend.Backend
 
-    def __init__(self, path: Path, *, n_ctx: int | None = None, threads: int | None = None,
-                 gpu_layers: str | int | None = "auto", n_batch: int = DEFAULT_BATCH, verbose: bool = False,
-                 notify: Notify | None = None, n_seq: int = 1, draft: str | Path | None = None,
-                 draft_max: int = DEFAULT_DRAFT_MAX, device: str | None = None) -> None:
-        """`n_ctx` is each sequence's context; `n_seq` sequences (the server's slots) each get their own part of one
-        KV cache, so memory is n_seq × n_ctx tokens. `draft` turns speculative decoding on: "lookup" or the path of a
-        draft model's GGUF (see set_draft). `device`: --device (app.runtime.devices.select; None: auto)."""
-        self.path = path
-        self.info = check_model_file(path)
+    def __init__(self, options: LoadOptions, *, notify: Notify | None = None) -> None:
+        """Load `options.model` as `options` say. `options.ctx` is each sequence's context; `options.parallel`
+        sequences (the server's slots) each get their own part of one KV cache, so memory is parallel × ctx tokens.
+        `options.draft` turns speculative decoding on (see set_draft). What was left to be decided (ctx, batch,
+        threads) is resolved here and kept in `self.options`."""
+        if options.model is None:
+            raise ValueError("LoadOptions.model is None: resolve --model first")
+        self.path = options.model
+        self.info = check_model_file(self.path)
         self.notify = notify or (lambda message: None)
-        llama.init(verbose)
-        self.n_ctx = context_size(n_ctx, self.info.arch_int(Keys.LLM.CONTEXT_LENGTH))
+        llama.init(options.verbose)
+        ctx = context_size(options.ctx, self.info.arch_int(Keys.LLM.CONTEXT_LENGTH))
         # llama.cpp needs room for one output per sequence in a batch (else it aborts the process: GGML_ASSERT
         # n_outputs_max), and n sequences of a context each may well be more than one context's tokens
-        self.n_batch = max(min(n_batch, self.n_ctx), n_seq)
-        self.threads = threads or hardware.physical_cores()
-        self.n_seq = n_seq
-        self.device = device
-        self.plan = offload.choose(self.info, gpu_layers, n_ctx=self.n_ctx * n_seq, n_batch=self.n_batch,
-                                   notify=self.notify, device=device)
+        self.options = replace(options, ctx=ctx, batch=max(min(options.batch, ctx), options.parallel),
+                               threads=options.threads or hardware.physical_cores())
+        self.plan = offload.choose(self.info, self.options, notify=self.notify)
         self.n_gpu_layers = self.plan.n_gpu_layers
         self.model: llama.Model | None = None
         self.ctx = None
@@ -138,41 +135,52 @@ class Engine:
         self.generated: list[int] = []
         self.stats = Stats()
         self.speculator: Speculator | None = None
-        if draft is not None:
+        if options.speculates:
             try:
-                self.set_draft(draft, draft_max)
+                self.set_draft(self.options)
             except BaseException:
                 self.close()
                 raise
 
-    def set_draft(self, draft: str | Path | None, draft_max: int = DEFAULT_DRAFT_MAX) -> None:
-        """Speculate with `draft` from the next generation on: "lookup" (n-grams of the prompt and answer), a Path to
-        a draft model of the same vocabulary, or None/"off" for plain decoding."""
+    @property
+    def n_ctx(self) -> int:
+        """Tokens one prompt and its answer may take: options.ctx, under llama.cpp's name (the Backend protocol's)."""
+        return self.options.ctx
+
+    @property
+    def n_batch(self) -> int:
+        """options.batch, under llama.cpp's name, as `malhae info` reports it."""
+        return self.options.batch
+
+    def set_draft(self, options: LoadOptions) -> None:
+        """Speculate as `options.draft` and `options.draft_max` say from the next generation on: "lookup" (n-grams of
+        the prompt and answer), a Path to a draft model of the same vocabulary, or None/"off" for plain decoding."""
         from app.runtime.draft import DraftModel, Lookup
 
-        check("draft_max", draft_max)
+        draft, draft_max = options.draft, check("draft_max", options.draft_max)
         old = self.speculator
-        if draft is None or draft == "off":
+        if not options.speculates:
             self.speculator = None
             if old is not None:
                 old.close()
-            return
-        if old is not None and old.source == draft:  # the same drafter, another length: nothing to load again
+        elif old is not None and old.source == draft:  # the same drafter, another length: nothing to load again
             old.resize(draft_max)
-            return
-        if draft == "lookup":
-            drafter = Lookup()
         else:
-            helper = Engine(Path(draft), n_ctx=self.n_ctx, threads=self.threads,
-                            gpu_layers="auto" if self.n_gpu_layers else 0, notify=self.notify, device=self.device)
-            try:
-                drafter = DraftModel(helper, self.model)
-            except BaseException:
-                helper.close()
-                raise
-        self.speculator = Speculator(drafter, draft_max, source=draft)
-        if old is not None:
-            old.close()
+            if draft == "lookup":
+                drafter = Lookup()
+            else:
+                # the draft model runs beside this one: one sequence, offloaded only if this one is
+                helper = Engine(replace(self.options, model=Path(draft), parallel=1, draft=None,
+                                        gpu_layers="auto" if self.n_gpu_layers else 0), notify=self.notify)
+                try:
+                    drafter = DraftModel(helper, self.model)
+                except BaseException:
+                    helper.close()
+                    raise
+            self.speculator = Speculator(drafter, draft_max, source=draft)
+            if old is not None:
+                old.close()
+        self.options = replace(self.options, draft=draft, draft_max=draft_max)  # once it took effect
 
     @property
     def draft(self) -> str:
@@ -187,8 +195,7 @@ class Engine:
             layers = plan.n_gpu_layers
             try:
                 self.model = llama.Model.planned(self.path, plan)
-                self.ctx = llama.Context(self.model, n_ctx=self.n_ctx * self.n_seq, n_batch=self.n_batch,
-                                         threads=self.threads, n_seq=self.n_seq)
+                self.ctx = llama.Context(self.model, self.options)
                 break
             except UserError:
                 if self.model is not None:
@@ -239,7 +246,7 @@ class Engine:
     @property
     def location(self) -> str:
         """Where it runs, in full (/show)."""
-        where = self.plan.where if self.n_gpu_layers else f"CPU, {self.threads} threads"
+        where = self.plan.where if self.n_gpu_layers else f"CPU, {self.options.threads} threads"
         return f"{self.path} ({where})"
 
     def chat_template_info(self) -> tuple[str | None, str, str]:

@@ -23,7 +23,7 @@ import numpy as np
 
 from app.errors import UserError
 from app.runtime import ggml
-from app.runtime.settings import DEFAULT_BATCH, check
+from app.runtime.settings import LoadOptions, check
 
 _backend_ready = False
 _log_sink: Callable[[int, str], None] | None = None
@@ -260,21 +260,28 @@ def _check_kv_fits(model: Model, n_ctx: int, element_bytes: int) -> None:
 
 
 class Context(Owned):
-    """An inference context on a Model; precise=True keeps K/V in f32 and turns flash attention off (for parity)."""
+    """An inference context on a Model; precise=True keeps K/V in f32 and turns flash attention off (for parity).
 
-    def __init__(self, model: Model, *, n_ctx: int, n_batch: int = DEFAULT_BATCH, threads: int | None = None,
-                 precise: bool = False, n_seq: int = 1, n_ubatch: int | None = None, unified_kv: bool = False,
-                 eval_callback: object | None = None, abort: Callable[[], bool] | None = None):
+    The one place where a LoadOptions' context settings become llama.cpp's parameters (their names differ there:
+    ctx → n_ctx, batch → n_batch, parallel → n_seq_max, threads → n_threads)."""
+
+    def __init__(self, model: Model, options: LoadOptions, *, precise: bool = False, n_ubatch: int | None = None,
+                 unified_kv: bool = False, eval_callback: object | None = None,
+                 abort: Callable[[], bool] | None = None):
+        """`options.ctx` is each sequence's context, so the cache holds ctx × parallel tokens; with `unified_kv` the
+        parallel sequences share one cache of ctx tokens, so that a shared prompt is stored once and its tokens
+        carry several seq ids (a scorer's choices). `options.ctx` must be resolved (not None)."""
+        n_ctx = options.ctx if unified_kv else options.kv_tokens
+        n_batch = options.batch
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = min(n_ubatch or n_batch, n_batch)
-        params.n_seq_max = n_seq  # independent sequences in one batch (several perplexity windows per decode)
-        # one cache for all sequences, so that a shared prompt is stored once and its tokens carry several seq ids
+        params.n_seq_max = options.parallel  # independent sequences in one batch (slots, perplexity windows)
         params.kv_unified = unified_kv
         params.no_perf = True
-        if threads:
-            params.n_threads = params.n_threads_batch = check("threads", threads)  # bounded wherever it came from
+        if options.threads:
+            params.n_threads = params.n_threads_batch = check("threads", options.threads)  # bounded wherever from
         if precise:
             params.type_k = params.type_v = lc.GGML_TYPE_F32
             params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED

@@ -27,7 +27,7 @@ from app.runtime import devices, hardware
 from app.runtime.devices import Device
 from app.runtime.gguf_info import GGUFInfo
 from app.runtime.llama import repeating_on_gpu
-from app.runtime.settings import DEFAULT_BATCH
+from app.runtime.settings import DEFAULT_BATCH, LoadOptions
 from app.runtime.settings import gpu_layers as parse_gpu_layers
 
 # per device: driver + BLAS workspace, measured at 300-450 MB on recent CUDA; used for every backend (Metal, ROCm,
@@ -274,12 +274,12 @@ def _said_split(p: Plan, notify: Callable[[str], None] | None) -> Plan:
     return p
 
 
-def choose(info: GGUFInfo, requested: str | int | None, *, n_ctx: int, n_batch: int = DEFAULT_BATCH,
-           notify: Callable[[str], None] | None = None, vram: int | None = None,
-           reserved: Mapping[int, int] | None = None, device: str | None = None) -> Plan:
-    """`--gpu-layers` and `--device` for a model run with `n_ctx` tokens of KV cache in batches of `n_batch`.
+def choose(info: GGUFInfo, options: LoadOptions, *, notify: Callable[[str], None] | None = None,
+           vram: int | None = None, reserved: Mapping[int, int] | None = None) -> Plan:
+    """Where `options.gpu_layers` and `options.device` put a model run with options.kv_tokens tokens of KV cache
+    (ctx × parallel, so ctx must be resolved) in batches of options.batch.
 
-    `requested`: a number as given (capped at everything), 0 for the CPU, or `auto`: the most that fits in the free
+    `gpu_layers`: a number as given (capped at everything), 0 for the CPU, or `auto`: the most that fits in the free
     memory of the devices ggml reports (app.runtime.devices), less `reserved` bytes per device that another model of
     the same run already takes. `device`: None/auto (llama.cpp's default: every discrete GPU, else the integrated
     ones), cpu, or names/numbers (devices.select). An integrated GPU chosen by auto is used only when the whole model
@@ -287,7 +287,8 @@ def choose(info: GGUFInfo, requested: str | int | None, *, n_ctx: int, n_batch: 
     free bytes instead (a what-if, for `malhae info --vram`). A build without any GPU device on a machine that has
     one says once how to install the right build (hardware.install_hint)."""
     n_layer = info.arch_int(Keys.LLM.BLOCK_COUNT) or 0
-    asked = parse_gpu_layers(requested)
+    asked = parse_gpu_layers(options.gpu_layers)
+    device, n_ctx, n_batch = options.device, options.kv_tokens, options.batch
     if vram is not None:
         if asked != "auto":
             raise UserError("--vram plans the automatic offload (--gpu-layers auto); give either --vram or "

@@ -187,3 +187,42 @@ class Sampling:
         if any(not isinstance(s, str) or not s for s in self.stop):  # "" is found everywhere: every answer empty
             raise UserError("--stop '': a stop text cannot be empty; give the text to stop before, e.g. --stop 질문:")
         return self
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a model is loaded, as one value: the CLI builds it once (flag > config.toml > this table's default, in
+    app.cli.options.load_options) and it goes whole to the engine, the server, the chat's /model, eval and info.
+
+    Why one value: each new load-time setting used to be spelled out in about 13 files and 20 signatures, renamed on
+    the way (--ctx, "ctx", n_ctx; --parallel, n_seq). A new setting is now a row in SETTINGS (if config.toml may set
+    it), a field here, its option declaration in app/cli/options.py, and the line of app/runtime/llama.py (Context or
+    Model) that hands it to llama.cpp.
+
+    Each field keeps its flag's name; llama.cpp's own words differ in one place, app.runtime.llama.Context: ctx →
+    n_ctx (per sequence: the KV cache holds ctx × parallel tokens), batch → n_batch, threads → n_threads,
+    parallel → n_seq_max; gpu_layers and device become app.runtime.offload's plan (n_gpu_layers, devices,
+    tensor_split). None means "decided when the model is read": the engine resolves ctx, batch and threads and keeps
+    the result as `Engine.options`."""
+
+    model: Path | None = None  # the GGUF file (None until the store has resolved --model)
+    ctx: int | None = field(default=SETTINGS["ctx"].default)  # None: the model's trained context, ≤ DEFAULT_MAX_CTX
+    batch: int = DEFAULT_BATCH  # tokens per llama_decode, at most ctx
+    threads: int | None = field(default=SETTINGS["threads"].default)  # None: the physical cores
+    gpu_layers: str | int = field(default=SETTINGS["gpu_layers"].default)  # "auto", 0 (CPU only) or a number
+    device: str | None = None  # --device: None (auto), cpu, names or numbers (app.runtime.devices.select)
+    parallel: int = 1  # sequences with their own part of one KV cache (the server's slots)
+    draft: str | Path | None = None  # speculative decoding: None/"off", "lookup" or a draft model's file
+    draft_max: int = field(default=SETTINGS["draft_max"].default)
+    verbose: bool = False  # llama.cpp's own log on stderr
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens of K/V the context holds: ctx for each of the parallel sequences (ctx must be resolved)."""
+        if self.ctx is None:
+            raise ValueError("LoadOptions.ctx is not resolved yet (Engine.options has it)")
+        return self.ctx * self.parallel
+
+    @property
+    def speculates(self) -> bool:
+        return self.draft is not None and self.draft != "off"

@@ -20,7 +20,7 @@ quote for GGUF files come from llama.cpp's `llama-perplexity`, so this follows i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,9 @@ import numpy as np
 from app import files
 from app.errors import UserError
 from app.runtime.llama import Batch, Context, Model
+from app.runtime.settings import LoadOptions
 
+DEFAULT_WINDOW = 512  # llama-perplexity's default --ctx
 DEFAULT_BATCH = 2048  # llama-perplexity's default: four windows of 512 per decode
 MAX_TOKENS = 1 << 20  # the largest context the settings table allows
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequences one context can hold
@@ -54,7 +56,7 @@ class Layout:
     n_seq: int  # windows per decode (1 when a window needs several decodes)
 
     @classmethod
-    def of(cls, n_ctx: int, n_batch: int = DEFAULT_BATCH) -> Layout:
+    def of(cls, n_ctx: int = DEFAULT_WINDOW, n_batch: int = DEFAULT_BATCH) -> Layout:
         if n_ctx < 4:
             raise UserError(f"--ctx {n_ctx} is too small for a perplexity window; use at least 4 (512 is usual)")
         if n_ctx > MAX_TOKENS:
@@ -66,6 +68,10 @@ class Layout:
             raise UserError(f"--batch {n_batch} puts {n_seq} windows of {n_ctx} into one decode; llama.cpp takes at "
                             f"most {MAX_SEQ}: use --batch {MAX_SEQ * n_ctx} or less")
         return cls(n_ctx, min(n_batch, n_seq * n_ctx), n_seq)
+
+    def options(self, load: LoadOptions) -> LoadOptions:
+        """`load` with this layout's context, batch and sequences: one window per sequence, n_seq of them."""
+        return replace(load, ctx=self.n_ctx, batch=self.n_batch, parallel=self.n_seq)
 
     @property
     def first(self) -> int:
@@ -99,10 +105,11 @@ def text_windows(model: Model, tokens: list[int], layout: Layout) -> list[list[i
     return chunks
 
 
-def context_for(model: Model, layout: Layout, threads: int | None, eval_callback: object | None = None,
-                abort: Callable[[], bool] | None = None) -> Context:
-    return Context(model, n_ctx=layout.n_seq * layout.n_ctx, n_batch=layout.n_batch, threads=threads,
-                   n_seq=layout.n_seq, n_ubatch=DEFAULT_UBATCH, eval_callback=eval_callback, abort=abort)
+def context_for(model: Model, layout: Layout, options: LoadOptions | None = None,
+                eval_callback: object | None = None, abort: Callable[[], bool] | None = None) -> Context:
+    """A context for `layout`'s windows, loaded as `options` say otherwise (threads, and what later issues add)."""
+    return Context(model, layout.options(options or LoadOptions()), n_ubatch=DEFAULT_UBATCH,
+                   eval_callback=eval_callback, abort=abort)
 
 
 def scored_logits(ctx: Context, chunks: list[list[int]], layout: Layout, *, every_position: bool = False,

@@ -13,9 +13,9 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from app.errors import UserError
+from app.runtime.settings import LoadOptions
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -41,23 +41,17 @@ def is_loopback(host: str) -> bool:
 
 @dataclass
 class Options:
-    path: Path
+    """How to serve: the model as `load` says (its parallel: the slots), and the HTTP side."""
+
+    load: LoadOptions
     model_id: str
     host: str = "127.0.0.1"
     port: int = 8080
-    parallel: int = 4
     queue: int = 64
-    n_ctx: int | None = None
-    threads: int | None = None
-    gpu_layers: str | int | None = "auto"
-    device: str | None = None  # --device (None: auto)
     template: str | None = None
     api_key: str | None = None
     allow_origins: tuple[str, ...] = ()
-    verbose: bool = False
     notify: Callable[[str], None] = field(default=lambda message: None)
-    draft: str | Path | None = None  # speculative decoding while one request generates alone
-    draft_max: int | None = None
 
 
 class State:
@@ -175,10 +169,8 @@ class Server:
 
         o = self.options
         try:
-            self.state.service = Service.load(o.path, model_id=o.model_id, parallel=o.parallel, queue=o.queue,
-                                              n_ctx=o.n_ctx, threads=o.threads, gpu_layers=o.gpu_layers,
-                                              template=o.template, verbose=o.verbose, notify=o.notify,
-                                              draft=o.draft, draft_max=o.draft_max, device=o.device)
+            self.state.service = Service.load(o.load, model_id=o.model_id, queue=o.queue, template=o.template,
+                                              notify=o.notify)
         except Exception as e:  # UserError or a bug: the server cannot serve, so it stops
             self.state.error = str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__}: {e})"
             self.uvicorn.should_exit = True

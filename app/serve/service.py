@@ -7,7 +7,6 @@ import codecs
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 from gguf import Keys
 
@@ -15,7 +14,7 @@ from app.errors import UserError
 from app.runtime import templates
 from app.runtime.batching import Scheduler
 from app.runtime.engine import Engine
-from app.runtime.settings import DEFAULT_DRAFT_MAX
+from app.runtime.settings import LoadOptions
 from app.serve.errors import ApiError
 
 MAX_PROMPTS = 64  # prompts × n in one request: each is a sequence in the queue
@@ -30,11 +29,10 @@ class Service:
     created: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
-    def load(cls, path: Path, *, model_id: str, parallel: int, queue: int, n_ctx: int | None, threads: int | None,
-             gpu_layers: str | int | None, template: str | None = None, verbose: bool = False, notify=None,
-             draft: str | Path | None = None, draft_max: int | None = None, device: str | None = None) -> Service:
-        engine = Engine(path, n_ctx=n_ctx, threads=threads, gpu_layers=gpu_layers, verbose=verbose, notify=notify,
-                        n_seq=parallel, draft=draft, draft_max=draft_max or DEFAULT_DRAFT_MAX, device=device)
+    def load(cls, options: LoadOptions, *, model_id: str, queue: int, template: str | None = None,
+             notify=None) -> Service:
+        """The model loaded with options.parallel slots; `queue` requests may wait for one."""
+        engine = Engine(options, notify=notify)
         try:
             chosen = templates.get(template) if template else templates.for_engine(engine)
             service = cls(engine, Scheduler(engine, queue=queue), chosen, model_id)

@@ -18,7 +18,7 @@ from app.runtime import devices, offload, templates
 from app.runtime.devices import Device
 from app.runtime.gguf_info import GGUFInfo, check_shape, read_info
 from app.runtime.llama import repeating_on_gpu
-from app.runtime.settings import DEFAULT_BATCH, context_size
+from app.runtime.settings import LoadOptions, context_size
 from app.runtime.settings import gpu_layers as parse_gpu_layers
 
 GiB = 2**30
@@ -182,18 +182,19 @@ def _chat_template(info: GGUFInfo, name: str) -> ChatTemplate:
     return ChatTemplate("none", None, 0, used)
 
 
-def memory(info: GGUFInfo, n_ctx: int | None = None, gpu_layers: str | int = "auto",
-           vram_gib: float | None = None, device: str | None = None) -> Memory:
-    """Where the weights, KV cache and buffers would go: the engine's own context rule and offload choice
-    (app.runtime.offload.choose), so `info` shows what `chat` would do."""
-    n_ctx = context_size(n_ctx, info.arch_int(Keys.LLM.CONTEXT_LENGTH))
-    n_batch = min(DEFAULT_BATCH, n_ctx)
+def memory(info: GGUFInfo, options: LoadOptions | None = None, vram_gib: float | None = None) -> Memory:
+    """Where the weights, KV cache and buffers would go if loaded as `options` say: the engine's own context rule
+    and offload choice (app.runtime.offload.choose), so `info` shows what `chat` would do."""
+    options = options or LoadOptions()
+    gpu_layers = options.gpu_layers
+    n_ctx = context_size(options.ctx, info.arch_int(Keys.LLM.CONTEXT_LENGTH))
+    n_batch = min(options.batch, n_ctx)
     # the planner expects arrays as their lengths, as read_info() gives them by default
     scalars = replace(info, metadata={k: len(v) if isinstance(v, list) else v for k, v in info.metadata.items()})
     sizes = offload.model_sizes(scalars, n_ctx, n_batch)
     n_layer = sizes.n_layer
     said: list[str] = []  # the install hint, where the build cannot use this machine's GPU
-    p = offload.choose(scalars, gpu_layers, n_ctx=n_ctx, n_batch=n_batch, device=device, notify=said.append,
+    p = offload.choose(scalars, replace(options, ctx=n_ctx, batch=n_batch), notify=said.append,
                        vram=units.gib_bytes("--vram", vram_gib) if vram_gib is not None else None)
     n, mode, reason = p.n_gpu_layers, p.mode, p.reason
     free = p.free_bytes if mode == "what-if" or (mode == "auto" and p.free_bytes) else None
@@ -225,8 +226,8 @@ def check_file(path: Path) -> None:
                         "`malhae convert`)")
 
 
-def describe(path: Path, *, n_ctx: int | None = None, gpu_layers: str | int = "auto",
-             vram_gib: float | None = None, device: str | None = None) -> ModelInfo:
+def describe(path: Path, options: LoadOptions | None = None, *, vram_gib: float | None = None) -> ModelInfo:
+    """Everything `malhae info` says of the GGUF at `path`, its memory as if loaded as `options` say."""
     check_file(path)
     info = read_info(path, arrays=(Keys.Tokenizer.LIST, Keys.Tokenizer.TOKEN_TYPE))
     if info.text("general.type") == "imatrix":
@@ -247,4 +248,4 @@ def describe(path: Path, *, n_ctx: int | None = None, gpu_layers: str | int = "a
         rotary_dims=info.arch_int(Keys.Rope.DIMENSION_COUNT), d_ff=info.arch_int(Keys.LLM.FEED_FORWARD_LENGTH),
         file_type=info.file_type, quantization=mix, tensor_bytes=info.tensor_bytes, tokenizer=_tokenizer(info),
         chat_template=_chat_template(info, info.name or path.stem),
-        memory=memory(info, n_ctx, gpu_layers, vram_gib, device) if n_layer else None, imatrix=_imatrix(info))
+        memory=memory(info, options, vram_gib) if n_layer else None, imatrix=_imatrix(info))

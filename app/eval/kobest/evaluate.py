@@ -18,13 +18,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from app.errors import UserError
 from app.eval.kobest import data, metrics
 from app.eval.kobest.tasks import Doc, Task
+from app.runtime.settings import LoadOptions
 
 SHUFFLE_SEED = 42  # evaluator.evaluate: rnd.seed(42) before rnd.shuffle(task_docs)
 Progress = Callable[[str, int, int, int], None]  # (task title, shots, docs done, docs total)
@@ -131,23 +131,24 @@ def check_shots_fit(splits: dict[str, tuple[list, list]], shots: list[int]) -> N
                         f"task, so no cell can be scored; use fewer shots (e.g. --shots 0,{min(5, most)})")
 
 
-def evaluate(model_path: Path, src: data.Source, tasks: list[Task], shots: list[int], *, limit: int | None = None,
-             threads: int | None = None, gpu_layers: str | int = "auto", precise: bool = False,
-             progress: Progress | None = None, notify: Callable[[str], None] | None = None,
-             device: str | None = None) -> Report:
+def evaluate(options: LoadOptions, src: data.Source, tasks: list[Task], shots: list[int], *,
+             limit: int | None = None, precise: bool = False, progress: Progress | None = None,
+             notify: Callable[[str], None] | None = None) -> Report:
+    """KoBEST on options.model, loaded as `options` say (layers, devices, threads; the scorer sizes its own
+    context: the model's trained window)."""
     from app.eval.loglik import Scorer
     from app.runtime import hardware, offload
     from app.runtime.engine import check_model_file
     from app.runtime.llama import Model
 
     splits = _splits(src, tasks, shots, limit)
-    info = check_model_file(model_path)  # the data is checked first, then the model
+    info = check_model_file(options.model)  # the data is checked first, then the model
     shape = Scorer.shape(info, max(len(t.choice_formats) for t in tasks))
-    plan = offload.choose(info, gpu_layers, n_ctx=shape.n_ctx, n_batch=shape.n_batch, notify=notify, device=device)
-    with Model.planned(model_path, plan) as model, \
-            Scorer(model, threads=threads or hardware.physical_cores(), precise=precise,
+    plan = offload.choose(info, shape.options(options), notify=notify)
+    with Model.planned(options.model, plan) as model, \
+            Scorer(model, threads=options.threads or hardware.physical_cores(), precise=precise,
                    max_choices=shape.max_choices) as scorer:
-        report = Report(str(model_path), src.label, scorer.max_length)
+        report = Report(str(options.model), src.label, scorer.max_length)
         _cells(report, scorer, model.tokenize, splits, tasks, shots, limit, progress)
     return report
 
