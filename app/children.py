@@ -27,7 +27,7 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 LIFELINE_ENV = "MALHAE_LIFELINE_FD"
 _PR_SET_PDEATHSIG = 1

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 PARTIAL = re.compile(r"^\..+\.(\d+)(?:\.[a-z]+)?\.partial$")
 STALE_SECONDS = 600

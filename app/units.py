@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 MAX_GIB = 1 << 20  # --vram/--ram beyond a pebibyte is a typo
 

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from app.store.catalog import QUALITY_ORDER, read_toml, shape_key  # noqa: E402
-from convert.sizing import Shape, sized_tensors, summarize  # noqa: E402
+from malhae.convert.sizing import Shape, sized_tensors, summarize  # noqa: E402
+from malhae.store.catalog import QUALITY_ORDER, read_toml, shape_key  # noqa: E402
 
 SIZES_FILE = ROOT / "models" / "catalog-sizes.toml"
 
@@ -78,9 +78,9 @@ def render(data: dict[str, dict]) -> str:
 def validate(types: list[str], workdir: Path, checkpoint: Path | None) -> bool:
     from convert_cost import SHAPE_1_3B, make_checkpoint
 
-    from app.runtime.gguf_info import read_info
-    from app.runtime.llama import init
-    from convert import pipeline
+    from malhae.convert import pipeline
+    from malhae.runtime.gguf_info import read_info
+    from malhae.runtime.llama import init
 
     init(False)
     src = checkpoint or make_checkpoint(workdir)

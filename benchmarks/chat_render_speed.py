@@ -25,10 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.chat.writer import write_answer  # noqa: E402
-from app.runtime import templates  # noqa: E402
-from app.runtime.engine import Engine  # noqa: E402
-from app.runtime.settings import (
+from malhae.chat.writer import write_answer  # noqa: E402
+from malhae.runtime import templates  # noqa: E402
+from malhae.runtime.engine import Engine  # noqa: E402
+from malhae.runtime.settings import (
     LoadOptions,  # noqa: E402
     Sampling,  # noqa: E402
 )

@@ -122,7 +122,7 @@ def main() -> None:
         results: dict[str, list[tuple[float, float]]] = {"malhae": [], "llama.cpp": []}
         for _ in range(args.repeat):
             out = args.workdir / f"out-malhae-{type_name}.gguf"
-            results["malhae"].append(timed([sys.executable, "-m", "app", "convert", str(src), "-t", type_name,
+            results["malhae"].append(timed([sys.executable, "-m", "malhae", "convert", str(src), "-t", type_name,
                                             "-o", str(out), "--force"]))
             out.unlink()
             if type_name in ("f32", "f16", "bf16", "q8_0"):

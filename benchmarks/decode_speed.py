@@ -23,16 +23,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from app.eval import bench, upstream  # noqa: E402
-from app.runtime.engine import Engine  # noqa: E402
-from app.runtime.settings import LoadOptions  # noqa: E402
+from malhae.eval import bench, upstream  # noqa: E402
+from malhae.runtime.engine import Engine  # noqa: E402
+from malhae.runtime.settings import LoadOptions  # noqa: E402
 
 
 def shaped_q4(workdir: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from convert_cost import make_checkpoint
 
-    from convert import pipeline
+    from malhae.convert import pipeline
 
     workdir.mkdir(parents=True, exist_ok=True)
     model = workdir / "polyglot-ko-1.3b-shaped-q4_k_m.gguf"

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from app.runtime.settings import LoadOptions
+from malhae.runtime.settings import LoadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -182,10 +182,10 @@ def make_gguf(hf_dir: Path, out_dir: Path, type_name: str, *, threads: int | Non
     converter; a quantizer type is made by llama.cpp's quantizer from the F16 GGUF, which is the very step
     convert.pipeline takes after writing its own temporary F16 — so the bytes are the same, without 2.5 GB written
     twice."""
-    from app import files
-    from app.runtime.llama import init
-    from convert import pipeline, quantize
-    from convert import types as out_types
+    from malhae import files
+    from malhae.convert import pipeline, quantize
+    from malhae.convert import types as out_types
+    from malhae.runtime.llama import init
 
     otype = out_types.get(type_name)
     target = gguf_path(out_dir, otype.name)
@@ -229,7 +229,7 @@ def greedy(path: Path, texts: list[str], n_new: int = 64, threads: int = 2) -> G
     logits that differ in the last bits (seen: 3e-4). With all rows the two compute the same shapes and agree exactly.
     ms/token is only indicative: other work on the machine slows it (benchmarks/verify_cost.py measures costs).
     """
-    from app.runtime.llama import Batch, Context, Model
+    from malhae.runtime.llama import Batch, Context, Model
 
     out = Greedy([], [], [], 0.0)
     seconds, steps = 0.0, 0

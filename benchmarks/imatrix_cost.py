@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-from app.eval import upstream  # noqa: E402
-from app.runtime import llama  # noqa: E402
-from convert import corpus, pipeline  # noqa: E402
-from convert import imatrix as imatrix_file  # noqa: E402
+from malhae.convert import corpus, pipeline  # noqa: E402
+from malhae.convert import imatrix as imatrix_file  # noqa: E402
+from malhae.eval import upstream  # noqa: E402
+from malhae.runtime import llama  # noqa: E402
 
 
 def main() -> None:
@@ -61,7 +61,7 @@ def main() -> None:
     text.write_text(corpus.calibration_text()[1], encoding="utf-8")
     ours, theirs = args.workdir / "malhae.imatrix.gguf", args.workdir / "upstream.imatrix.gguf"
     common = ["--ctx", str(args.ctx), "--chunks", str(args.chunks), "--threads", str(args.threads)]
-    malhae_cmd = [sys.executable, "-m", "app", "imatrix", str(model), "--text", str(text), *common, "--gpu-layers",
+    malhae_cmd = [sys.executable, "-m", "malhae", "imatrix", str(model), "--text", str(text), *common, "--gpu-layers",
                   str(args.gpu_layers), "-o", str(ours), "--force"]
     upstream_cmd = [str(exe), "-m", str(model), "-f", str(text), "-c", str(args.ctx), "--chunks", str(args.chunks),
                     "-t", str(args.threads), "-ngl", str(args.gpu_layers), "-o", str(theirs),

@@ -37,7 +37,7 @@ Four sources score the same test docs, per doc and per choice:
 3. (c) and (d) run `malhae eval kobest [MODEL] --tasks TASK --shots K --data DIR --json` on the same files, through
    app.cli.main with a wrapper on app.eval.kobest.evaluate.score(scorer, tokenize, reqs, progress) that records each
    doc's log-likelihoods — the same function scores local and remote runs — so that all four can be compared doc by
-   doc (--no-per-doc runs plain `python -m app eval kobest`: scores only).
+   doc (--no-per-doc runs plain `python -m malhae eval kobest`: scores only).
 
 Docs are aligned by their index in the test file, choices by position: lm-eval logs it as doc_id; malhae scores
 the docs in its seeded shuffle, which this script replays. (With --samples, lm-eval 0.4.13 runs the chosen docs in
@@ -95,7 +95,7 @@ SHUFFLE_SEED = 42  # malhae eval kobest (the polyglot harness): rnd.seed(42); rn
 # Printed by the project's python: the task's format strings as malhae loads them.
 DUMP_TASK = """
 import dataclasses, json, sys
-from app.eval.kobest.tasks import select
+from malhae.eval.kobest.tasks import select
 print(json.dumps(dataclasses.asdict(select(sys.argv[1])[0]), ensure_ascii=False))
 """
 
@@ -114,8 +114,8 @@ print(json.dumps(out))
 # `malhae eval kobest` (local or --endpoint) through its CLI entry, each scored doc recorded to $LM_EVAL_SERVE_CAPTURE.
 CAPTURE = """
 import inspect, json, os, sys
-import app.eval.kobest.evaluate as E
-from app.cli import main
+import malhae.eval.kobest.evaluate as E
+from malhae.cli import main
 path, rows, score = os.environ.pop("LM_EVAL_SERVE_CAPTURE"), [], E.score
 if list(inspect.signature(score).parameters)[:3] != ["scorer", "tokenize", "reqs"]:
     sys.exit(f"lm_eval_serve.py: app.eval.kobest.evaluate.score{inspect.signature(score)} is no longer "
@@ -418,7 +418,7 @@ def lm_eval_failed(what: str, rc: int, wall: float, log: Path, server_log: Path 
 def run_malhae(python: str, kobest: list[str], capture: Path, log: Path, per_doc: bool,
                label: str) -> tuple[dict, list[dict] | None, float]:
     """`malhae eval kobest ... --json`: its report, the recorded docs (per_doc) and the process' wall time."""
-    cmd = [python, "-c", CAPTURE, *kobest] if per_doc else [python, "-m", "app", *kobest]
+    cmd = [python, "-c", CAPTURE, *kobest] if per_doc else [python, "-m", "malhae", *kobest]
     print(f"running: {python} -m app {subprocess.list2cmdline(kobest)}" + (" (recording docs)" if per_doc else ""),
           file=sys.stderr)
     capture.unlink(missing_ok=True)
@@ -545,7 +545,7 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable, help="the python malhae runs on (default: this one)")
     parser.add_argument("--out", type=Path, help="keep the task, logs and lm-eval output here (default: a temp dir)")
     parser.add_argument("--load-timeout", type=float, default=600, help="seconds the server may take to load")
-    parser.add_argument("--no-per-doc", action="store_true", help="run plain `python -m app eval kobest` (c, d)")
+    parser.add_argument("--no-per-doc", action="store_true", help="run plain `python -m malhae eval kobest` (c, d)")
     parser.add_argument("--show", type=int, default=20,
                         help="per-choice rows for the first N docs and every doc where predictions differ")
     parser.add_argument("--json", type=Path, help="also write everything compared to this file")
@@ -608,7 +608,7 @@ def main() -> None:
               *(["--limit", str(args.limit)] if args.limit is not None else [])]
     per_doc = not args.no_per_doc
     model_args = [] if args.model is None else ["-m", args.model]
-    serve_cmd = [args.python, "-m", "app", "serve", *model_args, "--port", "0", "--parallel", str(args.parallel),
+    serve_cmd = [args.python, "-m", "malhae", "serve", *model_args, "--port", "0", "--parallel", str(args.parallel),
                  "--threads", str(args.threads)]
     proc = None
     try:
@@ -645,10 +645,10 @@ def main() -> None:
                                          work / "malhae-local.log", per_doc, "malhae eval kobest")  # (c)
     sources["c"] = malhae_source(SOURCES["c"], report, args.task, args.shots,
                                  malhae_docs(rows, order) if per_doc else None, ours_wall,
-                                 [args.python, "-m", "app", *local_kobest])
+                                 [args.python, "-m", "malhae", *local_kobest])
     sources["d"] = malhae_source(SOURCES["d"], remote_report, args.task, args.shots,
                                  malhae_docs(remote_rows, order) if per_doc else None, remote_wall,
-                                 [args.python, "-m", "app", *remote_kobest])
+                                 [args.python, "-m", "malhae", *remote_kobest])
 
     hf_run = None
     if use_hf:  # (b), after the server has gone: the two cores to itself

@@ -30,11 +30,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.runtime.draft import Lookup  # noqa: E402
-from app.runtime.engine import Engine  # noqa: E402
-from app.runtime.settings import LoadOptions, Sampling  # noqa: E402
-from app.runtime.speculate import DraftLength, Speculator  # noqa: E402
 from benchmarks.speculative import cases, twin  # noqa: E402
+from malhae.runtime.draft import Lookup  # noqa: E402
+from malhae.runtime.engine import Engine  # noqa: E402
+from malhae.runtime.settings import LoadOptions, Sampling  # noqa: E402
+from malhae.runtime.speculate import DraftLength, Speculator  # noqa: E402
 
 FIXED = (1, 2, 3, 4, 8)
 

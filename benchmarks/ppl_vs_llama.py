@@ -26,10 +26,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.eval import perplexity, upstream  # noqa: E402
-from app.runtime.llama import init  # noqa: E402
-from app.runtime.settings import LoadOptions  # noqa: E402
-from app.runtime.windows import Layout  # noqa: E402
+from malhae.eval import perplexity, upstream  # noqa: E402
+from malhae.runtime.llama import init  # noqa: E402
+from malhae.runtime.settings import LoadOptions  # noqa: E402
+from malhae.runtime.windows import Layout  # noqa: E402
 
 BILLS = ROOT / "models" / "data" / "ko-public-domain" / "bills"
 HELD_OUT = ("1809898.txt", "1809899.txt")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
             text.write_text("\n".join((BILLS / n).read_text(encoding="utf-8") for n in HELD_OUT), encoding="utf-8")
         models = args.model
         if not models:
-            from convert import pipeline
+            from malhae.convert import pipeline
 
             q4 = pipeline.convert(ROOT / "models" / "demo" / "hf", "q4_k_m", Path(tmp) / "demo-q4_k_m.gguf").path
             models = [ROOT / "models" / "malhae-demo-ko-f16.gguf", q4]

@@ -34,13 +34,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.eval import compare  # noqa: E402
-from app.runtime.llama import Model, init  # noqa: E402
-from app.runtime.settings import LoadOptions  # noqa: E402
-from app.runtime.windows import Layout  # noqa: E402
-from convert import corpus, importance, pipeline  # noqa: E402
-from convert import imatrix as imatrix_file  # noqa: E402
-from convert import types as out_types  # noqa: E402
+from malhae.convert import corpus, importance, pipeline  # noqa: E402
+from malhae.convert import imatrix as imatrix_file  # noqa: E402
+from malhae.convert import types as out_types  # noqa: E402
+from malhae.eval import compare  # noqa: E402
+from malhae.runtime.llama import Model, init  # noqa: E402
+from malhae.runtime.settings import LoadOptions  # noqa: E402
+from malhae.runtime.windows import Layout  # noqa: E402
 
 TYPES = ["f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q3_k_m", "q2_k"]
 ALL_QUANTIZED = [t.name for t in out_types.TYPES.values() if t.direct is None]

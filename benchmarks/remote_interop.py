@@ -13,7 +13,7 @@ repeat_penalty, repeat_last_n; app/runtime/remote.py) — and that `eval ppl --e
    127.0.0.1 with `-c 2048 -np 1 --threads T`; the script waits for GET /health 200 (120 s at most) and stops the
    server at the end, on an error or on Ctrl-C too (terminate, then kill). Its log goes to a temporary file, whose
    tail is printed when it fails to start.
-2. Every case runs `python -m app ...` twice as a subprocess: locally (`-m MODEL --threads T --endpoint local`, so
+2. Every case runs `python -m malhae ...` twice as a subprocess: locally (`-m MODEL --threads T --endpoint local`, so
    neither $MALHAE_ENDPOINT nor config.toml's endpoint applies) and remotely (`--endpoint URL`, the server's only
    model). Local first, then remote; only one of them computes at a time.
    - complete, ask: `PROMPT --temperature 0 -n N --json`, compared on "text" and "stats.generated_tokens".
@@ -28,7 +28,7 @@ repeat_penalty, repeat_last_n; app/runtime/remote.py) — and that `eval ppl --e
    random-weight model (seen: the chat case differed from its first token until then).
    - complete with the default sampling (temperature 0.7, top_k 40, top_p 0.95, min_p 0.05, repeat_penalty 1.1)
      and `--seed 7`: reported, not judged — two servers' samplers need not draw alike at temperature > 0.
-3. `python -m app eval ppl --endpoint URL --text models/data/ko-public-domain/bills/1809899.txt --ctx 128` must
+3. `python -m malhae eval ppl --endpoint URL --text models/data/ko-public-domain/bills/1809899.txt --ctx 128` must
    exit 2 with one line saying that llama-server does not return a prompt's log-probabilities.
 
 Printed: one row per case — the command, the prompt (shortened), whether the texts are equal, the tokens local/remote
@@ -163,7 +163,7 @@ def run_app(argv: list[str], stdin: str | None, timeout: float, chat: bool = Fal
     env = os.environ | {"COLUMNS": "400", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([sys.executable, "-m", "app", *argv], input=stdin if stdin is not None else "",
+        p = subprocess.run([sys.executable, "-m", "malhae", *argv], input=stdin if stdin is not None else "",
                            capture_output=True, text=True, encoding="utf-8", errors="replace", env=env, cwd=ROOT,
                            timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -280,7 +280,7 @@ def table(cases: list[Case]) -> str:
 def details(c: Case) -> str:
     out = [f"{c.command} {c.prompt!r}:"]
     for where, r in (("local ", c.local), ("remote", c.remote)):
-        out.append(f"  {where} $ python -m app {' '.join(r.argv)}")
+        out.append(f"  {where} $ python -m malhae {' '.join(r.argv)}")
         if r.error:
             out.append(f"  {where} error: {r.error}")
     if c.first_diff is not None and c.local.text is not None and c.remote.text is not None:
@@ -309,7 +309,7 @@ def main() -> None:
     parser.add_argument("--llama-server", type=Path, default=processes.default_llama_server(),
                         help="upstream llama-server binary (default: build_llama_tools.py --server's)")
     parser.add_argument("--load-timeout", type=float, default=120, help="seconds llama-server may take to load")
-    parser.add_argument("--run-timeout", type=float, default=600, help="seconds one `python -m app` may take")
+    parser.add_argument("--run-timeout", type=float, default=600, help="seconds one `python -m malhae` may take")
     parser.add_argument("--json", type=Path, help="also write every case (both argvs, texts, tokens) to this file")
     args = parser.parse_args()
     model = args.model.resolve()
@@ -389,7 +389,7 @@ def main() -> None:
 
         ppl = ["eval", "ppl", "--endpoint", url, "--text", str(PPL_TEXT.relative_to(ROOT)), "--ctx", "128"]
         env = os.environ | {"COLUMNS": "400", "NO_COLOR": "1"}
-        p = subprocess.run([sys.executable, "-m", "app", *ppl], capture_output=True, text=True, encoding="utf-8",
+        p = subprocess.run([sys.executable, "-m", "malhae", *ppl], capture_output=True, text=True, encoding="utf-8",
                            errors="replace", env=env, cwd=ROOT, timeout=args.run_timeout)
         lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
         said = " ".join(lines).lower()

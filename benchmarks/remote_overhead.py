@@ -5,7 +5,7 @@
 What it shows: the decode speed and time to first token a user sees through the remote backend (HTTP, SSE, the
 server's scheduler) next to the local engine's, on the same GGUF and thread count, and that the two answers are the
 same text (greedy). `malhae serve` runs in this process (one slot, the model's context) and the two front ends run
-as `python -m app complete PROMPT --temperature 0 -n N --json` subprocesses, local and remote alternating, one at a
+as `python -m malhae complete PROMPT --temperature 0 -n N --json` subprocesses, local and remote alternating, one at a
 time, so they never compete for the cores; each round has its own prompt (its number first), so the server reuses no
 earlier prompt. Printed: per round and as medians, decode tok/s (after the first token)
 and TTFT of each, and the ratio remote / local. Both sides measure at the client: the local engine from its own
@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.runtime.settings import LoadOptions
+from malhae.runtime.settings import LoadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,15 +34,16 @@ PROMPT = "대한민국 헌법 제1조 대한민국은 민주공화국이다. 대
 
 
 def run(args: list[str]) -> dict:
-    done = subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    done = subprocess.run([sys.executable, "-m", "malhae", *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
     if done.returncode:
         raise SystemExit(f"malhae {' '.join(args)} failed: {done.stderr.strip()}")
     return json.loads(done.stdout)
 
 
 def main() -> None:
-    from app.serve.server import Options, Server
-    from app.store import models
+    from malhae.serve.server import Options, Server
+    from malhae.store import models
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", nargs="?", type=Path, help="GGUF (default: the bundled demo)")

@@ -279,7 +279,7 @@ def main() -> None:
         parser.error("--clients takes positive numbers and --rounds at least 1")
 
     t, p, c = str(args.threads), args.parallel, args.ctx
-    servers = [Server(MALHAE, [sys.executable, "-m", "app", "serve", "-m", str(model), "--port", "0", "--parallel",
+    servers = [Server(MALHAE, [sys.executable, "-m", "malhae", "serve", "-m", str(model), "--port", "0", "--parallel",
                                str(p), "--ctx", str(c), "--threads", t], "/health", None, clients, "usage")]
     if args.no_llama_server:
         pass

@@ -38,8 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.runtime.engine import Engine  # noqa: E402
-from app.runtime.settings import LoadOptions, Sampling  # noqa: E402
+from malhae.runtime.engine import Engine  # noqa: E402
+from malhae.runtime.settings import LoadOptions, Sampling  # noqa: E402
 
 DATA = ROOT / "models" / "data" / "ko-public-domain"
 DEMO = ROOT / "models" / "malhae-demo-ko-f16.gguf"
@@ -133,7 +133,7 @@ def serve_rounds(model: Path, prompts: dict[str, str], threads: int, tokens: int
     import http.client
     import threading
 
-    from app.serve.server import Options, Server
+    from malhae.serve.server import Options, Server
 
     def post(port: int, prompt: str, out: list) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
@@ -212,7 +212,7 @@ def main() -> None:
         return
     gpu = a.gpu_layers if a.gpu_layers == "auto" else int(a.gpu_layers)
     with tempfile.TemporaryDirectory() as tmp:
-        from convert.rewrite import first_layers
+        from malhae.convert.rewrite import first_layers
 
         drafts = {"plain": None, "lookup": "lookup", "cut2": first_layers(DEMO, Path(tmp) / "demo-2.gguf", 2),
                   "demo": DEMO}

@@ -34,8 +34,8 @@ import llama_cpp as lc
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.runtime.llama import Batch, Context, Model  # noqa: E402
-from app.runtime.settings import LoadOptions  # noqa: E402
+from malhae.runtime.llama import Batch, Context, Model  # noqa: E402
+from malhae.runtime.settings import LoadOptions  # noqa: E402
 
 TEXT = ROOT / "models" / "data" / "ko-public-domain" / "constitution.txt"
 WARMUP = 2  # untimed passes over every k: first-touch of weights and compute buffers, thread pool start

@@ -17,8 +17,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from app.errors import UserError
-from app.files import cannot_read
+from malhae.errors import UserError
+from malhae.files import cannot_read
 
 
 class CheckpointError(UserError):

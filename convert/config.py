@@ -11,8 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from app import files
-from app.errors import UserError
+from malhae import files
+from malhae.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM",)
 MAX_CONFIG = 1 << 24  # a config.json is a few KB; 16 MB is no model's

@@ -31,7 +31,7 @@ class Manifest:
 
 @cache
 def manifest() -> Manifest:
-    root = Path(str(resources.files("models")))
+    root = Path(str(resources.files("malhae.models")))
     raw = tomllib.loads((root / "calibration.toml").read_text(encoding="utf-8"))
     held = tuple(root / p for p in raw["held_out"])
     sources = tuple((s["kind"], tuple(root / p for p in s["files"])) for s in raw["source"])

@@ -15,10 +15,10 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from convert import tensors as T
-from convert.checkpoint import DTYPES, Checkpoint, CheckpointError
-from convert.config import NeoXConfig
-from convert.vocab import Vocab
+from malhae.convert import tensors as T
+from malhae.convert.checkpoint import DTYPES, Checkpoint, CheckpointError
+from malhae.convert.config import NeoXConfig
+from malhae.convert.vocab import Vocab
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPTNEOX]
 # Buffers that old transformers versions saved with the weights: a causal mask, a scalar, the rotary frequencies.

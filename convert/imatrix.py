@@ -22,9 +22,9 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from app import files
-from app.errors import UserError
-from app.runtime.gguf_info import read_info
+from malhae import files
+from malhae.errors import UserError
+from malhae.runtime.gguf_info import read_info
 
 MAX_ENTRIES = 1 << 16  # tensors in one file: a 1000-layer model has ~7000
 MAX_VALUES = 1 << 26  # values in one entry (64 Mi: 256 experts × 256 Ki columns)

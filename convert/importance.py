@@ -16,15 +16,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from app.errors import UserError
-from app.runtime.activations import MIN_ROWS, SquareSums
-from app.runtime.llama import Interrupts, Model
-from app.runtime.logprobs import NLLSum, log_prob
-from app.runtime.settings import LoadOptions
-from app.runtime.windows import DEFAULT_BATCH, Layout, check_context, context_for, read_text, scored_logits, text_tokens
-from app.runtime.windows import text_windows as windows_of
-from convert import corpus
-from convert.imatrix import Imatrix, write
+from malhae.convert import corpus
+from malhae.convert.imatrix import Imatrix, write
+from malhae.errors import UserError
+from malhae.runtime.activations import MIN_ROWS, SquareSums
+from malhae.runtime.llama import Interrupts, Model
+from malhae.runtime.logprobs import NLLSum, log_prob
+from malhae.runtime.settings import LoadOptions
+from malhae.runtime.windows import (
+    DEFAULT_BATCH,
+    Layout,
+    check_context,
+    context_for,
+    read_text,
+    scored_logits,
+    text_tokens,
+)
+from malhae.runtime.windows import text_windows as windows_of
 
 Progress = Callable[[int, int, float], None]  # (chunks done, chunks in all, running perplexity)
 MAX_CHUNKS = 1 << 20
@@ -103,8 +111,8 @@ def compute_file(options: LoadOptions, text: str, *, datasets: tuple[str, ...], 
                  notify: Callable[[str], None] | None = None) -> tuple[Imatrix, float, int]:
     """Load options.model (offloaded, threaded as `options` say) and compute; `layout` None: chunks of
     DEFAULT_CTX, or of the context the model was trained on if that is shorter (--imatrix auto)."""
-    from app.runtime import hardware, offload
-    from app.runtime.engine import check_model_file
+    from malhae.runtime import hardware, offload
+    from malhae.runtime.engine import check_model_file
 
     model_path = options.model
     info = check_model_file(model_path)
@@ -114,7 +122,7 @@ def compute_file(options: LoadOptions, text: str, *, datasets: tuple[str, ...], 
     layout = layout or chunk_layout(min(DEFAULT_CTX, info.arch_int("context_length") or DEFAULT_CTX))
     options = replace(options, threads=options.threads or hardware.physical_cores())
     plan = offload.choose(info, layout.options(options), notify=notify)
-    with Model.planned(model_path, plan) as model:
+    with Model.planned(options, plan) as model:
         return compute(model, text, layout, options, chunks=chunks, datasets=datasets, output=output,
                        progress=progress, notify=notify)
 
@@ -124,7 +132,7 @@ def run(options: LoadOptions, out: Path, *, text_path: Path | None = None, force
         progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> Result:
     """Everything `malhae imatrix` does for options.model: check the cheap things first (output path, text), then
     load and compute (`layout`: chunks of 512 tokens, 2048 per decode, unless given)."""
-    from app import files
+    from malhae import files
 
     files.check_target(out, force, replace_hint="add --force to overwrite it", other_hint="choose another -o")
     datasets, text = calibration(text_path)

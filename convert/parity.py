@@ -14,8 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from app.errors import UserError
-from app.runtime.llama import Model
+from malhae.errors import UserError
+from malhae.runtime.llama import Model
 
 
 class ParityError(UserError):
@@ -29,7 +29,8 @@ class ParityReport:
 
 
 def sample_texts(specials: list[str]) -> list[str]:
-    data = json.loads(resources.files("convert").joinpath("data/tokenizer_sample.json").read_text(encoding="utf-8"))
+    sample = resources.files("malhae.convert").joinpath("data/tokenizer_sample.json")
+    data = json.loads(sample.read_text(encoding="utf-8"))
     texts = list(data["samples"])
     for special in specials:
         texts.append(f"문장 끝{special}다음 문장 {special}\n{special}")

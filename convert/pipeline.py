@@ -21,16 +21,16 @@ from pathlib import Path
 import gguf
 from gguf import GGMLQuantizationType as QT
 
-from app import files, units
-from app.errors import UserError
-from app.runtime import templates
-from app.runtime.gguf_info import read_info
-from convert import gguf_out, parity, quantize
-from convert import imatrix as imatrix_file
-from convert import types as out_types
-from convert.checkpoint import Checkpoint
-from convert.config import NeoXConfig, read_config
-from convert.vocab import read_vocab
+from malhae import files, units
+from malhae.convert import gguf_out, parity, quantize
+from malhae.convert import imatrix as imatrix_file
+from malhae.convert import types as out_types
+from malhae.convert.checkpoint import Checkpoint
+from malhae.convert.config import NeoXConfig, read_config
+from malhae.convert.vocab import read_vocab
+from malhae.errors import UserError
+from malhae.runtime import templates
+from malhae.runtime.gguf_info import read_info
 
 # Progress: (stage, done, total); stages are "reading", "writing" (bytes) and "quantizing" (tensors).
 Progress = Callable[[str, int, int], None]
@@ -201,8 +201,8 @@ def check_imatrix_option(otype: out_types.OutType, imatrix: str | Path | None) -
 
 def _calibrate(staged: Path, out: Path, threads: int | None, progress: Progress | None) -> None:
     """--imatrix auto: the importance matrix of the staged F16 over malhae's calibration corpus, into `out`."""
-    from app.runtime.settings import LoadOptions
-    from convert import importance
+    from malhae.convert import importance
+    from malhae.runtime.settings import LoadOptions
 
     datasets, text = importance.calibration(None)
     im, _, _ = importance.compute_file(LoadOptions(model=staged, threads=threads), text, datasets=datasets,

@@ -18,9 +18,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from app import children
-from app.errors import UserError
-from convert.imatrix import Imatrix
+from malhae import children
+from malhae.convert.imatrix import Imatrix
+from malhae.errors import UserError
 
 _PROGRESS = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
 
@@ -31,9 +31,11 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
     """Quantize `src` into `dst`; with `imatrix` (a file convert.imatrix reads, already checked against the model),
     its column importances guide the quantizer and the quantize.imatrix.* keys record it (`imatrix_label`: the
     name to record as quantize.imatrix.file, default the file's name, never its full path)."""
-    root = str(Path(__file__).resolve().parent.parent)  # so the child imports this same copy of malhae
+    import malhae
+
+    root = str(Path(malhae.__file__).resolve().parent.parent)  # so the child imports this same copy of malhae
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-    cmd = [sys.executable, "-m", "convert.quantize", str(src), str(dst), str(int(ftype)), str(threads or 0)]
+    cmd = [sys.executable, "-m", "malhae.convert.quantize", str(src), str(dst), str(int(ftype)), str(threads or 0)]
     if imatrix is not None:
         cmd += [str(imatrix), imatrix_label or imatrix.name]
     proc = children.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
@@ -73,8 +75,8 @@ def imatrix_keys(im: Imatrix, label: str) -> dict[str, str | int]:
 
 def _child(src: str, dst: str, ftype: int, threads: int, imatrix: str | None = None, label: str = "") -> int:
     children.watch_parent()
-    from app.runtime import llama, quant
-    from convert.imatrix import read
+    from malhae.convert.imatrix import read
+    from malhae.runtime import llama, quant
 
     last_error: list[str] = []
 

@@ -24,12 +24,12 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from app.errors import UserError
-from convert import gguf_out
-from convert import types as out_types
-from convert.checkpoint import TensorRef
-from convert.config import NeoXConfig
-from convert.vocab import Vocab
+from malhae.convert import gguf_out
+from malhae.convert import types as out_types
+from malhae.convert.checkpoint import TensorRef
+from malhae.convert.config import NeoXConfig
+from malhae.convert.vocab import Vocab
+from malhae.errors import UserError
 
 ALIGNMENT = 32  # gguf's default; the staged file uses it
 _TENSOR_LINE = re.compile(r"\[\s*\d+\s*/\s*\d+\s*\]\s+(\S+)\s+-\s+\[([^\]]*)\],\s+type\s*=\s*(\S+),\s+size\s*=\s*"
@@ -123,7 +123,7 @@ def write_sparse_staged(shape: Shape, path: Path) -> None:
 
 
 def _dry_run(staged: Path, ftype: int) -> list[SizedTensor]:
-    from app.runtime import llama, quant
+    from malhae.runtime import llama, quant
 
     pending: list[str] = []
     lines: list[str] = []

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from gguf import GGMLQuantizationType as QT
 
-from app.runtime import quant
+from malhae.runtime import quant
 
 CHUNK_ELEMENTS = 1 << 22  # 4 Mi values (16 MiB of f32) per step
 

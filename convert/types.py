@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType as FT
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from app.errors import UserError
-from app.runtime.llama import Context, Model
-from app.runtime.settings import LoadOptions
+from malhae.errors import UserError
+from malhae.runtime.llama import Context, Model
+from malhae.runtime.settings import LoadOptions
 
 F32_TOLERANCE = 1e-3
 F16_TOLERANCE = 2e-2
@@ -53,7 +53,7 @@ class Report:
 
 
 def default_prompts() -> list[str]:
-    data = resources.files("convert").joinpath("data/verify_prompts.json").read_text(encoding="utf-8")
+    data = resources.files("malhae.convert").joinpath("data/verify_prompts.json").read_text(encoding="utf-8")
     return json.loads(data)["prompts"]
 
 

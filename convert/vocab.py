@@ -13,8 +13,8 @@ from pathlib import Path
 
 from gguf import TokenType
 
-from app import files
-from app.errors import UserError
+from malhae import files
+from malhae.errors import UserError
 
 MAX_JSON = 1 << 28  # the largest tokenizer.json files are tens of MB; 256 MB is no tokenizer's
 

@@ -52,7 +52,7 @@ def endless_path(tmp_path_factory) -> Path:
     """A random Q8_0 model that never samples its end-of-text token (trained context 4096): an answer only ends where
     it is stopped, so streams run until a test's Ctrl-C, disconnect or max_tokens (a plain random model ends one at
     random, at thousands of tokens/s often first). Chat, serve and remote tests share it."""
-    from convert import pipeline
+    from malhae.convert import pipeline
 
     root = tmp_path_factory.mktemp("endless")
     src = factory.build(root / "ckpt", factory.Spec("endless", hidden=256, heads=4, ff=512, weights="safetensors",
@@ -70,7 +70,7 @@ def k_quant_checkpoint(tmp_path_factory):
 def pytest_collection_modifyitems(config, items):
     """Tests marked gpu need a GPU build of llama-cpp-python (CUDA, Metal, ROCm, Vulkan …) and a GPU it can use, as
     ggml lists them; CI has neither."""
-    from app.runtime import devices
+    from malhae.runtime import devices
 
     if any(d.offloads for d in devices.listed()):
         return

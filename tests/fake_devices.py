@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from app.runtime import devices, hardware, llama
-from app.runtime.devices import Device
+from malhae.runtime import devices, hardware, llama
+from malhae.runtime.devices import Device
 
 GiB = 2**30
 MiB = 2**20
@@ -53,7 +53,7 @@ class Loads:
 def install(monkeypatch, *listed: Device, facts: hardware.Facts = NO_GPU, ram: int | None = None) -> Loads:
     """ggml lists `listed` (add cpu() yourself, as ggml lists the CPU last or first), the machine is `facts`, and
     RAM is `ram` (default: the CPU device's). Returns the record of model loads."""
-    from app.runtime import offload
+    from malhae.runtime import offload
 
     monkeypatch.setattr(devices, "listed", lambda: tuple(listed))
     monkeypatch.setattr(hardware, "facts", lambda: facts)

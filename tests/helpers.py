@@ -21,8 +21,8 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 @contextmanager
 def serving(path: Path, *, parallel: int = 4, n_ctx: int = 512, **options):
     """`malhae serve` on a free port, 2 threads, the model named after its file; stopped when the block ends."""
-    from app.runtime.settings import LoadOptions
-    from app.serve.server import Options, Server  # needs the serve extra: import where a server is wanted
+    from malhae.runtime.settings import LoadOptions
+    from malhae.serve.server import Options, Server  # needs the serve extra: import where a server is wanted
 
     load = LoadOptions(model=path, threads=2, parallel=parallel, ctx=n_ctx,
                        **{k: options.pop(k) for k in ("draft", "draft_max", "gpu_layers", "device") if k in options})

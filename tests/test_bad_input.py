@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from app.store import models
+from malhae.store import models
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = models.demo_model()
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(DEMO is None, reason="the bundled demo model is 
 
 
 def malhae(*args: str, stdin=None, env: dict | None = None, timeout: float = 60) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "app", *args], stdin=stdin, capture_output=True, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "malhae", *args], stdin=stdin, capture_output=True, cwd=ROOT,
                           timeout=timeout, env=os.environ | (env or {}))
     return proc.returncode, proc.stderr.decode("utf-8", "replace")
 
@@ -62,7 +62,7 @@ def test_special_files_as_models_do_not_hang(tmp_path):
     for args in (["complete", "가", "-m", str(fifo)], ["info", str(fifo)], ["models", "import", str(fifo)],
                  ["complete", "가", "-m", "/dev/zero"]):
         assert "not a GGUF file" in one_error(*malhae(*args, timeout=30)), args
-    proc = subprocess.run([sys.executable, "-m", "app", "chat", "-m", str(DEMO)], input=f"/model {fifo}\n".encode(),
+    proc = subprocess.run([sys.executable, "-m", "malhae", "chat", "-m", str(DEMO)], input=f"/model {fifo}\n".encode(),
                           capture_output=True, cwd=ROOT, timeout=30)
     assert proc.returncode == 0 and b"named pipe (FIFO), not a GGUF file" in proc.stderr
 
@@ -72,14 +72,14 @@ def test_endless_standard_input_is_bounded():
     with open("/dev/zero", "rb") as zero:
         assert "longer than 16 MB" in one_error(*malhae("complete", "-m", str(DEMO), "-n", "1", stdin=zero))
     with open("/dev/zero", "rb") as zero:
-        proc = subprocess.run([sys.executable, "-m", "app", "chat", "-m", str(DEMO)], stdin=zero,
+        proc = subprocess.run([sys.executable, "-m", "malhae", "chat", "-m", str(DEMO)], stdin=zero,
                               capture_output=True, cwd=ROOT, timeout=60)
     assert proc.returncode == 0 and proc.stderr.decode().count("longer than 16 MB") == 1
 
 
 def test_text_that_is_not_utf8_in_the_arguments():
     """Bytes a non-UTF-8 terminal passes arrive as lone surrogates: an internal UnicodeEncodeError before."""
-    proc = subprocess.run([sys.executable.encode(), b"-m", b"app", b"ask", b"\xff\xfe", b"-m", bytes(DEMO)],
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"malhae", b"ask", b"\xff\xfe", b"-m", bytes(DEMO)],
                           capture_output=True, cwd=ROOT, timeout=60)
     assert "not valid UTF-8" in one_error(proc.returncode, proc.stderr.decode())
 
@@ -135,8 +135,8 @@ def test_an_error_during_a_progress_bar_is_one_line_with_no_blank_line_before(tm
 def test_a_kv_cache_larger_than_the_ram_is_refused_before_it_is_allocated(monkeypatch, capsys):
     """Linux overcommits, so an oversized cache is granted and the process killed later, mid-answer. The machine's
     answer is faked (4 GiB of RAM, as a small laptop has): the demo at --ctx 1048576 needs 6 GiB of f16 K and V."""
-    from app.cli import main
-    from app.runtime import hardware
+    from malhae.cli import main
+    from malhae.runtime import hardware
 
     monkeypatch.setattr(hardware, "total_ram", lambda: 4 << 30)
     assert main(["complete", "대한민국", "-m", str(DEMO), "-n", "2", "--ctx", "1048576"]) == 2

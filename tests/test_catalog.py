@@ -10,12 +10,12 @@ from pathlib import Path
 import factory
 import pytest
 
-from app.cli import main
-from app.errors import UserError
-from app.runtime.gguf_info import read_info
-from app.store import catalog
-from convert import pipeline
-from convert.sizing import Shape, sized_tensors, summarize
+from malhae.cli import main
+from malhae.convert import pipeline
+from malhae.convert.sizing import Shape, sized_tensors, summarize
+from malhae.errors import UserError
+from malhae.runtime.gguf_info import read_info
+from malhae.store import catalog
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILY = {  # hub id → (layers, d_model, d_ff, heads), from the EleutherAI model cards (../shared/notes)

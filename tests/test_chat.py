@@ -27,12 +27,12 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
-from app.chat import reader, repl, writer
-from app.chat import session as chat_session
-from app.errors import UserError
-from app.runtime.settings import LoadOptions, Sampling
-from app.store import models
-from convert import pipeline
+from malhae.chat import reader, repl, writer
+from malhae.chat import session as chat_session
+from malhae.convert import pipeline
+from malhae.errors import UserError
+from malhae.runtime.settings import LoadOptions, Sampling
+from malhae.store import models
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUS = re.compile(r"(\d+) tokens · [\d.]+ tok/s · context (\d+)/(\d+)")
@@ -346,7 +346,7 @@ def test_model_switch_keeps_the_conversation(model, k_quant_checkpoint, tmp_path
 
 
 def test_model_switch_by_store_name(model, tmp_path, monkeypatch):
-    from app.store import local as store
+    from malhae.store import local as store
 
     monkeypatch.setenv("MALHAE_HOME", str(tmp_path))
     stored = store.open_store().add(model, "작은모델").path
@@ -490,7 +490,7 @@ def test_read_of_a_document_too_long_is_refused_before_anything_is_evaluated(ran
 
 def test_options_are_checked_before_the_model_loads(tmp_path):
     def run(*args: str) -> str:
-        proc = subprocess.run([sys.executable, "-m", "app", "chat", *args], capture_output=True, cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "malhae", "chat", *args], capture_output=True, cwd=ROOT,
                               timeout=60, stdin=subprocess.DEVNULL)
         err = proc.stderr.decode()
         assert proc.returncode == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -503,7 +503,7 @@ def test_options_are_checked_before_the_model_loads(tmp_path):
 
 
 def test_piped_input_and_output_are_plain_text(model):
-    proc = subprocess.run([sys.executable, "-m", "app", "chat", "-m", str(model), "--threads", "1", "-n", "8",
+    proc = subprocess.run([sys.executable, "-m", "malhae", "chat", "-m", str(model), "--threads", "1", "-n", "8",
                            "--seed", "1"], input="안녕하세요\n둘째\\\n줄\n/show\n".encode(), capture_output=True,
                           cwd=ROOT, timeout=60, env=os.environ | {"TERM": "xterm-256color"})
     assert proc.returncode == 0, proc.stderr.decode()
@@ -530,7 +530,7 @@ def terminal(tmp_path):
         environment = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
         environment |= {"MALHAE_HOME": str(tmp_path / "home"), "PROMPT_TOOLKIT_NO_CPR": "1",
                         "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"} | (env or {})
-        child = pexpect.spawn(sys.executable, ["-m", "app", "chat", "--threads", "1", *args], cwd=str(ROOT),
+        child = pexpect.spawn(sys.executable, ["-m", "malhae", "chat", "--threads", "1", *args], cwd=str(ROOT),
                               env=environment, encoding="utf-8", dimensions=(40, 120), timeout=30)
         child.logfile_read = io.StringIO()  # the whole transcript, for the tests that look at every byte
         child.expect_exact(">>>")

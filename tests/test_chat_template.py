@@ -13,13 +13,13 @@ from pathlib import Path
 import gguf
 import pytest
 
-from app.errors import UserError
-from app.runtime import templates
-from app.runtime.engine import Engine
-from app.runtime.gguf_info import read_info
-from app.runtime.settings import LoadOptions, Sampling
-from convert import pipeline
-from convert.rewrite import copy_gguf
+from malhae.convert import pipeline
+from malhae.convert.rewrite import copy_gguf
+from malhae.errors import UserError
+from malhae.runtime import templates
+from malhae.runtime.engine import Engine
+from malhae.runtime.gguf_info import read_info
+from malhae.runtime.settings import LoadOptions, Sampling
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_HF = ROOT / "models" / "demo" / "hf"
@@ -112,7 +112,7 @@ def test_a_hub_cache_checkpoint_gets_its_catalog_template(tmp_path):
 
 
 def test_catalog_and_name_rules_agree():
-    from app.store import catalog
+    from malhae.store import catalog
 
     for entry in catalog.load():
         assert catalog.template_for(entry.hub_id) == entry.template
@@ -208,7 +208,7 @@ def test_broken_jinja_is_one_line():
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, "-m", "malhae", *args], capture_output=True, cwd=ROOT, timeout=120)
 
 
 def test_ask_uses_the_template_from_the_gguf(converted):

@@ -36,7 +36,7 @@ def _gone_within(pid: int, seconds: float) -> bool:
 def _parent(code: str) -> subprocess.Popen:
     script = textwrap.dedent("""
         import subprocess, sys, time
-        from app import children
+        from malhae import children
     """) + textwrap.dedent(code)
     return subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
@@ -86,7 +86,7 @@ def test_a_python_child_watches_its_lifeline_where_there_is_no_pdeathsig():
 
 
 def test_a_child_ends_normally_and_closes_its_lifeline():
-    from app import children
+    from malhae import children
 
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(5):
@@ -97,8 +97,8 @@ def test_a_child_ends_normally_and_closes_its_lifeline():
 
 
 def test_programs_that_cannot_start_are_one_line_errors(tmp_path):
-    from app import children
-    from app.errors import UserError
+    from malhae import children
+    from malhae.errors import UserError
 
     not_executable = tmp_path / "llama-bench"
     not_executable.write_text("#!/bin/sh\necho hi\n")
@@ -122,7 +122,7 @@ def _quantizer_of(parent: int) -> int | None:
             ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
-        if ppid == parent and b"convert.quantize" in cmdline:
+        if ppid == parent and b"malhae.convert.quantize" in cmdline:
             return int(entry.name)
     return None
 
@@ -133,7 +133,7 @@ def test_kill_9_of_convert_takes_its_quantizer_along(k_quant_checkpoint, tmp_pat
     caught and frozen (SIGSTOP) so that it cannot finish on its own first; then the parent is killed."""
     out = tmp_path / "m.gguf"
     for _attempt in range(5):  # the quantizer of a tiny model lives about a second: catch it
-        convert = subprocess.Popen([sys.executable, "-m", "app", "convert", str(k_quant_checkpoint), "--type",
+        convert = subprocess.Popen([sys.executable, "-m", "malhae", "convert", str(k_quant_checkpoint), "--type",
                                     "q4_k_m", "-o", str(out), "--force"], cwd=ROOT, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         child = None
@@ -149,7 +149,7 @@ def test_kill_9_of_convert_takes_its_quantizer_along(k_quant_checkpoint, tmp_pat
 
 
 def test_bench_with_a_llama_bench_that_cannot_run(tmp_path, capsys, monkeypatch):
-    from app.cli import main
+    from malhae.cli import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "llama-bench").write_text("#!/bin/sh\necho hi\n")

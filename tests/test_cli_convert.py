@@ -6,13 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.cli import main
+from malhae.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_python_dash_m_app_runs():
-    proc = subprocess.run([sys.executable, "-m", "app", "--help"], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "malhae", "--help"], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0 and "convert" in proc.stdout
 
 
@@ -34,7 +34,7 @@ def test_convert_verify_passes_and_reports(checkpoints, tmp_path, capsys, monkey
 
 
 def test_convert_verify_fails_on_a_wrong_file(checkpoints, tmp_path, capsys, monkeypatch):
-    from convert import tensors
+    from malhae.convert import tensors
 
     monkeypatch.setattr(tensors, "reorder_qkv", lambda data, n_head: data)  # a broken converter
     code = main(["convert", str(checkpoints("tf4-st-f16")), "-t", "f16", "-o", str(tmp_path / "x.gguf"), "--verify"])

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main
-from app.store import config, models
-from app.store.config import tomllib
+from malhae.cli import main
+from malhae.store import config, models
+from malhae.store.config import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = models.demo_model()
@@ -125,7 +125,7 @@ def test_models_dir_option_overrides_the_store(home, capsys, tmp_path):
 
 def test_rm_without_a_terminal_needs_yes(home, capsys):
     assert run(capsys, "models", "import", str(DEMO), "--name", "demo")[0] == 0
-    proc = subprocess.run([sys.executable, "-m", "app", "models", "rm", "demo"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "malhae", "models", "rm", "demo"], capture_output=True, text=True,
                           cwd=ROOT, stdin=subprocess.DEVNULL, timeout=60)
     assert proc.returncode == 2 and "--yes" in error_line(proc.stderr)
     assert (home / "models" / "demo.gguf").exists()
@@ -135,7 +135,7 @@ def test_rm_on_a_terminal_asks(home, capsys):
     pexpect = pytest.importorskip("pexpect")
     assert run(capsys, "models", "import", str(DEMO), "--name", "demo")[0] == 0
     for answer, kept in (("n", True), ("y", False)):
-        child = pexpect.spawn(sys.executable, ["-m", "app", "models", "rm", "demo"], cwd=str(ROOT),
+        child = pexpect.spawn(sys.executable, ["-m", "malhae", "models", "rm", "demo"], cwd=str(ROOT),
                               env=dict(os.environ), encoding="utf-8", timeout=30)
         child.expect_exact("delete demo")
         child.sendline(answer)
@@ -242,7 +242,7 @@ def test_a_corrupt_gguf_is_one_line_everywhere_and_the_store_still_lists(home, c
                  ["models", "import", str(bad)], ["eval", "ppl", str(bad), "--text", str(text)]):
         code, _, err = run(capsys, *args)
         assert code == 2 and str(bad) in error_line(err) and "corrupt header" in err, args
-    chat = subprocess.run([sys.executable, "-m", "app", "chat", "-m", str(DEMO)], cwd=ROOT, capture_output=True,
+    chat = subprocess.run([sys.executable, "-m", "malhae", "chat", "-m", str(DEMO)], cwd=ROOT, capture_output=True,
                           input=f"/model {bad}\n/exit\n".encode(), env=os.environ | {"MALHAE_HOME": str(home)})
     assert chat.returncode == 0 and b"corrupt header" in chat.stderr and b"internal error" not in chat.stderr
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from helpers import one_error_line
 
-from app.errors import UserError
-from app.runtime import templates
-from convert import pipeline
+from malhae.convert import pipeline
+from malhae.errors import UserError
+from malhae.runtime import templates
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +28,7 @@ def malhae(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProces
     """The command with `stdin` piped in, else /dev/null: `ask "…"` reads a piped standard input as a document, so
     it must not inherit whatever the test runner's is."""
     feed = {"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, cwd=ROOT, timeout=120, **feed)
+    return subprocess.run([sys.executable, "-m", "malhae", *args], capture_output=True, cwd=ROOT, timeout=120, **feed)
 
 
 def test_complete_from_a_pipe_is_plain_text(model_path):
@@ -58,7 +58,7 @@ def test_json_output(model_path):
 def test_json_of_a_run_that_generates_nothing():
     """The demo model ends this sentence at once (its first token is end-of-text): 0 tokens, and a decode speed of
     0, not the negative -1/seconds it once reported."""
-    from app.store import models
+    from malhae.store import models
 
     demo = models.demo_model()
     if demo is None:
@@ -183,7 +183,7 @@ def test_prompt_reading_rules(monkeypatch, tmp_path):
     """read_prompt's text, exactly, for each way a prompt can arrive (in-process, stdin replaced)."""
     import io
 
-    from app.chat import oneshot
+    from malhae.chat import oneshot
 
     class Stdin(io.TextIOWrapper):
         def isatty(self) -> bool:
@@ -225,7 +225,7 @@ def test_unreadable_document(monkeypatch, tmp_path):
     import errno
     import os
 
-    from app.chat import documents
+    from malhae.chat import documents
 
     doc = tmp_path / "비밀.txt"
     doc.write_text("x", encoding="utf-8")
@@ -241,7 +241,7 @@ def test_unreadable_document(monkeypatch, tmp_path):
 
 def _bad_documents(tmp_path: Path) -> list[tuple[Path, str]]:
     """(file, what its one error line must say) for every kind of document that cannot be used."""
-    from app.chat.reader import MAX_INPUT
+    from malhae.chat.reader import MAX_INPUT
 
     (tmp_path / "폴더").mkdir()
     (tmp_path / "cp949.txt").write_bytes("대한민국 헌법".encode("cp949"))

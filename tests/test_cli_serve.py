@@ -14,13 +14,13 @@ import urllib.request
 
 import pytest
 
-from app.store import models
+from malhae.store import models
 
 pytest.importorskip("uvicorn")
 
 
 def start(*args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "app", "serve", "--port", "0", "--parallel", "1", "--ctx", "256",
+    return subprocess.Popen([sys.executable, "-m", "malhae", "serve", "--port", "0", "--parallel", "1", "--ctx", "256",
                              "--threads", "1", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | (env or {}))
 
@@ -40,7 +40,7 @@ def wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 60) -> tuple
 
 
 def run(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", "serve", *args], capture_output=True, text=True, timeout=60,
+    return subprocess.run([sys.executable, "-m", "malhae", "serve", *args], capture_output=True, text=True, timeout=60,
                           env=os.environ | (env or {}))
 
 

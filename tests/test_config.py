@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from app.errors import UserError
-from app.store import config
-from app.store.config import tomllib  # tomli on Python 3.10
+from malhae.errors import UserError
+from malhae.store import config
+from malhae.store.config import tomllib  # tomli on Python 3.10
 
 
 def write(tmp_path: Path, text: str) -> Path:

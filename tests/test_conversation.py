@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from app.chat import conversation as cv
-from app.chat.conversation import Conversation
-from app.errors import UserError
-from app.runtime import templates
-from app.runtime.settings import SETTABLE, Sampling
+from malhae.chat import conversation as cv
+from malhae.chat.conversation import Conversation
+from malhae.errors import UserError
+from malhae.runtime import templates
+from malhae.runtime.settings import SETTABLE, Sampling
 
 
 def tokenize(text: str) -> list[int]:

@@ -15,7 +15,7 @@ import factory
 import pytest
 import torch
 
-from app.cli import main
+from malhae.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,7 +151,7 @@ def test_malicious_pickle_is_refused_and_never_run(bin_model, tmp_path, capsys):
     assert "refuses it" in err and "safetensors" in err
     assert not marker.exists(), "the pickle's code ran"
     # as a user sees it (pytest captures warnings, a real run does not): the one line and nothing of torch's
-    proc = subprocess.run([sys.executable, "-m", "app", "convert", str(bin_model), "-o", str(tmp_path / "o.gguf")],
+    proc = subprocess.run([sys.executable, "-m", "malhae", "convert", str(bin_model), "-o", str(tmp_path / "o.gguf")],
                           capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "refuses it" in lines[0], proc.stderr
@@ -185,7 +185,7 @@ def test_failure_mid_write_leaves_nothing(model, tmp_path, capsys, monkeypatch):
     """The disk filling up half-way (simulated at the 5th tensor) removes the partial file."""
     import errno
 
-    from convert import tensors
+    from malhae.convert import tensors
 
     real, calls = tensors.convert, []
 
@@ -230,7 +230,7 @@ def test_interrupt_leaves_nothing(larger_model, tmp_path, stage, sig):
     out = tmp_path / "o.gguf"
     # as a terminal's Ctrl-C finds it: SIGINT not ignored (a test run started in the background, `pytest &`, ignores
     # it, and so would its children, which then run to the end)
-    proc = subprocess.Popen([sys.executable, "-m", "app", "convert", str(larger_model), "-t", "q4_k_m", "-o",
+    proc = subprocess.Popen([sys.executable, "-m", "malhae", "convert", str(larger_model), "-t", "q4_k_m", "-o",
                              str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120

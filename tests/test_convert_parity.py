@@ -7,8 +7,8 @@ import pytest
 from conftest import SPECS
 from tokenizers import Tokenizer
 
-from app.runtime.llama import Model
-from convert import parity, pipeline, verify
+from malhae.convert import parity, pipeline, verify
+from malhae.runtime.llama import Model
 
 
 def _prompt_tokens(src):
@@ -44,7 +44,7 @@ def test_f16_top1_matches_transformers(name, checkpoints, tmp_path):
 
 def test_qkv_order_matters(checkpoints, tmp_path, monkeypatch):
     """Without the QKV reorder the file still loads and runs: only the logit comparison can catch it."""
-    from convert import tensors
+    from malhae.convert import tensors
 
     src = checkpoints("tf4-st-f16")
     monkeypatch.setattr(tensors, "reorder_qkv", lambda data, n_head: data)
@@ -75,9 +75,9 @@ def test_token_ids_identical(name, checkpoints, tmp_path):
 
 def test_wrong_pre_tokenizer_is_refused(checkpoints, tmp_path):
     """A digits-splitting tokenizer written with the plain GPT-2 pre-tokenizer must fail the parity proof."""
-    from convert import gguf_out
-    from convert.config import read_config
-    from convert.vocab import read_vocab
+    from malhae.convert import gguf_out
+    from malhae.convert.config import read_config
+    from malhae.convert.vocab import read_vocab
 
     src = checkpoints("tf5-bin-f32-digits")
     cfg = read_config(src)

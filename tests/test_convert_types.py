@@ -7,10 +7,10 @@ import gguf
 import numpy as np
 import pytest
 
-from app.runtime.llama import Context, Model
-from app.runtime.settings import LoadOptions
-from convert import pipeline
-from convert import types as out_types
+from malhae.convert import pipeline
+from malhae.convert import types as out_types
+from malhae.runtime.llama import Context, Model
+from malhae.runtime.settings import LoadOptions
 
 # The GGML type each output's 2-D weights must use (llama.cpp's mixes keep some tensors at higher precision).
 MAIN_TENSOR_TYPE = {

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import SPECS
 
-from convert import pipeline, tensors
-from convert.config import read_config
+from malhae.convert import pipeline, tensors
+from malhae.convert.config import read_config
 
 
 def test_qkv_reorder_against_explicit_loop():

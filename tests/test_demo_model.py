@@ -17,11 +17,11 @@ import pytest
 from gguf import GGUFReader
 from tokenizers import Tokenizer
 
-from app.eval.perplexity import perplexity
-from app.runtime.llama import Context, Model
-from app.runtime.settings import LoadOptions
-from app.runtime.windows import windows
-from convert import corpus, pipeline, verify
+from malhae.convert import corpus, pipeline, verify
+from malhae.eval.perplexity import perplexity
+from malhae.runtime.llama import Context, Model
+from malhae.runtime.settings import LoadOptions
+from malhae.runtime.windows import windows
 
 ROOT = Path(__file__).resolve().parent.parent
 HF = ROOT / "models" / "demo" / "hf"
@@ -102,7 +102,7 @@ def test_shipped_gguf_is_the_conversion_of_the_checkpoint(tmp_path):
     fields = GGUFReader(GGUF).fields
     source = bytes(fields["malhae.source"].parts[-1]).decode()
     assert source == "hf" and "/" not in source
-    from app.runtime import templates
+    from malhae.runtime import templates
 
     chat = bytes(fields["tokenizer.chat_template"].parts[-1]).decode()
     assert chat == templates.get("base").chat_template

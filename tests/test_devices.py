@@ -12,12 +12,12 @@ from dataclasses import replace
 import fake_devices as fake
 import pytest
 
-from app.cli import main
-from app.errors import UserError
-from app.runtime import devices, ggml, hardware, llama, offload
-from app.runtime.gguf_info import read_info
-from app.runtime.settings import LoadOptions, Sampling
-from app.store import catalog, models, recommend
+from malhae.cli import main
+from malhae.errors import UserError
+from malhae.runtime import devices, ggml, hardware, llama, offload
+from malhae.runtime.gguf_info import read_info
+from malhae.runtime.settings import LoadOptions, Sampling
+from malhae.store import catalog, models, recommend
 
 GiB = 2**30
 DEMO = models.demo_model()
@@ -202,7 +202,7 @@ def test_a_failed_load_retries_with_fewer_layers_on_the_same_split():
 def test_engine_loads_with_the_plans_layers_devices_and_split(monkeypatch):
     a, b = fake.cuda(0, 20 * GiB), fake.cuda(1, 10 * GiB, 12 * GiB, "NVIDIA GeForce RTX 3060")
     loads = fake.install(monkeypatch, a, b, fake.cpu())
-    from app.runtime.engine import Engine
+    from malhae.runtime.engine import Engine
 
     with Engine(LoadOptions(model=DEMO, ctx=64)) as engine:
         plan = engine.plan
@@ -260,7 +260,7 @@ def test_bench_runs_where_it_was_told(monkeypatch, capsys):
 @needs_demo
 def test_llama_bench_gets_the_same_devices_and_split(tmp_path):
     """The command line given to llama-bench, read back by a stand-in that prints what llama-bench prints."""
-    from app.eval import upstream
+    from malhae.eval import upstream
 
     script = tmp_path / "llama-bench"
     script.write_text("#!/bin/sh\necho \"$@\" > " + str(tmp_path / "args") + "\n"
@@ -285,8 +285,8 @@ def test_chat_banner_says_where_the_model_runs(monkeypatch):
     from prompt_toolkit.output import DummyOutput
     from rich.console import Console
 
-    from app.chat import reader
-    from app.chat import session as chat_session
+    from malhae.chat import reader
+    from malhae.chat import session as chat_session
 
     fake.install(monkeypatch, fake.cuda(0, 20 * GiB), fake.cpu())
     err = io.StringIO()
@@ -373,7 +373,7 @@ def test_a_device_in_the_settings_file_is_checked_like_the_flag(tmp_path, monkey
 @needs_demo
 def test_a_split_is_said_once(monkeypatch):
     fake.install(monkeypatch, fake.cuda(0, 20 * GiB), fake.cuda(1, 10 * GiB), fake.cpu())
-    from app.runtime.engine import Engine
+    from malhae.runtime.engine import Engine
 
     said: list[str] = []
     for _ in range(2):

@@ -7,11 +7,11 @@ from pathlib import Path
 import gguf
 import pytest
 
-from app.errors import UserError
-from app.runtime.engine import Engine, check_model_file
-from app.runtime.settings import LoadOptions, Sampling
-from app.store import models
-from convert import pipeline
+from malhae.convert import pipeline
+from malhae.errors import UserError
+from malhae.runtime.engine import Engine, check_model_file
+from malhae.runtime.settings import LoadOptions, Sampling
+from malhae.store import models
 
 PROMPT = "대한민국의 주권은 국민에게 있고, 모든 권력은"
 
@@ -36,7 +36,7 @@ def test_greedy_is_deterministic_and_matches_argmax(engine, model_path):
     engine.cache = []
     second, _ = engine.complete(PROMPT, GREEDY)
     assert first == second and engine.generated == ids
-    from app.runtime.llama import Context, Model  # an independent greedy: argmax of full-sequence logits
+    from malhae.runtime.llama import Context, Model  # an independent greedy: argmax of full-sequence logits
 
     with Model(model_path) as m, Context(m, LoadOptions(ctx=256)) as ctx:
         assert ctx.greedy(m.tokenize(PROMPT), 8) == ids[:8]
@@ -130,7 +130,7 @@ def _fake_gpu(monkeypatch, supports: bool, free: int = 20 * 2**30):
     llama.cpp itself is real."""
     import fake_devices as fake
 
-    from app.runtime import hardware
+    from malhae.runtime import hardware
 
     nvidia = hardware.Facts("Linux", "x86_64", False, ("NVIDIA GeForce RTX 4090",), False)
     gpus = (fake.cuda(0, free, 24 * 2**30),) if supports else ()
@@ -146,7 +146,7 @@ def test_cpu_only_build_on_a_gpu_machine_says_how_to_get_cuda(model_path, monkey
 
 
 def test_failed_gpu_load_retries_with_fewer_layers(model_path, monkeypatch):
-    from app.runtime import llama
+    from malhae.runtime import llama
 
     _fake_gpu(monkeypatch, supports=True)
     real_init = llama.Model.__init__

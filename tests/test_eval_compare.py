@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.cli import main
-from app.errors import UserError
-from app.eval import compare, perplexity, upstream
-from app.runtime import windows
-from app.runtime.llama import Context, Model
-from app.runtime.settings import LoadOptions
-from app.runtime.windows import Layout
-from convert import pipeline
+from malhae.cli import main
+from malhae.convert import pipeline
+from malhae.errors import UserError
+from malhae.eval import compare, perplexity, upstream
+from malhae.runtime import windows
+from malhae.runtime.llama import Context, Model
+from malhae.runtime.settings import LoadOptions
+from malhae.runtime.windows import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = ROOT / "models" / "malhae-demo-ko-f16.gguf"
@@ -105,7 +105,7 @@ def test_equals_an_independent_numpy_computation(text_file, quantized, n_batch):
 
 
 def test_kl_rows_is_the_textbook_formula():
-    from app.eval.scoring import log_softmax
+    from malhae.eval.scoring import log_softmax
 
     rng = np.random.default_rng(0)
     a = rng.normal(0, 3, size=(5, 300)).astype(np.float32)
@@ -165,7 +165,7 @@ def test_missing_text_or_model_is_one_line(capsys, tmp_path):
 def test_same_kl_as_llama_perplexity(tmp_path, quantized):
     """llama-perplexity stores the reference's log-probabilities in 16 bits, so its KL is close, not identical
     (measured: 0.004639 against 0.004638 for Q4_K_M on the held-out bills)."""
-    from app.eval.upstream import same_libraries_env
+    from malhae.eval.upstream import same_libraries_env
 
     text = tmp_path / "held-out.txt"
     text.write_text("\n".join((BILLS / n).read_text(encoding="utf-8") for n in HELD_OUT), encoding="utf-8")

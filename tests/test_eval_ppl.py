@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from app.cli import main
-from app.eval import perplexity, upstream
-from app.runtime import windows as win
-from app.runtime.llama import Context, Model
-from app.runtime.settings import LoadOptions
-from app.runtime.windows import Layout
+from malhae.cli import main
+from malhae.eval import perplexity, upstream
+from malhae.runtime import windows as win
+from malhae.runtime.llama import Context, Model
+from malhae.runtime.settings import LoadOptions
+from malhae.runtime.windows import Layout
 
 ROOT = Path(__file__).resolve().parent.parent
 GGUF = ROOT / "models" / "malhae-demo-ko-f16.gguf"

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from app import files
-from app.store import local
-from convert import pipeline
+from malhae import files
+from malhae.convert import pipeline
+from malhae.store import local
 
 
 def _dead_pid() -> int:
@@ -62,9 +62,9 @@ def test_a_store_import_and_a_conversion_clean_up_before_writing(tmp_path, check
 def test_small_files_are_written_whole_through_the_same_scheme(tmp_path):
     """config.toml and saved chats go through files.write_text: the old file or the new one, and a leftover of a
     killed write of either is swept like a GGUF's."""
-    from app.chat.conversation import Conversation, save
-    from app.runtime import templates
-    from app.store import config
+    from malhae.chat.conversation import Conversation, save
+    from malhae.runtime import templates
+    from malhae.store import config
 
     target = tmp_path / "config.toml"
     assert files.partial_path(target).name == f".config.toml.{os.getpid()}.partial"
@@ -81,8 +81,8 @@ def test_small_files_are_written_whole_through_the_same_scheme(tmp_path):
 def test_where_files_live_follows_malhae_home(tmp_path, monkeypatch):
     import platformdirs
 
-    from app.chat import reader
-    from app.store import config
+    from malhae.chat import reader
+    from malhae.store import config
 
     monkeypatch.setenv("MALHAE_HOME", str(tmp_path / "home"))
     assert files.data_dir() == files.config_dir() == tmp_path / "home"
@@ -130,7 +130,7 @@ def _unchanged(specials: dict[str, Path]) -> None:
 
 def test_writes_refuse_anything_but_a_regular_file_even_with_force(tmp_path):
     """`-o /dev/null --force`, as root, replaced the system's /dev/null with a regular file."""
-    from app.errors import UserError
+    from malhae.errors import UserError
 
     specials = _specials(tmp_path)
     for kind, path in specials.items():
@@ -155,12 +155,12 @@ def test_writes_refuse_anything_but_a_regular_file_even_with_force(tmp_path):
 def test_every_command_that_writes_refuses_a_device(tmp_path, checkpoints, capsys, monkeypatch):
     """The same rule through convert -o, models import (a special file where the store's copy would go), /save and
     the settings file."""
-    from app.chat.conversation import Conversation, save
-    from app.cli import main
-    from app.errors import UserError
-    from app.runtime import templates
-    from app.store import config, models
-    from app.store.local import Store
+    from malhae.chat.conversation import Conversation, save
+    from malhae.cli import main
+    from malhae.errors import UserError
+    from malhae.runtime import templates
+    from malhae.store import config, models
+    from malhae.store.local import Store
 
     specials = _specials(tmp_path)
     src = checkpoints("tf4-st-f16")
@@ -188,7 +188,7 @@ def test_every_command_that_writes_refuses_a_device(tmp_path, checkpoints, capsy
 
 def test_files_that_cannot_be_read_are_said_in_one_wording(tmp_path):
     """read_user_text's lines, written out: every command that reads a file the user named says these the same way."""
-    from app.errors import UserError
+    from malhae.errors import UserError
 
     def error(path, **kw) -> str:
         with pytest.raises(UserError) as e:
@@ -217,7 +217,7 @@ def test_files_that_cannot_be_read_are_said_in_one_wording(tmp_path):
 
 def test_a_file_without_permission_is_said_with_how_to_see_who_may_read_it(tmp_path, monkeypatch):
     """Refused at the open, as root too (who reads anything regardless of the mode)."""
-    from app.errors import UserError
+    from malhae.errors import UserError
 
     locked = tmp_path / "locked.txt"
     locked.write_text("x")

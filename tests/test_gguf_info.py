@@ -1,13 +1,13 @@
-"""app.runtime.gguf_info reads what gguf-py's reader reads (the reference), only faster."""
+"""malhae.runtime.gguf_info reads what gguf-py's reader reads (the reference), only faster."""
 
 from __future__ import annotations
 
 import gguf
 import pytest
 
-from app.errors import UserError
-from app.runtime.gguf_info import read_info
-from convert import pipeline
+from malhae.convert import pipeline
+from malhae.errors import UserError
+from malhae.runtime.gguf_info import read_info
 
 
 @pytest.mark.parametrize("type_name", ["f16", "q4_k_m"])

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.runtime import devices
-from app.runtime.engine import Engine
-from app.runtime.llama import Context, Model
-from app.runtime.settings import LoadOptions, Sampling
-from app.store import models
-from convert import pipeline
+from malhae.convert import pipeline
+from malhae.runtime import devices
+from malhae.runtime.engine import Engine
+from malhae.runtime.llama import Context, Model
+from malhae.runtime.settings import LoadOptions, Sampling
+from malhae.store import models
 
 pytestmark = pytest.mark.gpu
 
@@ -54,7 +54,7 @@ def test_demo_greedy_is_the_same_on_gpu_and_cpu():
 def test_imatrix_on_the_gpu_matches_the_cpu():
     """The activations come out of device memory (ggml_backend_tensor_get) when the model is offloaded; the sums must
     be the CPU's within llama.cpp's GPU rounding."""
-    from convert import corpus, importance
+    from malhae.convert import corpus, importance
 
     demo = models.demo_model()
     if demo is None:
@@ -72,7 +72,7 @@ def test_imatrix_on_the_gpu_matches_the_cpu():
 
 def test_ggml_reports_the_gpu_nvml_reports():
     """The ctypes binding against a real GPU: ggml's CUDA device is NVML's GPU, with about its memory."""
-    from app.runtime import hardware
+    from malhae.runtime import hardware
 
     gpus = hardware.nvidia_gpus()
     if not gpus:

@@ -22,14 +22,14 @@ import numpy as np
 import pytest
 from helpers import one_error_line
 
-from app.errors import UserError
-from app.eval import compare, upstream
-from app.runtime import activations, quant
-from app.runtime.llama import Model
-from app.runtime.settings import LoadOptions
-from convert import corpus, importance, pipeline
-from convert import imatrix as imatrix_file
-from convert import types as out_types
+from malhae.convert import corpus, importance, pipeline
+from malhae.convert import imatrix as imatrix_file
+from malhae.convert import types as out_types
+from malhae.errors import UserError
+from malhae.eval import compare, upstream
+from malhae.runtime import activations, quant
+from malhae.runtime.llama import Model
+from malhae.runtime.settings import LoadOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "malhae-demo-ko-f16.gguf"
@@ -38,7 +38,7 @@ DEMO_HF = ROOT / "models" / "demo" / "hf"
 
 def _malhae(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, COLUMNS="200")  # rich wraps at 80 columns without a terminal
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, cwd=cwd, env=env)
+    return subprocess.run([sys.executable, "-m", "malhae", *args], capture_output=True, cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_copy_from_device_path_gives_the_same_sums(calibration_file):
 def test_device_tensors_are_copied_not_read_in_place(monkeypatch, calibration_file):
     """What a CUDA build answers: the graph's tensors are not in host memory. Then every read goes through
     ggml_backend_tensor_get (counted here), and the sums equal the in-place ones."""
-    from app.runtime import ggml
+    from malhae.runtime import ggml
 
     text = calibration_file.read_text(encoding="utf-8")
     with Model(DEMO) as model:
@@ -397,7 +397,7 @@ def test_interrupt_stops_at_once_and_writes_nothing(sig, tmp_path):
     text = tmp_path / "long.txt"
     text.write_text("\n\n".join([corpus.calibration_text()[1]] * 6), encoding="utf-8")  # ~20 s of work here
     out = tmp_path / "o.imatrix.gguf"
-    proc = subprocess.Popen([sys.executable, "-m", "app", "imatrix", str(DEMO), "--text", str(text), "--ctx", "128",
+    proc = subprocess.Popen([sys.executable, "-m", "malhae", "imatrix", str(DEMO), "--text", str(text), "--ctx", "128",
                              "--threads", "2", "-o", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -13,13 +13,13 @@ import gguf
 import pytest
 from helpers import one_error_line
 
-from app.errors import UserError
-from app.runtime import offload, templates
-from app.runtime.engine import Engine
-from app.runtime.gguf_info import read_info
-from app.runtime.settings import LoadOptions
-from app.store.info import describe
-from convert import pipeline
+from malhae.convert import pipeline
+from malhae.errors import UserError
+from malhae.runtime import offload, templates
+from malhae.runtime.engine import Engine
+from malhae.runtime.gguf_info import read_info
+from malhae.runtime.settings import LoadOptions
+from malhae.store.info import describe
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "malhae-demo-ko-f16.gguf"
@@ -85,7 +85,7 @@ def test_quantized_file_facts_match_gguf_reader(q4):
 
 def test_info_and_the_store_listing_tell_the_same_story(q4, tmp_path):
     """One reader of the metadata: name, type and source are the same in `malhae info` and `malhae models`."""
-    from app.store.local import open_store
+    from malhae.store.local import open_store
 
     entry = open_store(tmp_path / "store").add(q4, "q4")
     mi = describe(entry.path)
@@ -148,7 +148,7 @@ def test_auto_plan_and_context_are_the_engines():
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, cwd=ROOT, timeout=120)
+    return subprocess.run([sys.executable, "-m", "malhae", *args], capture_output=True, cwd=ROOT, timeout=120)
 
 
 def test_cli_prints_the_facts_and_json():

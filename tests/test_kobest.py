@@ -25,11 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.cli import main
-from app.errors import UserError
-from app.eval.kobest import data, metrics
-from app.eval.kobest import evaluate as ev
-from app.eval.kobest.tasks import select
+from malhae.cli import main
+from malhae.errors import UserError
+from malhae.eval.kobest import data, metrics
+from malhae.eval.kobest import evaluate as ev
+from malhae.eval.kobest.tasks import select
 
 ROOT = Path(__file__).resolve().parent.parent
 HF = ROOT / "models" / "demo" / "hf"
@@ -238,7 +238,7 @@ def test_parquet_needs_pyarrow(tmp_path):
 
 
 def test_hub_without_datasets_says_what_to_do():
-    pytest.importorskip("app.eval.kobest.data")
+    pytest.importorskip("malhae.eval.kobest.data")
     try:
         import datasets  # noqa: F401
         pytest.skip("datasets is installed; the hub path would need a network")
@@ -303,8 +303,8 @@ def _hf_logliks(model, requests, max_length):
 
 
 def _gguf_logliks(path, requests, precise):
-    from app.eval.loglik import Scorer
-    from app.runtime.llama import Model
+    from malhae.eval.loglik import Scorer
+    from malhae.runtime.llama import Model
 
     with Model(path) as model, Scorer(model, threads=1, precise=precise) as scorer:
         out = []
@@ -317,7 +317,7 @@ def _gguf_logliks(path, requests, precise):
 
 @pytest.fixture(scope="module")
 def f32_gguf(tmp_path_factory):
-    from convert.pipeline import convert
+    from malhae.convert.pipeline import convert
 
     return convert(HF, "f32", tmp_path_factory.mktemp("kobest") / "demo-f32.gguf").path
 

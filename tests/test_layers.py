@@ -27,12 +27,23 @@ MAX_LINES = 450
 
 
 def modules() -> dict[str, Path]:
+    """Every module by its folder's name (app.chat.repl, convert.pipeline): the layers are the repository's folders,
+    whatever name pip installs them under (malhae, malhae.convert: local_name maps one to the other)."""
     found = {}
     for top in ("app", "convert"):
         for path in sorted((ROOT / top).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
             found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return found
+
+
+def local_name(module: str) -> str:
+    """An imported name as the folders spell it: malhae.convert.x → convert.x, malhae.models → models,
+    malhae.x → app.x (pyproject's package-dir)."""
+    for installed, folder in (("malhae.convert", "convert"), ("malhae.models", "models"), ("malhae", "app")):
+        if module == installed or module.startswith(installed + "."):
+            return folder + module[len(installed):]
+    return module
 
 
 MODULES = modules()
@@ -43,10 +54,10 @@ def imports(name: str) -> list[tuple[str, list[str], int]]:
     out = []
     for node in ast.walk(ast.parse(MODULES[name].read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            out += [(a.name, [], node.lineno) for a in node.names]
+            out += [(local_name(a.name), [], node.lineno) for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             assert not node.level, f"{name}:{node.lineno}: the house uses absolute imports"
-            out.append((node.module, [a.name for a in node.names], node.lineno))
+            out.append((local_name(node.module), [a.name for a in node.names], node.lineno))
     return out
 
 
@@ -62,7 +73,7 @@ def edges(name: str) -> set[str]:
 def layer(name: str) -> str:
     if name in SHARED:
         return "shared"
-    if name == "app.__main__":  # python -m app
+    if name == "app.__main__":  # python -m malhae
         return "app.cli"
     for prefix in ("app.runtime", *MIDDLE, "app.cli", "convert"):
         if name == prefix or name.startswith(prefix + "."):
@@ -133,9 +144,10 @@ def test_no_private_names_across_modules():
             ours |= {n for n in names if f"{module}.{n}" in MODULES}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                ours |= {a.asname for a in node.names if a.asname and a.name in MODULES}
+                ours |= {a.asname for a in node.names if a.asname and local_name(a.name) in MODULES}
             elif isinstance(node, ast.ImportFrom):
-                ours |= {a.asname for a in node.names if a.asname and f"{node.module}.{a.name}" in MODULES}
+                ours |= {a.asname for a in node.names
+                         if a.asname and f"{local_name(node.module)}.{a.name}" in MODULES}
             elif (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ours
                   and node.attr.startswith("_") and not node.attr.startswith("__")):
                 wrong.append(f"{name}:{node.lineno} uses {node.value.id}.{node.attr}")

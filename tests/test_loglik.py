@@ -1,4 +1,4 @@
-"""app.eval.loglik: shared-prefix batched scoring gives the numbers of plain one-sequence evaluation, harness
+"""malhae.eval.loglik: shared-prefix batched scoring gives the numbers of plain one-sequence evaluation, harness
 arithmetic.
 
 The reference here is always the simplest path: app.runtime.llama.Context.logits on the whole token sequence from an
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.errors import UserError
-from app.eval.loglik import Scorer
-from app.eval.scoring import log_prob
-from app.runtime.llama import Context, Model
-from app.runtime.settings import LoadOptions
+from malhae.errors import UserError
+from malhae.eval.loglik import Scorer
+from malhae.eval.scoring import log_prob
+from malhae.runtime.llama import Context, Model
+from malhae.runtime.settings import LoadOptions
 
 GGUF = Path(__file__).resolve().parent.parent / "models" / "malhae-demo-ko-f16.gguf"
 PROMPT = "대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. 질문: 주권은 누구에게 있나? 답변: "
@@ -72,9 +72,9 @@ def test_batched_equals_one_at_a_time_on_ten_shot_prompts(model, precise, bound)
     attention); 1.2e-4 / 1.4e-4 for 10-shot BoolQ. Scoring one sequence with n_batch 512 or 64 gives identical
     numbers, so the difference comes from several sequences sharing a ubatch and the cache, not from the chunking.
     """
-    from app.eval.kobest import data
-    from app.eval.kobest import evaluate as ev
-    from app.eval.kobest.tasks import select
+    from malhae.eval.kobest import data
+    from malhae.eval.kobest import evaluate as ev
+    from malhae.eval.kobest.tasks import select
 
     task = select("hellaswag")[0]
     src = data.source(None, False)

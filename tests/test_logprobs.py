@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app.runtime.logprobs import log_softmax, score_rows
+from malhae.runtime.logprobs import log_softmax, score_rows
 
 
 def test_score_rows_equals_the_float64_log_softmax():

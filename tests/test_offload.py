@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from app.errors import UserError
-from app.runtime import offload
-from app.runtime.gguf_info import read_info
-from app.runtime.settings import LoadOptions
-from app.runtime.windows import Layout
-from app.store import models
-from convert import pipeline
+from malhae.convert import pipeline
+from malhae.errors import UserError
+from malhae.runtime import offload
+from malhae.runtime.gguf_info import read_info
+from malhae.runtime.settings import LoadOptions
+from malhae.runtime.windows import Layout
+from malhae.store import models
 
 GiB = 2**30
 
@@ -95,11 +95,11 @@ def test_every_command_offloads_by_the_same_rule(fake_gpu, tmp_path):
     """chat/ask/complete/bench (the engine), info, eval ppl, eval compare and eval kobest all ask offload.choose: on
     a 24 GB GPU the 8.6M demo goes entirely on it (its 2 layers + the output layer). Before the one rule, eval kobest
     passed its notify callback where the planner wanted a layout and died on this machine with an internal error."""
-    from app.eval import compare, perplexity
-    from app.eval.kobest import data, evaluate
-    from app.eval.kobest.tasks import select
-    from app.runtime.engine import Engine
-    from app.store.info import describe
+    from malhae.eval import compare, perplexity
+    from malhae.eval.kobest import data, evaluate
+    from malhae.eval.kobest.tasks import select
+    from malhae.runtime.engine import Engine
+    from malhae.store.info import describe
 
     everything = read_info(DEMO).arch_int("block_count") + 1
     with Engine(LoadOptions(model=DEMO, ctx=64)) as engine:
@@ -122,7 +122,7 @@ def test_every_command_offloads_by_the_same_rule(fake_gpu, tmp_path):
 
 @pytest.mark.skipif(DEMO is None, reason="the bundled demo model is not built")
 def test_eval_kobest_with_auto_offload_through_the_cli(fake_gpu, capsys):
-    from app.cli import main
+    from malhae.cli import main
 
     assert main(["eval", "kobest", str(DEMO), "--tasks", "copa", "--shots", "0", "--limit", "2", "--json"]) == 0
     assert fake_gpu and fake_gpu[0] > 0 and '"task": "copa"' in capsys.readouterr().out
@@ -133,7 +133,7 @@ def test_cpu_only_build_says_how_to_get_cuda_once(monkeypatch):
     many models load (a chat's /model, a draft model), and not at all for --gpu-layers 0."""
     import fake_devices as fake
 
-    from app.runtime import hardware
+    from malhae.runtime import hardware
 
     nvidia = hardware.Facts("Linux", "x86_64", False, ("NVIDIA GeForce RTX 3060",), False)
     fake.install(monkeypatch, fake.cpu(), facts=nvidia)

@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlparse
 import factory
 import pytest
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB_ID = "EleutherAI/polyglot-ko-1.3b"  # served with a tiny checkpoint of the same family
@@ -124,7 +124,7 @@ def run_cli(args: list[str], home: Path, endpoint: str, **env_extra: str) -> sub
     env |= {"HF_HOME": str(home / "hf"), "HF_ENDPOINT": endpoint, "MALHAE_HOME": str(home / "malhae"),
             "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_ETAG_TIMEOUT": "2", "HF_HUB_DOWNLOAD_TIMEOUT": "5",
             "PYTHONPATH": str(ROOT), "NO_COLOR": "1"} | env_extra
-    return subprocess.run([sys.executable, "-m", "app", "pull", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "malhae", "pull", *args], capture_output=True, text=True, env=env,
                           cwd=home, timeout=300)
 
 
@@ -133,7 +133,7 @@ def store_file(home: Path, name: str) -> Path:
 
 
 def test_pull_downloads_converts_and_adds_then_works_offline(repo, tmp_path):
-    from app.runtime.gguf_info import read_info
+    from malhae.runtime.gguf_info import read_info
 
     with FakeHub({HUB_ID: repo}) as hub:
         done = run_cli(["polyglot-ko-1.3b", "--type", "q4_k_m", "--name", "tiny"], tmp_path, hub.url)
@@ -202,7 +202,7 @@ def test_unknown_repository_is_named(repo, tmp_path):
 
 
 def test_unknown_catalog_name_suggests_the_nearest():
-    from app.store import pull
+    from malhae.store import pull
 
     with pytest.raises(UserError, match="did you mean polyglot-ko-1.3b"):
         pull.resolve("polyglot-ko-1.3", "q4_k_m")
@@ -211,7 +211,7 @@ def test_unknown_catalog_name_suggests_the_nearest():
 
 
 def test_resolve_names():
-    from app.store import pull
+    from malhae.store import pull
 
     s = pull.resolve("KoAlpaca-Polyglot-5.8B", "q4_k_m")  # catalog names are case-insensitive
     assert (s.hub_id, s.store_name, s.entry.template) == ("beomi/KoAlpaca-Polyglot-5.8B",
@@ -223,7 +223,7 @@ def test_resolve_names():
 
 
 def test_choose_files_prefers_safetensors():
-    from app.store.pull import choose_files
+    from malhae.store.pull import choose_files
 
     both = ["config.json", "tokenizer.json", "README.md", ".gitattributes", "pytorch_model-00001-of-00002.bin",
             "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json", "model-00001-of-00002.safetensors",
@@ -239,7 +239,7 @@ def test_choose_files_prefers_safetensors():
 
 
 def test_missing_huggingface_hub_is_one_line_with_the_pip_command(monkeypatch):
-    from app.store import pull
+    from malhae.store import pull
 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # what an environment without the package sees
     with pytest.raises(UserError, match=r"pip install"):
@@ -247,7 +247,7 @@ def test_missing_huggingface_hub_is_one_line_with_the_pip_command(monkeypatch):
 
 
 def test_imatrix_auto_through_pull_and_refusals_before_downloading(repo, tmp_path):
-    from app.runtime.gguf_info import read_info
+    from malhae.runtime.gguf_info import read_info
 
     with FakeHub({HUB_ID: repo}) as hub:
         refused = run_cli(["polyglot-ko-1.3b", "--type", "iq2_xs", "--name", "x"], tmp_path, hub.url)

@@ -24,7 +24,7 @@ def test_the_first_set_up_command_runs_the_demo_with_nothing_downloaded(tmp_path
     assert steps[0][:2] == ["pip", "install"]
     for step in steps[1:]:
         assert step[0] == "malhae", step
-        done = subprocess.run([sys.executable, "-m", "app", *step[1:]], cwd=tmp_path, input="안녕하세요\n/exit\n",
+        done = subprocess.run([sys.executable, "-m", "malhae", *step[1:]], cwd=tmp_path, input="안녕하세요\n/exit\n",
                               capture_output=True, text=True, timeout=120,
                               env={"MALHAE_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin",
                                    "PYTHONPATH": str(ROOT)})

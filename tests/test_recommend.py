@@ -6,13 +6,13 @@ import json
 
 import pytest
 
-from app.cli import main
-from app.runtime import offload
-from app.runtime.gguf_info import read_info
-from app.store import catalog, recommend
-from app.store.catalog import QUALITY_ORDER, Entry, Sizes
-from convert import pipeline
-from convert.sizing import Shape, sized_tensors, summarize
+from malhae.cli import main
+from malhae.convert import pipeline
+from malhae.convert.sizing import Shape, sized_tensors, summarize
+from malhae.runtime import offload
+from malhae.runtime.gguf_info import read_info
+from malhae.store import catalog, recommend
+from malhae.store.catalog import QUALITY_ORDER, Entry, Sizes
 
 GiB = 2**30
 
@@ -111,7 +111,7 @@ def test_machine_reads_this_machine_without_arguments():
 def test_memory_amounts_are_checked_alike_by_info_and_recommend(capsys):
     """`info --vram nan|inf` and `recommend --ram nan` / `--vram inf` were internal errors; `recommend --vram -1` was
     accepted while `info --vram -5` was refused. One rule now, one message."""
-    from app.cli import main
+    from malhae.cli import main
 
     for value in ("nan", "inf", "-1", "2000000"):
         for args in (["info", "--vram", value], ["recommend", "--vram", value], ["recommend", "--ram", value]):

@@ -21,20 +21,20 @@ from pathlib import Path
 
 import pytest
 
-from app.runtime.settings import LoadOptions
+from malhae.runtime.settings import LoadOptions
 
 pytest.importorskip("uvicorn")
 
 from helpers import one_error_line, serving  # noqa: E402
 
-from app.errors import UserError  # noqa: E402
-from app.eval.loglik import Scorer  # noqa: E402
-from app.eval.remote import RemoteScorer  # noqa: E402
-from app.runtime import remote  # noqa: E402
-from app.runtime.endpoint import Endpoint  # noqa: E402
-from app.runtime.llama import Model  # noqa: E402
-from app.runtime.settings import Sampling  # noqa: E402
-from app.store import models  # noqa: E402
+from malhae.errors import UserError  # noqa: E402
+from malhae.eval.loglik import Scorer  # noqa: E402
+from malhae.eval.remote import RemoteScorer  # noqa: E402
+from malhae.runtime import remote  # noqa: E402
+from malhae.runtime.endpoint import Endpoint  # noqa: E402
+from malhae.runtime.llama import Model  # noqa: E402
+from malhae.runtime.settings import Sampling  # noqa: E402
+from malhae.store import models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BILL = ROOT / "models" / "data" / "ko-public-domain" / "bills" / "1809899.txt"
@@ -61,7 +61,7 @@ def url(server) -> str:
 
 def malhae(*args: str, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if k not in ("MALHAE_ENDPOINT", "MALHAE_API_KEY")}
-    return subprocess.run([sys.executable, "-m", "app", *args], input=stdin, capture_output=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "malhae", *args], input=stdin, capture_output=True, cwd=ROOT,
                           timeout=120, env=clean | (env or {}))
 
 
@@ -210,7 +210,7 @@ def test_every_sampling_setting_reaches_the_server(endless, endless_path, demo, 
     both draw, so each setting did arrive (an ignored one would leave the remote text as it was). Sampling is
     shown on a random-weight model (many likely tokens), the penalties on the demo model's greedy answer (it
     repeats the constitution's words)."""
-    from app.runtime.engine import Engine
+    from malhae.runtime.engine import Engine
 
     sampled = Sampling(temperature=1.2, top_k=50, top_p=0.95, min_p=0.02, seed=11, max_tokens=40)
     with Engine(LoadOptions(model=endless_path, ctx=512, threads=2)) as engine:
@@ -493,7 +493,7 @@ def test_llama_server_end_tokens_and_its_chatml_fallback():
 
 
 def test_requests_in_flight_keep_their_order_and_a_failure_stops_the_rest():
-    from app.eval.remote import ordered_map
+    from malhae.eval.remote import ordered_map
 
     started: list[int] = []
 

@@ -12,18 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from app.runtime.settings import LoadOptions
+from malhae.runtime.settings import LoadOptions
 
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from helpers import serving  # noqa: E402
 
-from app.eval.loglik import Scorer  # noqa: E402
-from app.runtime.llama import Model  # noqa: E402
-from app.serve.server import Options, Server, State, build_app  # noqa: E402
-from app.store import models  # noqa: E402
-from convert import pipeline  # noqa: E402
+from malhae.convert import pipeline  # noqa: E402
+from malhae.eval.loglik import Scorer  # noqa: E402
+from malhae.runtime.llama import Model  # noqa: E402
+from malhae.serve.server import Options, Server, State, build_app  # noqa: E402
+from malhae.store import models  # noqa: E402
 
 PROMPTS = ["대한민국은", "모든 국민은", "국회는", "대통령은", "헌법", "법률은", "국가는", "제1조"]
 
@@ -423,7 +423,7 @@ def test_api_key(demo_path):
 def test_the_listening_socket_says_tcp():
     """asyncio disables Nagle's algorithm only on sockets whose protocol is TCP; a socket made with protocol 0 held
     every answer on a kept-alive connection ~40 ms (lm-eval's clients reuse connections)."""
-    from app.serve.server import bind
+    from malhae.serve.server import bind
 
     with bind("127.0.0.1", 0) as sock:
         assert sock.proto == socket.IPPROTO_TCP
@@ -516,8 +516,8 @@ def test_gpu_plan_counts_every_slots_cache(demo_path, monkeypatch):
     larger; the server then works with the layers it planned."""
     import fake_devices as fake
 
-    from app.runtime import offload
-    from app.runtime.gguf_info import read_info
+    from malhae.runtime import offload
+    from malhae.runtime.gguf_info import read_info
 
     one_slot = offload.model_sizes(read_info(demo_path), 1024)
     free = int((one_slot.total + offload.DEVICE_CONTEXT_BYTES) / (1 - offload.SAFETY_FRACTION)) + 4096
@@ -640,7 +640,7 @@ def test_clients_leaving_at_random_leak_nothing(endless_path):
 def test_a_bug_in_the_scheduler_fails_its_request_not_the_server(demo, monkeypatch):
     """A fault injected where no client input can reach (the sampler chain raising): the request gets a 500 in
     OpenAI's shape, its slot is reset and freed, and the next request is answered as before."""
-    from app.runtime import batching
+    from malhae.runtime import batching
 
     real = batching.sampler.chain
 
@@ -661,10 +661,10 @@ def test_a_bug_in_the_scheduler_fails_its_request_not_the_server(demo, monkeypat
 def test_requests_arriving_together_start_in_one_step(demo_path):
     """An idle scheduler waits `gather` seconds for more arrivals, so a burst's prompts share the first decode.
     Here 4 jobs arrive 20 ms apart and each wants 1 token: gathered, one step serves all; without it, 4."""
-    from app.runtime.batching import Scheduler
-    from app.runtime.engine import Engine
-    from app.runtime.events import Done, Job
-    from app.runtime.settings import Sampling
+    from malhae.runtime.batching import Scheduler
+    from malhae.runtime.engine import Engine
+    from malhae.runtime.events import Done, Job
+    from malhae.runtime.settings import Sampling
 
     for gather, most in ((0.3, 1), (0.0, 4)):
         with Engine(LoadOptions(model=demo_path, ctx=128, parallel=4, threads=1)) as engine:
@@ -782,7 +782,7 @@ def test_random_requests_never_get_a_500(demo):
     client sends is a 2xx or a 4xx with an error message, and the server stays healthy with every slot free."""
     import random
 
-    from app.serve import ollama_api, openai_api
+    from malhae.serve import ollama_api, openai_api
 
     rng = random.Random(13)
     pool = [None, True, False, -1, 0, 1, 2, 3, 2**40, -(2**63), 1e308, -0.5, 0.5, "", "x", "국회", "\ud800", [],

@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from app.errors import UserError
-from app.runtime.settings import SAMPLING_KEYS, SETTINGS, Sampling, check, context_size, gpu_layers, parse
+from malhae.errors import UserError
+from malhae.runtime.settings import SAMPLING_KEYS, SETTINGS, Sampling, check, context_size, gpu_layers, parse
 
 
 @pytest.mark.parametrize(("key", "raw", "value"), [
@@ -62,11 +62,11 @@ def test_every_entry_point_refuses_the_same_values(key, bad, tmp_path, capsys):
     """One table, five doors: a flag, config.toml, /set, a saved chat and the command line itself."""
     import json
 
-    from app.chat.conversation import Conversation
-    from app.cli import main
-    from app.runtime import templates
-    from app.runtime.settings import SETTABLE
-    from app.store import config
+    from malhae.chat.conversation import Conversation
+    from malhae.cli import main
+    from malhae.runtime import templates
+    from malhae.runtime.settings import SETTABLE
+    from malhae.store import config
 
     with pytest.raises(UserError):
         check(key, bad)
@@ -106,8 +106,8 @@ def test_threads_are_bounded_everywhere_they_are_taken(tmp_path, capsys, monkeyp
     than 4 × the logical CPUs, from a flag or from config.toml, before it loads or writes anything."""
     import os
 
-    from app.cli import main
-    from app.runtime.settings import MAX_THREADS
+    from malhae.cli import main
+    from malhae.runtime.settings import MAX_THREADS
 
     assert 4 * (os.cpu_count() or 1) == MAX_THREADS
     text = tmp_path / "t.txt"

@@ -13,12 +13,12 @@ from pathlib import Path
 import gguf
 import pytest
 
-from app.errors import UserError
-from app.runtime.draft import Lookup
-from app.runtime.engine import Engine, common_prefix
-from app.runtime.settings import LoadOptions, Sampling
-from app.runtime.speculate import EXPLORE_AFTER, PRIOR_ACCEPT, DraftLength
-from convert.rewrite import copy_gguf, first_layers
+from malhae.convert.rewrite import copy_gguf, first_layers
+from malhae.errors import UserError
+from malhae.runtime.draft import Lookup
+from malhae.runtime.engine import Engine, common_prefix
+from malhae.runtime.settings import LoadOptions, Sampling
+from malhae.runtime.speculate import EXPLORE_AFTER, PRIOR_ACCEPT, DraftLength
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "models" / "malhae-demo-ko-f16.gguf"
@@ -163,7 +163,7 @@ def test_an_interrupted_answer_leaves_a_consistent_cache(plain):
 
 
 def test_draft_models_of_another_vocabulary_are_refused(tmp_path, checkpoints):
-    from convert import pipeline
+    from malhae.convert import pipeline
 
     small = pipeline.convert(checkpoints("tf4-st-f16"), "f16", tmp_path / "other.gguf").path
     with pytest.raises(UserError, match=r"other.gguf cannot draft for this model: its vocabulary has 1,0\d\d "
@@ -182,9 +182,9 @@ def test_a_draft_models_cost_per_token_leaves_out_reading_a_new_prompt(plain, mo
     200). The clock is faked: evaluating costs a second per token, drafting nothing."""
     import types
 
-    from app.runtime import draft as draft_module
-    from app.runtime.draft import CATCH_UP, DraftModel
-    from app.runtime.engine import common_prefix
+    from malhae.runtime import draft as draft_module
+    from malhae.runtime.draft import CATCH_UP, DraftModel
+    from malhae.runtime.engine import common_prefix
 
     clock = [0.0]
     monkeypatch.setattr(draft_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
@@ -297,7 +297,7 @@ def test_ask_and_complete_take_draft_flags_and_report_drafts(tmp_path):
     import sys
 
     def malhae(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "app", *args], capture_output=True, cwd=ROOT, timeout=120,
+        return subprocess.run([sys.executable, "-m", "malhae", *args], capture_output=True, cwd=ROOT, timeout=120,
                               stdin=subprocess.DEVNULL)
 
     prompt = PROMPTS[0]
@@ -323,7 +323,7 @@ def test_ask_and_complete_take_draft_flags_and_report_drafts(tmp_path):
     import os
 
     env = os.environ | {"MALHAE_CONFIG": str(config)}
-    proc = subprocess.run([sys.executable, "-m", "app", "ask", "안녕"], capture_output=True, cwd=ROOT, timeout=120,
+    proc = subprocess.run([sys.executable, "-m", "malhae", "ask", "안녕"], capture_output=True, cwd=ROOT, timeout=120,
                           stdin=subprocess.DEVNULL, env=env)
     assert f"{config}: draft nosuch.gguf: model file nosuch.gguf does not exist" in one_error_line(proc)
 

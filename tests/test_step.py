@@ -11,10 +11,10 @@ import json
 import llama_cpp as lc
 import pytest
 
-from app.runtime.engine import Stats
-from app.runtime.llama import Model
-from app.runtime.step import Step, StopReason
-from app.store import models
+from malhae.runtime.engine import Stats
+from malhae.runtime.llama import Model
+from malhae.runtime.step import Step, StopReason
+from malhae.store import models
 
 DEMO = models.demo_model()
 pytestmark = pytest.mark.skipif(DEMO is None, reason="the bundled demo model is not built")

@@ -10,10 +10,10 @@ import gguf
 import numpy as np
 import pytest
 
-from app import flags
-from app.errors import UserError
-from app.store import config, local, models
-from app.store.local import open_store
+from malhae import flags
+from malhae.errors import UserError
+from malhae.store import config, local, models
+from malhae.store.local import open_store
 
 DEMO = models.demo_model()
 pytestmark = pytest.mark.skipif(DEMO is None, reason="the bundled demo model is not built")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer
 
-from app.runtime.stream import TextStream
+from malhae.runtime.stream import TextStream
 
 KOREAN = ("대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. 뷁똠햏 ㅋㅋㅋ 大韓民國 😀👍🏽 "
           "3·1운동\n\n다음 줄 끝.")

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from app import files
-from app.errors import UserError
-from app.runtime import templates
-from app.runtime.settings import SETTABLE, Sampling, check
-from app.runtime.templates import Template
+from malhae import files
+from malhae.errors import UserError
+from malhae.runtime import templates
+from malhae.runtime.settings import SETTABLE, Sampling, check
+from malhae.runtime.templates import Template
 
 FORMAT = "malhae-chat"
 VERSION = 1

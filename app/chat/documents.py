@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from app import files
-from app.chat.reader import MAX_INPUT, too_long
-from app.errors import UserError
+from malhae import files
+from malhae.chat.reader import MAX_INPUT, too_long
+from malhae.errors import UserError
 
 SEPARATOR = "\n\n"  # between documents, and between the last one and the question
 STDIN = "standard input"

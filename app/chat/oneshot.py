@@ -6,14 +6,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.chat import documents as docs
-from app.chat.documents import Document
-from app.errors import UserError
-from app.runtime import templates
-from app.runtime.backend import Backend, open_backend
-from app.runtime.endpoint import Endpoint
-from app.runtime.engine import Stats
-from app.runtime.settings import LoadOptions, Sampling
+from malhae.chat import documents as docs
+from malhae.chat.documents import Document
+from malhae.errors import UserError
+from malhae.runtime import templates
+from malhae.runtime.backend import Backend, open_backend
+from malhae.runtime.endpoint import Endpoint
+from malhae.runtime.engine import Stats
+from malhae.runtime.settings import LoadOptions, Sampling
 
 
 @dataclass(frozen=True)

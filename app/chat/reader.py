@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from app import files
-from app.errors import UserError
-from app.runtime import templates
-from app.runtime.settings import SETTABLE
+from malhae import files
+from malhae.errors import UserError
+from malhae.runtime import templates
+from malhae.runtime.settings import SETTABLE
 
 CONTINUE = "\\"  # a line ending in it goes on on the next line
 BLOCK = '"""'  # opens and closes a block of several lines

@@ -18,12 +18,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from app import flags, ui
-from app.chat import conversation as conv_mod
-from app.chat import documents
-from app.chat.conversation import Conversation, Prepared
-from app.chat.documents import Document
-from app.chat.reader import (
+from malhae import flags, ui
+from malhae.chat import conversation as conv_mod
+from malhae.chat import documents
+from malhae.chat.conversation import Conversation, Prepared
+from malhae.chat.documents import Document
+from malhae.chat.reader import (
     COMMANDS,
     KEYS,
     QUIT_HINT,
@@ -32,14 +32,14 @@ from app.chat.reader import (
     classify,
     resolve_command,
 )
-from app.chat.writer import AnswerBroken, write_answer
-from app.errors import UserError
-from app.runtime import templates
-from app.runtime.backend import Backend
-from app.runtime.engine import Stats, check_model_file
-from app.runtime.settings import SETTABLE, SETTINGS, LoadOptions, parse
-from app.runtime.settings import draft as draft_setting
-from app.runtime.step import StopReason
+from malhae.chat.writer import AnswerBroken, write_answer
+from malhae.errors import UserError
+from malhae.runtime import templates
+from malhae.runtime.backend import Backend
+from malhae.runtime.engine import Stats, check_model_file
+from malhae.runtime.settings import SETTABLE, SETTINGS, LoadOptions, parse
+from malhae.runtime.settings import draft as draft_setting
+from malhae.runtime.step import StopReason
 
 
 class Terminated(KeyboardInterrupt):

@@ -14,14 +14,14 @@ from typing import TextIO
 
 from rich.console import Console
 
-from app import ui
-from app.chat.conversation import Conversation
-from app.chat.reader import LineReader, PromptReader, Reader, open_history
-from app.chat.repl import Chat, Resolve
-from app.runtime import templates
-from app.runtime.backend import Backend, open_backend
-from app.runtime.endpoint import Endpoint
-from app.runtime.settings import LoadOptions, Sampling, check
+from malhae import ui
+from malhae.chat.conversation import Conversation
+from malhae.chat.reader import LineReader, PromptReader, Reader, open_history
+from malhae.chat.repl import Chat, Resolve
+from malhae.runtime import templates
+from malhae.runtime.backend import Backend, open_backend
+from malhae.runtime.endpoint import Endpoint
+from malhae.runtime.settings import LoadOptions, Sampling, check
 
 
 def open_chat(load: LoadOptions, *, model: str | None, resolve: Resolve, template: str | None = None,

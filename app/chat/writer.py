@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator
 from typing import TextIO
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 try:
     import termios
@@ -207,7 +207,7 @@ def write_oneshot(run) -> None:
         if not ended_with_newline:
             write("\n")
         flush()
-    from app.ui import err
+    from malhae.ui import err
 
     if err.is_terminal:
         s = run.stats

@@ -5,6 +5,6 @@ convert (convert, pull) · models (models …, info, recommend) · evaluate (eva
 Heavy modules (llama.cpp, numpy, the converter) are imported inside commands to keep start-up fast.
 """
 
-from app.cli.main import app, main
+from malhae.cli.main import app, main
 
 __all__ = ["app", "main"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from app.cli import options as o
-from app.errors import UserError
+from malhae.cli import options as o
+from malhae.errors import UserError
 
 THREADS_HELP = "Threads for quantizing (default: the settings file's threads, else all cores)."
 IMATRIX_HELP = ("Importance matrix for the quantizer: auto (computed on malhae's Korean calibration text) or a file "
@@ -36,10 +36,10 @@ def convert(
     imatrix: str | None = typer.Option(None, "--imatrix", help=IMATRIX_HELP),
 ) -> None:
     """Convert a Polyglot-Ko (GPT-NeoX) checkpoint into a GGUF file, proven to tokenize like the original."""
-    from app.runtime.llama import init
-    from app.store import catalog, convert_view
-    from convert import pipeline
-    from convert import types as out_types
+    from malhae.convert import pipeline
+    from malhae.convert import types as out_types
+    from malhae.runtime.llama import init
+    from malhae.store import catalog, convert_view
 
     if list_types:
         convert_view.types_table(out_types.TYPES)
@@ -51,7 +51,7 @@ def convert(
     threads = o.settings_for("convert", threads=threads)[0].threads
     target = None
     if add:  # a taken store name is refused now, not after minutes of converting
-        from app.store.local import open_store
+        from malhae.store.local import open_store
 
         target = open_store().conversion_target(name or f"{pipeline.model_name(src)}-{out_types.get(type_name).name}",
                                                 output, force)
@@ -63,13 +63,13 @@ def convert(
                                   name=name, template=template, imatrix=imatrix)
     convert_view.convert_summary(result)
     if target is not None:
-        from app.store import models_view
+        from malhae.store import models_view
 
         with models_view.CopyProgress(f"adding {result.path.name} to the store", result.size) as copying:
             entry = target.finish(result.path, progress=copying.update)
         convert_view.added(entry)
     if verify:
-        from convert.verify import verify as run_verify
+        from malhae.convert.verify import verify as run_verify
 
         report = run_verify(src, result.path, result.type, threads=threads)
         convert_view.verify_table(report)
@@ -89,9 +89,9 @@ def pull(
     imatrix: str | None = typer.Option(None, "--imatrix", help=IMATRIX_HELP),
 ) -> None:
     """Download a checkpoint from the Hugging Face hub, convert it and add it to the store (받기)."""
-    from app.runtime.llama import init
-    from app.store import catalog_view, convert_view
-    from app.store import pull as pull_mod
+    from malhae.runtime.llama import init
+    from malhae.store import catalog_view, convert_view
+    from malhae.store import pull as pull_mod
 
     threads = o.settings_for("pull", threads=threads)[0].threads
     init(o.verbose())
@@ -120,12 +120,12 @@ def imatrix(
                                         "llama-imatrix --process-output)."),
 ) -> None:
     """Compute an importance matrix (중요도 행렬, llama-imatrix's GGUF format) for quantizing with --imatrix."""
-    from app import ui
-    from app.eval import views
-    from app.runtime.llama import init
-    from app.runtime.windows import read_text
-    from app.store import convert_view, models
-    from convert import importance
+    from malhae import ui
+    from malhae.convert import importance
+    from malhae.eval import views
+    from malhae.runtime.llama import init
+    from malhae.runtime.windows import read_text
+    from malhae.store import convert_view, models
 
     if model is None:
         raise UserError("give the model: malhae imatrix polyglot-ko-5.8b-f16.gguf (the F16 you will quantize)")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import typer
 
-from app.cli import options as o
-from app.errors import UserError
+from malhae.cli import options as o
+from malhae.errors import UserError
 
 app = typer.Typer(
     help="Measure a model on the GGUF itself: perplexity, KoBEST, quantization loss (평가).",
@@ -34,20 +34,20 @@ def eval_ppl(
     concurrency: o.Concurrency = None,
 ) -> None:
     """Perplexity on a text, computed as llama.cpp's llama-perplexity computes it (same number)."""
-    from app import ui
-    from app.eval import perplexity as ppl
-    from app.eval import views
-    from app.runtime.llama import init
-    from app.runtime.windows import Layout, read_text
-    from app.store import models
+    from malhae import ui
+    from malhae.eval import perplexity as ppl
+    from malhae.eval import views
+    from malhae.runtime.llama import init
+    from malhae.runtime.windows import Layout, read_text
+    from malhae.store import models
 
     model = _one_model(model, model_option)
     read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
     options, _ = o.settings_for("eval", **load)
     remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note, flags=load)
     if remote is not None:
-        from app.eval import remote as scoring
-        from app.runtime.remote import RemoteBackend
+        from malhae.eval import remote as scoring
+        from malhae.runtime.remote import RemoteBackend
 
         backend = RemoteBackend(remote, model, notify=ui.note)
         with views.WindowProgress("perplexity", "ppl {:.3f}") as progress:
@@ -65,7 +65,7 @@ def eval_ppl(
 
 
 def _concurrency(value: int | None) -> int:
-    from app.eval.remote import DEFAULT_CONCURRENCY, check_concurrency
+    from malhae.eval.remote import DEFAULT_CONCURRENCY, check_concurrency
 
     return DEFAULT_CONCURRENCY if value is None else check_concurrency(value)
 
@@ -91,11 +91,11 @@ def eval_compare(
     text: o.TextFile = ..., ctx: o.Window = 512, batch: o.Batch = 2048, json_out: o.Json = False,
 ) -> None:
     """Quantization loss of B against A: mean KL divergence, top-1 agreement, perplexity of each and their ratio."""
-    from app import ui
-    from app.eval import compare, views
-    from app.runtime.llama import init
-    from app.runtime.windows import Layout, read_text
-    from app.store import models
+    from malhae import ui
+    from malhae.eval import compare, views
+    from malhae.runtime.llama import init
+    from malhae.runtime.windows import Layout, read_text
+    from malhae.store import models
 
     read_text(text)  # a wrong --text is the likelier mistake: say so before loading two models
     options, _ = o.settings_for("eval", **load)
@@ -126,12 +126,12 @@ def eval_kobest(
     timeout: o.Timeout = None, model_option: o.ModelOption = None, concurrency: o.Concurrency = None,
 ) -> None:
     """KoBEST macro F1 (COPA, HellaSwag, BoolQ, SentiNeg, WiC) with the prompts of the Polyglot-Ko model card."""
-    from app import ui
-    from app.eval.kobest import data, evaluate
-    from app.eval.kobest import render as kobest_render
-    from app.eval.kobest.tasks import select
-    from app.runtime.llama import init
-    from app.store import models
+    from malhae import ui
+    from malhae.eval.kobest import data, evaluate
+    from malhae.eval.kobest import render as kobest_render
+    from malhae.eval.kobest.tasks import select
+    from malhae.runtime.llama import init
+    from malhae.store import models
 
     try:
         shot_counts = list(dict.fromkeys(int(k) for k in shots.split(",") if k.strip()))
@@ -147,7 +147,7 @@ def eval_kobest(
     model = _one_model(model, model_option)
     remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note, flags=load | {"precise": precise})
     if remote is not None:
-        from app.runtime.remote import RemoteBackend
+        from malhae.runtime.remote import RemoteBackend
 
         backend = RemoteBackend(remote, model, notify=ui.note)
         with kobest_render.KobestProgress() as progress:
@@ -177,11 +177,11 @@ def bench(
     json_out: bool = typer.Option(False, "--json"),
 ) -> None:
     """Measure prompt and decode tokens/s through malhae's engine (and llama-bench, side by side)."""
-    from app import ui
-    from app.eval import bench as benchmod
-    from app.eval import upstream, views
-    from app.runtime.engine import Engine
-    from app.store import models
+    from malhae import ui
+    from malhae.eval import bench as benchmod
+    from malhae.eval import upstream, views
+    from malhae.runtime.engine import Engine
+    from malhae.store import models
 
     options, _ = o.settings_for("bench", **load, ctx=ctx or max(n_prompt + 16, 16 + n_gen + 8))
     path = models.resolve(model, ui.note)

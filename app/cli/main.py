@@ -18,8 +18,8 @@ try:  # typer ≥ 0.29 vendors click; older versions raise the click package's u
 except ImportError:  # pragma: no cover
     from click import ClickException as _UsageError
 
-from app.cli import convert, evaluate, models, run, serve
-from app.errors import UserError
+from malhae.cli import convert, evaluate, models, run, serve
+from malhae.errors import UserError
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
@@ -40,7 +40,7 @@ def _root(
     models_dir: Path | None = typer.Option(None, "--models-dir", help="The model store for this run (default: "
                                            "$MALHAE_HOME/models, else the user data directory's models/)."),
 ) -> None:
-    from app import flags
+    from malhae import flags
 
     flags.DEBUG = debug
     flags.VERBOSE = verbose

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import typer
 
-from app.cli import options as o
-from app.errors import UserError
-from app.runtime.settings import DEFAULT_MAX_CTX
+from malhae.cli import options as o
+from malhae.errors import UserError
+from malhae.runtime.settings import DEFAULT_MAX_CTX
 
 app = typer.Typer(
     help="Your models (모델): list, import, remove, choose the default; the catalog of the Polyglot-Ko family.",
@@ -24,8 +24,8 @@ def _models(ctx: typer.Context,
             json_out: bool = typer.Option(False, "--json", help="List the models as JSON.")) -> None:
     """List the models in the store (no subcommand), or manage them."""
     if ctx.invoked_subcommand is None:
-        from app.store import config, models_view
-        from app.store.local import open_store
+        from malhae.store import config, models_view
+        from malhae.store.local import open_store
 
         store, settings = open_store(), config.load()
         models_view.models_table(store.entries(), store.root, settings.default_model, settings.path, json_out)
@@ -39,8 +39,8 @@ def models_import(
     force: bool = typer.Option(False, "--force", "-f", help="Replace a model of the same name."),
 ) -> None:
     """Copy (or move) a GGUF file into the store, to run it by name: malhae chat -m NAME."""
-    from app.store import models_view
-    from app.store.local import open_store
+    from malhae.store import models_view
+    from malhae.store.local import open_store
 
     store = open_store()
     size = file.stat().st_size if file.is_file() else 0
@@ -55,9 +55,9 @@ def models_rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (needed without a terminal)."),
 ) -> None:
     """Delete a model from the store (asks first)."""
-    from app import units
-    from app.store import config, models_view
-    from app.store.local import open_store
+    from malhae import units
+    from malhae.store import config, models_view
+    from malhae.store.local import open_store
 
     store = open_store()
     entry = store.get(name)
@@ -83,7 +83,7 @@ def models_default(
     clear: bool = typer.Option(False, "--clear", help="Remove the default (the bundled demo is used again)."),
 ) -> None:
     """Show or set the model used when --model is not given (default_model in the settings file)."""
-    from app.store import config, models, models_view
+    from malhae.store import config, models, models_view
 
     settings = config.load()
     if clear:
@@ -109,7 +109,7 @@ def models_catalog(
     json_out: bool = typer.Option(False, "--json", help="Print the catalog, sizes and picks as JSON."),
 ) -> None:
     """The Polyglot-Ko family: hub ids, sizes per quantization (computed) and the best type per VRAM size."""
-    from app.store import catalog, catalog_view
+    from malhae.store import catalog, catalog_view
 
     catalog_view.catalog(catalog.load(), json_out)
 
@@ -125,9 +125,9 @@ def info(
     json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
 ) -> None:
     """Describe a GGUF (정보): architecture, size, tensor types, tokenizer, chat template and memory needed."""
-    from app import ui, units
-    from app.store import info_view, models
-    from app.store.info import describe
+    from malhae import ui, units
+    from malhae.store import info_view, models
+    from malhae.store.info import describe
 
     options, _ = o.settings_for("info", ctx=ctx, **load)
     if vram is not None:
@@ -147,8 +147,8 @@ def recommend(
     json_out: bool = typer.Option(False, "--json", help="Print the picks as JSON."),
 ) -> None:
     """Which catalog model and quantization fit this machine (추천), and the pull command for each."""
-    from app.store import catalog, catalog_view
-    from app.store import recommend as rec
+    from malhae.store import catalog, catalog_view
+    from malhae.store import recommend as rec
 
     machine = rec.machine(vram, ram)
     rows = [(e, rec.pick(e, vram_bytes=machine.vram_bytes, ram_bytes=machine.ram_bytes, gpus=machine.gpus))

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from app.runtime.settings import DEFAULT_DRAFT, DEFAULT_MAX_CTX, ONESHOT_MAX_TOKENS, SETTINGS
+from malhae.runtime.settings import DEFAULT_DRAFT, DEFAULT_MAX_CTX, ONESHOT_MAX_TOKENS, SETTINGS
 
 MODEL_HELP = ("A name from `malhae models` or a .gguf file (default: default_model in the settings file, else the "
               "bundled demo); with --endpoint, the server's model id (default: its only model).")
@@ -118,15 +118,19 @@ def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = Fal
     has are taken from config.toml (bench has no draft: it never speculates; eval's --ctx is a window, always
     given); a command without sampling options (bench, eval, info) just ignores the Sampling. A draft model is
     found the way --model is (the store); with an endpoint (`remote`) the server decodes as it does: no draft."""
-    from app.runtime.settings import SAMPLING_KEYS, LoadOptions, Sampling
-    from app.store import config
+    import dataclasses
+
+    from malhae.runtime.settings import SAMPLING_KEYS, LoadOptions, Sampling
+    from malhae.store import config
 
     file = config.load()
-    run = config.runtime_values({k: flags.get(k) for k in ("ctx", "threads", "gpu_layers", "device")}, file)
+    run = config.runtime_values({k: flags.get(k) for k in config.RUN_KEYS}, file)
     load = {k: v for k, v in run.items() if k in flags}
-    load |= {k: flags[k] for k in ("batch", "parallel") if flags.get(k) is not None}
     if "draft" in flags and not remote:
         load |= _draft(flags["draft"], flags.get("draft_max"), file)
+    fields = {f.name for f in dataclasses.fields(LoadOptions)}  # the rest as given (parallel, batch, …)
+    load |= {k: v for k, v in flags.items() if k in fields and k not in load and k not in ("draft", "draft_max")
+             and v is not None}
     values = config.sampling_values(command, {k: v for k, v in flags.items() if k in SAMPLING_KEYS}, file)
     return LoadOptions(**load, verbose=verbose()), Sampling(**values, stop=stop).checked()
 
@@ -134,9 +138,9 @@ def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = Fal
 def _draft(flag: object, draft_max: object, file) -> dict[str, object]:
     """draft and draft_max: --draft > config.toml's draft > DEFAULT_DRAFT; --draft-max > config.toml's > the
     settings table's (LoadOptions' own default: given only when the flag or the file says it)."""
-    from app import ui
-    from app.runtime import settings
-    from app.store import config, models
+    from malhae import ui
+    from malhae.runtime import settings
+    from malhae.store import config, models
 
     if draft_max is not None:
         settings.check("draft_max", draft_max)
@@ -148,7 +152,7 @@ def _draft(flag: object, draft_max: object, file) -> dict[str, object]:
 
 
 def verbose() -> bool:
-    from app import flags
+    from malhae import flags
 
     return flags.VERBOSE
 
@@ -160,9 +164,9 @@ def endpoint_for(flag: str | None, api_key: str | None = None, timeout: float | 
     `flags`: the command's options by name; those in LOCAL_ONLY that were given are said to be ignored."""
     import os
 
-    from app.errors import UserError
-    from app.runtime.endpoint import Endpoint
-    from app.store import config
+    from malhae.errors import UserError
+    from malhae.runtime.endpoint import Endpoint
+    from malhae.store import config
 
     file = config.load()
     url = flag if flag is not None else os.environ.get("MALHAE_ENDPOINT") or file.endpoint

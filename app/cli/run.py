@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from app.cli import options as o
+from malhae.cli import options as o
 
 PROMPT_ARG = typer.Argument(None, help="The text; `-` or nothing reads it from a pipe.")
 STOP = typer.Option([], "--stop", help="Stop before this text (repeatable).")
@@ -33,9 +33,9 @@ def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, s
              endpoint: str | None, api_key: str | None, timeout: float | None, load: dict[str, object],
              template: str | None = None, remote_chat: bool = False, **sampling: object) -> None:
     """`complete` and `ask`: only how the prompt is framed differs (ask puts it in the model's template)."""
-    from app import ui
-    from app.chat import oneshot, writer
-    from app.store import models
+    from malhae import ui
+    from malhae.chat import oneshot, writer
+    from malhae.store import models
 
     remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, flags=load, notify=ui.note)
     options, chosen = o.settings_for(kind, tuple(stop), remote=remote is not None, **load, **sampling)
@@ -84,9 +84,9 @@ def chat(
     remote_chat: o.RemoteChat = False,
 ) -> None:
     """Talk with a model (대화): streaming answers, input history, /commands; /help inside for more."""
-    from app import ui
-    from app.chat import session
-    from app.store import models
+    from malhae import ui
+    from malhae.chat import session
+    from malhae.store import models
 
     remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, flags=load, notify=ui.note)
     options, sampling = o.settings_for("chat", remote=remote is not None, **load, temperature=temperature,

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import typer
 
-from app.cli import options as o
-from app.errors import UserError
+from malhae.cli import options as o
+from malhae.errors import UserError
 
 MAX_PARALLEL = 64
 MAX_QUEUE = 4096
@@ -31,11 +31,11 @@ def serve(
                                            "whose scripts may call the server from a browser (CORS); repeatable."),
 ) -> None:
     """Serve a model over HTTP (OpenAI and Ollama APIs) for other programs: editors, Open WebUI, lm-eval, scripts."""
-    from app import ui
-    from app.runtime import templates
-    from app.runtime.engine import check_model_file
-    from app.serve import server
-    from app.store import models
+    from malhae import ui
+    from malhae.runtime import templates
+    from malhae.runtime.engine import check_model_file
+    from malhae.serve import server
+    from malhae.store import models
 
     missing = server.missing_extra()
     if missing:

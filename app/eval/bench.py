@@ -10,9 +10,9 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from app.errors import UserError
-from app.runtime.engine import Engine
-from app.runtime.settings import Sampling
+from malhae.errors import UserError
+from malhae.runtime.engine import Engine
+from malhae.runtime.settings import Sampling
 
 FILLER = "대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다. "
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from app.errors import UserError
-from app.eval.scoring import NLLSum, log_softmax
-from app.runtime import windows
-from app.runtime.llama import Model
-from app.runtime.settings import LoadOptions
-from app.runtime.windows import Layout
+from malhae.errors import UserError
+from malhae.eval.scoring import NLLSum, log_softmax
+from malhae.runtime import windows
+from malhae.runtime.llama import Model
+from malhae.runtime.settings import LoadOptions
+from malhae.runtime.windows import Layout
 
 Progress = Callable[[int, int, float], None]  # (windows done, windows in all, running mean KL)
 
@@ -119,8 +119,8 @@ def run(path_a: Path, path_b: Path, text_path: Path, layout: Layout | None = Non
     is not used), cheap checks first (arguments, text, vocabularies), then both models loaded at once.
 
     With `--gpu-layers auto`, A is planned into the free VRAM first and B into what A leaves on each device."""
-    from app.runtime import hardware, offload
-    from app.runtime.engine import check_model_file
+    from malhae.runtime import hardware, offload
+    from malhae.runtime.engine import check_model_file
 
     layout = layout or Layout.of()
     text = windows.read_text(text_path)
@@ -132,5 +132,6 @@ def run(path_a: Path, path_b: Path, text_path: Path, layout: Layout | None = Non
     shaped = layout.options(options)
     plan_a = offload.choose(info_a, shaped, notify=notify)
     plan_b = offload.choose(info_b, shaped, reserved=plan_a.used())
-    with Model.planned(path_a, plan_a) as a, Model.planned(path_b, plan_b) as b:
+    with Model.planned(replace(options, model=path_a), plan_a) as a, \
+            Model.planned(replace(options, model=path_b), plan_b) as b:
         return evaluate(a, b, text, layout, options, progress=progress, notify=notify)

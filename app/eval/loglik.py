@@ -19,11 +19,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 from gguf import Keys
 
-from app.errors import UserError
-from app.eval.scoring import log_prob
-from app.runtime.gguf_info import GGUFInfo
-from app.runtime.llama import Batch, Context, Model, Owned
-from app.runtime.settings import DEFAULT_BATCH, LoadOptions
+from malhae.errors import UserError
+from malhae.eval.scoring import log_prob
+from malhae.runtime.gguf_info import GGUFInfo
+from malhae.runtime.llama import Batch, Context, Model, Owned
+from malhae.runtime.settings import DEFAULT_BATCH, LoadOptions
 
 SPARE = 512  # cache room for the choices' own tokens, beyond the prompt
 

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from app.eval.scoring import NLLSum, log_prob
-from app.runtime.llama import Model
-from app.runtime.settings import LoadOptions
-from app.runtime.windows import (
+from malhae.eval.scoring import NLLSum, log_prob
+from malhae.runtime.llama import Model
+from malhae.runtime.settings import LoadOptions
+from malhae.runtime.windows import (
     Layout,
     check_context,
     context_for,
@@ -76,15 +76,15 @@ def run(options: LoadOptions, text_path: Path, layout: Layout | None = None, *, 
         notify: Callable[[str], None] | None = None) -> PerplexityResult:
     """`malhae eval ppl` on options.model: read the text first (its mistakes are cheaper to report than a model
     load), then load it as `options` say (its layers, devices, threads) for `layout`'s windows."""
-    from app.runtime import hardware, offload
-    from app.runtime.engine import check_model_file
+    from malhae.runtime import hardware, offload
+    from malhae.runtime.engine import check_model_file
 
     layout = layout or Layout.of()
     text = read_text(text_path)
     info = check_model_file(options.model)
     options = replace(options, threads=options.threads or hardware.physical_cores())
     plan = offload.choose(info, layout.options(options), notify=notify)
-    with Model.planned(options.model, plan) as model:
+    with Model.planned(options, plan) as model:
         return evaluate(model, text, layout, options, progress=progress, notify=notify)
 
 

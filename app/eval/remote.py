@@ -17,11 +17,11 @@ from typing import TypeVar
 
 import numpy as np
 
-from app.errors import UserError
-from app.eval.loglik import Choice, check_choices
-from app.eval.perplexity import PerplexityResult, Progress
-from app.eval.scoring import NLLSum
-from app.runtime.windows import Layout, read_text, windows
+from malhae.errors import UserError
+from malhae.eval.loglik import Choice, check_choices
+from malhae.eval.perplexity import PerplexityResult, Progress
+from malhae.eval.scoring import NLLSum
+from malhae.runtime.windows import Layout, read_text, windows
 
 ECHO_MARGIN = 2  # a scored prompt plus the one token a request must ask for, within the server's context
 WINDOWS_PER_REQUEST = 4
@@ -82,7 +82,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Itera
 
 
 class RemoteScorer:
-    """app.eval.loglik.Scorer's interface on a server: `score(context, continuations)` → Choices."""
+    """malhae.eval.loglik.Scorer's interface on a server: `score(context, continuations)` → Choices."""
 
     def __init__(self, backend, max_length: int | None = None, concurrency: int = DEFAULT_CONCURRENCY) -> None:
         backend.check_echo()

@@ -4,6 +4,6 @@ that all of them score a text alike."""
 
 from __future__ import annotations
 
-from app.runtime.logprobs import NLLSum, log_prob, log_softmax, log_z
+from malhae.runtime.logprobs import NLLSum, log_prob, log_softmax, log_z
 
 __all__ = ["NLLSum", "log_prob", "log_softmax", "log_z"]

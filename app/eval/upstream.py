@@ -13,10 +13,10 @@ import re
 import subprocess
 from pathlib import Path
 
-from app import children
-from app.errors import UserError
-from app.runtime import hardware, llama
-from app.runtime.windows import Layout
+from malhae import children
+from malhae.errors import UserError
+from malhae.runtime import hardware, llama
+from malhae.runtime.windows import Layout
 
 
 def tools_dir() -> Path:

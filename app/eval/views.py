@@ -8,7 +8,7 @@ import math
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from app.ui import Bars, err, json_result, out
+from malhae.ui import Bars, err, json_result, out
 
 
 class WindowProgress(Bars):

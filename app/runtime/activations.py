@@ -18,8 +18,8 @@ import ctypes
 import llama_cpp as lc
 import numpy as np
 
-from app.errors import UserError
-from app.runtime import ggml
+from malhae.errors import UserError
+from malhae.runtime import ggml
 
 MIN_ROWS = 16  # llama-imatrix ignores smaller batches (single-token decodes would dominate the counts)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from app.runtime.endpoint import Endpoint
-from app.runtime.engine import Stats
-from app.runtime.settings import LoadOptions, Sampling
+from malhae.runtime.endpoint import Endpoint
+from malhae.runtime.engine import Stats
+from malhae.runtime.settings import LoadOptions, Sampling
 
 
 class Backend(Protocol):
@@ -46,9 +46,9 @@ def open_backend(options: LoadOptions, *, endpoint: Endpoint | None = None, mode
     """`options.model` loaded here as `options` say (speculating with options.draft); or, with an `endpoint`, its
     model named `model` (None: its only one), which decodes as its server does: of `options` only ctx applies."""
     if endpoint is not None:
-        from app.runtime.remote import RemoteBackend
+        from malhae.runtime.remote import RemoteBackend
 
         return RemoteBackend(endpoint, model, chat=remote_chat, n_ctx=options.ctx, notify=notify)
-    from app.runtime.engine import Engine
+    from malhae.runtime.engine import Engine
 
     return Engine(options, notify=notify)

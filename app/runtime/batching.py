@@ -24,13 +24,13 @@ from collections import deque
 import llama_cpp as lc
 import numpy as np
 
-from app.errors import UserError
-from app.runtime import logprobs as lp
-from app.runtime import sampler
-from app.runtime.engine import Engine, common_prefix
-from app.runtime.events import Done, Event, Job, Prompt, Token, TokenLogprob
-from app.runtime.llama import Batch
-from app.runtime.step import Step, StopReason
+from malhae.errors import UserError
+from malhae.runtime import logprobs as lp
+from malhae.runtime import sampler
+from malhae.runtime.engine import Engine, common_prefix
+from malhae.runtime.events import Done, Event, Job, Prompt, Token, TokenLogprob
+from malhae.runtime.llama import Batch
+from malhae.runtime.step import Step, StopReason
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; the legacy completions limit is 5, and lm-eval asks for 1
 GATHER_SECONDS = 0.005  # an idle scheduler waits this long for requests arriving together (see Scheduler._gather)

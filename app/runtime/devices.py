@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 GiB = 2**30
 # Metal's working set and an integrated GPU's memory are the machine's RAM: keep this much of it for the system and
@@ -62,7 +62,7 @@ class Device:
 
 def listed() -> tuple[Device, ...]:
     """Every device ggml has, in its order, with free memory as of now (asked anew each time: it changes)."""
-    from app.runtime import ggml, llama
+    from malhae.runtime import ggml, llama
 
     llama.init()  # loads plug-in backends (GGML_BACKEND_DL builds) with llama.cpp's log kept quiet
     out = []
@@ -74,7 +74,7 @@ def listed() -> tuple[Device, ...]:
 
 def host_memory(devices: tuple[Device, ...]) -> int:
     """RAM as the CPU device reports it (else the OS's figure)."""
-    from app.runtime import hardware
+    from malhae.runtime import hardware
 
     cpu = next((d for d in devices if d.kind == "cpu" and d.total), None)
     return cpu.total if cpu else hardware.total_ram()

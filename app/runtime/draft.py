@@ -23,7 +23,7 @@ from typing import Protocol
 import llama_cpp as lc
 import numpy as np
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 
 class Drafter(Protocol):

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 DEFAULT_TIMEOUT = 120.0  # seconds without a byte: a busy server may queue a request, and a long prompt takes time
 MAX_TIMEOUT = 86400.0

@@ -19,12 +19,12 @@ from pathlib import Path
 import llama_cpp as lc
 from gguf import Keys
 
-from app.errors import UserError
-from app.runtime import hardware, llama, offload, sampler
-from app.runtime.gguf_info import GGUFInfo, check_shape, read_info
-from app.runtime.settings import LoadOptions, Sampling, check, context_size
-from app.runtime.speculate import Counts, Speculator
-from app.runtime.step import Step, StopReason
+from malhae.errors import UserError
+from malhae.runtime import hardware, llama, offload, sampler
+from malhae.runtime.gguf_info import GGUFInfo, check_shape, read_info
+from malhae.runtime.settings import LoadOptions, Sampling, check, context_size
+from malhae.runtime.speculate import Counts, Speculator
+from malhae.runtime.step import Step, StopReason
 
 SUPPORTED_ARCHITECTURES = ("gptneox",)
 Notify = Callable[[str], None]
@@ -155,7 +155,7 @@ class Engine:
     def set_draft(self, options: LoadOptions) -> None:
         """Speculate as `options.draft` and `options.draft_max` say from the next generation on: "lookup" (n-grams of
         the prompt and answer), a Path to a draft model of the same vocabulary, or None/"off" for plain decoding."""
-        from app.runtime.draft import DraftModel, Lookup
+        from malhae.runtime.draft import DraftModel, Lookup
 
         draft, draft_max = options.draft, check("draft_max", options.draft_max)
         old = self.speculator
@@ -194,7 +194,7 @@ class Engine:
         while True:
             layers = plan.n_gpu_layers
             try:
-                self.model = llama.Model.planned(self.path, plan)
+                self.model = llama.Model.planned(self.options, plan)
                 self.ctx = llama.Context(self.model, self.options)
                 break
             except UserError:

@@ -10,8 +10,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.runtime.settings import Sampling
-from app.runtime.step import StopReason
+from malhae.runtime.settings import Sampling
+from malhae.runtime.step import StopReason
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys, LlamaFileType
 
-from app import files
-from app.errors import UserError
+from malhae import files
+from malhae.errors import UserError
 
 V = GGUFValueType
 GGUF_MAGIC_BYTES = b"GGUF"

@@ -21,9 +21,9 @@ from typing import TypeVar
 import llama_cpp as lc
 import numpy as np
 
-from app.errors import UserError
-from app.runtime import ggml
-from app.runtime.settings import LoadOptions, check
+from malhae.errors import UserError
+from malhae.runtime import ggml
+from malhae.runtime.settings import LoadOptions, check
 
 _backend_ready = False
 _log_sink: Callable[[int, str], None] | None = None
@@ -184,9 +184,10 @@ class Model(Owned):
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
 
     @classmethod
-    def planned(cls, path: Path, plan) -> Model:
-        """The model loaded where an app.runtime.offload.Plan puts it: its layers, devices and split."""
-        return cls(path, n_gpu_layers=plan.n_gpu_layers, devices=plan.load_devices, tensor_split=plan.split)
+    def planned(cls, options: LoadOptions, plan) -> Model:
+        """options.model loaded where an app.runtime.offload.Plan puts it (its layers, devices and split): the one
+        place where a LoadOptions' model-level settings become llama.cpp's model parameters."""
+        return cls(options.model, n_gpu_layers=plan.n_gpu_layers, devices=plan.load_devices, tensor_split=plan.split)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -244,8 +245,8 @@ def _check_kv_fits(model: Model, n_ctx: int, element_bytes: int) -> None:
     Linux overcommits: an allocation far beyond RAM may well succeed, and the process is killed later, mid-answer,
     when the pages are touched (the 1.3B model at --ctx 1048576 asks for 200 GB). Only the layers left on the CPU count
     (an offloaded layer keeps its cache on the GPU)."""
-    from app import units
-    from app.runtime import hardware
+    from malhae import units
+    from malhae.runtime import hardware
 
     n_layer = lc.llama_model_n_layer(model.ptr)
     n_embd_kv = lc.llama_model_n_embd(model.ptr) * lc.llama_model_n_head_kv(model.ptr) // max(

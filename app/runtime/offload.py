@@ -21,14 +21,14 @@ from dataclasses import dataclass, replace
 
 from gguf import Keys
 
-from app import units
-from app.errors import UserError
-from app.runtime import devices, hardware
-from app.runtime.devices import Device
-from app.runtime.gguf_info import GGUFInfo
-from app.runtime.llama import repeating_on_gpu
-from app.runtime.settings import DEFAULT_BATCH, LoadOptions
-from app.runtime.settings import gpu_layers as parse_gpu_layers
+from malhae import units
+from malhae.errors import UserError
+from malhae.runtime import devices, hardware
+from malhae.runtime.devices import Device
+from malhae.runtime.gguf_info import GGUFInfo
+from malhae.runtime.llama import repeating_on_gpu
+from malhae.runtime.settings import DEFAULT_BATCH, LoadOptions
+from malhae.runtime.settings import gpu_layers as parse_gpu_layers
 
 # per device: driver + BLAS workspace, measured at 300-450 MB on recent CUDA; used for every backend (Metal, ROCm,
 # Vulkan and SYCL are not measured here, and erring large only costs a layer)

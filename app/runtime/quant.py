@@ -21,8 +21,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
-from app.runtime import ggml, llama
-from app.runtime.settings import check
+from malhae.runtime import ggml, llama
+from malhae.runtime.settings import check
 
 ROWS_PER_TASK_ELEMENTS = 1 << 21  # 2 Mi values (8 MiB of f32) per task
 

@@ -16,12 +16,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from app.errors import UserError
-from app.runtime.endpoint import Endpoint, HttpError
-from app.runtime.engine import Stats, check_fits, check_prompt
-from app.runtime.settings import Sampling
-from app.runtime.step import StopReason
-from app.runtime.stream import TextStream
+from malhae.errors import UserError
+from malhae.runtime.endpoint import Endpoint, HttpError
+from malhae.runtime.engine import Stats, check_fits, check_prompt
+from malhae.runtime.settings import Sampling
+from malhae.runtime.step import StopReason
+from malhae.runtime.stream import TextStream
 
 Notify = Callable[[str], None]
 Messages = list[dict[str, str]]

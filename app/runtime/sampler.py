@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import llama_cpp as lc
 
-from app.runtime.settings import Sampling
+from malhae.runtime.settings import Sampling
 
 
 def chain(vocab, n_vocab: int, s: Sampling, history: Sequence[int] = ()):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 DEFAULT_MAX_CTX = 4096  # the family trains at 2048; larger contexts only cost memory
 DEFAULT_BATCH = 512  # tokens per llama_decode (llama.cpp's default), capped by the context

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import llama_cpp as lc
 
-from app.errors import UserError
-from app.runtime.draft import Drafter
-from app.runtime.llama import Batch
+from malhae.errors import UserError
+from malhae.runtime.draft import Drafter
+from malhae.runtime.llama import Batch
 
 PRIOR_ACCEPT = 0.7  # how often an untried kind of drafted token is assumed to be accepted …
 PRIOR_WEIGHT = 2.0  # … worth this many observations

@@ -17,7 +17,7 @@ from enum import Enum
 
 import llama_cpp as lc
 
-from app.runtime.stream import TextStream
+from malhae.runtime.stream import TextStream
 
 _is_eog = lc.llama_vocab_is_eog
 _to_piece = lc.llama_token_to_piece

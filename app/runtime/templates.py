@@ -19,7 +19,7 @@ from importlib import resources
 
 from gguf import Keys
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,7 +56,7 @@ class Template:
 
 @cache
 def all_templates() -> dict[str, Template]:
-    raw = tomllib.loads(resources.files("models").joinpath("templates.toml").read_text(encoding="utf-8"))
+    raw = tomllib.loads(resources.files("malhae.models").joinpath("templates.toml").read_text(encoding="utf-8"))
     return {name: Template(name=name, description=t.get("description", ""), system=t.get("system", ""),
                            system_format=t.get("system_format", ""), user=t["user"], assistant=t["assistant"],
                            assistant_end=t.get("assistant_end", "\n"), stop=tuple(t.get("stop", ())),

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from app import files
-from app.errors import UserError
-from app.runtime.llama import Batch, Context, Model
-from app.runtime.settings import LoadOptions
+from malhae import files
+from malhae.errors import UserError
+from malhae.runtime.llama import Batch, Context, Model
+from malhae.runtime.settings import LoadOptions
 
 DEFAULT_WINDOW = 512  # llama-perplexity's default --ctx
 DEFAULT_BATCH = 2048  # llama-perplexity's default: four windows of 512 per decode

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 
-from app.errors import UserError
-from app.runtime.settings import Sampling, check
-from app.serve.errors import ApiError
+from malhae.errors import UserError
+from malhae.runtime.settings import Sampling, check
+from malhae.serve.errors import ApiError
 
 MAX_BODY = 8 << 20  # bytes: a full 4,096-token prompt as text or ids is well under 100 KB
 MAX_STOP = 16

@@ -17,10 +17,10 @@ import collections
 import weakref
 from collections.abc import AsyncIterator
 
-from app.runtime.batching import Busy, Scheduler
-from app.runtime.events import Done, Event, Job
-from app.runtime.settings import Sampling
-from app.serve.errors import ApiError, busy
+from malhae.runtime.batching import Busy, Scheduler
+from malhae.runtime.events import Done, Event, Job
+from malhae.runtime.settings import Sampling
+from malhae.serve.errors import ApiError, busy
 
 DISCONNECT_POLL = 0.5  # seconds between looks at a non-streamed request's connection
 

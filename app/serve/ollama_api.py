@@ -12,15 +12,15 @@ import asyncio
 import json
 from datetime import datetime, timezone
 
-from app import __version__
-from app.runtime.events import Done, Token
-from app.serve import fields
-from app.serve.errors import ApiError, shutting_down
-from app.serve.fields import Body
-from app.serve.jobs import Request
-from app.serve.openai_api import render_chat
-from app.serve.service import Service
-from app.serve.sse import JobStream
+from malhae import __version__
+from malhae.runtime.events import Done, Token
+from malhae.serve import fields
+from malhae.serve.errors import ApiError, shutting_down
+from malhae.serve.fields import Body
+from malhae.serve.jobs import Request
+from malhae.serve.openai_api import render_chat
+from malhae.serve.service import Service
+from malhae.serve.sse import JobStream
 
 GENERATE_FIELDS = ("model", "prompt", "system", "stream", "options", "raw", "keep_alive", "format", "images",
                    "template", "context", "suffix", "think")

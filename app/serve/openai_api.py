@@ -14,14 +14,14 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-from app.runtime.batching import MAX_TOP_LOGPROBS
-from app.runtime.events import Done, Prompt, Token, TokenLogprob
-from app.serve import fields
-from app.serve.errors import ApiError, shutting_down
-from app.serve.fields import Body
-from app.serve.jobs import Request
-from app.serve.service import MAX_PROMPTS, Service, offsets
-from app.serve.sse import JobStream
+from malhae.runtime.batching import MAX_TOP_LOGPROBS
+from malhae.runtime.events import Done, Prompt, Token, TokenLogprob
+from malhae.serve import fields
+from malhae.serve.errors import ApiError, shutting_down
+from malhae.serve.fields import Body
+from malhae.serve.jobs import Request
+from malhae.serve.service import MAX_PROMPTS, Service, offsets
+from malhae.serve.sse import JobStream
 
 MAX_N = 16
 MAX_MESSAGES = 10_000
@@ -282,7 +282,7 @@ def render_chat(svc: Service, messages: object) -> str:
     if not turns or turns[-1][0] != "user":
         raise ApiError("the last message must be the user's (the model answers it)", param="messages",
                        code="invalid_value")
-    from app.errors import UserError
+    from malhae.errors import UserError
 
     try:
         return svc.template.prompt(turns, system="\n".join(system) if system else None)

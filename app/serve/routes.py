@@ -18,11 +18,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from app.errors import UserError
-from app.serve import fields, ollama_api
-from app.serve.errors import ApiError
-from app.serve.fields import Body
-from app.serve.service import Service
+from malhae.errors import UserError
+from malhae.serve import fields, ollama_api
+from malhae.serve.errors import ApiError
+from malhae.serve.fields import Body
+from malhae.serve.service import Service
 
 Handler = Callable[..., Awaitable[object]]  # (request) or (request, svc) -> a Response or a JSON-able value
 

@@ -14,8 +14,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from app.errors import UserError
-from app.runtime.settings import LoadOptions
+from malhae.errors import UserError
+from malhae.runtime.settings import LoadOptions
 
 LOOPBACK_NAMES = ("localhost",)
 
@@ -72,8 +72,8 @@ def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] 
     from starlette.applications import Starlette
     from starlette.routing import Route
 
-    from app.serve import ollama_api, openai_api, routes
-    from app.serve.routes import route
+    from malhae.serve import ollama_api, openai_api, routes
+    from malhae.serve.routes import route
 
     table = [
         route("/health", routes.health, needs_model=False),
@@ -109,7 +109,7 @@ def make_uvicorn(config):
     timeout, then cancels the streams and logs each one as an exception with a traceback."""
     import uvicorn
 
-    from app.serve.jobs import Dispatcher
+    from malhae.serve.jobs import Dispatcher
 
     class Uvicorn(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
@@ -165,7 +165,7 @@ class Server:
         return f"http://{shown}:{self.port}"
 
     def _load(self) -> None:
-        from app.serve.service import Service
+        from malhae.serve.service import Service
 
         o = self.options
         try:

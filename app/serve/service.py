@@ -10,12 +10,12 @@ from functools import cached_property
 
 from gguf import Keys
 
-from app.errors import UserError
-from app.runtime import templates
-from app.runtime.batching import Scheduler
-from app.runtime.engine import Engine
-from app.runtime.settings import LoadOptions
-from app.serve.errors import ApiError
+from malhae.errors import UserError
+from malhae.runtime import templates
+from malhae.runtime.batching import Scheduler
+from malhae.runtime.engine import Engine
+from malhae.runtime.settings import LoadOptions
+from malhae.serve.errors import ApiError
 
 MAX_PROMPTS = 64  # prompts × n in one request: each is a sequence in the queue
 
@@ -112,7 +112,7 @@ class Service:
 
     def fit(self, tokens: list[int], max_new: int | None) -> int:
         """How many tokens this prompt may generate (ApiError when the prompt or max_tokens does not fit)."""
-        from app.runtime.batching import check_request
+        from malhae.runtime.batching import check_request
 
         try:
             return check_request(self.engine, tokens, max_new)

@@ -9,7 +9,7 @@ import contextlib
 import anyio
 from starlette.responses import StreamingResponse
 
-from app.serve.jobs import Request
+from malhae.serve.jobs import Request
 
 
 class JobStream(StreamingResponse):

@@ -16,7 +16,7 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -79,7 +79,7 @@ class Entry:
 
 
 def read_toml(name: str) -> dict:
-    text = resources.files("models").joinpath(name).read_text(encoding="utf-8")
+    text = resources.files("malhae.models").joinpath(name).read_text(encoding="utf-8")
     return tomllib.loads(text)
 
 
@@ -124,7 +124,7 @@ def parse(catalog: dict, sizes: dict, template_names: set[str] | None = None) ->
 
 @cache
 def load() -> tuple[Entry, ...]:
-    from app.runtime import templates
+    from malhae.runtime import templates
 
     return tuple(parse(read_toml("catalog.toml"), read_toml("catalog-sizes.toml"), set(templates.all_templates())))
 
@@ -166,8 +166,8 @@ def template_for_checkpoint(src: Path, name: str | None = None) -> str | None:
     """The prompt format `malhae convert` writes into a checkpoint's GGUF when --template is not given: the
     catalog's, by the checkpoint's hub id or names, else the name rule's (app.runtime.templates.identify); None when
     neither knows the model (the converter then writes none and says so)."""
-    from app.runtime import templates
-    from convert import pipeline
+    from malhae.convert import pipeline
+    from malhae.runtime import templates
 
     names = pipeline.identity(src, name)
     by_name = templates.identify(*names)

@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from app import units
-from app.store import recommend
-from app.store.catalog import QUALITY_ORDER, Entry, drafts_for
-from app.ui import err, out
+from malhae import units
+from malhae.store import recommend
+from malhae.store.catalog import QUALITY_ORDER, Entry, drafts_for
+from malhae.ui import err, out
 
 
 def _console() -> Console:

@@ -17,10 +17,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from app import files
-from app.errors import UserError
-from app.runtime import settings as table
-from app.runtime.settings import ONESHOT_MAX_TOKENS, SAMPLING_KEYS, SETTINGS, check
+from malhae import files
+from malhae.errors import UserError
+from malhae.runtime import settings as table
+from malhae.runtime.settings import ONESHOT_MAX_TOKENS, SAMPLING_KEYS, SETTINGS, check
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -109,7 +109,7 @@ def parse(text: str, path: Path) -> Settings:
                 raise _type_error(path, text, key, TOP_KEYS[key], value)
             setattr(settings, key, value.strip())
         elif key == "endpoint_timeout":
-            from app.runtime.endpoint import check_timeout
+            from malhae.runtime.endpoint import check_timeout
 
             try:
                 settings.endpoint_timeout = check_timeout(value, "")
@@ -209,12 +209,20 @@ def sampling_values(command: str, flags: dict[str, object], settings: Settings) 
     return out
 
 
+# the load settings config.toml may set (app.runtime.settings.LoadOptions' fields), but the draft (resolved through
+# the store, app.cli.options) and the sampling table
+RUN_KEYS = ("ctx", "threads", "gpu_layers", "device")
+
+
 def runtime_values(flags: dict[str, object], settings: Settings) -> dict[str, object]:
-    """ctx, threads, gpu_layers and device: flag > file > built-in (None for ctx and threads: the model's / the
-    CPU's; None for device: auto)."""
-    out: dict[str, object] = {"device": pick(flags.get("device"), settings.device, None)}
-    for key in ("ctx", "threads", "gpu_layers"):
+    """RUN_KEYS: flag > file > built-in (None for ctx and threads: the model's / the CPU's; None for device:
+    auto)."""
+    out: dict[str, object] = {}
+    for key in RUN_KEYS:
         flag = flags.get(key)
+        if key == "device":  # a name, checked against this machine's devices when a model loads
+            out[key] = pick(flag, settings.device, None)
+            continue
         if key == "gpu_layers" and isinstance(flag, str):
             flag = table.parse(key, flag)
         elif flag is not None:

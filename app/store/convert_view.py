@@ -6,8 +6,8 @@ from __future__ import annotations
 from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from app import units
-from app.ui import Bars, err, out
+from malhae import units
+from malhae.ui import Bars, err, out
 
 _STAGES = {"reading": "reading checkpoint", "writing": "writing GGUF", "calibrating": "importance matrix",
            "quantizing": "quantizing (llama.cpp)"}

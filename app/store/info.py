@@ -12,14 +12,14 @@ from pathlib import Path
 
 from gguf import Keys, TokenType
 
-from app import units
-from app.errors import UserError
-from app.runtime import devices, offload, templates
-from app.runtime.devices import Device
-from app.runtime.gguf_info import GGUFInfo, check_shape, read_info
-from app.runtime.llama import repeating_on_gpu
-from app.runtime.settings import LoadOptions, context_size
-from app.runtime.settings import gpu_layers as parse_gpu_layers
+from malhae import units
+from malhae.errors import UserError
+from malhae.runtime import devices, offload, templates
+from malhae.runtime.devices import Device
+from malhae.runtime.gguf_info import GGUFInfo, check_shape, read_info
+from malhae.runtime.llama import repeating_on_gpu
+from malhae.runtime.settings import LoadOptions, context_size
+from malhae.runtime.settings import gpu_layers as parse_gpu_layers
 
 GiB = 2**30
 

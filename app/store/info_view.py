@@ -5,8 +5,8 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
-from app import units
-from app.ui import err, json_result, out
+from malhae import units
+from malhae.ui import err, json_result, out
 
 
 def info_report(mi, as_json: bool = False) -> None:
@@ -108,7 +108,7 @@ def _device(d) -> str:
 
 def _quantized(file_type: str | None) -> bool:
     """Whether llama.cpp's quantizer made a file of this type (where an importance matrix could have been used)."""
-    from convert import types
+    from malhae.convert import types
 
     otype = types.TYPES.get(file_type or "")
     return otype is not None and otype.direct is None

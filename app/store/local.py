@@ -18,9 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app import files, flags, units
-from app.errors import UserError
-from app.runtime.gguf_info import GGUFInfo, read_info
+from malhae import files, flags, units
+from malhae.errors import UserError
+from malhae.runtime.gguf_info import GGUFInfo, read_info
 
 SUFFIX = ".gguf"
 CHUNK = 8 << 20

@@ -13,13 +13,13 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 DEMO_MODEL = "malhae-demo-ko-f16.gguf"
 
 
 def demo_model() -> Path | None:
-    path = Path(str(resources.files("models").joinpath(DEMO_MODEL)))
+    path = Path(str(resources.files("malhae.models").joinpath(DEMO_MODEL)))
     return path if path.is_file() else None
 
 
@@ -39,7 +39,7 @@ def _exists(value: str) -> bool:
 def resolve(model: str | None, notify=None) -> Path:
     if model:
         return _resolve_value(model)
-    from app.store import config
+    from malhae.store import config
 
     settings = config.load()
     if settings.default_model:
@@ -62,7 +62,7 @@ def resolve(model: str | None, notify=None) -> Path:
 def _resolve_value(value: str) -> Path:
     if is_path(value):
         return Path(value).expanduser()
-    from app.store.local import open_store
+    from malhae.store.local import open_store
 
     store = open_store()
     entry = store.get(value)
@@ -74,14 +74,14 @@ def _resolve_value(value: str) -> Path:
 def default_value(name: str) -> str:
     """What `malhae models default NAME` writes: a store name as it is, a path made absolute; both checked first."""
     if not is_path(name):
-        from app.store.local import open_store
+        from malhae.store.local import open_store
 
         store = open_store()
         entry = store.get(name)
         if entry is None:
             raise store.not_found(name)
         return entry.name
-    from app.runtime.engine import check_model_file
+    from malhae.runtime.engine import check_model_file
 
     path = Path(name).expanduser().absolute()
     check_model_file(path)

@@ -11,9 +11,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from app import units
-from app.store.local import Entry
-from app.ui import Bars, err, note, out
+from malhae import units
+from malhae.store.local import Entry
+from malhae.ui import Bars, err, note, out
 
 BIG_FILE = 64 << 20  # smaller copies finish before a bar would be worth drawing
 

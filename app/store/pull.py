@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.errors import UserError
-from app.store import catalog
-from app.store.catalog import Entry
+from malhae.errors import UserError
+from malhae.store import catalog
+from malhae.store.catalog import Entry
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 SMALL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "README.md",
@@ -45,7 +45,7 @@ class Pulled:
 
 def resolve(name_or_hub_id: str, type_name: str, name: str | None = None) -> Source:
     """Which repository to fetch and the store name to give it; unknown catalog names are refused here."""
-    from convert import types as out_types
+    from malhae.convert import types as out_types
 
     otype = out_types.get(type_name)
     text = name_or_hub_id.strip()
@@ -160,10 +160,10 @@ def pull(name_or_hub_id: str, type_name: str = "q4_k_m", *, name: str | None = N
          endpoint: str | None = None, before_convert: Callable[[Source, Path, bool], None] | None = None,
          imatrix: str | Path | None = None) -> Pulled:
     """Resolve, refuse a taken store name or a missing imatrix, download (or use the cache), convert into the store."""
-    from app.store.local import open_store
-    from convert import imatrix as imatrix_file
-    from convert import pipeline
-    from convert import types as out_types
+    from malhae.convert import imatrix as imatrix_file
+    from malhae.convert import pipeline
+    from malhae.convert import types as out_types
+    from malhae.store.local import open_store
 
     source = resolve(name_or_hub_id, type_name, name)
     imatrix = pipeline.check_imatrix_option(out_types.get(type_name), imatrix)

@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from app import units
-from app.runtime import offload
-from app.runtime.devices import Device
-from app.store.catalog import QUALITY_ORDER, Entry
+from malhae import units
+from malhae.runtime import offload
+from malhae.runtime.devices import Device
+from malhae.store.catalog import QUALITY_ORDER, Entry
 
 GiB = 2**30
 VRAM_SIZES_GB = (4, 6, 8, 12, 16, 24)  # the catalog's columns; a "8 GB" card has 8 GiB
@@ -120,7 +120,7 @@ class Machine:
 def machine(vram_gb: float | None = None, ram_gb: float | None = None) -> Machine:
     """This machine's figures (the GPUs ggml lists and what the planner may fill on them, total RAM), or the ones
     given (GiB)."""
-    from app.runtime import devices, hardware
+    from malhae.runtime import devices, hardware
 
     given_vram = units.gib_bytes("--vram", vram_gb) if vram_gb is not None else None
     given_ram = units.gib_bytes("--ram", ram_gb) if ram_gb is not None else None

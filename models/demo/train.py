@@ -49,7 +49,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # app and convert, when run as a script from anywhere
 
-from convert import corpus  # noqa: E402
+from malhae.convert import corpus  # noqa: E402
 
 CORPUS = ROOT / "models" / "data" / "ko-public-domain"
 QA = Path(__file__).resolve().parent / "data" / "qa.txt"
@@ -92,7 +92,7 @@ def base_frame() -> str:
 
     Some Q&A copies are trained under it so that the demo answers in the frame `malhae chat`/`ask` really send;
     the other copies stay bare, as qa.txt has them, for frames without a system line."""
-    from app.runtime.templates import get
+    from malhae.runtime.templates import get
 
     base = get("base")
     return base.system_format.format(system=base.system) if base.system and base.system_format else ""
@@ -335,9 +335,9 @@ def save_checkpoint(model, tok, out: Path, ctx: int, rotary_pct: float) -> None:
 
 def convert_and_check(args: argparse.Namespace, held_out: str) -> dict:
     """The project's own converter makes the shipped GGUF; llama.cpp then shows it generates and scores as trained."""
-    from app.eval.perplexity import perplexity
-    from app.runtime.llama import Context, Model
-    from convert import pipeline
+    from malhae.convert import pipeline
+    from malhae.eval.perplexity import perplexity
+    from malhae.runtime.llama import Context, Model
 
     out = args.gguf_out
     # the base template written in (tokenizer.chat_template), so other GGUF runners frame prompts as malhae does

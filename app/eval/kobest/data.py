@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from app.errors import UserError
-from app.eval.kobest.tasks import Doc, Task
-from app.files import cannot_read, read_user_text
+from malhae.errors import UserError
+from malhae.eval.kobest.tasks import Doc, Task
+from malhae.files import cannot_read, read_user_text
 
 HUB_ID = "skt/kobest_v1"
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -42,7 +42,7 @@ class Source:
 
 
 def sample_dir() -> Path:
-    return Path(str(resources.files("models").joinpath("data", "kobest-sample")))
+    return Path(str(resources.files("malhae.models").joinpath("data", "kobest-sample")))
 
 
 def source(data: Path | None, hub: bool) -> Source:

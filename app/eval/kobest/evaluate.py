@@ -21,10 +21,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from app.errors import UserError
-from app.eval.kobest import data, metrics
-from app.eval.kobest.tasks import Doc, Task
-from app.runtime.settings import LoadOptions
+from malhae.errors import UserError
+from malhae.eval.kobest import data, metrics
+from malhae.eval.kobest.tasks import Doc, Task
+from malhae.runtime.settings import LoadOptions
 
 SHUFFLE_SEED = 42  # evaluator.evaluate: rnd.seed(42) before rnd.shuffle(task_docs)
 Progress = Callable[[str, int, int, int], None]  # (task title, shots, docs done, docs total)
@@ -136,16 +136,16 @@ def evaluate(options: LoadOptions, src: data.Source, tasks: list[Task], shots: l
              notify: Callable[[str], None] | None = None) -> Report:
     """KoBEST on options.model, loaded as `options` say (layers, devices, threads; the scorer sizes its own
     context: the model's trained window)."""
-    from app.eval.loglik import Scorer
-    from app.runtime import hardware, offload
-    from app.runtime.engine import check_model_file
-    from app.runtime.llama import Model
+    from malhae.eval.loglik import Scorer
+    from malhae.runtime import hardware, offload
+    from malhae.runtime.engine import check_model_file
+    from malhae.runtime.llama import Model
 
     splits = _splits(src, tasks, shots, limit)
     info = check_model_file(options.model)  # the data is checked first, then the model
     shape = Scorer.shape(info, max(len(t.choice_formats) for t in tasks))
     plan = offload.choose(info, shape.options(options), notify=notify)
-    with Model.planned(options.model, plan) as model, \
+    with Model.planned(options, plan) as model, \
             Scorer(model, threads=options.threads or hardware.physical_cores(), precise=precise,
                    max_choices=shape.max_choices) as scorer:
         report = Report(str(options.model), src.label, scorer.max_length)
@@ -157,7 +157,7 @@ def evaluate_remote(backend, src: data.Source, tasks: list[Task], shots: list[in
                     progress: Progress | None = None, concurrency: int = 4) -> Report:
     """The same procedure with a server's model (RemoteBackend): tokens from its /tokenize, log-likelihoods from
     its echoed prompt log-probabilities (app.eval.remote)."""
-    from app.eval.remote import RemoteScorer
+    from malhae.eval.remote import RemoteScorer
 
     splits = _splits(src, tasks, shots, limit)
     scorer = RemoteScorer(backend, concurrency=concurrency)

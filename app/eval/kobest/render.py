@@ -5,9 +5,9 @@ from __future__ import annotations
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from app.eval.kobest.evaluate import Report
-from app.eval.kobest.tasks import all_tasks
-from app.ui import Bars
+from malhae.eval.kobest.evaluate import Report
+from malhae.eval.kobest.tasks import all_tasks
+from malhae.ui import Bars
 
 
 class KobestProgress(Bars):
@@ -22,7 +22,7 @@ class KobestProgress(Bars):
 
 
 def table(report: Report, as_json: bool) -> None:
-    from app.ui import err, json_result, note, out
+    from malhae.ui import err, json_result, note, out
 
     if as_json:
         json_result(report.as_dict())

@@ -14,7 +14,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from app.errors import UserError
+from malhae.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,7 +67,7 @@ class Task:
 
 @cache
 def all_tasks() -> dict[str, Task]:
-    raw = tomllib.loads(resources.files("app.eval.kobest").joinpath("tasks.toml").read_text(encoding="utf-8"))
+    raw = tomllib.loads(resources.files("malhae.eval.kobest").joinpath("tasks.toml").read_text(encoding="utf-8"))
     tasks = {}
     for name, t in raw.items():
         conn = t.get("connector", {})
