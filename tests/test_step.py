@@ -13,7 +13,7 @@ import pytest
 
 from malhae.runtime.engine import Stats
 from malhae.runtime.llama import Model
-from malhae.runtime.step import Step, StopReason
+from malhae.runtime.step import Step, StopReason, llama_server_stop_text
 from malhae.store import models
 
 DEMO = models.demo_model()
@@ -127,3 +127,10 @@ def test_stats_as_dict_holds_the_plain_word():
     assert type(d["stop_reason"]) is str and d["stop_reason"] == "context"
     assert json.loads(json.dumps(d))["stop_reason"] == "context"
     assert Stats().as_dict()["stop_reason"] == ""
+
+
+def test_llama_server_says_which_stop_ended_an_answer():
+    unknown = object()
+    assert llama_server_stop_text({"stop": True, "stop_type": "eos"}, unknown) is None
+    assert llama_server_stop_text({"stop": True, "stop_type": "word", "stopping_word": "질문:"}, unknown) == "질문:"
+    assert llama_server_stop_text({"stop": True, "stop_type": "limit"}, unknown) is unknown

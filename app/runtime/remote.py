@@ -20,7 +20,7 @@ from malhae.errors import UserError
 from malhae.runtime.endpoint import Endpoint, HttpError
 from malhae.runtime.engine import Stats, check_fits, check_prompt
 from malhae.runtime.settings import Sampling
-from malhae.runtime.step import StopReason
+from malhae.runtime.step import StopReason, llama_server_stop_text
 from malhae.runtime.stream import TextStream
 
 Notify = Callable[[str], None]
@@ -290,8 +290,7 @@ class RemoteBackend:
                     usage = event["usage"]
                 verbose = event.get("__verbose")
                 if isinstance(verbose, dict) and verbose.get("stop") is True:
-                    matched = {"eos": None, "word": verbose.get("stopping_word") or ""}.get(verbose.get("stop_type"),
-                                                                                            matched)
+                    matched = llama_server_stop_text(verbose, matched)
                 choices = event.get("choices")
                 if not isinstance(choices, list):
                     raise UserError(f"{self.endpoint.url}{path} streamed an event without choices; it does not "

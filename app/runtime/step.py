@@ -61,6 +61,12 @@ class StopReason(str, Enum):
         return cls.STOP if finish_reason == "stop" and stop_text else cls.EOS
 
 
+def llama_server_stop_text(verbose: dict, unknown: object) -> object:
+    """What llama-server's last chunk (with `verbose`) says ended an answer, as from_openai's stop_text needs it: None
+    for its end token (stop_type "eos"), the stop text for a stop word ("word"), `unknown` for anything else."""
+    return {"eos": None, "word": verbose.get("stopping_word") or ""}.get(verbose.get("stop_type"), unknown)
+
+
 _OPENAI = {StopReason.EOS: "stop", StopReason.STOP: "stop", StopReason.LENGTH: "length", StopReason.CONTEXT: "length"}
 _OLLAMA = _OPENAI  # Ollama's done_reason uses the same two words
 
