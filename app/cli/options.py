@@ -120,7 +120,7 @@ def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = Fal
     found the way --model is (the store); with an endpoint (`remote`) the server decodes as it does: no draft."""
     import dataclasses
 
-    from malhae.runtime.settings import SAMPLING_KEYS, LoadOptions, Sampling
+    from malhae.runtime.settings import SAMPLING_KEYS, LoadOptions, Sampling, check
     from malhae.store import config
 
     file = config.load()
@@ -129,8 +129,8 @@ def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = Fal
     if "draft" in flags and not remote:
         load |= _draft(flags["draft"], flags.get("draft_max"), file)
     fields = {f.name for f in dataclasses.fields(LoadOptions)}  # the rest as given (parallel, batch, …)
-    load |= {k: v for k, v in flags.items() if k in fields and k not in load and k not in ("draft", "draft_max")
-             and v is not None}
+    load |= {k: check(k, v) if k in SETTINGS else v for k, v in flags.items()
+             if k in fields and k not in load and k not in ("draft", "draft_max") and v is not None}
     values = config.sampling_values(command, {k: v for k, v in flags.items() if k in SAMPLING_KEYS}, file)
     return LoadOptions(**load, verbose=verbose()), Sampling(**values, stop=stop).checked()
 
