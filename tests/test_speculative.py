@@ -11,10 +11,12 @@ import re
 from pathlib import Path
 
 import gguf
+import numpy as np
 import pytest
 
 from malhae.convert.rewrite import copy_gguf, first_layers
 from malhae.errors import UserError
+from malhae.runtime import llama
 from malhae.runtime.draft import Lookup
 from malhae.runtime.engine import Engine, common_prefix
 from malhae.runtime.settings import LoadOptions, Sampling
@@ -81,29 +83,63 @@ def test_greedy_equals_plain_decoding(plain, two_layers, draft):
             assert accepted >= 0.97 * proposed
 
 
+def kernel_logits(tokens: list[int]) -> tuple[np.ndarray, float]:
+    """The demo's logits for the last of `tokens` as plain decoding computes them (the prompt in one batch, then one
+    row at a time), and how far llama.cpp's multi-row kernels (as a verification uses them, with 2, 5 and 16 rows)
+    move any logit there on this CPU: the size of its rounding."""
+    llama.init(False)
+    with llama.Model(DEMO) as model, llama.Context(model, LoadOptions(model=DEMO, ctx=1024, threads=2)) as ctx, \
+            llama.Batch(1024) as batch:
+        ctx.clear()
+        batch.fill(tokens[:-1], range(len(tokens) - 1))
+        ctx.decode(batch)
+        batch.fill(tokens[-1:], [len(tokens) - 1])
+        ctx.decode(batch)
+        one_row = ctx.output_logits(1)[0].copy()
+        spread = 0.0
+        for rows in (2, 5, 16):
+            ctx.clear()
+            batch.fill(tokens[:-rows], range(len(tokens) - rows))
+            ctx.decode(batch)
+            batch.fill(tokens[-rows:], range(len(tokens) - rows, len(tokens)))
+            ctx.decode(batch)
+            spread = max(spread, float(np.abs(ctx.output_logits(rows)[-1] - one_row).max()))
+    return one_row, spread
+
+
 @pytest.mark.parametrize("draft", ["lookup", "two-layers"])
 def test_seeded_sampling_gives_the_same_text(plain, two_layers, draft):
-    """The same seed gives the same answer with or without a draft. A verification decodes several rows at once,
-    and llama.cpp's multi-row kernels round differently from its one-row kernel on some CPUs; a seeded draw that lands
-    within that rounding of a boundary between two tokens then picks the other one. On this project's AMD EPYC CI
-    machine that happens once in these nine answers (the two-layer draft, after 67 equal tokens). Stated tolerance:
-    at most one answer may part from plain decoding, and not before its 32nd token; every other answer is equal."""
+    """The same seed gives the same answer with or without a draft, or parts from it only at a near tie.
+
+    A verification decodes several rows at once, and llama.cpp's multi-row kernels round differently from its one-row
+    kernel on some CPUs (this project's AMD EPYC machines: F16 weights, AVX-512 without AMX). A seeded draw between two
+    tokens whose logits are closer than that rounding then picks the other one: measured here, seed 2 with the
+    two-layer draft parts after 67 equal tokens, where tokens 3209 and 2150 have logits 4.8780 and 4.8775 and the
+    multi-row kernels move logits by up to 0.005, swapping their order. So every answer must be equal, except that one
+    may part where the two tokens are such a tie: their logits differ by no more than the kernels' rounding there, and
+    that rounding is small (a real fault — a wrong position, a stale cache, a sampler drawing out of turn — would give
+    equal logits or logits far apart). On CPUs whose kernels agree, all nine answers are equal."""
     target = {"lookup": "lookup", "two-layers": two_layers}[draft]
     with speculating(target) as spec:
         accepted = 0
-        parted = []  # (seed, prompt number, first differing token)
+        parted = []  # (prompt tokens up to the first differing answer token, plain's token, the speculative one)
         for seed in (1, 2, 3):
-            for k, prompt in enumerate(PROMPTS[:3]):
+            for prompt in PROMPTS[:3]:
                 s = Sampling(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.1, seed=seed,
                              max_tokens=200)
                 want_text, want_ids, _ = run(plain, prompt, s)
                 text, ids, stats = run(spec, prompt, s)
                 if ids != want_ids:
-                    parted.append((seed, k, common_prefix(ids, want_ids)))
+                    at = common_prefix(ids, want_ids)
+                    parted.append((plain.tokenize(prompt) + want_ids[:at], want_ids[at], ids[at]))
                 else:
                     assert text == want_text
                 accepted += stats.draft_accepted
-        assert len(parted) <= 1 and all(first >= 32 for _, _, first in parted), parted
+        assert len(parted) <= 1, [(len(t), a, b) for t, a, b in parted]
+        for tokens, theirs, ours in parted:
+            logits, rounding = kernel_logits(tokens)
+            gap = abs(float(logits[theirs] - logits[ours]))
+            assert 0 < rounding < 0.05 and gap <= 2 * rounding, (len(tokens), theirs, ours, gap, rounding)
         assert accepted > 50
 
 
