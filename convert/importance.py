@@ -20,7 +20,8 @@ from malhae.convert import corpus
 from malhae.convert.imatrix import Imatrix, write
 from malhae.errors import UserError
 from malhae.runtime.activations import MIN_ROWS, SquareSums
-from malhae.runtime.llama import Interrupts, Model
+from malhae.runtime.interrupts import Interrupts
+from malhae.runtime.llama import Model
 from malhae.runtime.logprobs import NLLSum, log_prob
 from malhae.runtime.settings import LoadOptions
 from malhae.runtime.windows import (
@@ -122,7 +123,8 @@ def compute_file(options: LoadOptions, text: str, *, datasets: tuple[str, ...], 
     layout = layout or chunk_layout(min(DEFAULT_CTX, info.arch_int("context_length") or DEFAULT_CTX))
     options = replace(options, threads=options.threads or hardware.physical_cores())
     plan = offload.choose(info, layout.options(options), notify=notify)
-    with Model.planned(options, plan) as model:
+    # held from the load on (llama.cpp logs through a callback while it loads): compute's first decode then stops
+    with Interrupts(), Model.planned(options, plan) as model:
         return compute(model, text, layout, options, chunks=chunks, datasets=datasets, output=output,
                        progress=progress, notify=notify)
 

@@ -31,6 +31,7 @@ from malhae.convert.vocab import read_vocab
 from malhae.errors import UserError
 from malhae.runtime import templates
 from malhae.runtime.gguf_info import read_info
+from malhae.runtime.interrupts import Interrupts
 
 # Progress: (stage, done, total); stages are "reading", "writing" (bytes) and "quantizing" (tensors).
 Progress = Callable[[str, int, int], None]
@@ -113,14 +114,42 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
             progress: Progress | None = None, name: str | None = None, template: str | None = None,
             imatrix: str | Path | None = None) -> Result:
     """`imatrix`: "auto" (computed on the staged F16 over malhae's Korean calibration text) or an imatrix file
-    (checked against this model before anything is written); None quantizes without one."""
+    (checked against this model before anything is written); None quantizes without one.
+
+    Ctrl-C and SIGTERM are held as a flag for the whole conversion (app.runtime.interrupts: llama.cpp calls
+    back into Python while it loads, logs and computes, and an interrupt raised in there was swallowed) and
+    raised at the next step or progress report: KeyboardInterrupt, with every partial file removed. Once the file
+    is renamed into place, a signal is too late to undo it and is dropped."""
+    with Interrupts() as interrupted:
+        return _convert(src, type_name, out, interrupted, force=force, threads=threads, progress=progress, name=name,
+                        template=template, imatrix=imatrix)
+
+
+def _steps(progress: Progress | None, interrupted: Interrupts) -> Callable[[str], Callable[[int, int], None]]:
+    """Each stage's progress callback, which is also where a held interrupt is raised (from the main thread)."""
+
+    def stage(name: str) -> Callable[[int, int], None]:
+        def report(done: int, total: int) -> None:
+            interrupted.check()
+            if progress:
+                progress(name, done, total)
+
+        return report
+
+    return stage
+
+
+def _convert(src: Path, type_name: str, out: Path | None, interrupted: Interrupts, *, force: bool,
+             threads: int | None, progress: Progress | None, name: str | None, template: str | None,
+             imatrix: str | Path | None) -> Result:
     start = time.perf_counter()
+    step = _steps(progress, interrupted)
     otype = out_types.get(type_name)
     imatrix = check_imatrix_option(otype, imatrix)
     forced = templates.get(template) if template else None
     cfg = read_config(src)
     vocab = read_vocab(src, cfg.n_vocab, {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id})
-    ckpt = Checkpoint(src, (lambda d, t: progress("reading", d, t)) if progress else None)
+    ckpt = Checkpoint(src, step("reading"))
     staged = QT.F16 if otype.direct is None else otype.direct  # what is written first; quantizer types start from f16
     tensors = gguf_out.plan(cfg, ckpt, staged)
     given = None
@@ -151,25 +180,27 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
         with files.partial(out, "vocab") as vocab_path:
             gguf_out.write_vocab_only(vocab_path, cfg, vocab, meta)
             parity.check(src / "tokenizer.json", vocab_path, vocab.specials, vocab.pre)
+        interrupted.check()
 
         with files.partial(out, "staged") as staged_path, files.partial(out, "quantized") as quant_path:
             ftype = otype.ftype if otype.direct is not None else gguf.LlamaFileType.MOSTLY_F16
-            gguf_out.write_model(staged_path, cfg, vocab, meta, ckpt, tensors, ftype,
-                                 (lambda d, t: progress("writing", d, t)) if progress else None)
+            gguf_out.write_model(staged_path, cfg, vocab, meta, ckpt, tensors, ftype, step("writing"))
             final_path = staged_path
             if otype.direct is None:
                 with files.partial(out, "imatrix") as computed:
                     used, label = (imatrix, imatrix.name) if given is not None else (None, None)
                     if imatrix == "auto":
-                        _calibrate(staged_path, computed, threads, progress)
+                        _calibrate(staged_path, computed, threads, step("calibrating"))
                         used, label = computed, "auto"
-                    quantize.quantize(staged_path, quant_path, int(otype.ftype), threads,
-                                      (lambda d, t: progress("quantizing", d, t)) if progress else None,
+                    interrupted.check()
+                    quantize.quantize(staged_path, quant_path, int(otype.ftype), threads, step("quantizing"),
                                       imatrix=used, imatrix_label=label)
                 staged_path.unlink()
                 final_path = quant_path
             report = parity.check(src / "tokenizer.json", final_path, vocab.specials, vocab.pre)
+            interrupted.check()  # the last moment to stop: after the rename the conversion is done
             os.replace(final_path, out)
+            interrupted.finished()
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise UserError(f"the disk holding {out.parent} filled up while writing; nothing was kept. Free some "
@@ -199,15 +230,14 @@ def check_imatrix_option(otype: out_types.OutType, imatrix: str | Path | None) -
     return Path(imatrix)
 
 
-def _calibrate(staged: Path, out: Path, threads: int | None, progress: Progress | None) -> None:
+def _calibrate(staged: Path, out: Path, threads: int | None, progress: Callable[[int, int], None]) -> None:
     """--imatrix auto: the importance matrix of the staged F16 over malhae's calibration corpus, into `out`."""
     from malhae.convert import importance
     from malhae.runtime.settings import LoadOptions
 
     datasets, text = importance.calibration(None)
     im, _, _ = importance.compute_file(LoadOptions(model=staged, threads=threads), text, datasets=datasets,
-                                       progress=(lambda d, t, _p: progress("calibrating", d, t)) if progress
-                                       else None)
+                                       progress=lambda d, t, _p: progress(d, t))
     imatrix_file.write(im, out, force=True)
 
 

@@ -12,17 +12,24 @@ Progress comes from llama.cpp's per-tensor log line
 from __future__ import annotations
 
 import os
+import queue
 import re
 import subprocess
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from malhae import children
 from malhae.convert.imatrix import Imatrix
 from malhae.errors import UserError
+from malhae.runtime.interrupts import Interrupts
 
 _PROGRESS = re.compile(r"\[\s*(\d+)\s*/\s*(\d+)\s*\]")
+POLL_SECONDS = 0.1  # how often a held Ctrl-C is looked at while the child works on one tensor
+MAX_STDERR_LINES = 200  # of the child's stderr, only the end is kept (its last line explains a crash)
 
 
 def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
@@ -41,16 +48,23 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
     proc = children.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True, lifeline=True)
     result: list[str] | None = None
+    lines: queue.Queue[str | None] = queue.Queue()
+    errors: deque[str] = deque(maxlen=MAX_STDERR_LINES)
+    _pump(proc.stdout, lines.put, end=True)
+    err_pump = _pump(proc.stderr, errors.append)
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            parts = line.rstrip("\n").split(" ", 2)
-            if parts[0] == "progress" and progress:
-                progress(int(parts[1]), int(parts[2]))
-            elif parts[0] == "done":
-                result = parts
-        stderr = proc.stderr.read() if proc.stderr else ""
-        proc.wait()
+        # the child's lines arrive from threads, so that a Ctrl-C (held as a flag while llama.cpp may call back into
+        # Python) is seen within POLL_SECONDS even while one large tensor takes the child minutes
+        with Interrupts() as interrupted:
+            while (line := _next(lines, interrupted)) is not None:
+                parts = line.rstrip("\n").split(" ", 2)
+                if parts[0] == "progress" and progress:
+                    progress(int(parts[1]), int(parts[2]))
+                elif parts[0] == "done":
+                    result = parts
+            proc.wait()
+            err_pump.join(timeout=5)  # the child is gone: its stderr ends at once
+        stderr = "".join(errors)
     except BaseException:
         proc.kill()
         proc.wait()
@@ -60,6 +74,35 @@ def quantize(src: Path, dst: Path, ftype: int, threads: int | None,
         raise UserError(f"llama.cpp's quantizer stopped unexpectedly ({tail[0]}); run again with --debug")
     if result[1] != "0":
         raise UserError(f"llama.cpp's quantizer failed: {result[2] if len(result) > 2 else 'no reason given'}")
+
+
+def _pump(stream: IO[str] | None, put: Callable[[str | None], object], *, end: bool = False) -> threading.Thread:
+    """Hand each line of a child's pipe to `put` (and None after the last, with `end`) from a daemon thread: a
+    blocking read cannot notice a held Ctrl-C, and a daemon never keeps the process alive."""
+
+    def run() -> None:
+        try:
+            for line in stream or ():
+                put(line)
+        except (OSError, ValueError):  # the pipe went away with a killed child, or its bytes were not text
+            pass
+        finally:
+            if end:
+                put(None)
+
+    thread = threading.Thread(target=run, name="malhae-quantize-pipe", daemon=True)
+    thread.start()
+    return thread
+
+
+def _next(lines: queue.Queue[str | None], interrupted: Interrupts) -> str | None:
+    """The child's next line (None after its last), looking at the interrupt flag every POLL_SECONDS meanwhile."""
+    while True:
+        interrupted.check()
+        try:
+            return lines.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            continue
 
 
 def imatrix_keys(im: Imatrix, label: str) -> dict[str, str | int]:

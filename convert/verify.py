@@ -23,6 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from malhae.errors import UserError
+from malhae.runtime.interrupts import Interrupts
 from malhae.runtime.llama import Context, Model
 from malhae.runtime.settings import LoadOptions
 
@@ -82,7 +83,9 @@ def hf_logits(src: Path, token_lists: list[list[int]]) -> list[np.ndarray]:
 def gguf_logits(path: Path, token_lists: list[list[int]], threads: int | None = None) -> list[np.ndarray]:
     n_ctx = max(len(t) for t in token_lists) + 8
     options = LoadOptions(ctx=n_ctx, batch=n_ctx, threads=threads)
-    with Model(path) as model, Context(model, options, precise=True) as ctx:
+    # Ctrl-C while llama.cpp loads or evaluates: a flag that stops the decode, raised here (app.runtime.interrupts)
+    with (Interrupts() as interrupted, Model(path) as model,
+          Context(model, options, precise=True, abort=interrupted) as ctx):
         return [ctx.logits(tokens) for tokens in token_lists]
 
 

@@ -38,6 +38,7 @@ def convert(
     """Convert a Polyglot-Ko (GPT-NeoX) checkpoint into a GGUF file, proven to tokenize like the original."""
     from malhae.convert import pipeline
     from malhae.convert import types as out_types
+    from malhae.runtime.interrupts import Interrupts
     from malhae.runtime.llama import init
     from malhae.store import catalog, convert_view
 
@@ -57,11 +58,14 @@ def convert(
                                                 output, force)
         output = target.output
     template = template or catalog.template_for_checkpoint(src, name)
-    init(o.verbose())
-    with convert_view.ConvertProgress() as progress:
-        result = pipeline.convert(src, type_name, output, force=force, threads=threads, progress=progress.update,
-                                  name=name, template=template, imatrix=imatrix)
-    convert_view.convert_summary(result)
+    # Ctrl-C is a flag while llama.cpp works (pipeline.convert); held through the summary, so that one arriving
+    # once the file is in place is dropped (exit 0, the file complete) instead of exiting 130 with a file made
+    with Interrupts():
+        init(o.verbose())
+        with convert_view.ConvertProgress() as progress:
+            result = pipeline.convert(src, type_name, output, force=force, threads=threads, progress=progress.update,
+                                      name=name, template=template, imatrix=imatrix)
+        convert_view.convert_summary(result)
     if target is not None:
         from malhae.store import models_view
 
@@ -119,7 +123,7 @@ def imatrix(
     process_output: bool = typer.Option(False, "--process-output", help="Also collect for output.weight (as "
                                         "llama-imatrix --process-output)."),
 ) -> None:
-    """Compute an importance matrix (중요도 행렬, llama-imatrix's GGUF format) for quantizing with --imatrix."""
+    """Compute an importance matrix for quantizing with --imatrix, in llama-imatrix's GGUF format (중요도 행렬)."""
     from malhae import ui
     from malhae.convert import importance
     from malhae.eval import views

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 
 from malhae.errors import UserError
 from malhae.runtime import ggml
+from malhae.runtime.interrupts import Interrupts, abort_callback
 from malhae.runtime.settings import LoadOptions, check
 
 _backend_ready = False
@@ -32,11 +31,16 @@ _verbose = False
 
 @lc.llama_log_callback
 def _log_callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-    message = text.decode("utf-8", "replace") if text else ""
-    if _log_sink is not None:
-        _log_sink(level, message)
-    if _verbose:
-        sys.stderr.write(message)
+    """llama.cpp's log line, from inside whatever llama.cpp call is running: nothing may raise out of here (ctypes
+    would print the exception and swallow it; a Ctrl-C swallowed here let `malhae convert` run on to the end)."""
+    try:
+        message = text.decode("utf-8", "replace") if text else ""
+        if _log_sink is not None:
+            _log_sink(level, message)
+        if _verbose:
+            sys.stderr.write(message)
+    except BaseException as e:  # noqa: BLE001 - a log line is never worth failing llama.cpp's work for
+        Interrupts.caught(e)
 
 
 def init(verbose: bool | None = None) -> None:
@@ -61,47 +65,6 @@ def log_to(sink: Callable[[int, str], None]) -> Iterator[None]:
         yield
     finally:
         _log_sink = previous
-
-
-class Interrupts:
-    """Ctrl-C (SIGINT) and SIGTERM held as a flag while llama.cpp calls back into Python, raised afterwards.
-
-    Python raises KeyboardInterrupt at whatever bytecode runs next, and while llama.cpp computes, that is inside one
-    of malhae's ctypes callbacks (the importance matrix's eval callback runs at every matrix multiplication): ctypes
-    prints such an exception and swallows it, so Ctrl-C did nothing and the run went on to the end. Inside the block
-    the signals only set `pending`; llama.cpp is asked to stop through its abort callback (Context(abort=…)); the
-    interrupt is raised where Python is in charge again (`check()`, and at the end of the block). Main thread only
-    (elsewhere the block does nothing); a signal the process ignores stays ignored."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.pending = False
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> Interrupts:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                if signal.getsignal(sig) is not signal.SIG_IGN:
-                    self._previous[sig] = signal.signal(sig, self._hold)
-        return self
-
-    def _hold(self, signum: int, frame: object) -> None:
-        self.pending = True
-
-    def __call__(self) -> bool:
-        return self.pending
-
-    def check(self) -> None:
-        if self.pending:
-            raise KeyboardInterrupt
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-        if exc_type is None:
-            self.check()
 
 
 lib_dir = ggml.lib_dir  # where the llama.cpp and ggml shared libraries that llama-cpp-python loads are
@@ -191,8 +154,9 @@ class Model(Owned):
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
-            lc.llama_model_free(self.ptr)
-            self.ptr = None
+            # cleared first: a Ctrl-C raised as the free returns would leave ptr set for __del__ to free again
+            ptr, self.ptr = self.ptr, None
+            lc.llama_model_free(ptr)
 
 
     @property
@@ -300,13 +264,13 @@ class Context(Owned):
                             "(out of memory? try a smaller --ctx)")
         self.abort = abort
         if abort is not None:  # asked between graph nodes (on the calling thread): True stops llama_decode
-            self._abort_callback = lc.ggml_abort_callback(lambda _data: bool(abort()))
+            self._abort_callback = abort_callback(abort)
             lc.llama_set_abort_callback(self.ptr, self._abort_callback, None)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
-            lc.llama_free(self.ptr)
-            self.ptr = None
+            ptr, self.ptr = self.ptr, None  # as Model.close: never freed twice
+            lc.llama_free(ptr)
 
 
     def clear(self) -> None:
@@ -387,6 +351,6 @@ class Batch(Owned):
 
     def close(self) -> None:
         if getattr(self, "ptr", None) is not None:
-            lc.llama_batch_free(self.ptr)
-            self.ptr = None
+            ptr, self.ptr = self.ptr, None  # as Model.close: never freed twice
+            lc.llama_batch_free(ptr)
 

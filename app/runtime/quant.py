@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
-from functools import cache
+import threading
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import llama_cpp as lc
@@ -27,9 +26,45 @@ from malhae.runtime.settings import check
 ROWS_PER_TASK_ELEMENTS = 1 << 21  # 2 Mi values (8 MiB of f32) per task
 
 
-@cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="malhae-quant")
+def _in_threads(work: Callable[[int], None], starts: range) -> None:
+    """`work(start)` for every start, on up to one thread per core, returning when all are done.
+
+    A ThreadPoolExecutor's workers outlive an interrupt: they go on with every queued chunk, and Python's shutdown
+    waits for them (a trial saw `malhae convert` hang after saying "interrupted"). Here a failure or an interrupt
+    skips the chunks not yet begun and waits only for those under way (one chunk each: milliseconds), and the
+    threads are daemons, so that even a second Ctrl-C while waiting lets the process go.
+    """
+    todo = iter(starts)
+    lock = threading.Lock()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        while not stop.is_set():
+            with lock:
+                start = next(todo, None)
+            if start is None:
+                return
+            try:
+                work(start)
+            except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+                errors.append(e)
+                stop.set()
+
+    threads = [threading.Thread(target=worker, name="malhae-quant", daemon=True)
+               for _ in range(min(len(starts), os.cpu_count() or 1))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        stop.set()
+        for t in threads:
+            if t.is_alive():
+                t.join()
+    if errors:
+        raise errors[0]
 
 
 def quantize_rows(rows_f32, qtype: QT, n_rows: int, n_per_row: int) -> np.ndarray:
@@ -51,8 +86,7 @@ def quantize_rows(rows_f32, qtype: QT, n_rows: int, n_per_row: int) -> np.ndarra
         if written != (stop - start) * row_bytes:
             raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {(stop - start) * row_bytes}")
 
-    for future in [_pool().submit(work, s) for s in range(0, n_rows, step)]:
-        future.result()
+    _in_threads(work, range(0, n_rows, step))
     return out
 
 
