@@ -1,7 +1,7 @@
 """The house rules a newcomer reads from the tree, checked on the source (an AST walk, no imports run).
 
 - only app/runtime imports llama_cpp;
-- layers depend one way: the shared modules (errors, flags, files, units, ui, children) on nothing above them;
+- layers depend one way: the shared modules (errors, flags, files, units, ui, children, nfc) on nothing above them;
   runtime on them;
   chat, store and eval on runtime and not on each other; the CLI on everything; convert/ on runtime and the shared
   modules, never on the CLI or a view;
@@ -19,7 +19,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = {"app", "app.children", "app.errors", "app.flags", "app.files", "app.units", "app.ui"}
+SHARED = {"app", "app.children", "app.errors", "app.flags", "app.files", "app.units", "app.ui", "app.nfc"}
 MIDDLE = ("app.chat", "app.store", "app.eval", "app.serve")
 # load settings, by every name they had on their way from a flag to llama.cpp
 LOAD_SETTINGS = {"threads", "gpu_layers", "device", "n_ctx", "ctx", "parallel", "n_seq", "draft", "draft_max"}

@@ -2,8 +2,9 @@
 
 One rule for every text that arrives as bytes (standard input, a document file): bounded in size before it is read
 (MAX_INPUT: far more than any context, little enough that /dev/zero does not fill the memory), text and not binary,
-valid UTF-8 — and each failure is one line that names where the bytes came from and how to fix them. A document
-goes before the question, separated by a blank line, as people paste a text and then ask about it.
+valid UTF-8 — and each failure is one line that names where the bytes came from and how to fix them; then composed
+(app.nfc: decomposed Hangul, as macOS and some PDFs give it, is many more tokens). A document goes before the
+question, separated by a blank line, as people paste a text and then ask about it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from malhae import files
+from malhae import files, nfc
 from malhae.chat.reader import MAX_INPUT, too_long
 from malhae.errors import UserError
 
@@ -29,8 +30,9 @@ class Document:
     text: str
 
 
-def decode(data: bytes, where: str) -> str:
-    """`data` as text: UTF-8 without a byte-order mark and trailing newlines, or UserError naming `where`.
+def decode(data: bytes, where: str, notify: nfc.Notify | None = None) -> str:
+    """`data` as text: UTF-8 without a byte-order mark and trailing newlines, in NFC (app.nfc: decomposed Hangul
+    composed, `notify` told so once for this text), or UserError naming `where`.
 
     A UTF-16 file (Windows' "Unicode", which starts with its byte-order mark) gets its own iconv hint. NUL bytes are
     refused before decoding: they are valid UTF-8, so an executable or an image would otherwise reach the model as
@@ -44,7 +46,7 @@ def decode(data: bytes, where: str) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise files.not_utf8(where, data, e) from None
-    return text.removeprefix("\ufeff").rstrip("\r\n")
+    return nfc.compose(text.removeprefix("\ufeff").rstrip("\r\n"), where, notify)
 
 
 def piped_stdin() -> BinaryIO | None:
@@ -59,16 +61,16 @@ def piped_stdin() -> BinaryIO | None:
     return stdin.buffer
 
 
-def read_stream(stream: BinaryIO, where: str = STDIN) -> str:
+def read_stream(stream: BinaryIO, where: str = STDIN, notify: nfc.Notify | None = None) -> str:
     """A binary stream's text (decode's rules), reading at most MAX_INPUT + 1 bytes: `< /dev/zero` is an error,
     not a full memory. May be empty."""
     data = stream.read(MAX_INPUT + 1)
     if len(data) > MAX_INPUT:
         raise too_long(where)
-    return decode(data, where)
+    return decode(data, where, notify)
 
 
-def read_document(path: Path | str) -> Document:
+def read_document(path: Path | str, notify: nfc.Notify | None = None) -> Document:
     """The text of a document file, named as the user gave it; every reason it cannot be used is one UserError.
 
     app.files.read_bytes does the opening: a regular file only (a FIFO would block, a device never end), its size
@@ -82,7 +84,7 @@ def read_document(path: Path | str) -> Document:
         pipe = e.errno == errno.EINVAL  # a FIFO, a device, a socket
         raise files.cannot_read(e, name, fix="to read from a pipe, send it to standard input (cmd | malhae ask …)"
                                 if pipe else "give a text file") from None
-    text = decode(data, name)
+    text = decode(data, name, notify)
     if not text.strip():
         raise UserError(f"{name} is empty: there is nothing in it to read")
     return Document(name, text)

@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from malhae import nfc
 from malhae.chat import documents as docs
 from malhae.chat.documents import Document
 from malhae.errors import UserError
@@ -24,13 +25,15 @@ class Prompt:
     documents: tuple[Document, ...] = ()
 
 
-def read_prompt(arg: str | None, kind: str = "complete", paths: Sequence[Path | str] = ()) -> Prompt:
+def read_prompt(arg: str | None, kind: str = "complete", paths: Sequence[Path | str] = (),
+                notify: nfc.Notify | None = None) -> Prompt:
     """The prompt from the argument, standard input and --file documents, checked before a model is loaded.
 
     With an argument, a standard input that is a pipe or a file is a document before it (`cat 계약서.txt | malhae
     ask "요약해 주세요"`, as simonw/llm does); an empty one is none. With `-` or no argument, standard input is the
     text itself, as before. The --file documents come after standard input and before the text, in their order;
-    with no argument and no pipe, they are the whole prompt."""
+    with no argument and no pipe, they are the whole prompt. Each part is composed to NFC (app.nfc), and `notify`
+    hears once per part that was not."""
     what, example = ("question", "malhae ask '대한민국의 수도는?'") if kind == "ask" else \
         ("prompt", "malhae complete '대한민국의 주권은'")
     piped = docs.piped_stdin()
@@ -42,11 +45,13 @@ def read_prompt(arg: str | None, kind: str = "complete", paths: Sequence[Path | 
         except UnicodeEncodeError:  # bytes the terminal's encoding could not decode arrive as lone surrogates
             raise UserError(f"the {what} is not valid UTF-8 (is the terminal set to UTF-8? `locale` shows it); "
                             "give UTF-8 text or pipe it in") from None
-        stdin = docs.read_stream(piped) if piped else ""  # not valid UTF-8: an error even so
-        given = ([Document(docs.STDIN, stdin)] if stdin.strip() else []) + [docs.read_document(p) for p in paths]
+        arg = nfc.compose(arg, f"the {what}", notify)
+        stdin = docs.read_stream(piped, notify=notify) if piped else ""  # not valid UTF-8: an error even so
+        given = ([Document(docs.STDIN, stdin)] if stdin.strip() else []) + \
+            [docs.read_document(p, notify) for p in paths]
         return Prompt(docs.join(given, arg), tuple(given))
-    given = [docs.read_document(p) for p in paths]
-    text = docs.read_stream(piped) if piped else None
+    given = [docs.read_document(p, notify) for p in paths]
+    text = docs.read_stream(piped, notify=notify) if piped else None
     if not text or not text.strip():
         if given and arg is None:  # `malhae complete --file 초안.txt`: the documents are the whole prompt
             return Prompt(docs.join(given, None), tuple(given))
@@ -68,15 +73,10 @@ class OneShot:
     messages: list[dict[str, str]] | None = None  # what the prompt was made from (ask), for --remote-chat
 
     def pieces(self) -> Iterator[str]:
-        started = self.kind == "complete"  # an answer's leading spaces (after "어시스턴트:") are not shown
+        """The text as it is generated: `complete` continues the prompt (its leading space included); `ask`'s
+        answer starts at its first non-space character (Sampling.answer)."""
         try:
-            for piece in self.engine.generate(self.prompt, self.sampling, messages=self.messages):
-                if not started:
-                    piece = piece.lstrip()
-                    if not piece:
-                        continue
-                    started = True
-                yield piece
+            yield from self.engine.generate(self.prompt, self.sampling, messages=self.messages)
         finally:
             self.stats = self.engine.stats
             self.engine.close()
@@ -103,6 +103,7 @@ def run(kind: str, text: str, load: LoadOptions, sampling: Sampling, *, template
             tpl = templates.get(template) if template else templates.for_engine(engine)
             prompt = tpl.prompt([("user", text.strip())])
             sampling.stop = tuple(dict.fromkeys((*tpl.stop, *sampling.stop)))
+            sampling.answer = True
             template = tpl.name
             messages = ([{"role": "system", "content": tpl.system}] if tpl.system else []) + \
                 [{"role": "user", "content": text.strip()}]

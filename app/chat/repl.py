@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from malhae import flags, ui
+from malhae import flags, nfc, ui
 from malhae.chat import conversation as conv_mod
 from malhae.chat import documents
 from malhae.chat.conversation import Conversation, Prepared
@@ -76,6 +76,7 @@ class Chat:
         self.running = True
         self.pending: list[Document] = []  # read with /read, put before the next message
         self.load = load
+        self.composed = nfc.Once(self.note)  # typed or piped text not in NFC: said once a session, not per line
 
     # --- loop ---
 
@@ -140,7 +141,11 @@ class Chat:
         self.console.print(message, style="dim", markup=False, highlight=False, soft_wrap=self.soft)
 
     def hint(self, message: str) -> None:
-        self.console.print(f"malhae: {message}", style="yellow", markup=False, highlight=False, soft_wrap=self.soft)
+        self.console.print(f"malhae: {ui.printable(message)}", style="yellow", markup=False, highlight=False,
+                           soft_wrap=self.soft)
+
+    def note(self, message: str) -> None:
+        self.dim(f"malhae: {message}")
 
     def info(self, message: str) -> None:
         self.console.print(message, markup=False, highlight=False, soft_wrap=self.soft)
@@ -150,6 +155,7 @@ class Chat:
     def say(self, message: str) -> None:
         """Answer a message, with the documents /read holds in front of it; they are used up once the message has
         its answer (a refusal, or a failure before anything was shown, keeps them for the next try)."""
+        message = nfc.compose(message, "your message (every one is composed; said once)", self.composed)
         if not self.pending:
             self.write(self.conv.ask(message, self.engine.tokenize, self.engine.n_ctx))
             return
@@ -230,7 +236,7 @@ class Chat:
             shown = self.conv.system_text or "(none)"
             self.info(f"system text ({origin}): {shown}")
             return
-        self.conv.system = None if arg == "default" else arg
+        self.conv.system = None if arg == "default" else nfc.compose(arg, "the system text", self.composed)
         what = "the template's own" if arg == "default" else "set"
         self.info(f"system text {what}; it applies from the next answer")
 
@@ -360,7 +366,7 @@ class Chat:
             n, self.pending = len(self.pending), []
             self.info(f"dropped {n} document{'s' if n != 1 else ''} (문서를 지웠습니다)")
             return
-        doc = documents.read_document(arg)
+        doc = documents.read_document(arg, self.note)
         tokens = len(tokenize(doc.text))
         room = self.conv.room(documents.join([*self.pending, doc], None), tokenize, self.engine.n_ctx)
         if not room.fits:

@@ -39,7 +39,7 @@ def open_chat(load: LoadOptions, *, model: str | None, resolve: Resolve, templat
         console = Console(file=sys.stderr, highlight=False, color_system=None if no_color else "auto")
 
     def note(message: str) -> None:
-        console.print(f"malhae: {message}", style="dim", markup=False, highlight=False,
+        console.print(f"malhae: {ui.printable(message)}", style="dim", markup=False, highlight=False,
                       soft_wrap=ui.soft_wrap(console))
 
     sampling.checked()

@@ -17,14 +17,15 @@ from malhae.errors import UserError
 
 app = typer.Typer(
     help="Measure a model on the GGUF itself: perplexity, KoBEST, quantization loss (평가).",
+    cls=o.Group,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-EVAL_MODEL = "GGUF file or store name (default: the bundled demo)."
+EVAL_MODEL = "GGUF file or store name (demo: the bundled demo, the default)."
 
 
-@app.command("ppl")
+@app.command("ppl", cls=o.Command)
 @o.load_flags(leave_out=("ctx", "draft", "draft_max"))
 def eval_ppl(
     load: dict[str, object],
@@ -34,7 +35,7 @@ def eval_ppl(
     concurrency: o.Concurrency = None,
 ) -> None:
     """Perplexity on a text, computed as llama.cpp's llama-perplexity computes it (same number)."""
-    from malhae import ui
+    from malhae import nfc, ui
     from malhae.eval import perplexity as ppl
     from malhae.eval import views
     from malhae.runtime.llama import init
@@ -42,7 +43,8 @@ def eval_ppl(
     from malhae.store import models
 
     model = _one_model(model, model_option)
-    read_text(text)  # a wrong --text is the likelier mistake: say so before anything else
+    # a wrong --text is the likelier mistake: say so before anything else; measured as given, even if not NFC
+    nfc.warn_as_given(read_text(text), f"--text {text}", ui.note)
     options, _ = o.settings_for("eval", **load)
     remote = o.endpoint_for(endpoint, api_key, timeout, notify=ui.note, flags=load)
     if remote is not None:
@@ -82,7 +84,7 @@ def _one_model(argument: str | None, option: str | None) -> str | None:
     return argument if argument is not None else option
 
 
-@app.command("compare")
+@app.command("compare", cls=o.Command)
 @o.load_flags(leave_out=("ctx", "draft", "draft_max"))
 def eval_compare(
     load: dict[str, object],
@@ -91,13 +93,14 @@ def eval_compare(
     text: o.TextFile = ..., ctx: o.Window = 512, batch: o.Batch = 2048, json_out: o.Json = False,
 ) -> None:
     """Quantization loss of B against A: mean KL divergence, top-1 agreement, perplexity of each and their ratio."""
-    from malhae import ui
+    from malhae import nfc, ui
     from malhae.eval import compare, views
     from malhae.runtime.llama import init
     from malhae.runtime.windows import Layout, read_text
     from malhae.store import models
 
-    read_text(text)  # a wrong --text is the likelier mistake: say so before loading two models
+    # a wrong --text is the likelier mistake: say so before loading two models; measured as given, even if not NFC
+    nfc.warn_as_given(read_text(text), f"--text {text}", ui.note)
     options, _ = o.settings_for("eval", **load)
     init(o.verbose())
     layout = Layout.of(ctx, batch)
@@ -107,7 +110,7 @@ def eval_compare(
     views.compare_result(result, json_out)
 
 
-@app.command("kobest")
+@app.command("kobest", cls=o.Command)
 @o.load_flags(leave_out=("ctx", "draft", "draft_max"))
 def eval_kobest(
     load: dict[str, object],
@@ -152,7 +155,8 @@ def eval_kobest(
         backend = RemoteBackend(remote, model, notify=ui.note)
         with kobest_render.KobestProgress() as progress:
             report = evaluate.evaluate_remote(backend, src, chosen, shot_counts, limit=limit,
-                                              progress=progress.update, concurrency=_concurrency(concurrency))
+                                              progress=progress.update, concurrency=_concurrency(concurrency),
+                                              notify=ui.note)
         kobest_render.table(report, json_out)
         return
     _local_only(concurrency)
@@ -167,7 +171,7 @@ def eval_kobest(
 @o.load_flags(leave_out=("ctx", "draft", "draft_max"))
 def bench(
     load: dict[str, object],
-    model: o.ModelArgument = None,
+    model: o.LocalModelArgument = None,
     llama_bench: Path | None = typer.Option(None, "--llama-bench", help="Also run this llama-bench and compare."),
     n_prompt: int = typer.Option(512, "--prompt", "-p", help="Prompt tokens for the prompt-speed test."),
     n_gen: int = typer.Option(128, "--gen", "-n", help="Tokens for the decode-speed test."),

@@ -11,8 +11,8 @@ import typer
 from malhae.cli import options as o
 
 PROMPT_ARG = typer.Argument(None, help="The text; `-` or nothing reads it from a pipe.")
-STOP = typer.Option([], "--stop", help="Stop before this text (repeatable).")
-FILES = typer.Option([], "--file", help="A UTF-8 text file to put before the text, after piped input "
+STOP = typer.Option([], "--stop", metavar="TEXT", help="Stop before this text (repeatable).")
+FILES = typer.Option([], "--file", metavar="FILE", help="A UTF-8 text file to put before the text, after piped input "
                      "(repeatable, in order).")
 
 
@@ -39,7 +39,7 @@ def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, s
 
     remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, flags=load, notify=ui.note)
     options, chosen = o.settings_for(kind, tuple(stop), remote=remote is not None, **load, **sampling)
-    given = oneshot.read_prompt(prompt, kind, files or ())
+    given = oneshot.read_prompt(prompt, kind, files or (), notify=ui.note)
     if remote is None:
         options = replace(options, model=models.resolve(model, ui.note))
     shot = oneshot.run(kind, given.text, options, chosen, template=template, notify=ui.note, endpoint=remote,
@@ -83,11 +83,12 @@ def chat(
     endpoint: o.EndpointOption = None, api_key: o.ApiKey = None, timeout: o.Timeout = None,
     remote_chat: o.RemoteChat = False,
 ) -> None:
-    """Talk with a model (대화): streaming answers, input history, /commands; /help inside for more."""
-    from malhae import ui
+    """Talk with a model: streaming answers, input history, /commands; /help inside for more (대화)."""
+    from malhae import nfc, ui
     from malhae.chat import session
     from malhae.store import models
 
+    system = nfc.compose(system, "--system", ui.note) if system is not None else None
     remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, flags=load, notify=ui.note)
     options, sampling = o.settings_for("chat", remote=remote is not None, **load, temperature=temperature,
                                        top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,

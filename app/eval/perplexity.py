@@ -6,6 +6,9 @@ step); the result is exp(mean NLL) and the ± is llama-perplexity's: ppl · sqrt
 Deliberate differences: a text of one window is accepted (llama-perplexity wants two), and a context longer than the
 model was trained on is allowed with a warning, as llama-perplexity allows it — the number is then mostly a measure of
 how badly the model extrapolates, which is sometimes what one wants to know.
+
+Not a difference: the text is measured as given, never composed to NFC as prompts are (app.nfc), since the number is
+about that file (and llama-perplexity's is too); `malhae eval ppl` warns when the file is not NFC.
 """
 
 from __future__ import annotations

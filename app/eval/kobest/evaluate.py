@@ -10,6 +10,8 @@ Everything that decides a number follows the polyglot branch of lm-evaluation-ha
   summed log-likelihood of the choice's tokens (app.eval.loglik); the prediction is the first argmax;
 - per task and shot count: macro F1 (the seed's table) and accuracy; for HellaSwag also acc_norm, the accuracy when
   each log-likelihood is divided by its ending's length in characters, as the harness reports it.
+One step the harness does not take: every doc's text is composed to NFC (app.nfc, `composed`), which changes nothing
+in the published data (NFC) and keeps a copy saved decomposed from being scored on jamo.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from malhae import nfc
 from malhae.errors import UserError
 from malhae.eval.kobest import data, metrics
 from malhae.eval.kobest.tasks import Doc, Task
@@ -141,7 +144,7 @@ def evaluate(options: LoadOptions, src: data.Source, tasks: list[Task], shots: l
     from malhae.runtime.engine import check_model_file
     from malhae.runtime.llama import Model
 
-    splits = _splits(src, tasks, shots, limit)
+    splits = _splits(src, tasks, shots, limit, notify)
     info = check_model_file(options.model)  # the data is checked first, then the model
     shape = Scorer.shape(info, max(len(t.choice_formats) for t in tasks))
     plan = offload.choose(info, shape.options(options), notify=notify)
@@ -154,23 +157,45 @@ def evaluate(options: LoadOptions, src: data.Source, tasks: list[Task], shots: l
 
 
 def evaluate_remote(backend, src: data.Source, tasks: list[Task], shots: list[int], *, limit: int | None = None,
-                    progress: Progress | None = None, concurrency: int = 4) -> Report:
+                    progress: Progress | None = None, concurrency: int = 4,
+                    notify: Callable[[str], None] | None = None) -> Report:
     """The same procedure with a server's model (RemoteBackend): tokens from its /tokenize, log-likelihoods from
     its echoed prompt log-probabilities (app.eval.remote)."""
     from malhae.eval.remote import RemoteScorer
 
-    splits = _splits(src, tasks, shots, limit)
+    splits = _splits(src, tasks, shots, limit, notify)
     scorer = RemoteScorer(backend, concurrency=concurrency)
     report = Report(f"{backend.name} at {backend.endpoint.url}", src.label, scorer.max_length)
     _cells(report, scorer, scorer.tokenize, splits, tasks, shots, limit, progress)
     return report
 
 
-def _splits(src: data.Source, tasks: list[Task], shots: list[int], limit: int | None) -> dict:
+def _splits(src: data.Source, tasks: list[Task], shots: list[int], limit: int | None,
+            notify: Callable[[str], None] | None = None) -> dict:
     check_options(limit, shots)
-    splits = {t.name: (data.load(src, t, "test"), data.load(src, t, "train") if any(shots) else []) for t in tasks}
+
+    def load(task: Task, split: str) -> list[Doc]:
+        return composed(data.load(src, task, split), f"{src.label}: {task.name} {split}", notify)
+
+    splits = {t.name: (load(t, "test"), load(t, "train") if any(shots) else []) for t in tasks}
     check_shots_fit(splits, shots)
     return splits
+
+
+def composed(docs: list[Doc], where: str, notify: Callable[[str], None] | None = None) -> list[Doc]:
+    """The docs with every text in NFC (app.nfc). The published KoBEST is NFC, so no published score changes (the
+    harness, which does not normalize, reads the same text); a copy saved decomposed (NFD, as macOS may save it) would
+    otherwise be scored on jamo the model never saw, a number about the file's form, not the model. Said once per
+    split, with how many docs it changed."""
+    out, changed = [], 0
+    for doc in docs:
+        new = {k: nfc.compose(v) if isinstance(v, str) else v for k, v in doc.items()}
+        changed += any(new[k] is not v for k, v in doc.items())
+        out.append(new)
+    if changed and notify is not None:
+        notify(f"{where}: {changed:,} of {len(docs):,} docs are {nfc.WHAT}; they are scored composed (NFC), as "
+               "the published KoBEST is written (lm-evaluation-harness would score them as given)")
+    return out
 
 
 def _cells(report: Report, scorer, tokenize, splits: dict, tasks: list[Task], shots: list[int], limit: int | None,
