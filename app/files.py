@@ -10,20 +10,30 @@ out-of-memory kill or a power cut cannot, and a GGUF is gigabytes; so the next w
 leftovers whose process is gone (sweep). Two guards keep that from touching a write in progress: the PID in the name
 must not be running, and the file must have been untouched for STALE_SECONDS (a live write updates it continuously) —
 the second guard matters on a folder shared with other machines, where a PID says nothing.
+
+Reading: a file the user names must be a regular file of a sane size (read_bytes), and JSON or TOML that malhae did
+not write is parsed with bounds on nesting, integers and strings (parse_json, parse_toml).
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import stat
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from malhae.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 PARTIAL = re.compile(r"^\..+\.(\d+)(?:\.[a-z]+)?\.partial$")
 STALE_SECONDS = 600
@@ -197,6 +207,135 @@ def _label(path: Path | str, what: str) -> str:
 
 def _with_fix(message: str, fix: str) -> str:
     return f"{message}; {fix}" if fix else message
+
+
+# --- what is parsed ----------------------------------------------------------------------------------------------
+
+MAX_DEPTH = 100  # arrays and objects inside each other: real files nest a handful of levels
+MAX_INT_BITS = 64  # TOML's integers are 64-bit; no id, count or size in a JSON file malhae reads is wider
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_TOML_SKIPPED = re.compile(r'"""[\s\S]*?"""|\'\'\'[\s\S]*?\'\'\'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"|\'[^\'\n]*\'|#[^\n]*')
+_BRACKET = re.compile(r"[\[\]{}]")
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_INNERMOST = re.compile(r"\[\]|\{\}")
+_LONG_NUMBER = re.compile(r"[0-9][0-9_]{20,}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _TooWide(ValueError):
+    """A JSON integer wider than MAX_INT_BITS, raised from inside json's parser (its parse_int hook)."""
+
+
+def parse_json(data: bytes | str, where: str, fix: str = "") -> object:
+    """JSON that malhae did not write itself — a checkpoint's config.json and tokenizer.json, a saved chat, a KoBEST
+    row, a server's answer — or one UserError line: "WHERE is not valid JSON (…); FIX".
+
+    Python's parser trusts its input: `[[[[…` 100,000 deep is a RecursionError, an integer of 5,000 digits a
+    ValueError (CPython's limit on int()), and the escape "\\ud800" a string that can be neither printed nor saved,
+    each a traceback here or later somewhere unrelated. So nesting is measured before parsing, integers are held to
+    64 bits, and every string must be characters. The size is the reader's bound (read_user_bytes' limit)."""
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(_with_fix(f"{where} is not valid JSON (not UTF-8: byte 0x{data[e.start]:02x} at offset "
+                                      f"{e.start})", fix)) from None
+    else:
+        text = data
+    if text.count("[") + text.count("{") > MAX_DEPTH:  # else it cannot be too deep: skip the scan
+        _check_depth(_JSON_STRING.sub('""', text), where, fix)
+    try:
+        value = json.loads(text, parse_int=_json_int)
+    except _TooWide as e:
+        raise UserError(_with_fix(f"{where} holds an integer wider than {MAX_INT_BITS} bits ({e})", fix)) from None
+    except json.JSONDecodeError as e:
+        raise UserError(_with_fix(f"{where} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})",
+                                  fix)) from None
+    # only an escape (or a str given with one already in it) can make a string hold half of a UTF-16 pair
+    if ("\\u" in text and _SURROGATE_ESCAPE.search(text)) or (text is data and _SURROGATE.search(text)):
+        bad = _find(value, lambda v: isinstance(v, str) and _SURROGATE.search(v) is not None)
+        if bad is not None:
+            raise UserError(_with_fix(f"{where} holds a lone surrogate escape (half of a UTF-16 pair, not a "
+                                      f"character) in {bad}", fix))
+    return value
+
+
+def parse_toml(text: str, where: str, fix: str = "") -> dict:
+    """TOML the user wrote (config.toml), with parse_json's bounds, or one UserError line: "WHERE is not valid TOML
+    (…); FIX". tomllib accepts integers of any width that it can convert (0x followed by 5,000 digits): the TOML
+    specification's 64 bits are held here."""
+    def skeleton() -> str:  # strings and comments out, line breaks kept
+        return _TOML_SKIPPED.sub(lambda m: "\n" * m.group().count("\n"), text)
+
+    if text.count("[") + text.count("{") > MAX_DEPTH:
+        _check_depth(skeleton(), where, fix)
+    try:
+        value = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(_with_fix(f"{where} is not valid TOML ({e})", fix)) from None
+    except ValueError:  # int() refused a decimal integer of more than 4,300 digits
+        bare = skeleton()
+        long = _LONG_NUMBER.search(bare)
+        at = f" at line {bare.count(chr(10), 0, long.start()) + 1}" if long else ""
+        raise UserError(_with_fix(f"{where} holds an integer wider than {MAX_INT_BITS} bits{at}", fix)) from None
+    wide = _find(value, lambda v: isinstance(v, int) and v.bit_length() > MAX_INT_BITS)
+    if wide is not None:
+        raise UserError(_with_fix(f"{where} holds an integer wider than {MAX_INT_BITS} bits in {wide}", fix))
+    return value
+
+
+def _json_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > 20:  # 2**64 has 20 digits; longer ones are not even converted
+        raise _TooWide(f"{digits[:12]}… of {len(digits.lstrip('-')):,} digits")
+    value = int(digits)
+    if value.bit_length() > MAX_INT_BITS:
+        raise _TooWide(digits)
+    return value
+
+
+def _check_depth(skeleton: str, where: str, fix: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH; `skeleton` is the text with its strings and comments taken out (their
+    brackets are not structure) and its line breaks kept.
+
+    Fast first (a tokenizer.json has a million brackets): each round removes the innermost pairs, one level, in C.
+    What is left after MAX_DEPTH rounds is too deep or unbalanced (broken: the parser names that), and only then is
+    it walked bracket by bracket to tell which, and where."""
+    brackets = _NOT_BRACKET.sub("", skeleton)
+    for _ in range(MAX_DEPTH):
+        if not brackets:
+            return
+        brackets = _INNERMOST.sub("", brackets)
+    depth = 0
+    for m in _BRACKET.finditer(skeleton):
+        if m.group() in "[{":
+            depth += 1
+            if depth > MAX_DEPTH:
+                line = skeleton.count("\n", 0, m.start()) + 1
+                raise UserError(_with_fix(f"{where} is nested more than {MAX_DEPTH} levels deep (arrays or objects "
+                                          f"inside each other, at line {line})", fix))
+        else:
+            depth -= 1
+
+
+def _find(value: object, bad: Callable[[object], bool], path: str = "") -> str | None:
+    """Where ("turns[3].text") the first key or value for which `bad` is true is in parsed JSON or TOML; None when
+    nowhere. A key's surrogates are shown escaped (\\ud800), so that the message itself can be printed."""
+    if bad(value):
+        return path or "the top level"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", key)
+            here = f"{path}.{name}" if path else name
+            found = here if bad(key) else _find(item, bad, here)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _find(item, bad, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 # --- how ---------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ anything. Pickles are only ever opened with `torch.load(weights_only=True)`, whi
 
 from __future__ import annotations
 
-import json
 import mmap
 import struct
 from collections.abc import Callable, Iterator
@@ -18,7 +17,9 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 import numpy as np
 
 from malhae.errors import UserError
-from malhae.files import cannot_read
+from malhae.files import cannot_read, parse_json, read_user_bytes
+
+MAX_INDEX = 1 << 26  # a shard index lists every tensor's file: a few hundred KB for the largest models
 
 
 class CheckpointError(UserError):
@@ -64,7 +65,8 @@ def find_weight_files(model_dir: Path) -> tuple[str, list[Path]]:
         index = model_dir / index_name
         if index.is_file():
             try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                raw = read_user_bytes(index, "", limit=MAX_INDEX, fix="download it again")
+                weight_map = parse_json(raw, str(index), "download it again")["weight_map"]
                 shards = sorted(set(weight_map.values()))
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{index} is unreadable or has no weight_map ({e}); download it again") from e
@@ -99,11 +101,10 @@ def _scan_safetensors(path: Path) -> list[TensorRef]:
             if header_len > size - 8 or header_len > 100 * 2**20:
                 raise CheckpointError(f"{path.name} is truncated or not a safetensors file "
                                       f"(header of {header_len} bytes in a {size}-byte file); download it again")
-            header = json.loads(f.read(header_len))
+            raw = f.read(header_len)
     except OSError as e:
         raise cannot_read(e, path) from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path.name} has a corrupt header ({e}); download it again") from e
+    header = parse_json(raw, f"the header of {path.name}", "download it again")
     base = 8 + header_len
     refs = []
     for name, info in header.items():

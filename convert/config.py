@@ -7,7 +7,6 @@ is assumed that the file does not say (the rotary fraction in particular varies 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,10 +87,7 @@ def read_config(model_dir: Path) -> NeoXConfig:
         raise ConfigError(f"no config.json in {model_dir}: give the folder of a Hugging Face model "
                           "(config.json, tokenizer.json and the weights)")
     data = files.read_user_bytes(path, "", limit=MAX_CONFIG)
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # not UTF-8 is not JSON either: one fix, download again
-        raise ConfigError(f"{path} is not valid JSON ({e}); download the model's config.json again") from e
+    raw = files.parse_json(data, str(path), "download the model's config.json again")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} is not a JSON object; download the model's config.json again")
 

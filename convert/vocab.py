@@ -39,27 +39,31 @@ class Vocab:
     specials: list[str] = field(default_factory=list)  # added tokens, for the parity sample
 
 
-def _describe(pre: dict | None) -> str:
+def _describe(pre: object) -> str:
     if not pre:
         return "none"
-    if pre.get("type") == "Sequence":
-        return "Sequence[" + ", ".join(_describe(p) for p in pre.get("pretokenizers", [])) + "]"
+    if not isinstance(pre, dict):
+        return f"{type(pre).__name__} {str(pre)[:40]!r}"
+    if pre.get("type") == "Sequence" and isinstance(pre.get("pretokenizers"), list):
+        return "Sequence[" + ", ".join(_describe(p) for p in pre["pretokenizers"]) + "]"
     opts = ", ".join(f"{k}={v}" for k, v in pre.items() if k != "type")
     return f"{pre.get('type')}({opts})"
 
 
-def _is_gpt2_bytelevel(p: dict) -> bool:
-    return (p.get("type") == "ByteLevel" and p.get("use_regex", True) and not p.get("add_prefix_space", False))
+def _is_gpt2_bytelevel(p: object) -> bool:
+    return (isinstance(p, dict) and p.get("type") == "ByteLevel" and p.get("use_regex", True)
+            and not p.get("add_prefix_space", False))
 
 
 def choose_pre(tokenizer: dict) -> str:
     """Name llama.cpp's pre-tokenizer that splits text as this tokenizer.json's pre_tokenizer does."""
     pre = tokenizer.get("pre_tokenizer")
-    if pre and _is_gpt2_bytelevel(pre):
+    if _is_gpt2_bytelevel(pre):
         return "gpt-2"  # the GPT-2 regex, then bytes
-    if pre and pre.get("type") == "Sequence":
-        parts = pre.get("pretokenizers", [])
-        if (len(parts) == 2 and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
+    if isinstance(pre, dict) and pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers")
+        if (isinstance(parts, list) and len(parts) == 2 and isinstance(parts[0], dict)
+                and parts[0].get("type") == "Digits" and parts[0].get("individual_digits")
                 and _is_gpt2_bytelevel(parts[1])):
             # Every digit isolated, then the GPT-2 regex: llama.cpp's "starcoder" runs exactly "\p{N}" then GPT-2.
             return "starcoder"
@@ -73,8 +77,62 @@ def _special_id(name: str | None, vocab: dict[str, int]) -> int | None:
 
 def _token_content(value: object) -> str | None:
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
     return value if isinstance(value, str) else None
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _token_ids(tok: dict, model: dict, path: Path) -> tuple[dict[str, int], dict[int, bool], list[str]]:
+    """Every token's id (model.vocab, then added_tokens), which ids are added tokens and whether special, and the
+    added tokens' texts. A hand-edited or truncated file gets one line naming the field, never a KeyError."""
+    vocab = model.get("vocab") or {}
+    if not isinstance(vocab, dict):
+        raise _bad(path, "model.vocab", f"a {type(vocab).__name__}", 'an object of token → id ({"a": 0, …})')
+    ids: dict[str, int] = {}
+    for text, i in vocab.items():
+        if not _is_id(i):
+            raise _bad(path, f"model.vocab[{_show(text)}]", _show(i), "a token id (a whole number ≥ 0)")
+        ids[text] = i
+    added_tokens = tok.get("added_tokens") or []
+    if not isinstance(added_tokens, list):
+        raise _bad(path, "added_tokens", f"a {type(added_tokens).__name__}", 'a list of {"id": …, "content": …}')
+    specials: list[str] = []
+    special_flags: dict[int, bool] = {}
+    for n, added in enumerate(added_tokens):
+        if not isinstance(added, dict) or not _is_id(added.get("id")) or not isinstance(added.get("content"), str):
+            raise _bad(path, f"added_tokens[{n}]", _show(added),
+                       'an object with "id" (a whole number ≥ 0) and "content" (text)')
+        ids[added["content"]] = added["id"]
+        special_flags[added["id"]] = bool(added.get("special", True))
+        specials.append(added["content"])
+    return ids, special_flags, specials
+
+
+def _merges(model: dict, path: Path) -> list[str]:
+    """model.merges as llama.cpp stores them, "a b"; tokenizer.json writes each as that text or as ["a", "b"]."""
+    merges = model.get("merges") or []
+    if not isinstance(merges, list):
+        raise _bad(path, "model.merges", f"a {type(merges).__name__}", "a list of merges")
+    out = []
+    for n, m in enumerate(merges):
+        if not (isinstance(m, str) or (isinstance(m, list) and len(m) == 2 and all(isinstance(p, str) for p in m))):
+            raise _bad(path, f"model.merges[{n}]", _show(m), '"a b" or ["a", "b"]')
+        out.append(m if isinstance(m, str) else " ".join(m))
+    return out
+
+
+def _bad(path: Path, field: str, shown: str, expected: str) -> TokenizerError:
+    return TokenizerError(f"{path}: {field} is {shown}; expected {expected}; download the model's tokenizer.json "
+                          "again")
+
+
+def _show(value: object) -> str:
+    """A JSON value as the file has it, cut short: the message stays one readable line."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "…"
 
 
 def read_vocab(model_dir: Path, n_vocab: int, config_ids: dict[str, int | None]) -> Vocab:
@@ -82,12 +140,7 @@ def read_vocab(model_dir: Path, n_vocab: int, config_ids: dict[str, int | None])
     if not path.is_file():
         raise TokenizerError(f"no tokenizer.json in {model_dir}: malhae needs the model's fast tokenizer file "
                              "(download tokenizer.json from the model's repository)")
-    raw = files.read_user_bytes(path, "", limit=MAX_JSON)
-    try:
-        tok = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON ({e}); download it again") from e
-
+    tok = files.parse_json(files.read_user_bytes(path, "", limit=MAX_JSON), str(path), "download it again")
     model = tok.get("model") if isinstance(tok, dict) else None
     if not isinstance(model, dict) or not isinstance(model.get("type"), str):
         raise TokenizerError(f"{path} is not a Hugging Face tokenizers file (no \"model\" with a \"type\"); "
@@ -104,13 +157,7 @@ def read_vocab(model_dir: Path, n_vocab: int, config_ids: dict[str, int | None])
         raise TokenizerError(f"{path.name} is not a plain byte-level BPE (byte_fallback or subword affixes)")
     pre = choose_pre(tok)
 
-    ids: dict[str, int] = dict(model.get("vocab") or {})
-    specials: list[str] = []
-    special_flags: dict[int, bool] = {}
-    for added in tok.get("added_tokens") or []:
-        ids[added["content"]] = added["id"]
-        special_flags[added["id"]] = bool(added.get("special", True))
-        specials.append(added["content"])
+    ids, special_flags, specials = _token_ids(tok, model, path)
     if not ids:
         raise TokenizerError(f"{path.name} has an empty vocabulary")
     if max(ids.values()) >= n_vocab:
@@ -130,24 +177,20 @@ def read_vocab(model_dir: Path, n_vocab: int, config_ids: dict[str, int | None])
         else:
             types.append(int(TokenType.NORMAL))
 
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    merges = _merges(model, path)
 
     # Special token names: tokenizer_config.json / special_tokens_map.json; ids from config.json win when present.
     names: dict[str, str | None] = {}
+    tc: dict = {}
     for extra in ("special_tokens_map.json", "tokenizer_config.json"):
         p = model_dir / extra
         if p.is_file():
-            raw = files.read_user_bytes(p, "", limit=MAX_JSON)
-            try:
-                data = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise TokenizerError(f"{p} is not valid JSON ({e}); download it again") from e
+            data = files.parse_json(files.read_user_bytes(p, "", limit=MAX_JSON), str(p), "download it again")
             if not isinstance(data, dict):
                 raise TokenizerError(f"{p} is not a JSON object; download it again")
             for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
                 names.setdefault(key, _token_content(data.get(key)))
-    tc_path = model_dir / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else {}  # checked just above
+            tc = data if extra == "tokenizer_config.json" else tc
 
     def pick(key: str) -> int | None:
         cid = config_ids.get(key)

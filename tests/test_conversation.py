@@ -172,7 +172,7 @@ def _broken(change) -> dict:
 
 
 @pytest.mark.parametrize(("content", "says"), [
-    (b"{not json", "not JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
+    (b"{not json", "not valid JSON (Expecting property name enclosed in double quotes at line 1, column 2)"),
     ("대화".encode("cp949"), "not UTF-8"),
     (json.dumps([1, 2]), "holds a JSON list"),
     (json.dumps({"messages": []}), 'not a malhae chat file (no "format": "malhae-chat")'),

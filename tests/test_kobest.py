@@ -190,7 +190,7 @@ def test_data_errors_name_file_and_line(tmp_path):
         data.load(src, task, "test")
     f = tmp_path / "sentineg" / "test.jsonl"
     cases = [
-        ('{"sentence": "좋다", "label": 1}\n{"sentence": "나쁘다", "label": 0', "test.jsonl:2: not a JSON object"),
+        ('{"sentence": "좋다", "label": 1}\n{"sentence": "나쁘다", "label": 0', "test.jsonl:2: the row is not"),
         ('{"sentence": "좋다", "label": 1}\n\n{"label": 0}', "test.jsonl:3: sentineg needs a text field 'sentence'"),
         ('{"sentence": "좋다", "label": 2}', "test.jsonl:1: 'label' must be an integer 0-1"),
         ('{"sentence": "좋다", "label": "yes"}', "test.jsonl:1: 'label' must be an integer"),

@@ -81,8 +81,10 @@ class Conversation:
         return system + [{"role": role, "content": text} for role, text in self.turns]
 
     def answer_sampling(self) -> Sampling:
-        """The settings plus the template's stop strings, which keep a base model from writing the user's turn."""
-        return replace(self.sampling, stop=tuple(dict.fromkeys((*self.template.stop, *self.sampling.stop))))
+        """The settings plus the template's stop strings, which keep a base model from writing the user's turn, for
+        an answer (shown and kept from its first non-space character; Template.prompt puts the space back)."""
+        return replace(self.sampling, stop=tuple(dict.fromkeys((*self.template.stop, *self.sampling.stop))),
+                       answer=True)
 
     def reserve(self, n_ctx: int) -> int:
         """Room kept free for the answer: a prompt that fills the context would leave the model nothing to say."""
@@ -279,13 +281,9 @@ def load(path: Path, current: Template | None = None) -> tuple[Conversation, str
     where = str(path)
     # verb "load": every message about a chat file that cannot be used starts "cannot load PATH:", as those below
     raw = files.read_user_bytes(path, "", limit=MAX_FILE, fix="give a file saved with /save", verb="load")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:  # part of what a chat file is, like JSON: worded with its other faults
-        raise UserError(f"cannot load {where}: not a text file (not UTF-8); give a file saved with /save") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"cannot load {where}: not JSON ({e.msg} at line {e.lineno}, column {e.colno}); give a "
-                        "file saved with /save") from None
+    # bounded (nesting, integers), and every text must be characters: a lone surrogate ("\ud800") would load and
+    # then fail every prompt and /save
+    data = files.parse_json(raw, f"cannot load {where}: it", "give a file saved with /save")
     conversation = Conversation.from_dict(data, where, current)
     model = data.get("model")
     return conversation, model if isinstance(model, str) else None

@@ -7,7 +7,6 @@ by benchmarks/build_llama_tools.py; nothing here is needed to use malhae.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 
 from malhae import children
 from malhae.errors import UserError
+from malhae.files import parse_json
 from malhae.runtime import hardware, llama
 from malhae.runtime.windows import Layout
 
@@ -55,10 +55,10 @@ def run_llama_bench(exe: Path, model: Path, n_prompt: int, n_gen: int, threads: 
     if proc.returncode != 0:
         raise UserError(f"llama-bench failed: {(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
     try:
-        rows = json.loads(proc.stdout)
+        rows = parse_json(proc.stdout, "llama-bench's output")  # the user's own binary: bounded like any input
         pp = next(r["avg_ts"] for r in rows if r.get("n_prompt", 0) > 0 and r.get("n_gen", 0) == 0)
         tg = next(r["avg_ts"] for r in rows if r.get("n_gen", 0) > 0 and r.get("n_prompt", 0) == 0)
-    except (ValueError, TypeError, AttributeError, KeyError, StopIteration):
+    except (UserError, ValueError, TypeError, AttributeError, KeyError, StopIteration):
         raise UserError(f"--llama-bench {exe} did not answer as llama-bench does (no JSON with prompt and "
                         "generation rows); give the path of llama.cpp's llama-bench") from None
     return float(pp), float(tg)

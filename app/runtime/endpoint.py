@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from malhae.errors import UserError
+from malhae.files import parse_json
+from malhae.ui import printable
 
 DEFAULT_TIMEOUT = 120.0  # seconds without a byte: a busy server may queue a request, and a long prompt takes time
 MAX_TIMEOUT = 86400.0
@@ -164,10 +166,7 @@ class Exchange:
         return self.parse(data)
 
     def parse(self, data: bytes) -> dict:
-        try:
-            value = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            value = None
+        value = _json_or_none(data)
         if not isinstance(value, dict):
             raise self.not_openai(f"got {_preview(data)}")
         if "error" in value and value["error"]:  # a stream's error event, or a 200 that is an error (some proxies)
@@ -261,9 +260,10 @@ class Exchange:
 
 
 def _json_or_none(data: bytes) -> object:
+    """A server's body as JSON (files.parse_json's bounds: nesting, integers, characters), or None."""
     try:
-        return json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        return parse_json(data, "the answer")
+    except UserError:
         return None
 
 
@@ -288,5 +288,7 @@ def _preview(data: bytes) -> str:
 
 
 def _short(text: str, limit: int = 300) -> str:
-    line = " ".join(text.split())
+    """A server's text as one short line with no control character: it goes into an error message, which chat, a
+    log or a caller's own printer may show as it is."""
+    line = " ".join(printable(text).split())
     return line if len(line) <= limit else line[:limit - 1] + "…"

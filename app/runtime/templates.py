@@ -26,6 +26,9 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+GGUF_ORIGIN = "the model's chat template (tokenizer.chat_template in the GGUF)"
+FIX = "choose a format with --template base|koalpaca|kullm"
+
 
 @dataclass(frozen=True)
 class Template:
@@ -106,64 +109,74 @@ def for_gguf(model_name: str | None, metadata: Mapping[str, object], token_text=
                       text(Keys.Tokenizer.EOS_ID))
 
 
-def for_source(model_name: str | None, source: str | None, bos_token: str = "", eos_token: str = "") -> Template:
-    """The format a model's own chat template (Jinja, from a GGUF or a server) names, else the guess from its name."""
+def for_source(model_name: str | None, source: str | None, bos_token: str = "", eos_token: str = "", *,
+               origin: str = GGUF_ORIGIN) -> Template:
+    """The format a model's own chat template (Jinja, from a GGUF or a server) names, else the guess from its name.
+    `origin` names where the template came from, for the messages about it."""
     if source and source.strip():
         ours = from_jinja(source)
         if ours is not None:
             return ours
-        return JinjaTemplate.make(source, bos_token=bos_token, eos_token=eos_token)
+        return JinjaTemplate.make(source, bos_token=bos_token, eos_token=eos_token, origin=origin)
     return for_model(model_name)
 
 
 def for_engine(engine) -> Template:
     """The format for a running backend (a local Engine or a server's model): its own template, else its name's."""
-    return for_source(engine.name, *engine.chat_template_info())
+    origin = f"the server's chat template ({engine.where})" if getattr(engine, "remote", False) else GGUF_ORIGIN
+    return for_source(engine.name, *engine.chat_template_info(), origin=origin)
 
 
 @dataclass(frozen=True)
 class JinjaTemplate(Template):
     """A model's own chat template that malhae does not know: rendered with jinja2 the way transformers and
-    llama-cpp-python render chat templates (sandboxed, trim_blocks and lstrip_blocks, loop controls)."""
+    llama-cpp-python render chat templates (sandboxed, trim_blocks and lstrip_blocks, loop controls), within bounds
+    on memory and time (app.runtime.sandbox): it comes from a file or a server, and may be broken or hostile."""
 
     bos_token: str = ""
     eos_token: str = ""
+    origin: str = GGUF_ORIGIN  # where it came from, for the messages about it
     _compiled: object = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def make(cls, source: str, *, bos_token: str = "", eos_token: str = "") -> JinjaTemplate:
-        from datetime import datetime
+    def make(cls, source: str, *, bos_token: str = "", eos_token: str = "", origin: str = GGUF_ORIGIN) -> JinjaTemplate:
+        from malhae.runtime import sandbox
 
-        import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise jinja2.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)  # as transformers offers it
         try:
-            compiled = env.from_string(source)
-        except jinja2.TemplateError as e:
-            raise UserError(f"the model's chat template (tokenizer.chat_template in the GGUF) is not valid Jinja "
-                            f"({e}); choose a format with --template base|koalpaca|kullm") from None
+            compiled = sandbox.BoundedEnvironment().from_string(source)
+        except Exception as e:  # a TemplateSyntaxError, or whatever compiling a hostile template raises
+            raise UserError(f"{origin} is not valid Jinja ({_reason(e)}); {FIX}") from None
         stop = tuple(s for s in (eos_token,) if s)
-        return cls(name="gguf", description="the model's own chat template (Jinja from the GGUF)", system="",
-                   system_format="", user="", assistant="", assistant_end="", stop=stop, match=(),
-                   chat_template=source, bos_token=bos_token, eos_token=eos_token, _compiled=compiled)
+        description = "the model's own chat template (Jinja from the GGUF)" if origin == GGUF_ORIGIN else origin
+        return cls(name="gguf", description=description, system="", system_format="", user="", assistant="",
+                   assistant_end="", stop=stop, match=(), chat_template=source, bos_token=bos_token,
+                   eos_token=eos_token, origin=origin, _compiled=compiled)
 
     def prompt(self, turns: list[tuple[str, str]], system: str | None = None) -> str:
-        """No system text (None or empty) means no system message: the template's own default then applies."""
-        import jinja2
+        """No system text (None or empty) means no system message: the template's own default then applies.
+
+        Whatever rendering raises — the template's raise_exception, 1/0, a bound of app.runtime.sandbox, a
+        MemoryError or a RecursionError — is one line naming the template's source and the way around it."""
+        from malhae.runtime import sandbox
 
         messages = ([{"role": "system", "content": system}] if system else [])
         messages += [{"role": role, "content": text} for role, text in turns]
         try:
-            return self._compiled.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                         eos_token=self.eos_token)
-        except jinja2.TemplateError as e:
-            raise UserError(f"the model's chat template (tokenizer.chat_template in the GGUF) failed: {e}; choose "
-                            "a format with --template base|koalpaca|kullm") from None
+            return sandbox.render(self._compiled, messages=messages, add_generation_prompt=True,
+                                  bos_token=self.bos_token, eos_token=self.eos_token)
+        except Exception as e:  # MemoryError and RecursionError are Exceptions too
+            raise UserError(f"{self.origin} failed: {_reason(e)}; {FIX}") from None
+
+
+def _reason(error: Exception) -> str:
+    """An exception from a template as a short line: its own message (a TemplateError's, raise_exception's), else its
+    kind too ("ZeroDivisionError: division by zero")."""
+    import jinja2
+
+    from malhae.runtime.sandbox import Exceeded
+
+    text = " ".join(str(error).split())
+    text = text if len(text) <= 200 else text[:199] + "…"
+    if isinstance(error, (jinja2.TemplateError, UserError, Exceeded)):
+        return text or type(error).__name__
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

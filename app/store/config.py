@@ -85,10 +85,7 @@ def _read(path: Path) -> str:
 def parse(text: str, path: Path) -> Settings:
     """Check every key, type and range (app.runtime.settings' table): a typo must not silently fall back to a
     built-in default, and a value out of range is reported with its line, not later by whichever command reads it."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise UserError(f"settings file {path} is not valid TOML ({e}); fix that line or delete the file") from None
+    data = files.parse_toml(text, f"settings file {path}", "fix that line or delete the file")
     settings = Settings(path, exists=True)
     for key, value in data.items():
         if key in ("api_key", "key", "token"):

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from malhae import nfc
 from malhae.errors import UserError
 from malhae.eval.kobest.tasks import Doc, Task
-from malhae.files import cannot_read, read_user_text
+from malhae.files import cannot_read, parse_json, read_user_text
 
 HUB_ID = "skt/kobest_v1"
 EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
@@ -98,20 +98,14 @@ def read_rows(path: Path):
             yield row, f"{path}:{reader.line_num}"
         return
     if text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        rows = parse_json(text, f"data file {path}")
         for i, row in enumerate(rows):
             yield row, f"{path}: item {i + 1}"
         return
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n}: not a JSON object ({e.msg}); each line must be one row") from None
+        row = parse_json(line, f"{path}:{n}: the row", "each line must be one JSON object")
         yield row, f"{path}:{n}"
 
 
@@ -144,7 +138,8 @@ def validate(task: Task, row: object, where: str) -> Doc:
     if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < task.n_labels:
         raise UserError(f"{where}: 'label' must be an integer 0-{task.n_labels - 1} for {task.name} (got {label!r})")
     doc["label"] = label
-    if task.connector_field and doc[task.connector_field].strip() not in dict(task.connector_map):
+    # read as composed (NFC), as the docs are scored (evaluate.composed): a copy saved decomposed says 원인 too
+    if task.connector_field and nfc.compose(doc[task.connector_field]).strip() not in dict(task.connector_map):
         raise UserError(f"{where}: '{task.connector_field}' must be one of "
                         f"{', '.join(k for k, _ in task.connector_map)} (got {doc[task.connector_field]!r})")
     return doc
