@@ -24,9 +24,22 @@ err = Console(stderr=True, highlight=False)
 err.soft_wrap = soft_wrap(err)
 
 
+# C0/C1 control characters and DEL, except tab and newline. Text from outside — a model's answer, a server's error
+# message, a model id it lists — must not move the cursor, retitle the window or clear the screen when printed.
+UNPRINTABLE = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)])
+_ONE_LINE = UNPRINTABLE | dict.fromkeys([0x09, 0x0A, 0x0D], " ")
+
+
+def printable(text: str, *, multiline: bool = False) -> str:
+    """`text` with no control character left: the one rule for anything printed that malhae did not write itself.
+    Multi-line output (an answer) keeps its newlines and tabs; a one-line message (an error, a note) turns line breaks
+    and tabs into spaces, so that it stays one line whatever a server put in it."""
+    return text.translate(UNPRINTABLE if multiline else _ONE_LINE)
+
+
 def note(message: str) -> None:
     """A one-time remark about what malhae decided for the user (stderr, never mixed into the output)."""
-    err.print(f"[dim]malhae: {escape(message)}[/dim]")
+    err.print(f"[dim]malhae: {escape(printable(message))}[/dim]")
 
 
 def json_result(data: dict) -> None:

@@ -27,6 +27,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 from rich.console import Console
 
+from malhae import ui
 from malhae.chat import reader, repl, writer
 from malhae.chat import session as chat_session
 from malhae.convert import pipeline
@@ -102,12 +103,13 @@ def test_completion_of_commands_and_their_arguments(tmp_path):
 
 
 def test_answer_output_path():
-    """write_answer on a terminal: leading space and control characters not drawn, a spinner only while a slow prompt
-    is evaluated (erased before the answer), the text returned is what the model wrote."""
+    """write_answer on a terminal: control characters not drawn, a spinner only while a slow prompt is evaluated
+    (erased before the answer), the text returned is what the model wrote. (The space before an answer never reaches
+    it: the engine drops it, Sampling.answer; tests/test_answer_text.py.)"""
 
     def answer(delay: float):
         time.sleep(delay)  # prompt evaluation
-        yield from (" ", " 안녕", "하세요\x1b[2J", "!\r")
+        yield from ("안녕", "하세요\x1b[2J", "!\r")
 
     out = io.StringIO()
     assert writer.write_answer(answer(0.0), out, terminal=True) == ("안녕하세요\x1b[2J!\r", False)
@@ -391,7 +393,7 @@ def test_save_load_round_trip_and_broken_files(model, tmp_path):
     assert data["format"] == "malhae-chat" and data["version"] == 1 and data["turns"][0]["text"] == "안녕하세요"
     assert f"saved 1 exchanges to {saved}" in s.err and f"loaded 1 exchanges from {saved}" in s.err
     assert len(s.hints("cannot load")) == 3
-    assert len(s.hints("not JSON")) == 1 and len(s.hints("not a malhae chat file")) == 1
+    assert len(s.hints("not valid JSON")) == 1 and len(s.hints("not a malhae chat file")) == 1
     assert len(s.hints("no such file")) == 1
     assert [t for r, t in s.turns if r == "user"] == ["안녕하세요", "다음 질문"]  # continued after the load
     assert s.turns[1][1] == data["turns"][1]["text"] and s.chat.conv.sampling.temperature == 0.3
@@ -579,7 +581,7 @@ def test_terminal_session(terminal, model, tmp_path):
     assert [t["text"] for t in saved["turns"][::2]] == ["안녕하세요", "대한민국의 수도는 어디인가요?"]
     screen = plain(child.logfile_read.getvalue()).replace("\n", "")
     for answer in saved["turns"][1::2]:  # each answer was on the screen
-        assert answer["text"].translate(writer.UNPRINTABLE).replace("\n", "") in screen
+        assert ui.printable(answer["text"], multiline=True).replace("\n", "") in screen
 
 
 def test_ctrl_c_in_a_terminal_stops_the_answer(terminal, endless_path, tmp_path):
@@ -611,7 +613,7 @@ def test_ctrl_c_in_a_terminal_stops_the_answer(terminal, endless_path, tmp_path)
     # the terminal echoes the key as "^C" wherever the output stream is at that moment, which may be before the
     # last piece is flushed: the echo is the terminal's, not the answer's
     on_screen = plain(transcript).replace("^C", "")
-    assert kept.translate(writer.UNPRINTABLE) in on_screen  # the conversation keeps what was on the screen
+    assert ui.printable(kept, multiline=True) in on_screen  # the conversation keeps what was on the screen
 
 
 def test_keys_typed_during_an_answer_are_not_echoed_into_it(terminal, endless_path, tmp_path):

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from malhae.errors import UserError
+from malhae.ui import printable
 
 try:
     import termios
@@ -126,24 +127,20 @@ class _Waiting:
 
 FLUSH_EVERY = 0.008  # seconds
 
-# C0/C1 control characters except tab and newline: a model's output must not move the cursor or send escapes
-UNPRINTABLE = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)])
-
 
 def write_answer(pieces: Iterator[str], out: TextIO, *, terminal: bool) -> tuple[str, bool]:
     """Write pieces as they come, never re-rendering; return (text shown, interrupted).
 
     Each piece is written at once; the stream is flushed when FLUSH_EVERY has passed since the last flush (so at slow
     speeds every piece, at GPU speeds about 125 times a second: no screen shows more, and a system call and a terminal
-    wake-up per token would take CPU time from the model on a small machine). Leading whitespace is not shown (the
-    model writes the space after "어시스턴트:"); on a terminal, control characters are not written, and a spinner shows
-    while the prompt is evaluated if that takes long. The returned text is what the model wrote from its first shown
-    character up to the last piece that was written.
+    wake-up per token would take CPU time from the model on a small machine). On a terminal, control characters are
+    not written, and a spinner shows while the prompt is evaluated if that takes long. The returned text is what was
+    written, up to the last piece (the answer's leading space is already gone: Sampling.answer).
     """
     shown: list[str] = []
     write, flush, clock = out.write, out.flush, time.perf_counter
     flushed = 0.0
-    started = interrupted = False
+    interrupted = False
     broken: UserError | None = None
     guard = _CtrlC()
     waiting = None
@@ -155,13 +152,8 @@ def write_answer(pieces: Iterator[str], out: TextIO, *, terminal: bool) -> tuple
                     if waiting is not None:
                         waiting.stop()
                         waiting = None
-                    if not started:
-                        piece = piece.lstrip()
-                        if not piece:
-                            continue
-                        started = True
                     guard.hold = True
-                    write(piece.translate(UNPRINTABLE) if terminal else piece)
+                    write(printable(piece, multiline=True) if terminal else piece)
                     now = clock()
                     if now - flushed >= FLUSH_EVERY:
                         flush()
@@ -195,12 +187,14 @@ def write_answer(pieces: Iterator[str], out: TextIO, *, terminal: bool) -> tuple
 
 def write_oneshot(run) -> None:
     """`complete` and `ask`: write pieces as they come, raw text on stdout (no markup, no colour), then a dim status
-    line on a terminal."""
+    line on a terminal. On a terminal, control characters a model (or a remote server) wrote are left out, as in
+    chat: an answer must not move the cursor or retitle the window; a pipe gets the text as generated."""
     write, flush = sys.stdout.write, sys.stdout.flush
+    terminal = sys.stdout.isatty()
     ended_with_newline = True
     try:
         for piece in run.pieces():
-            write(piece)
+            write(printable(piece, multiline=True) if terminal else piece)
             flush()
             ended_with_newline = piece.endswith("\n")
     finally:  # also when the answer breaks off (Ctrl-C, a stream cut): the error goes on a line of its own

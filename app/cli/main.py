@@ -19,13 +19,16 @@ except ImportError:  # pragma: no cover
     from click import ClickException as _UsageError
 
 from malhae.cli import convert, evaluate, models, run, serve
+from malhae.cli.options import Command, Group
 from malhae.errors import UserError
+from malhae.ui import printable
 
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
 app = typer.Typer(
     name="malhae",
     help="말해 — a local, offline Korean assistant on llama.cpp (Polyglot-Ko family).",
+    cls=Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -33,30 +36,49 @@ app = typer.Typer(
 )
 
 
+def _version(asked: bool) -> None:
+    """--version: the installed package's version (its metadata, so it is the one pip installed), then exit."""
+    if not asked:
+        return
+    from importlib import metadata
+
+    try:
+        version = metadata.version("malhae")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        version = "(not installed: pip install -e . gives it a version)"
+    sys.stdout.write(f"malhae {version}\n")
+    raise typer.Exit(0)
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
     verbose: bool = typer.Option(False, "--verbose", help="Show llama.cpp's own log output."),
-    models_dir: Path | None = typer.Option(None, "--models-dir", help="The model store for this run (default: "
-                                           "$MALHAE_HOME/models, else the user data directory's models/)."),
+    models_dir: Path | None = typer.Option(None, "--models-dir", metavar="DIR", help="The model store for this run "
+                                           "(default: $MALHAE_HOME/models, else the user data directory's "
+                                           "models/)."),
+    version: bool = typer.Option(False, "--version", "-V", is_eager=True, callback=_version,
+                                 help="Print malhae's version and exit."),
 ) -> None:
     from malhae import flags
+    from malhae.store import models as store
 
     flags.DEBUG = debug
     flags.VERBOSE = verbose
     flags.MODELS_DIR = models_dir
+    store.new_run()  # notices said once per run (main() may run many commands in one process: tests do)
 
 
-app.command()(convert.convert)
-app.command("complete")(run.complete)
-app.command("ask")(run.ask)
-app.command()(run.chat)
-app.command()(serve.serve)
-app.command()(evaluate.bench)
-app.command()(models.info)
-app.command()(models.recommend)
-app.command()(convert.pull)
-app.command()(convert.imatrix)
+app.command(cls=Command)(convert.convert)
+app.command("complete", cls=Command)(run.complete)
+app.command("ask", cls=Command)(run.ask)
+app.command(cls=Command)(run.chat)
+app.command(cls=Command)(serve.serve)
+app.command(cls=Command)(evaluate.bench)
+app.command(cls=Command)(models.info)
+app.command(cls=Command)(models.recommend)
+app.command(cls=Command)(convert.pull)
+app.command(cls=Command)(convert.imatrix)
 app.add_typer(evaluate.app, name="eval")
 app.add_typer(models.app, name="models")
 
@@ -102,5 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _error(message: str) -> None:
-    sys.stderr.write(f"malhae: error: {message}\n")
+    """One line, whatever the message holds: a server's error text or a file name may carry newlines or terminal
+    escapes (ui.printable), and none of them may act on the user's terminal."""
+    sys.stderr.write(f"malhae: error: {printable(message)}\n")
     sys.stderr.flush()

@@ -17,10 +17,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from malhae.errors import UserError
+from malhae.runtime import wire
 from malhae.runtime.endpoint import Endpoint, HttpError
 from malhae.runtime.engine import Stats, check_fits, check_prompt
 from malhae.runtime.settings import Sampling
-from malhae.runtime.step import StopReason, llama_server_stop_text
+from malhae.runtime.step import StopReason
 from malhae.runtime.stream import TextStream
 
 Notify = Callable[[str], None]
@@ -31,6 +32,8 @@ OWNERS = {"malhae": MALHAE, "llamacpp": LLAMA_CPP, "vllm": VLLM}  # /v1/models' 
 ECHO_SERVERS = "malhae serve or vLLM"  # servers that return a prompt's log-probabilities (echo + logprobs)
 DEFAULT_CTX = 2048  # the Polyglot-Ko family's trained context, when a server does not say its own
 MAX_MODELS = 10_000
+# events without text a stream may have beyond one per token (a first role-only delta, the finish and usage chunks)
+EXTRA_EVENTS = 16
 # what llama-server reports as its chat template when the GGUF has none (common/chat.cpp, CHATML_TEMPLATE_SRC): not
 # the model's own, so malhae frames the prompt by the model's name, as it does locally for such a GGUF
 LLAMA_CPP_FALLBACK = ("{%- for message in messages -%}\n"
@@ -56,11 +59,6 @@ class Model:
     id: str
     kind: str
     n_ctx: int | None
-
-
-def _count(value: object) -> bool:
-    """Whether a server's number is a count (usage fields of a server that is not malhae's may be anything)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def request_fields(kind: str, s: Sampling) -> tuple[dict, list[str]]:
@@ -129,8 +127,10 @@ class RemoteBackend:
             if not isinstance(card, dict) or not isinstance(card.get("id"), str):
                 raise UserError(f"{self.endpoint.url}/models lists a model without an id; check --endpoint")
             meta = card.get("meta") if isinstance(card.get("meta"), dict) else {}
-            n_ctx = next((v for v in (card.get("context_length"), card.get("max_model_len"), meta.get("n_ctx"))
-                          if isinstance(v, int) and not isinstance(v, bool) and v > 0), None)
+            sizes = (wire.context_size(f"{self.endpoint.url}/models", name, value) for name, value in (
+                ("context_length", card.get("context_length")), ("max_model_len", card.get("max_model_len")),
+                ("meta.n_ctx", meta.get("n_ctx"))))
+            n_ctx = next((v for v in sizes if v), None)
             out.append(Model(card["id"], OWNERS.get(str(card.get("owned_by", "")).lower(), OPENAI), n_ctx))
         return out
 
@@ -167,8 +167,9 @@ class RemoteBackend:
             source = props.get("chat_template")
             if isinstance(source, str) and source.strip() == LLAMA_CPP_FALLBACK.strip():
                 source = None
-            return {"chat_template": source, "bos": props.get("bos_token"),
-                    "eos": props.get("eos_token"), "n_ctx": n_ctx if isinstance(n_ctx, int) and n_ctx > 0 else None}
+            return {"chat_template": source, "bos": props.get("bos_token"), "eos": props.get("eos_token"),
+                    "n_ctx": wire.context_size(f"{self.endpoint.root}/props", "default_generation_settings.n_ctx",
+                                               n_ctx)}
         if self.kind in (MALHAE, VLLM):
             info = self._optional("/tokenizer_info")
             return {"chat_template": info.get("chat_template"), "bos": info.get("bos_token"),
@@ -273,46 +274,54 @@ class RemoteBackend:
         return self._stream(path, body, s, len(tokens), max_new)
 
     def _stream(self, path: str, body: dict, s: Sampling, n_prompt: int, max_new: int) -> Iterator[str]:
+        """The answer's pieces as the server streams them, never trusting it to stop: a server that goes on past
+        max_new pieces (it ignores max_tokens, or the context is full) or past its own finish_reason is hung up on
+        there, and the answer ends as the local engine's would (LENGTH or CONTEXT). A piece with text is at least one
+        token, so a server that heeds max_tokens is never cut short."""
         self.stats = stats = Stats(prompt_tokens=n_prompt)
-        stream = TextStream(s.stop)
+        stream = TextStream(s.stop, answer=s.answer)
         start = time.perf_counter()
         first = 0.0
-        pieces = 0
+        pieces = idle = 0  # events with text; events without (bounded too: a stream of empty events never ends)
         finish = None
         # the stop text found, or None for an end token: vLLM's and malhae's stop_reason, llama-server's stop_type
         matched: object = ...
         usage = None
+        over = False  # the server went on where the answer had to end: reading stopped there
         stats.stop_reason = StopReason.INTERRUPTED
+        where = self.endpoint.url + path
         events = self.endpoint.stream(path, body)
         try:
             for event in events:
                 if isinstance(event.get("usage"), dict):
                     usage = event["usage"]
-                verbose = event.get("__verbose")
-                if isinstance(verbose, dict) and verbose.get("stop") is True:
-                    matched = llama_server_stop_text(verbose, matched)
+                matched = wire.verbose_stop(where, event.get("__verbose"), matched)
                 choices = event.get("choices")
                 if not isinstance(choices, list):
-                    raise UserError(f"{self.endpoint.url}{path} streamed an event without choices; it does not "
-                                    "answer like an OpenAI-compatible API")
+                    raise UserError(f"{where} streamed an event without choices; it does not answer like an "
+                                    "OpenAI-compatible API")
+                said = False
                 for choice in choices:
-                    if not isinstance(choice, dict):
-                        continue
-                    delta = choice.get("delta")
-                    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
-                    if isinstance(text, str) and text:
+                    text, ended, reason = wire.choice(where, choice)
+                    if text:
+                        if pieces >= max_new or finish is not None:
+                            over = True
+                            break
                         if not first:
                             first = time.perf_counter()
                             stats.ttft = stats.prompt_seconds = first - start  # as seen from here
                         pieces += 1
+                        said = True
                         shown = stream.feed(text.encode("utf-8"))
                         if shown:
                             yield shown
-                    if choice.get("finish_reason"):
-                        finish = choice["finish_reason"]
-                        if "stop_reason" in choice:
-                            matched = choice["stop_reason"]
-                if stream.stopped:
+                    if ended:
+                        finish = ended
+                        if reason is not ...:
+                            matched = reason
+                idle += not said
+                over = over or idle > max_new + EXTRA_EVENTS
+                if stream.stopped or over:
                     break
             if stream.stopped:
                 stats.stop_reason = StopReason.STOP
@@ -320,6 +329,9 @@ class RemoteBackend:
                 tail = stream.finish()
                 if tail:
                     yield tail
+                if over and finish is None:
+                    stats.stop_reason = StopReason.LENGTH if max_new >= s.max_tokens else StopReason.CONTEXT
+                    return
                 if finish is None:
                     raise UserError(f"the answer from {self.endpoint.url} ended without a finish_reason; the "
                                     "server stopped it")
@@ -331,18 +343,19 @@ class RemoteBackend:
             stats.decode_seconds = time.perf_counter() - first if first else 0.0
             stats.generated_tokens = pieces
             if usage is not None:
-                self._read_usage(stats, usage)
-                if self.kind == LLAMA_CPP and stats.stop_reason is StopReason.EOS and stats.generated_tokens:
-                    stats.generated_tokens -= 1  # llama-server counts the end token; malhae counts what was said
+                self._read_usage(stats, usage, max_new)
 
-    @staticmethod
-    def _read_usage(stats: Stats, usage: dict) -> None:
-        if _count(usage.get("completion_tokens")):
+    def _read_usage(self, stats: Stats, usage: dict, max_new: int) -> None:
+        """A server's own counts, where they are counts; never more than it may have sent or its context holds."""
+        if wire.count(usage.get("completion_tokens")):
             stats.generated_tokens = usage["completion_tokens"]
-        if _count(usage.get("prompt_tokens")):
-            stats.prompt_tokens = usage["prompt_tokens"]
+            if self.kind == LLAMA_CPP and stats.stop_reason is StopReason.EOS and stats.generated_tokens:
+                stats.generated_tokens -= 1  # llama-server counts the end token; malhae counts what was said
+        stats.generated_tokens = min(stats.generated_tokens, max_new)
+        if wire.count(usage.get("prompt_tokens")):
+            stats.prompt_tokens = min(usage["prompt_tokens"], self.n_ctx)
         details = usage.get("prompt_tokens_details")
-        if isinstance(details, dict) and _count(details.get("cached_tokens")):
+        if isinstance(details, dict) and wire.count(details.get("cached_tokens")):
             stats.cached_tokens = min(details["cached_tokens"], stats.prompt_tokens)
 
     # --- log-likelihoods -------------------------------------------------------------------------------------
@@ -367,7 +380,7 @@ class RemoteBackend:
             raise UserError(f"{self.endpoint.url}/completions answered {len(prompts)} prompts with "
                             f"{len(choices) if isinstance(choices, list) else 'no'} choices; it does not answer "
                             "like an OpenAI-compatible API")
-        ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+        ordered = wire.in_order(f"{self.endpoint.url}/completions", choices, len(prompts))
         return [self._echoed(c, len(p)) for c, p in zip(ordered, prompts, strict=True)]
 
     def _echoed(self, choice: object, n: int) -> list[tuple[float, bool]]:
@@ -378,11 +391,11 @@ class RemoteBackend:
             raise UserError(f"the {self.kind} server at {self.endpoint.url} did not return the prompt's "
                             f"log-probabilities (echo); scoring needs a server that does: {ECHO_SERVERS}")
         out = []
+        server = f"the {self.kind} server at {self.endpoint.url}"
         for value, top in zip(values[1:n], tops[1:n], strict=True):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(f"the server at {self.endpoint.url} returned a log-probability that is not a "
-                                "number")
-            best = max((v for v in top.values() if isinstance(v, (int, float))), default=value) \
-                if isinstance(top, dict) else value
-            out.append((float(value), value >= best - 1e-6))
+            if top is not None and not isinstance(top, dict):
+                raise wire.malformed(f"{self.endpoint.url}/completions", "top_logprobs", top)
+            value = wire.logprob(server, value)
+            best = max((wire.logprob(server, v) for v in top.values()), default=value) if top else value
+            out.append((value, value >= best - 1e-6))
         return out
