@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from tokenizers import Tokenizer
 
 from malhae.runtime.stream import TextStream
@@ -81,7 +82,38 @@ def test_stop_inside_one_piece_and_multibyte_stop():
     assert "".join(other.feed(data[i:i + 1]) for i in range(len(data))) == "이것으로 "
 
 
-def test_dangling_bytes_become_one_replacement_at_the_end():
+@pytest.mark.parametrize("cut", ["가", "😀", "é"])
+def test_a_character_cut_off_at_the_end_is_dropped_not_shown_broken(cut):
+    """Generation stopped (max_tokens, a full context, Ctrl-C) between the bytes of a character: the part is no
+    text, so nothing of it is shown, as llama-server does; what came before is all there."""
+    data = cut.encode()
+    for n in range(1, len(data)):
+        stream = TextStream(["\n사용자:"])
+        assert stream.feed("끝.\n".encode() + data[:n]) == "끝."
+        assert stream.finish() == "\n"
+        assert stream.text == "끝.\n"
+
+
+def test_invalid_bytes_still_read_as_replacement_characters():
+    """Only the beginning of a character at the very end is dropped: bytes no continuation could make valid, in the
+    middle or at the end, stay U+FFFD (one per maximal invalid run, as Python and llama.cpp decode them)."""
     stream = TextStream()
-    assert stream.feed("가".encode()[:2]) == ""
-    assert stream.finish() == "\ufffd"
+    assert stream.feed(b"a\xffb\xea") == "a\ufffdb"
+    assert stream.feed(b"\xb0") == ""
+    assert stream.feed(b"\x80c\xed\xa0") == "\uac00c"  # ED A0 begins a surrogate, never a character
+    assert stream.finish() == "\ufffd\ufffd"
+
+
+def test_an_answer_starts_at_its_first_character():
+    """A chat answer: the whitespace the prompt format leaves before it ("어시스턴트:" then " 대한…") is not part
+    of it, however the tokens split it; the spaces inside the answer are."""
+    stream = TextStream(["\n사용자:"], answer=True)
+    assert stream.feed(b" ") == ""
+    assert stream.feed(b"\n") == ""  # held: it may begin the stop text, then released as leading space
+    assert stream.feed(" 대한".encode()) == "대한"
+    assert stream.feed(" 민국 ".encode()) == " 민국 "
+    assert stream.finish() == "" and stream.text == "대한 민국 "
+    raw = TextStream()  # a continuation (`complete`, /v1/completions) keeps its leading space
+    assert raw.feed(" 대한".encode()) + raw.finish() == " 대한"
+    empty = TextStream(answer=True)
+    assert empty.feed(b"  \n") == "" and empty.finish() == "" and empty.text == ""

@@ -20,6 +20,7 @@ import ctypes
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 
 import llama_cpp as lc
 import numpy as np
@@ -213,11 +214,14 @@ class Scheduler:
         # check_request's max_new is at most what the context has left (so it ends with LENGTH); the room guards a
         # Job made otherwise
         max_new = min(job.max_new, self.n_slot_ctx - len(job.tokens))
-        slot.step = Step(self.model.vocab, job.sampling.stop, max_new, job.max_new)
+        slot.step = Step(self.model.vocab, job.sampling.stop, max_new, job.max_new, answer=job.sampling.answer,
+                         min_new=job.min_new)
         slot.prompt_lp = []
         slot.started = time.perf_counter()
         slot.ttft = 0.0
-        slot.chain = sampler.chain(self.model.vocab, self.model.n_vocab, job.sampling, job.tokens)
+        # min_new: the end token is kept away (ignore_eos) until then; _take swaps in the plain chain
+        held = replace(job.sampling, ignore_eos=True) if job.min_new else job.sampling
+        slot.chain = sampler.chain(self.model.vocab, self.model.n_vocab, held, job.tokens)
         if job.echo:
             slot.prompt_lp = reused if common else [TokenLogprob(job.tokens[0], None)]
 
@@ -333,6 +337,9 @@ class Scheduler:
             slot.ttft = time.perf_counter() - job.submitted  # waiting in the queue counts: the client waited
         text = step.take(token)
         reason = step.reason
+        if reason is None and step.n == job.min_new and not job.sampling.ignore_eos:  # the end token may come now
+            sampler.free(slot.chain)
+            slot.chain = sampler.chain(self.model.vocab, self.model.n_vocab, job.sampling, [*slot.cache, token])
         if reason is not StopReason.EOS:  # an end token is not handed out
             self._send(job, Token(token, text, logprob))
         if reason is None:
@@ -358,7 +365,7 @@ class Scheduler:
         job = slot.job
         if slot.pending is None or job.cancelled or job.logprobs is not None or job.echo:
             return None
-        return slot
+        return slot if slot.step.n >= job.min_new else None  # before min_new, one token at a time (_take's swap)
 
     def _speculate(self, slot: _Slot) -> None:
         """Decode the slot's pending token with a draft (app/runtime/speculate.py), then hand out what was

@@ -301,7 +301,7 @@ class Engine:
         start = time.perf_counter()
         self.evaluate(tokens)
         stats.prompt_seconds = time.perf_counter() - start
-        step = Step(self.vocab, s.stop, min(s.max_tokens, self.n_ctx - len(tokens)), s.max_tokens)
+        step = Step(self.vocab, s.stop, min(s.max_tokens, self.n_ctx - len(tokens)), s.max_tokens, answer=s.answer)
         chain = self._sampler(s, tokens)
         ctx = self.ctx.ptr
         take, sample, decode, get_one = step.take, lc.llama_sampler_sample, lc.llama_decode, lc.llama_batch_get_one

@@ -69,6 +69,7 @@ class Job:
     emit: Callable[[Event], None]
     logprobs: int | None = None  # None: none; n: each generated token's log-probability and its n likeliest rivals
     echo: bool = False  # also the prompt's log-probabilities (needs its logits: the cache is not reused)
+    min_new: int = 0  # neither the end token nor a stop text ends it before this many tokens (vLLM's min_tokens)
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 

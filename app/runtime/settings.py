@@ -179,6 +179,9 @@ class Sampling:
     max_tokens: int = _default("max_tokens")
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: random-weight models emit end tokens at random
+    # the text is an answer to a chat prompt ("…어시스턴트:"), not a continuation: the whitespace the prompt format
+    # leaves before it is not part of it (app.runtime.stream.TextStream drops it; the model's input is unchanged)
+    answer: bool = False
 
     def checked(self) -> Sampling:
         """Self, after every table value has been checked (a library caller may build one by hand)."""

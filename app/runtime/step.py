@@ -79,12 +79,14 @@ class Step:
     answer goes on. Speculative decoding hands its accepted tokens to `take` one by one, stopping at the first
     that ends the answer, and drafts at most `draft_room` of them."""
 
-    __slots__ = ("vocab", "stream", "n", "max_new", "max_tokens", "reason", "_buf")
+    __slots__ = ("vocab", "stream", "n", "max_new", "max_tokens", "min_new", "reason", "_buf")
 
     def __init__(self, vocab: lc.llama_vocab_p, stop: list[str] | tuple[str, ...], max_new: int,
-                 max_tokens: int) -> None:
+                 max_tokens: int, *, answer: bool = False, min_new: int = 0) -> None:
         self.vocab = vocab
-        self.stream = TextStream(stop)
+        # no stop text ends the answer before min_new tokens (the sampler keeps the end token away meanwhile)
+        self.min_new = min_new
+        self.stream = TextStream(stop, answer=answer)  # answer: a chat answer, shown from its first non-space
         self.n = 0  # tokens generated (an end token is not one)
         self.max_new = max_new
         self.max_tokens = max_tokens
@@ -102,7 +104,7 @@ class Step:
         buf = self._buf
         size = _to_piece(vocab, token, buf, 256, 0, False)
         stream = self.stream
-        text = stream.feed(buf.raw[:size] if size >= 0 else self._long_piece(token, -size))
+        text = stream.feed(buf.raw[:size] if size >= 0 else self._long_piece(token, -size), n > self.min_new)
         if stream.stopped:
             self.reason = StopReason.STOP
         elif n >= self.max_new:
@@ -110,8 +112,8 @@ class Step:
         return text
 
     def finish(self) -> str:
-        """The held tail once the answer ended (not at a stop text): text that might have begun a stop text, and
-        any dangling bytes as U+FFFD."""
+        """The held tail once the answer ended (not at a stop text): text that might have begun a stop text; bytes
+        that only begin a character at the cut-off are dropped (TextStream.finish)."""
         return self.stream.finish()
 
     @property
