@@ -276,7 +276,7 @@ def test_prompt_prefix_is_reused(demo):
 def _open_stream(server, body: dict):
     sock = socket.create_connection(("127.0.0.1", server.port))
     data = json.dumps(body).encode()
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  + f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
     return sock
 
@@ -329,6 +329,7 @@ BAD = [
     ("/v1/completions", b"", 400, "invalid_json"),
     ("/v1/completions", b"\xff\xfe", 400, "invalid_json"),
     ("/v1/completions", b"[" * 100_000, 400, "invalid_json"),
+    ("/v1/completions", b'{"prompt": "a", "seed": 1' + b"0" * 5000 + b"}", 400, "invalid_json"),
     ("/v1/completions", {"max_tokens": 4}, 400, "missing_field"),
     ("/v1/completions", {"prompt": 5}, 400, "invalid_prompt"),
     ("/v1/completions", {"prompt": []}, 400, "invalid_prompt"),
@@ -735,7 +736,7 @@ def test_browser_pages_only_from_allowed_origins(demo, demo_path):
         assert headers.get("access-control-allow-origin") == "http://localhost:3000" and out["data"]
         status, headers, _ = request(server, "OPTIONS", "/v1/chat/completions",
                                      headers=preflight | {"Origin": "http://evil.example"})
-        assert status == 400 and "access-control-allow-origin" not in headers
+        assert status == 403 and "access-control-allow-origin" not in headers  # refused before CORS (guard)
 
 
 def test_a_huge_tokenize_does_not_stall_the_streams(endless):

@@ -17,7 +17,7 @@ MAX_QUEUE = 4096
 @o.load_flags()
 def serve(
     load: dict[str, object],
-    model: o.ModelOption = None,
+    model: o.LocalModelOption = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; 0.0.0.0 reaches every network "
                              "(set --api-key then)."),
     port: int = typer.Option(8080, "--port", help="TCP port (0: any free one)."),
@@ -27,8 +27,14 @@ def serve(
     template: o.Template = None,
     api_key: str | None = typer.Option(None, "--api-key", envvar="MALHAE_API_KEY", show_envvar=True,
                                        help="Require `Authorization: Bearer KEY` on every endpoint but /health."),
-    allow_origin: list[str] = typer.Option([], "--allow-origin", help="A web page origin (http://host:port, or *) "
-                                           "whose scripts may call the server from a browser (CORS); repeatable."),
+    allow_origin: list[str] = typer.Option([], "--allow-origin", metavar="ORIGIN", help="A web page origin "
+                                           "(http://host:port, or *) whose scripts may call the server from a "
+                                           "browser (CORS); repeatable."),
+    allow_host: list[str] = typer.Option([], "--allow-host", metavar="NAME",
+                                         help="A name clients reach the server by, besides localhost, its address and "
+                                         "this machine's name (requests naming another Host are refused: DNS "
+                                         "rebinding); repeatable, * for any."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log (a line per request on stderr)."),
 ) -> None:
     """Serve a model over HTTP (OpenAI and Ollama APIs) for other programs: editors, Open WebUI, lm-eval, scripts."""
     from malhae import ui
@@ -54,11 +60,16 @@ def serve(
         if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
             raise UserError(f"--allow-origin {origin!r}: give a page's origin as scheme://host[:port] (no path), "
                             "e.g. --allow-origin http://localhost:3000, or * for any page")
+    for name in allow_host:
+        if name != "*" and not re.fullmatch(r"[A-Za-z0-9_.-]+|\[?[0-9A-Fa-f:.]+\]?", name):
+            raise UserError(f"--allow-host {name!r}: give a host name or address without scheme, port or path, "
+                            "e.g. --allow-host my-pc.lan, or * for any")
     loaded, _ = o.settings_for("serve", **load, parallel=parallel)
     path = models.resolve(model, ui.note)
     check_model_file(path)  # a wrong file is one line now, not a server that starts and then stops
     options = server.Options(load=replace(loaded, model=path), model_id=path.stem, host=host, port=port, queue=queue,
-                             template=template, api_key=api_key, allow_origins=tuple(allow_origin), notify=ui.note)
+                             template=template, api_key=api_key, allow_origins=tuple(allow_origin),
+                             allow_hosts=tuple(allow_host), access_log=not quiet, notify=ui.note)
     srv = server.Server(options)  # binds now: a port in use is an error before anything loads
     if not server.is_loopback(host) and not api_key:
         ui.err.print(f"[bold yellow]malhae: warning:[/] serving on {host} without --api-key: anyone who can reach "

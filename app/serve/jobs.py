@@ -77,14 +77,14 @@ class Request:
         self.stopped = False
 
     def add(self, tokens: list[int], sampling: Sampling, max_new: int, *, logprobs: int | None = None,
-            echo: bool = False) -> int:
+            echo: bool = False, min_new: int = 0) -> int:
         index = len(self.jobs)
         put, queue = self._dispatch.put, self._queue
 
         def emit(event: Event) -> None:  # on the scheduler thread
             put(queue, (index, event))
 
-        self.jobs.append(Job(tokens, sampling, max_new, emit, logprobs=logprobs, echo=echo))
+        self.jobs.append(Job(tokens, sampling, max_new, emit, logprobs=logprobs, echo=echo, min_new=min_new))
         return index
 
     def submit(self) -> None:

@@ -58,7 +58,8 @@ async def show(request, svc: Service) -> dict:
     info = svc.engine.info
     scalars = {k: v for k, v in info.metadata.items() if isinstance(v, (str, int, float, bool))
                and not k.startswith("tokenizer.chat_template")}
-    return {"modelfile": f"FROM {svc.engine.path}\n", "parameters": "", "template": svc.chat_template,
+    # the file's name, never its directory: a client has no business knowing where the store lies on this machine
+    return {"modelfile": f"FROM {svc.engine.path.name}\n", "parameters": "", "template": svc.chat_template,
             "details": _details(svc), "model_info": scalars, "capabilities": ["completion"],
             "modified_at": _mtime(svc)}
 
@@ -99,6 +100,15 @@ def _check_format(body: Body) -> None:
     body.forbid("context", ([],), "send the conversation to /api/chat instead")
 
 
+def _check_message_images(body: Body) -> None:
+    """Ollama's chat messages carry `images` of their own: refused as the top-level field is, since dropping them
+    would answer a question about a picture the model never saw."""
+    messages = body.data.get("messages")
+    for message in messages if isinstance(messages, list) else ():
+        if isinstance(message, dict):
+            Body(message, message).forbid("images", ([],), "this model reads text")  # every key known: only this
+
+
 async def generate(request, svc: Service):
     body = Body(await fields.read_json(request), GENERATE_FIELDS)
     _check_format(body)
@@ -109,21 +119,25 @@ async def generate(request, svc: Service):
     stream = body.flag("stream", True)
     if not prompt:  # Ollama answers an empty prompt with an empty, finished response (it only loads the model)
         return _finish_line(svc, {"response": ""}, None, "load")
-    text = prompt if raw else svc.template.prompt([("user", prompt)], system=system)
+    text = svc.compose(prompt if raw else svc.chat_prompt([("user", prompt)], system=system))  # app.nfc
     stop = stop if raw else tuple(dict.fromkeys(svc.template.stop + stop))
-    return await _run(request, svc, body, text, fields.sampling(values, stop, {k: f"options.{k}" for k in values}),
-                      max_new, stream, lambda piece: {"response": piece})
+    sampling = fields.sampling(values, stop, {k: f"options.{k}" for k in values})
+    sampling.answer = not raw  # framed: an answer, from its first character; raw: the text continues the prompt
+    return await _run(request, svc, body, text, sampling, max_new, stream, lambda piece: {"response": piece})
 
 
 async def chat(request, svc: Service):
     body = Body(await fields.read_json(request), CHAT_FIELDS)
     _check_format(body)
+    _check_message_images(body)
     values, stop, max_new = _options(body, svc)
     stream = body.flag("stream", True)
     text = render_chat(svc, body.data.get("messages"))
     stop = tuple(dict.fromkeys(svc.template.stop + stop))
-    return await _run(request, svc, body, text, fields.sampling(values, stop, {k: f"options.{k}" for k in values}),
-                      max_new, stream, lambda piece: {"message": {"role": "assistant", "content": piece}})
+    sampling = fields.sampling(values, stop, {k: f"options.{k}" for k in values})
+    sampling.answer = True  # message.content starts at the answer's first character, not the format's space
+    return await _run(request, svc, body, text, sampling, max_new, stream,
+                      lambda piece: {"message": {"role": "assistant", "content": piece}})
 
 
 def _finish_line(svc: Service, content: dict, done: Done | None, reason: str | None = None) -> dict:

@@ -26,7 +26,7 @@ from malhae.serve.sse import JobStream
 MAX_N = 16
 MAX_MESSAGES = 10_000
 COMMON = ("model", "stream", "stream_options", "max_tokens", "n", "stop", "seed", "user", "logit_bias",
-          *fields.SAMPLING_FIELDS)
+          "ignore_eos", "min_tokens", *fields.SAMPLING_FIELDS)  # vLLM's and llama-server's benchmarks send the two
 COMPLETION_FIELDS = (*COMMON, "prompt", "echo", "logprobs", "suffix", "best_of")
 CHAT_FIELDS = (*COMMON, "messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format", "tools",
                "tool_choice", "functions", "function_call", "parallel_tool_calls", "modalities", "audio",
@@ -38,8 +38,18 @@ HARMLESS = ("metadata", "store", "service_tier", "prompt_cache_key", "safety_ide
 
 
 def _sampling(body: Body, stop: tuple[str, ...]):
+    """The request's sampling; `ignore_eos: true` (vLLM's, llama-server's) lets the answer run past the end token to
+    max_tokens, as benchmark clients want every answer the same length."""
     values = {k: body.get(k, (int, float)) for k in fields.SAMPLING_FIELDS}
-    return fields.sampling(values, stop)
+    sampling = fields.sampling(values, stop)
+    sampling.ignore_eos = body.flag("ignore_eos")
+    return sampling
+
+
+def _min_tokens(body: Body, max_tokens: int | None, svc: Service) -> int:
+    """vLLM's `min_tokens`: neither the end token nor a stop text ends the answer before this many tokens; at most
+    max_tokens (without one, the context)."""
+    return body.integer("min_tokens", 0, 0, svc.n_ctx if max_tokens is None else max_tokens)  # type: ignore[return-value]
 
 
 def _seeded(sampling, i: int):
@@ -133,13 +143,19 @@ DONE = b"data: [DONE]\n\n"
 
 # --- /v1/completions -------------------------------------------------------------------------------------------
 
-def _prompts(svc: Service, value: object) -> list[tuple[list[int], str | None]]:
-    """The prompts of a completions request as (token ids, text as given or None for ids)."""
+def _prompts(svc: Service, value: object, as_given: bool = False) -> list[tuple[list[int], str | None]]:
+    """The prompts of a completions request as (token ids, text or None for ids). A text is composed to NFC
+    (app.nfc) unless `as_given`: with echo, a scoring client (lm-evaluation-harness) counts the prompt's tokens with
+    its own tokenizer on the text it sent, so those must stay its tokens. Ids are never changed."""
+    def text(prompt: str) -> tuple[list[int], str]:
+        prompt = prompt if as_given else svc.compose(prompt)
+        return svc.tokenize(prompt), prompt
+
     if isinstance(value, str):
-        return [(svc.tokenize(value), value)]
+        return [text(value)]
     if isinstance(value, list) and value:
         if all(isinstance(p, str) for p in value):
-            return [(svc.tokenize(p), p) for p in value[:MAX_PROMPTS + 1]]
+            return [text(p) for p in value[:MAX_PROMPTS + 1]]
         if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
             return [(svc.check_ids(value, "prompt"), None)]
         if all(isinstance(p, list) for p in value):
@@ -173,7 +189,9 @@ async def completions(request, svc: Service):
     stream = body.flag("stream")
     include_usage = _include_usage(body)
     sampling = _sampling(body, fields.stops(body.data.get("stop")))
-    prompts = await asyncio.to_thread(_prompts, svc, body.data["prompt"])  # llama_tokenize frees the GIL: streams go on
+    min_new = _min_tokens(body, max_tokens, svc)
+    # llama_tokenize frees the GIL: streams go on
+    prompts = await asyncio.to_thread(_prompts, svc, body.data["prompt"], echo)
     if len(prompts) * n > MAX_PROMPTS:
         raise ApiError(f"{len(prompts)} prompts × n {n} is more than {MAX_PROMPTS} sequences in one request",
                        param="prompt", code="too_many_prompts")
@@ -183,7 +201,8 @@ async def completions(request, svc: Service):
         budget = svc.fit(tokens, max_tokens)
         echo_texts.append(text if text is not None else svc.detokenize(tokens))
         for i in range(n):
-            req.add(tokens, _seeded(sampling, i), budget, logprobs=n_logprobs, echo=echo and n_logprobs is not None)
+            req.add(tokens, _seeded(sampling, i), budget, logprobs=n_logprobs, echo=echo and n_logprobs is not None,
+                    min_new=min_new)
     ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     head = {"id": ident, "object": "text_completion", "created": created, "model": svc.model_id}
     req.submit()
@@ -282,12 +301,8 @@ def render_chat(svc: Service, messages: object) -> str:
     if not turns or turns[-1][0] != "user":
         raise ApiError("the last message must be the user's (the model answers it)", param="messages",
                        code="invalid_value")
-    from malhae.errors import UserError
-
-    try:
-        return svc.template.prompt(turns, system="\n".join(system) if system else None)
-    except UserError as e:
-        raise ApiError(str(e), code="template_error") from None
+    # composed here, once for every message (OpenAI's and Ollama's chat): app.nfc
+    return svc.compose(svc.chat_prompt(turns, system="\n".join(system) if system else None))
 
 
 def _chat_logprobs(svc: Service, entries: list[TokenLogprob]) -> dict:
@@ -323,11 +338,13 @@ async def chat(request, svc: Service):
     include_usage = _include_usage(body)
     stop = tuple(dict.fromkeys(svc.template.stop + fields.stops(body.data.get("stop"))))
     sampling = _sampling(body, stop)
+    sampling.answer = True  # message.content starts at the answer's first character, not the format's space
+    min_new = _min_tokens(body, max_tokens, svc)
     tokens = await asyncio.to_thread(svc.tokenize, render_chat(svc, body.data.get("messages")))
     budget = svc.fit(tokens, max_tokens)
     req = Request(svc.scheduler)
     for i in range(n):
-        req.add(tokens, _seeded(sampling, i), budget, logprobs=n_logprobs)
+        req.add(tokens, _seeded(sampling, i), budget, logprobs=n_logprobs, min_new=min_new)
     ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     head = {"id": ident, "created": created, "model": svc.model_id}
     req.submit()

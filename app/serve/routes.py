@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -63,6 +63,8 @@ def route(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, n
             return result if isinstance(result, Response) else JSONResponse(result)
         except ApiError as e:
             return error_response(e, ollama)
+        except ClientDisconnect:  # gone before its body arrived: nothing was queued, nobody to answer (logged 499)
+            return Response(status_code=499)
         except UserError as e:  # a rule of the runtime (an empty prompt, a context too small)
             return error_response(ApiError(str(e)), ollama)
         except Exception as e:  # a bug: the request fails, the server goes on
@@ -87,6 +89,16 @@ async def health(request: Request) -> object:
 
 async def models(request: Request, svc: Service) -> dict:
     return {"object": "list", "data": [_model_card(svc)]}
+
+
+async def model(request: Request, svc: Service) -> dict:
+    """OpenAI's `GET /v1/models/{id}` (the openai client's models.retrieve): the served model, or 404 for any other
+    id, in OpenAI's error shape."""
+    wanted = request.path_params["model_id"]
+    if wanted != svc.model_id:
+        raise ApiError(f"the model {wanted!r} does not exist; this server serves {svc.model_id!r}", 404,
+                       code="model_not_found", param="model")
+    return _model_card(svc)
 
 
 async def tokenize(request: Request, svc: Service) -> dict:
@@ -153,4 +165,4 @@ def _model_card(svc: Service) -> dict:
     return {"id": svc.model_id, "object": "model", "created": svc.created, "owned_by": "malhae",
             "context_length": svc.n_ctx, "max_model_len": svc.n_ctx,
             "meta": {"n_ctx": svc.n_ctx, "n_ctx_train": svc.engine.model.n_ctx_train, "n_vocab": svc.n_vocab,
-                     "parallel": len(svc.scheduler.slots), "file": str(svc.engine.path)}}
+                     "parallel": len(svc.scheduler.slots), "file": svc.engine.path.name}}  # never a directory

@@ -51,6 +51,8 @@ class Options:
     template: str | None = None
     api_key: str | None = None
     allow_origins: tuple[str, ...] = ()
+    allow_hosts: tuple[str, ...] = ()  # Host names answered besides this machine's own (app.serve.guard)
+    access_log: bool = False  # a line per request on stderr (`malhae serve` turns it on; --quiet off)
     notify: Callable[[str], None] = field(default=lambda message: None)
 
 
@@ -63,21 +65,28 @@ class State:
         self.ready = threading.Event()
 
 
-def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] = ()):
+def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] = (), *, bound: str = "127.0.0.1",
+              allow_hosts: tuple[str, ...] = (), access_log: bool = False):
     """The Starlette application: the route table (the handlers and the rules every route shares are in
-    app.serve.routes, which imports Starlette and so is imported only here) and CORS.
+    app.serve.routes, which imports Starlette and so is imported only here), CORS, and around them the Host and
+    Origin guard (app.serve.guard) and the access log.
 
     `allow_origins`: web pages (scheme://host:port, or "*") whose scripts may call the server from a browser (CORS).
-    None by default: a page on any site could otherwise drive the local model through the user's browser."""
+    None by default: a page on any site could otherwise drive the local model through the user's browser. `bound`:
+    the address listened on, and `allow_hosts` more names, for the Host check."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.routing import Route
 
     from malhae.serve import ollama_api, openai_api, routes
+    from malhae.serve.access_log import AccessLog
+    from malhae.serve.guard import Guard, Hosts
     from malhae.serve.routes import route
 
     table = [
         route("/health", routes.health, needs_model=False),
         route("/v1/models", routes.models),
+        route("/v1/models/{model_id:path}", routes.model),
         route("/v1/completions", openai_api.completions, ("POST",)),
         route("/v1/chat/completions", openai_api.chat, ("POST",)),
         route("/tokenize", routes.tokenize, ("POST",)),
@@ -91,9 +100,10 @@ def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] 
         route("/api/generate", ollama_api.generate, ("POST",), ollama=True),
         route("/api/chat", ollama_api.chat, ("POST",), ollama=True),
     ]
-    middleware = []
+    # outermost first: the log sees every request, refused ones too; the guard runs before CORS and the API key
+    middleware = [Middleware(AccessLog)] if access_log else []
+    middleware.append(Middleware(Guard, hosts=Hosts(bound, allow_hosts), origins=allow_origins))
     if allow_origins:
-        from starlette.middleware import Middleware
         from starlette.middleware.cors import CORSMiddleware
 
         middleware.append(Middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
@@ -151,9 +161,11 @@ class Server:
         self.state = State()
         self.sock = bind(options.host, options.port)
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(build_app(self.state, options.api_key, options.allow_origins), log_level="warning",
-                                access_log=False,
-                                lifespan="off", timeout_graceful_shutdown=3)
+        app = build_app(self.state, options.api_key, options.allow_origins, bound=options.host,
+                        allow_hosts=options.allow_hosts, access_log=options.access_log)
+        # uvicorn's own access log is off: app.serve.access_log writes one that escapes what clients sent
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=3)
         self.uvicorn = make_uvicorn(config)
         self._thread: threading.Thread | None = None
         self._loader = threading.Thread(target=self._load, name="malhae-load", daemon=True)

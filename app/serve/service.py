@@ -10,6 +10,7 @@ from functools import cached_property
 
 from gguf import Keys
 
+from malhae import nfc
 from malhae.errors import UserError
 from malhae.runtime import templates
 from malhae.runtime.batching import Scheduler
@@ -27,6 +28,7 @@ class Service:
     template: templates.Template
     model_id: str
     created: int = field(default_factory=lambda: int(time.time()))
+    composed: nfc.Once = field(default_factory=lambda: nfc.Once(None))  # the log's one line on NFC (app.nfc)
 
     @classmethod
     def load(cls, options: LoadOptions, *, model_id: str, queue: int, template: str | None = None,
@@ -35,7 +37,7 @@ class Service:
         engine = Engine(options, notify=notify)
         try:
             chosen = templates.get(template) if template else templates.for_engine(engine)
-            service = cls(engine, Scheduler(engine, queue=queue), chosen, model_id)
+            service = cls(engine, Scheduler(engine, queue=queue), chosen, model_id, composed=nfc.Once(notify))
             service.longest_piece  # noqa: B018 (computed now, not during the first request)
             return service
         except BaseException:
@@ -75,6 +77,10 @@ class Service:
                            f"context is {self.n_ctx} per request", code="context_length_exceeded", param="prompt")
         return self.engine.model.tokenize(text, add_special=add_special, parse_special=parse_special)
 
+    def compose(self, text: str) -> str:
+        """A prompt or message in NFC (app.nfc), as the model was trained; the log says once, not per request."""
+        return nfc.compose(text, "a request's text (every prompt and message is composed; said once)", self.composed)
+
     def detokenize(self, tokens: list[int]) -> str:
         return self.engine.detokenize(tokens)
 
@@ -102,6 +108,14 @@ class Service:
     def chat_template(self) -> str:
         own = self.engine.info.metadata.get(Keys.Tokenizer.CHAT_TEMPLATE)
         return own if isinstance(own, str) and own.strip() else self.template.chat_template
+
+    def chat_prompt(self, turns: list[tuple[str, str]], system: str | None = None) -> str:
+        """The turns in the model's chat format. A template that fails while rendering (its raise_exception, a bug
+        in its Jinja) is the served model's, which the client cannot change: 500 with the template's one line."""
+        try:
+            return self.template.prompt(turns, system=system)
+        except UserError as e:
+            raise ApiError(str(e), 500, code="template_error", kind="server_error") from None
 
     def check_ids(self, tokens: list[int], where: str) -> list[int]:
         for t in tokens:
