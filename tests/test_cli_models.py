@@ -39,16 +39,20 @@ def error_line(err: str) -> str:
 
 
 def listing(capsys, *root: str) -> dict:
+    """`malhae models --json`, its "models" the store's only (the built-in demo listed after them:
+    test_cli_first_hour.py)."""
     code, out, err = run(capsys, *root, "models", "--json")
     assert code == 0, err
-    return json.loads(out)
+    data = json.loads(out)
+    return data | {"models": [m for m in data["models"] if not m["builtin"]]}
 
 
 def test_empty_store_says_how_to_add_one(home, capsys):
     code, out, err = run(capsys, "models")
     assert code == 0
-    assert str(home / "models") in out and "models import" in out and "--add" in out and "pull" in out
-    assert out.count("\n") == 1 and not err  # one line; no footer about default models glued to it
+    assert "built-in" in out and str(home / "models") not in out  # the table: the demo alone
+    assert str(home / "models") in err and "models import" in err and "--add" in err and "pull" in err
+    assert len(err.strip().splitlines()) == 1  # one line under the table, on stderr
     assert listing(capsys)["models"] == []
 
 

@@ -13,7 +13,9 @@ from malhae.errors import UserError
 from malhae.runtime.settings import DEFAULT_MAX_CTX
 
 app = typer.Typer(
-    help="Your models (모델): list, import, remove, choose the default; the catalog of the Polyglot-Ko family.",
+    # a Korean gloss goes last in a summary: rich cuts a wrapped line holding wide characters short ("th…")
+    help="Your models: list, import, remove, choose the default; the catalog of the Polyglot-Ko family (모델).",
+    cls=o.Group,
     invoke_without_command=True,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -22,16 +24,18 @@ app = typer.Typer(
 @app.callback()
 def _models(ctx: typer.Context,
             json_out: bool = typer.Option(False, "--json", help="List the models as JSON.")) -> None:
-    """List the models in the store (no subcommand), or manage them."""
+    """List the models in the store and the built-in demo (no subcommand), or manage them."""
     if ctx.invoked_subcommand is None:
-        from malhae.store import config, models_view
+        from malhae.store import config, models, models_view
         from malhae.store.local import open_store
 
         store, settings = open_store(), config.load()
-        models_view.models_table(store.entries(), store.root, settings.default_model, settings.path, json_out)
+        entries = store.entries()
+        entries += models.builtin_entries([e.name for e in entries])
+        models_view.models_table(entries, store.root, settings.default_model, settings.path, json_out)
 
 
-@app.command("import")
+@app.command("import", cls=o.Command)
 def models_import(
     file: Path = typer.Argument(..., help="The .gguf file to add to the store."),
     name: str | None = typer.Option(None, "--name", help="Its name in the store (default: the file's name)."),
@@ -49,19 +53,22 @@ def models_import(
     models_view.added(entry, store.root)
 
 
-@app.command("rm")
+@app.command("rm", cls=o.Command)
 def models_rm(
     name: str = typer.Argument(..., help="The model's name in the store (see `malhae models`)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (needed without a terminal)."),
 ) -> None:
     """Delete a model from the store (asks first)."""
     from malhae import units
-    from malhae.store import config, models_view
+    from malhae.store import config, models, models_view
     from malhae.store.local import open_store
 
     store = open_store()
     entry = store.get(name)
     if entry is None:
+        if models.builtin(name) is not None:
+            raise UserError(f"'{name.strip()}' is the bundled demo model, built in to malhae, not a file in the store: "
+                            "there is nothing to remove")
         raise store.not_found(name, removing=True)
     if not yes:
         if not sys.stdin.isatty():
@@ -76,7 +83,7 @@ def models_rm(
         models_view.default_removed(settings.path)
 
 
-@app.command("default")
+@app.command("default", cls=o.Command)
 def models_default(
     name: str | None = typer.Argument(None, help="A name from `malhae models` or a path to a .gguf file; none: "
                                       "show the current default."),
@@ -104,7 +111,7 @@ def models_default(
     models_view.default_set(value, settings.path)
 
 
-@app.command("catalog")
+@app.command("catalog", cls=o.Command)
 def models_catalog(
     json_out: bool = typer.Option(False, "--json", help="Print the catalog, sizes and picks as JSON."),
 ) -> None:
@@ -117,14 +124,14 @@ def models_catalog(
 @o.load_flags(leave_out=("ctx", "threads", "draft", "draft_max"))
 def info(
     load: dict[str, object],
-    model: str | None = typer.Argument(None, help="GGUF file or model name (default: the bundled demo)."),
+    model: str | None = typer.Argument(None, help="GGUF file or model name (demo: the bundled demo, the default)."),
     ctx: int | None = typer.Option(None, "--ctx", help="Context for the memory estimate (default: the settings "
                                    f"file's, else the model's, at most {DEFAULT_MAX_CTX}, as the engine uses)."),
     vram: float | None = typer.Option(None, "--vram", help="Plan for a GPU with this many GiB free instead "
                                       "(what if)."),
     json_out: bool = typer.Option(False, "--json", help="Print the facts as JSON."),
 ) -> None:
-    """Describe a GGUF (정보): architecture, size, tensor types, tokenizer, chat template and memory needed."""
+    """Describe a GGUF: architecture, size, tensor types, tokenizer, chat template and memory needed (정보)."""
     from malhae import ui, units
     from malhae.store import info_view, models
     from malhae.store.info import describe
@@ -146,7 +153,7 @@ def recommend(
                                      "machine's)."),
     json_out: bool = typer.Option(False, "--json", help="Print the picks as JSON."),
 ) -> None:
-    """Which catalog model and quantization fit this machine (추천), and the pull command for each."""
+    """Which catalog model and quantization fit this machine, and the pull command for each (추천)."""
     from malhae.store import catalog, catalog_view
     from malhae.store import recommend as rec
 

@@ -10,19 +10,56 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from malhae.runtime.settings import DEFAULT_DRAFT, DEFAULT_MAX_CTX, ONESHOT_MAX_TOKENS, SETTINGS
 
-MODEL_HELP = ("A name from `malhae models` or a .gguf file (default: default_model in the settings file, else the "
-              "bundled demo); with --endpoint, the server's model id (default: its only model).")
+# typer's help shows an option's Python type as its value; these are the words a user reads instead
+VALUE_WORDS = {"<str>": "TEXT", "<int>": "INTEGER", "<float>": "NUMBER", "<path>": "PATH", "<list[str]>": "TEXT",
+               "<list[Path]>": "FILE"}
+
+
+def _metavars(params: list, ctx) -> list:
+    """What each option's help row shows as its value: typer shows Python types (`--json <bool>`, `--help <bool>`,
+    `--stop <list[str]>`), but a flag takes no value (an empty metavar: none is shown), and a value is a word:
+    VALUE_WORDS, unless the option names its own with metavar= where it is declared (NAME, DIR, ORIGIN)."""
+    for param in params:
+        if param.param_type_name != "option" or param.metavar is not None:
+            continue
+        if param.is_flag:
+            param.metavar = ""
+        else:
+            shown = param.display_type(ctx)
+            param.metavar = VALUE_WORDS.get(shown, shown)
+    return params
+
+
+class Command(TyperCommand):
+    """Every malhae command (`app.command(cls=Command)`): its --help names values in words and flags bare."""
+
+    def get_params(self, ctx):
+        return _metavars(super().get_params(ctx), ctx)
+
+
+class Group(TyperGroup):
+    """Every malhae command group (`typer.Typer(cls=Group)`): as Command, for the group's own options."""
+
+    def get_params(self, ctx):
+        return _metavars(super().get_params(ctx), ctx)
+
+LOCAL_MODEL_HELP = ("A name from `malhae models` (demo: the bundled demo) or a .gguf file (default: default_model in "
+                    "the settings file, else the demo).")
+# only for commands that take --endpoint: a command's help describes the options it has, no others
+MODEL_HELP = f"{LOCAL_MODEL_HELP[:-2]}); with --endpoint, the server's model id (default: its only model)."
 
 
 def _default(name: str) -> str:
     return f"(default: {SETTINGS[name].default})"
 
 
-ModelOption = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP)]
-ModelArgument = Annotated[str | None, typer.Argument(help=MODEL_HELP)]
+ModelOption = Annotated[str | None, typer.Option("--model", "-m", help=MODEL_HELP, metavar="NAME")]
+LocalModelOption = Annotated[str | None, typer.Option("--model", "-m", help=LOCAL_MODEL_HELP, metavar="NAME")]
+LocalModelArgument = Annotated[str | None, typer.Argument(help=LOCAL_MODEL_HELP)]
 Ctx = Annotated[int | None, typer.Option("--ctx", help=f"Context size (default: the model's, at most "
                                                        f"{DEFAULT_MAX_CTX}).")]
 Threads = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: physical cores).")]

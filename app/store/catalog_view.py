@@ -12,6 +12,7 @@ from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from malhae import units
 from malhae.store import recommend
@@ -24,9 +25,15 @@ def _console() -> Console:
     return out if out.is_terminal else Console(highlight=False, width=160)
 
 
-def _table(title: str | None) -> Table:
-    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False,
-                 padding=(0, 1))
+def _table() -> Table:
+    return Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1))
+
+
+def _titled(console: Console, title: str, table: Table) -> None:
+    """A table under its title, the title a line of its own: as Table(title=…) it was wrapped to the table's width,
+    mid-phrase ("(at most q4_k_m, for" / "decode speed)") when the table is narrower than the title."""
+    console.print(Text(title, style="table.title"))
+    console.print(table)
 
 
 def catalog(entries: tuple[Entry, ...], as_json: bool) -> None:
@@ -36,39 +43,39 @@ def catalog(entries: tuple[Entry, ...], as_json: bool) -> None:
         out.print_json(json.dumps({"models": data, "quality_order": list(QUALITY_ORDER),
                                    "ram_fraction": recommend.RAM_FRACTION}, ensure_ascii=False))
         return
-    about = _table("Polyglot-Ko catalog: malhae pull NAME --type TYPE")
-    for col in ("name", "params", "template", "draft with", "license", "hub id"):
-        about.add_column(col, justify="right" if col == "params" else "left", no_wrap=col != "hub id",
-                         overflow="fold")
+    about = _table()
+    for col in ("name", "params", "template", "draft with", "license", "hub id"):  # the long ones wrap, not vanish
+        about.add_column(col, justify="right" if col == "params" else "left",
+                         no_wrap=col in ("name", "params", "template", "license"), overflow="fold")
     for e in entries:
         drafts = drafts_for(e, entries)
         about.add_row(e.name, units.params(e.parameters), e.template, drafts[0].name if drafts else "-", e.license,
                       e.hub_id)
     console = _console()
-    console.print(about)
+    _titled(console, "Polyglot-Ko catalog: malhae pull NAME --type TYPE", about)
 
-    sizes = _table("Tensor bytes per type, GB (a file adds ~1 MB of metadata)")
-    sizes.add_column("name", no_wrap=True)
+    sizes = _table()
+    sizes.add_column("name", overflow="fold")  # folded on a narrow terminal, so that every type's column shows
     for t in QUALITY_ORDER:
         sizes.add_column(t, justify="right", no_wrap=True)
     for e in entries:
         sizes.add_row(e.name, *(units.gb(e.sizes[t].total) for t in QUALITY_ORDER))
-    console.print(sizes)
+    _titled(console, "Tensor bytes per type, GB (a file adds ~1 MB of metadata)", sizes)
 
     picks = {e.name: recommend.table(e) for e in entries}
     columns = list(next(iter(picks.values()))) if picks else []
     for title, cols in (("Best type fully on a GPU with N GB of VRAM (context 2048)",
                          [c for c in columns if not c.startswith("RAM")]),
-                        (f"Best type without a GPU (at most {recommend.RAM_CEILING}, for decode speed), in ≤ "
-                         f"{recommend.RAM_FRACTION:.0%} of N GB of RAM",
+                        (f"Best type without a GPU in ≤ {recommend.RAM_FRACTION:.0%} of N GB of RAM (at most "
+                         f"{recommend.RAM_CEILING}: speed)",
                          [c for c in columns if c.startswith("RAM")])):
-        table = _table(title)
+        table = _table()
         table.add_column("name", no_wrap=True)
         for c in cols:
             table.add_column(c.removeprefix("RAM "), justify="center", no_wrap=True)
         for e in entries:
             table.add_row(e.name, *(picks[e.name][c] or "-" for c in cols))
-        console.print(table)
+        _titled(console, title, table)
     err.print("[dim]- : no type fits fully; a partial GPU offload still runs (`malhae recommend --vram GB` says how "
               "many layers fit). Sizes: python benchmarks/catalog_sizes.py[/dim]", soft_wrap=True)
 
@@ -98,7 +105,7 @@ def recommendation(machine: recommend.Machine, rows: list[tuple[Entry, recommend
                   f"at most {recommend.RAM_CEILING}: without a GPU every token reads all weights, so smaller decodes "
                   "faster[/dim]",
                   soft_wrap=True)
-    table = _table(None)
+    table = _table()
     for col in ("name", "pick", "fits", "needs", "then run"):
         table.add_column(col, justify="right" if col == "needs" else "left", no_wrap=col != "then run",
                          overflow="fold")

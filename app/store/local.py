@@ -38,11 +38,12 @@ class Entry:
     params: int | None  # from the tensor table
     architecture: str | None = None
     error: str | None = None  # set when the file cannot be read as a GGUF: listed, so the user can remove it
+    builtin: bool = False  # the bundled demo (app.store.models), listed beside the store's files, never in it
 
     def as_dict(self) -> dict:
         return {"name": self.name, "path": str(self.path), "type": self.type, "size": self.size,
                 "params": self.params, "source": self.source, "architecture": self.architecture,
-                "error": self.error}
+                "error": self.error, "builtin": self.builtin}
 
 
 def models_dir() -> Path:

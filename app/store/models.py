@@ -5,6 +5,7 @@ Every command goes through `resolve` so that they all agree on what `--model X` 
 names an existing file, contains a path separator or ends in .gguf; otherwise it is a name in the model store. That
 rule is decided by the text alone (plus one existence check), so `malhae chat -m foo` never silently picks a file
 called `foo` in the current directory over the store when the user meant the store, unless that file exists.
+A name the store does not have may be one of the bundled demo's (DEMO_NAMES: `-m demo`).
 """
 
 from __future__ import annotations
@@ -16,11 +17,48 @@ from pathlib import Path
 from malhae.errors import UserError
 
 DEMO_MODEL = "malhae-demo-ko-f16.gguf"
+# the names the bundled demo answers to wherever a model name is taken (-m, the settings file, `models default`):
+# a model is run by a name from `malhae models`, and the demo is listed there too. A store file of the same name
+# comes first (the user put it there); the demo is then listed under its next free name.
+DEMO_NAMES = ("demo", Path(DEMO_MODEL).stem)
+DEMO_NOTICE = "no model given: the bundled demo model (a toy); pick yours with -m NAME"  # one line of 80 columns
+_said: set[str] = set()  # notices said in this run: each at most once
 
 
 def demo_model() -> Path | None:
     path = Path(str(resources.files("malhae.models").joinpath(DEMO_MODEL)))
     return path if path.is_file() else None
+
+
+def new_run() -> None:
+    """A new command starts (app/cli/main.py): its notices may be said again, once."""
+    _said.clear()
+
+
+def _once(message: str, notify) -> None:
+    if notify and message not in _said:
+        _said.add(message)
+        notify(message)
+
+
+def builtin(name: str) -> Path | None:
+    """The bundled demo's file for one of its DEMO_NAMES (None: another name, or the demo is not built)."""
+    return demo_model() if name.strip() in DEMO_NAMES else None
+
+
+def builtin_entries(taken: list[str]):
+    """The bundled demo as `malhae models` lists it, under its first name that no store model has (none left, or
+    the demo not built: not listed)."""
+    from dataclasses import replace
+
+    from malhae.runtime.gguf_info import read_info
+    from malhae.store.local import entry_for
+
+    demo = demo_model()
+    name = next((n for n in DEMO_NAMES if n not in taken), None)
+    if demo is None or name is None:
+        return []
+    return [replace(entry_for(name, demo, read_info(demo)), builtin=True)]
 
 
 def is_path(value: str) -> bool:
@@ -52,34 +90,45 @@ def resolve(model: str | None, notify=None) -> Path:
     if demo is None:
         raise UserError("no model given: pass --model NAME or FILE.gguf, or set one with `malhae models default NAME` "
                         "(make one from a Polyglot-Ko checkpoint with `malhae convert`)")
-    if notify:
-        notify(f"no model given: using the bundled demo model ({demo.name}), a tiny model trained on the Korean "
-               "constitution — not an assistant. Pass --model NAME or FILE.gguf for a real one, or set one with "
-               "`malhae models default NAME`.")
+    _once(DEMO_NOTICE, notify)  # one line: on every one-shot command it is read again, so it is short
     return demo
 
 
+def _is_name(value: str) -> bool:
+    """Whether a value is a model's name: not a path, or one of the demo's names that is no file here (a folder
+    called demo in the current directory is not what `-m demo` means)."""
+    if value.strip() in DEMO_NAMES and not Path(value).is_file():
+        return True
+    return not is_path(value)
+
+
 def _resolve_value(value: str) -> Path:
-    if is_path(value):
+    if not _is_name(value):
         return Path(value).expanduser()
     from malhae.store.local import open_store
 
     store = open_store()
     entry = store.get(value)
     if entry is None:
-        raise store.not_found(value)
+        demo = builtin(value)
+        if demo is None:
+            raise store.not_found(value)
+        return demo
     return entry.path
 
 
 def default_value(name: str) -> str:
-    """What `malhae models default NAME` writes: a store name as it is, a path made absolute; both checked first."""
-    if not is_path(name):
+    """What `malhae models default NAME` writes: a store name as it is (the demo's too), a path made absolute; both
+    checked first."""
+    if _is_name(name):
         from malhae.store.local import open_store
 
         store = open_store()
         entry = store.get(name)
         if entry is None:
-            raise store.not_found(name)
+            if builtin(name) is None:
+                raise store.not_found(name)
+            return name.strip()
         return entry.name
     from malhae.runtime.engine import check_model_file
 

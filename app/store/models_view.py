@@ -13,6 +13,7 @@ from rich.table import Table
 
 from malhae import units
 from malhae.store.local import Entry
+from malhae.store.models import DEMO_NAMES
 from malhae.ui import Bars, err, note, out
 
 BIG_FILE = 64 << 20  # smaller copies finish before a bar would be worth drawing
@@ -29,33 +30,47 @@ def is_default(entry: Entry, default: str | None) -> bool:
         return False
 
 
+def _runs_by_default(entry: Entry, default: str | None, store_names: set[str]) -> bool:
+    """Whether a command without --model runs this entry: the default model, or the built-in demo when no default
+    is set (a default_model that names the demo, by one of its names the store does not have, is the demo too)."""
+    if entry.builtin:
+        chosen = (default or "").strip()
+        return not chosen or (chosen in DEMO_NAMES and chosen not in store_names) or is_default(entry, default)
+    return is_default(entry, default)
+
+
 def models_table(entries: list[Entry], root: Path, default: str | None, config_path: Path, as_json: bool) -> None:
+    """The store's models and, after them, the built-in demo (Entry.builtin); `*` marks what runs without -m."""
+    store_names = {e.name for e in entries if not e.builtin}
+    marked = [_runs_by_default(e, default, store_names) for e in entries]
     if as_json:
         data = {"dir": str(root), "default": default, "config": str(config_path),
-                "models": [e.as_dict() | {"default": is_default(e, default)} for e in entries]}
+                "models": [e.as_dict() | {"default": m} for e, m in zip(entries, marked, strict=True)]}
         sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
         return
+    how = ("`malhae pull polyglot-ko-1.3b`, `malhae models import FILE.gguf` or `malhae convert DIR --type q4_k_m "
+           "--add`")
     if not entries:
-        out.print(f"no models in the store yet ({escape(str(root))}). Add one with "
-                  "`malhae convert DIR --type q4_k_m --add`, `malhae models import FILE.gguf` or "
-                  "`malhae pull polyglot-ko-1.3b`.", soft_wrap=True, markup=False)
+        out.print(f"no models in the store yet ({escape(str(root))}). Add one with {how}.", soft_wrap=True,
+                  markup=False)
         return
     table = Table(title="malhae models")
     for col, justify in (("", "left"), ("name", "left"), ("type", "left"), ("size (GB)", "right"),
                          ("params", "right"), ("source", "left")):
         table.add_column(col, justify=justify, overflow="fold")
-    for e in entries:
-        mark = "*" if is_default(e, default) else ""
+    for e, mark in zip(entries, marked, strict=True):
+        mark = "*" if mark else ""
         if e.error:  # the reason is long: `malhae info NAME` says it; the table says what to do
             table.add_row(mark, escape(e.name), "[red]unreadable[/red]", units.gb(e.size), "?",
                           escape(f"broken: see `malhae info {e.name}`, remove with `malhae models rm {e.name}`"))
         else:
-            table.add_row(mark, escape(e.name), e.type, units.gb(e.size), units.params(e.params),
-                          escape(e.source or ""))
+            source = "built-in (bundled with malhae)" if e.builtin else e.source or ""
+            table.add_row(mark, escape(e.name), e.type, units.gb(e.size), units.params(e.params), escape(source))
     out.print(table)
-    legend = "* the default model (`malhae models default NAME`)" if any(
-        is_default(e, default) for e in entries) else "no default model among these: `malhae models default NAME`"
-    err.print(f"[dim]{escape(str(root))} · {legend}[/dim]", soft_wrap=True)
+    legend = "* the default model (`malhae models default NAME`)" if any(marked) else \
+        "no default model among these: `malhae models default NAME`"
+    where = f"{root}: none of yours yet; add one with {how}" if not store_names else str(root)
+    err.print(f"[dim]{escape(where)} · {legend}[/dim]", soft_wrap=True)
 
 
 def default_line(default: str | None, config_path: Path, exists: bool, resolved: str | None) -> None:
@@ -64,7 +79,7 @@ def default_line(default: str | None, config_path: Path, exists: bool, resolved:
         out.print(f"default model: {default}{where} (default_model in {config_path})", markup=False, soft_wrap=True)
     else:
         place = config_path if exists else f"{config_path}, not created yet"
-        out.print(f"no default model set ({place}); commands use the bundled demo model. Set one with "
+        out.print(f"no default model set ({place}); commands use the bundled demo model (demo). Set one with "
                   "`malhae models default NAME`.", markup=False, soft_wrap=True)
 
 
