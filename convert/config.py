@@ -7,6 +7,7 @@ is assumed that the file does not say (the rotary fraction in particular varies 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +20,21 @@ MAX_CONFIG = 1 << 24  # a config.json is a few KB; 16 MB is no model's
 GELU_ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python")
 
 
+# ceilings far above any GPT-NeoX published (polyglot-ko-12.8b: 5,120 wide, 40 layers, 40 heads, 20,480 in the MLP,
+# 30,080 tokens, 2,048 positions) and low enough that nothing sized from them is allocated before the weights are read
+LIMITS = {"hidden_size": 1 << 16, "num_attention_heads": 1 << 10, "num_hidden_layers": 1 << 10,
+          "intermediate_size": 1 << 18, "vocab_size": 1 << 22, "max_position_embeddings": 1 << 24}
+SHOWN = 60  # characters of a wrong value quoted in an error
+
+
 class ConfigError(UserError):
     pass
+
+
+def _wrong(path: Path, key: str, value: object, expected: str) -> ConfigError:
+    shown = repr(value)
+    shown = shown if len(shown) <= SHOWN else shown[:SHOWN] + "…"
+    return ConfigError(f"{path}: {key!r} is {shown}; expected {expected}; download the model's config.json again")
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,8 @@ def read_config(model_dir: Path) -> NeoXConfig:
         raise ConfigError(f"{path} is not a JSON object; download the model's config.json again")
 
     archs = raw.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise _wrong(path, "architectures", archs, "a list of names")
     model_type = raw.get("model_type")
     if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and not (not archs and model_type == "gpt_neox"):
         found = ", ".join(archs) or f"model_type {model_type!r}"
@@ -100,26 +116,58 @@ def read_config(model_dir: Path) -> NeoXConfig:
 
     def need(key: str) -> int:
         value = raw.get(key)
-        if not isinstance(value, int) or value <= 0:
+        if value is None:
             raise ConfigError(f"{path} lacks a positive integer {key!r}; it is not a complete GPT-NeoX config")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= LIMITS[key]:
+            raise _wrong(path, key, value, f"a positive integer up to {LIMITS[key]:,}")
         return value
+
+    def number(key: str, value: object) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise _wrong(path, key, value, "a number")
+        return float(value)
+
+    def table(key: str, value: object) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise _wrong(path, key, value, "an object (or none)")
+        return value
+
+    def first(*places: tuple[str, dict, str]) -> tuple[str, object]:
+        """The first of several spellings of one setting that the file gives: (its name, its value)."""
+        for name, where, key in places:
+            if key in where:
+                return name, where[key]
+        return places[0][0], None
 
     n_embd, n_head = need("hidden_size"), need("num_attention_heads")
     if n_embd % n_head:
         raise ConfigError(f"{path}: hidden_size {n_embd} is not a multiple of num_attention_heads {n_head}")
 
-    rope = raw.get("rope_parameters") or {}
+    rope = table("rope_parameters", raw.get("rope_parameters"))
     rope_type = rope.get("rope_type", "default")
-    scaling = raw.get("rope_scaling")
+    scaling = table("rope_scaling", raw.get("rope_scaling"))
     if rope_type != "default" or (scaling and scaling.get("type", scaling.get("rope_type")) not in (None, "default")):
         raise ConfigError(f"{path} asks for RoPE scaling ({scaling or rope_type}); malhae converts unscaled "
                           "GPT-NeoX models only")
-    fraction = rope.get("partial_rotary_factor", raw.get("rotary_pct", raw.get("partial_rotary_factor")))
-    theta = rope.get("rope_theta", raw.get("rotary_emb_base", raw.get("rope_theta")))
-    if fraction is None or not 0 < float(fraction) <= 1:
+    name, fraction = first(("rope_parameters.partial_rotary_factor", rope, "partial_rotary_factor"),
+                           ("rotary_pct", raw, "rotary_pct"), ("partial_rotary_factor", raw, "partial_rotary_factor"))
+    if fraction is None:
         raise ConfigError(f"{path} gives no rotary fraction (rotary_pct or rope_parameters.partial_rotary_factor)")
+    if not 0 < number(name, fraction) <= 1:
+        raise _wrong(path, name, fraction, "a fraction of the head, above 0 and at most 1")
+    name, theta = first(("rope_parameters.rope_theta", rope, "rope_theta"),
+                        ("rotary_emb_base", raw, "rotary_emb_base"), ("rope_theta", raw, "rope_theta"))
     if theta is None:
         raise ConfigError(f"{path} gives no RoPE base (rotary_emb_base or rope_parameters.rope_theta)")
+    theta = number(name, theta)
+
+    def text(key: str) -> str | None:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, str):
+            raise _wrong(path, key, value, "a text")
+        return value or None
 
     act = raw.get("hidden_act", "gelu")
     if act not in GELU_ACTIVATIONS:
@@ -136,12 +184,12 @@ def read_config(model_dir: Path) -> NeoXConfig:
         n_vocab=need("vocab_size"),
         n_ctx=need("max_position_embeddings"),
         rotary_fraction=float(fraction),
-        rope_theta=float(theta),
-        layer_norm_eps=float(raw.get("layer_norm_eps", 1e-5)),
+        rope_theta=theta,
+        layer_norm_eps=number("layer_norm_eps", raw.get("layer_norm_eps", 1e-5)),
         parallel_residual=bool(raw.get("use_parallel_residual", True)),
         tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
         bos_token_id=_int_or_none(raw.get("bos_token_id")),
         eos_token_id=_int_or_none(raw.get("eos_token_id")),
         pad_token_id=_int_or_none(raw.get("pad_token_id")),
-        name_or_path=raw.get("_name_or_path") or None,
+        name_or_path=text("_name_or_path"),
     )

@@ -217,3 +217,24 @@ def test_a_server_answering_deep_or_huge_json_is_one_line(body):
     with answering(body.encode()) as url:
         line = one_error_line(malhae("ask", "안녕", "--endpoint", url, "-n", "1"))
     assert url in line
+
+
+@pytest.mark.parametrize(("change", "says"), [
+    (lambda c: c.update(rope_scaling=5), "'rope_scaling' is 5; expected an object"),
+    (lambda c: c.update(rope_parameters=["linear"]), "'rope_parameters' is ['linear']; expected an object"),
+    (lambda c: c.update(rotary_pct="a quarter"), "'rotary_pct' is 'a quarter'; expected a number"),
+    (lambda c: c.update(rotary_emb_base=[10000]), "'rotary_emb_base' is [10000]; expected a number"),
+    (lambda c: c.update(layer_norm_eps="small"), "'layer_norm_eps' is 'small'; expected a number"),
+    (lambda c: c.update(layer_norm_eps=float("nan")), "'layer_norm_eps' is nan; expected a number"),
+    (lambda c: c.update(hidden_act=["gelu"]), "activation ['gelu'] is not supported"),
+    (lambda c: c.update(architectures=7), "'architectures' is 7; expected a list of names"),
+    (lambda c: c.update(vocab_size=1 << 40), "'vocab_size' is 1099511627776; expected a positive integer up to"),
+    (lambda c: c.update(num_hidden_layers=True), "'num_hidden_layers' is True; expected a positive integer"),
+    (lambda c: c.update(_name_or_path=5), "'_name_or_path' is 5; expected a text"),
+])
+def test_config_json_fields_of_the_wrong_type_or_size_are_named(checkpoint, capsys, change, says):
+    """A config.json with a field of the wrong type or an absurd size: one line naming the file and the field, before
+    anything is allocated (a vocab_size of 2**40 would have been a list of a trillion entries)."""
+    edit(checkpoint / "config.json", change)
+    line = convert_error(checkpoint, capsys)
+    assert str(checkpoint / "config.json") in line and says in line, line
