@@ -156,7 +156,7 @@ def test_help_describes_only_options_the_command_takes(capsys, monkeypatch, comm
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
 def test_help_shows_words_not_python_types(capsys, monkeypatch, command):
     text = help_text(capsys, monkeypatch, *command, columns=200)
-    assert not re.search(r"<(bool|list\[\w+\])>", text), command
+    assert not re.search(r"<(str|int|float|path|bool|list\[\w+\])>", text), command  # options and arguments
     rows = [line for line in text.splitlines() if re.match(r"│\s+(\*\s+)?--", line)]  # one per option
     values = [re.match(r"│\s+(\*\s+)?--[\w-]+(\s+-\w+)?\s+(\S+)", row)[3] for row in rows]  # or the help's 1st word
     assert rows and not [v for v in values if v.startswith("<")], (command, values)  # TEXT, INTEGER, … not <int>

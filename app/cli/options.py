@@ -24,6 +24,10 @@ def _metavars(params: list, ctx) -> list:
     `--stop <list[str]>`), but a flag takes no value (an empty metavar: none is shown), and a value is a word:
     VALUE_WORDS, unless the option names its own with metavar= where it is declared (NAME, DIR, ORIGIN)."""
     for param in params:
+        if param.param_type_name == "argument":  # typer reads an argument's value column from its type alone
+            shown = param.display_type(ctx)
+            param.display_type_rich = lambda ctx, word=VALUE_WORDS.get(shown, shown): word
+            continue
         if param.param_type_name != "option" or param.metavar is not None:
             continue
         if param.is_flag:
