@@ -35,6 +35,7 @@ class Interrupts:
     _depth = 0  # blocks open on the main thread
     _pending = False
     _late = False
+    _missed = False  # a Ctrl-C a callback caught while no block was open (deliver raises it)
     _previous: dict[int, object] = {}
 
     def __init__(self) -> None:
@@ -61,9 +62,23 @@ class Interrupts:
     @staticmethod
     def caught(error: BaseException) -> None:
         """What a ctypes callback does with an exception it must not let out: a KeyboardInterrupt (a second Ctrl-C,
-        raised at once) becomes the pending flag of the open block; anything else is dropped."""
-        if isinstance(error, KeyboardInterrupt) and Interrupts._depth and not Interrupts._late:
+        raised at once) becomes the pending flag of the open block. Outside any block (chat, ask, serve and eval load
+        models without one) it is kept as missed, for `deliver` to raise once llama.cpp has returned: delivered again
+        at once (`_thread.interrupt_main`), it was raised in the callback again and lost. Anything else is dropped."""
+        if not isinstance(error, KeyboardInterrupt) or Interrupts._late:
+            return
+        if Interrupts._depth:
             Interrupts._pending = True
+        else:
+            Interrupts._missed = True
+
+    @staticmethod
+    def deliver() -> None:
+        """Raise the Ctrl-C a callback caught outside any block; called where llama.cpp hands control back (after a
+        model load, a context's creation, a decode)."""
+        if Interrupts._missed:
+            Interrupts._missed = False
+            raise KeyboardInterrupt
 
     @property
     def pending(self) -> bool:

@@ -138,6 +138,7 @@ class Model(Owned):
         errors: list[str] = []
         with log_to(lambda level, msg: errors.append(msg) if level == 2 or "error" in msg.lower() else None):
             self.ptr = lc.llama_model_load_from_file(str(path).encode(), params)
+        Interrupts.deliver()  # a Ctrl-C its log callback caught (the model is freed with this object)
         if not self.ptr:
             reason = errors[-1].strip() if errors else "llama.cpp could not load it"
             raise UserError(f"cannot load {path}: {reason}")
@@ -259,6 +260,7 @@ class Context(Owned):
         self.n_batch = n_batch
         _check_kv_fits(model, n_ctx, 4 if precise else 2)
         self.ptr = lc.llama_init_from_model(model.ptr, params)
+        Interrupts.deliver()
         if not self.ptr:
             raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path} "
                             "(out of memory? try a smaller --ctx)")
@@ -279,6 +281,7 @@ class Context(Owned):
     def decode(self, batch: Batch, hint: str = "") -> None:
         """Evaluate `batch`; a failure is a UserError naming its size (`hint`: what the user can do about it)."""
         rc = lc.llama_decode(self.ptr, batch.ptr)
+        Interrupts.deliver()
         if rc == 2 and self.abort is not None and self.abort():  # stopped by the abort callback: an interrupt
             raise KeyboardInterrupt
         if rc != 0:
