@@ -24,10 +24,12 @@ err = Console(stderr=True, highlight=False)
 err.soft_wrap = soft_wrap(err)
 
 
-# C0/C1 control characters and DEL, except tab and newline. Text from outside — a model's answer, a server's error
-# message, a model id it lists — must not move the cursor, retitle the window or clear the screen when printed.
-UNPRINTABLE = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0)])
-_ONE_LINE = UNPRINTABLE | dict.fromkeys([0x09, 0x0A, 0x0D], " ")
+# C0/C1 control characters and DEL, except tab and newline, and the bidirectional embeddings, overrides and isolates
+# (U+202A-202E, U+2066-2069). Text from outside — a model's answer, a server's error message, a model id it lists —
+# must not move the cursor, retitle the window, clear the screen or show its characters in another order than sent.
+UNPRINTABLE = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F),
+                             *range(0x2066, 0x206A)])
+_ONE_LINE = UNPRINTABLE | dict.fromkeys([0x09, 0x0A, 0x0D, 0x2028, 0x2029], " ")  # U+2028/9: line, paragraph breaks
 
 
 def printable(text: str, *, multiline: bool = False) -> str:

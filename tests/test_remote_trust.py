@@ -210,6 +210,9 @@ def test_printable_drops_control_characters_and_keeps_lines_only_where_asked():
     every = "".join(sorted(CONTROL))
     assert clean(ui.printable(every)) and clean(ui.printable(every, multiline=True))
     assert ui.printable("plain, 한국어 — ok") == "plain, 한국어 — ok"
+    # a right-to-left override shows "evil.exe" as "exe.live"; isolates and embeddings reorder text as well
+    assert ui.printable("file\u202eexe.live\u2066x\u2069\u202a.gguf") == "fileexe.livex.gguf"
+    assert ui.printable("가\u2028나\u2029다") == "가 나 다"
 
 
 @pytest.mark.parametrize("status, kind, body", [

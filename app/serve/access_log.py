@@ -16,8 +16,9 @@ import time
 MAX_PATH = 500  # characters of a path written (a request line may be 64 KiB)
 
 
-def printable(text: str, limit: int = MAX_PATH) -> str:
-    """`text` with every unprintable character (controls, line breaks, bidi overrides) as a \\x, \\u escape."""
+def escaped(text: str, limit: int = MAX_PATH) -> str:
+    """`text` with every unprintable character (controls, line breaks, bidi overrides) as a \\x, \\u escape: unlike
+    app.ui.printable, which drops them from what a user reads, a log keeps what the client sent, visibly."""
     out = "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
     return out if len(out) <= limit else out[:limit] + "…"
 
@@ -29,8 +30,8 @@ def _duration(seconds: float) -> str:
 def line(status: int | None, seconds: float, client: str, method: str, path: str, when: float | None = None) -> str:
     stamp = time.strftime("%Y/%m/%d - %H:%M:%S", time.localtime(when))
     shown = "-" if status is None else str(status)
-    return (f"[malhae] {stamp} | {shown:>3} | {_duration(seconds):>10} | {printable(client, 64):>15} | "
-            f'{printable(method, 16)} "{printable(path)}"')
+    return (f"[malhae] {stamp} | {shown:>3} | {_duration(seconds):>10} | {escaped(client, 64):>15} | "
+            f'{escaped(method, 16)} "{escaped(path)}"')
 
 
 class AccessLog:

@@ -21,6 +21,8 @@ import ipaddress
 import socket
 from dataclasses import dataclass, field
 
+from malhae.ui import printable
+
 # names that no outside DNS server can point at this machine: RFC 6761's .localhost, mDNS's .local (answered on the
 # LAN only) and ICANN's private-use .internal (Docker's host.docker.internal); Ollama accepts the same
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
@@ -48,7 +50,7 @@ def _address(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def _shown(value: str) -> str:
-    value = "".join(c if c.isprintable() else "?" for c in value)
+    value = printable(value)  # the one rule for text from outside (app.ui): a client's header is that
     return value if len(value) <= SHOWN else value[:SHOWN] + "…"
 
 
