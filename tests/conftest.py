@@ -33,6 +33,24 @@ def _own_malhae_home(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("MALHAE_CONFIG", raising=False)
 
 
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A malhae home of the test's own, to look into (the store, the settings file)."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("MALHAE_HOME", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_path() -> Path:
+    """The bundled demo model, where this install finds it."""
+    from malhae.store import models
+
+    path = models.demo_model()
+    assert path is not None
+    return path
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     """name → directory, built on first use."""

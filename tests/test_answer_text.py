@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from malhae.runtime import templates
-from malhae.store import models
 
 pytest.importorskip("uvicorn")
 
@@ -29,13 +28,6 @@ CUT = "계엄은 비상계엄과"  # 5 tokens of it end inside a character
 CUT_TEXT = " 경비계엄으로 한다.\n"  # the whole characters of those 5 tokens: a continuation keeps its leading space
 QUESTION = "대한민국의 수도는?"
 ANSWER = "대한민국의 주권은 국민에게 있고, 모든 권력은 국민으로부터 나온다."  # 10 tokens, after the format's space
-
-
-@pytest.fixture(scope="module")
-def demo_path() -> Path:
-    path = models.demo_model()
-    assert path is not None
-    return path
 
 
 @pytest.fixture(scope="module")

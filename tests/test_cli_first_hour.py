@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli_models import run
 
-from malhae.cli import main
 from malhae.store.config import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,19 +21,6 @@ DEMO = ROOT / "models" / "malhae-demo-ko-f16.gguf"  # where the bundled demo is 
 needs_demo = pytest.mark.skipif(not DEMO.is_file(), reason="the bundled demo model is not built")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TERMINAL_80 = {"TTY_COMPATIBLE": "1", "NO_COLOR": "1", "COLUMNS": "80", "LINES": "40"}  # rich: an 80-column tty
-
-
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "home"
-    monkeypatch.setenv("MALHAE_HOME", str(path))
-    return path
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def is_demo(path: str) -> bool:

@@ -19,13 +19,6 @@ DEMO = models.demo_model()
 pytestmark = pytest.mark.skipif(DEMO is None, reason="the bundled demo model is not built")
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "home"
-    monkeypatch.setenv("MALHAE_HOME", str(path))
-    return path
-
-
 def run(capsys, *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     captured = capsys.readouterr()

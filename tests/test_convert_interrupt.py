@@ -125,17 +125,14 @@ def _read_to_end(fd: int, timeout: float) -> bytes:
     return got[0]
 
 
-@pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="sizing a pipe is Linux's")
-def test_ctrl_c_inside_llama_cpps_log_callback_is_not_swallowed(k_quant_checkpoint, tmp_path):
-    """Ctrl-C caught for certain inside the log callback: with --verbose, llama.cpp's log reaches stderr through
-    it, and a full stderr pipe (`malhae --verbose convert … 2>&1 | less`, the pager not reading) holds it there.
-    Python ran its handler inside the callback, ctypes swallowed the KeyboardInterrupt, and the conversion went on
-    to write its file and exit 0."""
-    out = tmp_path / "m.gguf"
+def held_in_log_callback(start) -> tuple[subprocess.Popen, int]:
+    """A malhae run with `--verbose` (`start(stderr_fd)` starts it) held inside llama.cpp's log callback: its stderr
+    is a one-page pipe, already half full, that nobody reads, so the load log blocks in the callback's write. Returns
+    once the child has written and stopped, with the pipe's read end (read it to let the child go on)."""
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # one page; the first model load logs about 4 kB
     os.write(write_end, b"#" * PREFILL)
-    proc = _start(k_quant_checkpoint, out, verbose=True, stderr=write_end)
+    proc = start(write_end)
     os.close(write_end)
     seen, since = PREFILL, time.monotonic()
     deadline = since + 60
@@ -145,6 +142,17 @@ def test_ctrl_c_inside_llama_cpps_log_callback_is_not_swallowed(k_quant_checkpoi
         if waiting != seen:
             seen, since = waiting, time.monotonic()
         time.sleep(0.02)
+    return proc, read_end
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="sizing a pipe is Linux's")
+def test_ctrl_c_inside_llama_cpps_log_callback_is_not_swallowed(k_quant_checkpoint, tmp_path):
+    """Ctrl-C caught for certain inside the log callback: with --verbose, llama.cpp's log reaches stderr through
+    it, and a full stderr pipe (`malhae --verbose convert … 2>&1 | less`, the pager not reading) holds it there.
+    Python ran its handler inside the callback, ctypes swallowed the KeyboardInterrupt, and the conversion went on
+    to write its file and exit 0."""
+    out = tmp_path / "m.gguf"
+    proc, read_end = held_in_log_callback(lambda stderr: _start(k_quant_checkpoint, out, verbose=True, stderr=stderr))
     proc.send_signal(signal.SIGINT)
     err = _read_to_end(read_end, PROMPT_SECONDS).decode("utf-8", "replace")[PREFILL:]
     proc.wait(timeout=PROMPT_SECONDS)

@@ -5,7 +5,6 @@ import traceback or a Ctrl-C lost (issue 32, item 5: what the first pass left)."
 from __future__ import annotations
 
 import fcntl
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_convert_interrupt import PREFILL, PROMPT_SECONDS, _bytes_waiting, _read_to_end
+from test_convert_interrupt import PREFILL, PROMPT_SECONDS, _read_to_end, held_in_log_callback
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,21 +40,10 @@ def test_ctrl_c_inside_the_log_callback_stops_ask_too():
     """As tests/test_convert_interrupt.py traps convert there: `--verbose` sends llama.cpp's load log through the log
     callback, a full stderr pipe holds it there, and the Ctrl-C that then arrives is raised inside the callback,
     where ctypes swallows it. Outside convert's held block it was lost: `ask` went on to answer and exited 0."""
-    read_end, write_end = os.pipe()
-    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)
-    os.write(write_end, b"#" * PREFILL)
-    proc = subprocess.Popen([sys.executable, "-m", "malhae", "--verbose", "ask", "대한민국의 수도는?", "-m", "demo",
-                             "-n", "200", "--temperature", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=write_end,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    os.close(write_end)
-    seen, since = PREFILL, time.monotonic()
-    deadline = since + 60
-    while seen == PREFILL or time.monotonic() - since < 0.5:  # it has written, and stopped: blocked in the callback
-        assert proc.poll() is None and time.monotonic() < deadline, "it never blocked on its stderr"
-        waiting = _bytes_waiting(read_end)
-        if waiting != seen:
-            seen, since = waiting, time.monotonic()
-        time.sleep(0.02)
+    proc, read_end = held_in_log_callback(lambda stderr: subprocess.Popen(
+        [sys.executable, "-m", "malhae", "--verbose", "ask", "대한민국의 수도는?", "-m", "demo", "-n", "200",
+         "--temperature", "0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)))
     proc.send_signal(signal.SIGINT)
     err = _read_to_end(read_end, PROMPT_SECONDS).decode("utf-8", "replace")[PREFILL:]
     out = proc.stdout.read().decode()

@@ -34,19 +34,11 @@ from malhae.runtime import remote  # noqa: E402
 from malhae.runtime.endpoint import Endpoint  # noqa: E402
 from malhae.runtime.llama import Model  # noqa: E402
 from malhae.runtime.settings import Sampling  # noqa: E402
-from malhae.store import models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BILL = ROOT / "models" / "data" / "ko-public-domain" / "bills" / "1809899.txt"
 PROMPTS = ["대한민국의 주권은", "모든 국민은 법률이 정하는 바에 의하여", "국회는"]
 QUESTIONS = ["대한민국의 수도는 어디인가요?", "국회의 권한은 무엇인가요?"]
-
-
-@pytest.fixture(scope="module")
-def demo_path() -> Path:
-    path = models.demo_model()
-    assert path is not None
-    return path
 
 
 @pytest.fixture(scope="module")

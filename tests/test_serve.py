@@ -8,7 +8,6 @@ import json
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -23,16 +22,8 @@ from malhae.convert import pipeline  # noqa: E402
 from malhae.eval.loglik import Scorer  # noqa: E402
 from malhae.runtime.llama import Model  # noqa: E402
 from malhae.serve.server import Options, Server, State, build_app  # noqa: E402
-from malhae.store import models  # noqa: E402
 
 PROMPTS = ["대한민국은", "모든 국민은", "국회는", "대통령은", "헌법", "법률은", "국가는", "제1조"]
-
-
-@pytest.fixture(scope="module")
-def demo_path() -> Path:
-    path = models.demo_model()
-    assert path is not None
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +43,19 @@ def client(server, key: str = "none"):
 
 
 def request(server, method: str, path: str, body: object = None, headers: dict | None = None, raw: bytes | None = None):
-    """(status, headers, parsed JSON or text) of one plain HTTP request."""
+    """(status, headers in lower case, parsed JSON or text) of one plain HTTP request; `headers` may set Host,
+    as a browser would."""
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
     resp = conn.getresponse()
     text = resp.read().decode()
     conn.close()
+    head = {k.lower(): v for k, v in resp.getheaders()}  # HTTP names are case-insensitive
     try:
-        return resp.status, dict(resp.getheaders()), json.loads(text)
+        return resp.status, head, json.loads(text)
     except ValueError:
-        return resp.status, dict(resp.getheaders()), text
+        return resp.status, head, text
 
 
 def health(server) -> dict:

@@ -4,7 +4,6 @@ per-message images, models.retrieve, and a chat template that fails. Real HTTP o
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
@@ -22,6 +21,7 @@ pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
 from helpers import serving  # noqa: E402
+from test_serve import request as call  # noqa: E402
 
 from malhae.convert.rewrite import copy_gguf  # noqa: E402
 from malhae.serve.guard import Hosts, origin_allowed  # noqa: E402
@@ -37,22 +37,6 @@ EARLY_END = {"prompt": "대한민국은", "max_tokens": 20, "temperature": 0}
 def demo():
     with serving(DEMO, parallel=2) as server:
         yield server
-
-
-def call(server, method: str, path: str, body: object = None, headers: dict | None = None,
-         raw: bytes | None = None) -> tuple[int, dict, object]:
-    """(status, headers in lower case, parsed JSON or text); `headers` may set Host, as a browser would."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    text = resp.read().decode()
-    conn.close()
-    head = {k.lower(): v for k, v in resp.getheaders()}
-    try:
-        return resp.status, head, json.loads(text)
-    except ValueError:
-        return resp.status, head, text
 
 
 def message(out: object) -> str:
