@@ -9,6 +9,7 @@ import typer
 
 from malhae.cli import options as o
 from malhae.errors import UserError
+from malhae.serve import guard
 
 MAX_PARALLEL = 64
 MAX_QUEUE = 4096
@@ -57,7 +58,7 @@ def serve(
     if template:
         templates.get(template)
     for origin in allow_origin:
-        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+        if origin != "*" and not guard.is_origin(origin):
             raise UserError(f"--allow-origin {origin!r}: give a page's origin as scheme://host[:port] (no path), "
                             "e.g. --allow-origin http://localhost:3000, or * for any page")
     for name in allow_host:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -27,6 +28,7 @@ from malhae.ui import printable
 # LAN only) and ICANN's private-use .internal (Docker's host.docker.internal); Ollama accepts the same
 LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
 SHOWN = 120  # characters of a client's header quoted back in an error
+ORIGIN = re.compile(r"https?://[^/\s]+")  # a web page's origin, as --allow-origin takes it
 
 
 def host_name(header: str) -> str:
@@ -107,10 +109,17 @@ def origin_allowed(origin: str, host: str | None, allowed: tuple[str, ...]) -> b
     return bool(sep) and scheme in ("http", "https") and host is not None and rest == host.strip().lower()
 
 
+def is_origin(value: str) -> bool:
+    """Whether `value` is what --allow-origin takes: a web page's origin, scheme://host[:port], no path."""
+    return ORIGIN.fullmatch(value) is not None
+
+
 def origin_refusal(origin: str) -> str:
     shown = _shown(origin)
+    # "null" (a sandboxed frame, a page opened from a file) names no page that could be allowed alone
+    fix = f"--allow-origin {shown}" if is_origin(origin) else "--allow-origin * (any page: it names no site)"
     return (f"requests from the web page {shown!r} are refused (a page on another site must not use the model "
-            f"through your browser); to let it, start the server with --allow-origin {shown}")
+            f"through your browser); to let it, start the server with {fix}")
 
 
 class Guard:
