@@ -113,7 +113,8 @@ def test_memory_is_the_planners_arithmetic(q4):
     assert one.weights_gpu == output and one.weights_cpu == total - output and one.kv_gpu == 0
     two = describe(q4, LoadOptions(gpu_layers="2", ctx=64)).memory
     assert two.weights_gpu == output + layer[-1] and two.weights_cpu == total - output - layer[-1]
-    assert two.kv_gpu == 2 * 64 * n_embd * 2 and two.kv_cpu == two.kv_gpu * (n_layer - 1)
+    # llama.cpp pads each sequence's context to 256 cells (llama-context.cpp: GGML_PAD(n_ctx, 256))
+    assert two.kv_gpu == 2 * 256 * n_embd * 2 and two.kv_cpu == two.kv_gpu * (n_layer - 1)
 
     sizes = offload.model_sizes(info, n_ctx, min(512, n_ctx))
     for free in (0, GiB // 2, 80 * GiB):  # no GPU, a small one, a big one

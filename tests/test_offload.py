@@ -18,7 +18,7 @@ GiB = 2**30
 @pytest.fixture(scope="module")
 def sizes(k_quant_checkpoint, tmp_path_factory):
     path = pipeline.convert(k_quant_checkpoint, "q4_k_m", tmp_path_factory.mktemp("off") / "m.gguf").path
-    return offload.model_sizes(read_info(path), n_ctx=2048)
+    return offload.model_sizes(read_info(path), n_cells=2048)
 
 
 def test_sizes_come_from_the_tensor_table(sizes, k_quant_checkpoint):

@@ -77,7 +77,7 @@ def test_planner_sizes_equal_what_the_engine_reads_from_the_real_file(k_quant_ch
     entry = Entry(name="tiny", hub_id="x/tiny", parameters=shape.n_params, layers=2, d_model=256, d_ff=512, heads=4,
                   vocab_rows=1024, tokenizer="x", context=2048, license="", template="base", description="",
                   sizes={"q4_k_m": Sizes(total, token_embd, output, layers, mix)})
-    assert recommend.planner_sizes(entry, "q4_k_m") == offload.model_sizes(read_info(path), n_ctx=2048)
+    assert recommend.planner_sizes(entry, "q4_k_m") == offload.model_sizes(read_info(path), n_cells=2048)
 
 
 def test_recommend_json_for_given_vram(capsys):

@@ -74,6 +74,17 @@ DeviceOption = Annotated[str | None, typer.Option("--device", help="Where to off
                                                 "number as `malhae info` lists them: CUDA1, MTL0, Vulkan0, 1, or "
                                                 "CUDA0,CUDA1 to split over those (default: config.toml's device, "
                                                 "else auto).")]
+KvCache = Annotated[str | None, typer.Option("--kv-cache", help="The KV cache's type for K and V: f16, q8_0 (half "
+                                           "the memory) or q4_0 (a quarter); quantized V needs flash attention. On a "
+                                           "CPU a smaller cache is slower at long contexts (default: config.toml's "
+                                           "kv_cache, else f16).", metavar="TYPE")]
+KvCacheK = Annotated[str | None, typer.Option("--kv-cache-k", help="K's type alone (default: as --kv-cache).",
+                                              metavar="TYPE")]
+KvCacheV = Annotated[str | None, typer.Option("--kv-cache-v", help="V's type alone (default: as --kv-cache).",
+                                              metavar="TYPE")]
+FlashAttn = Annotated[str | None, typer.Option("--flash-attn", help="Flash attention: auto (as llama.cpp decides "
+                                               "for the device), on or off (default: config.toml's flash_attn, else "
+                                               "auto).", metavar="WHEN")]
 Template = Annotated[str | None, typer.Option("--template", help="Prompt format: base, koalpaca, kullm (default: the "
                                                                  "GGUF's chat template, else from the model's name).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
@@ -120,13 +131,15 @@ Batch = Annotated[int, typer.Option("--batch", help="Tokens per decode; batch/ct
 
 
 # decided by the server when an endpoint runs the model: given with --endpoint, they are said to be ignored
-LOCAL_ONLY = ("threads", "gpu_layers", "device", "draft", "draft_max", "precise")
+LOCAL_ONLY = ("threads", "gpu_layers", "device", "draft", "draft_max", "precise", "kv_cache", "kv_cache_k",
+              "kv_cache_v", "flash_attn")
 
 
 # every flag that says how a local model is loaded, declared once: a command takes them all through @load_flags
 # (less those it leaves out), so that a new load setting is one line here, not one parameter per command
 LOAD_FLAGS = {"ctx": Ctx, "threads": Threads, "gpu_layers": GpuLayers, "device": DeviceOption, "draft": Draft,
-              "draft_max": DraftMax}
+              "draft_max": DraftMax, "kv_cache": KvCache, "kv_cache_k": KvCacheK, "kv_cache_v": KvCacheV,
+              "flash_attn": FlashAttn}
 
 
 def load_flags(*, leave_out: tuple[str, ...] = ()):
@@ -167,6 +180,10 @@ def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = Fal
     file = config.load()
     run = config.runtime_values({k: flags.get(k) for k in config.RUN_KEYS}, file)
     load = {k: v for k, v in run.items() if k in flags}
+    if "kv_cache" in load:  # one type for both, unless K's or V's own is given
+        both = load.pop("kv_cache")
+        load["kv_cache_k"] = load.get("kv_cache_k") or both
+        load["kv_cache_v"] = load.get("kv_cache_v") or both
     if "draft" in flags and not remote:
         load |= _draft(flags["draft"], flags.get("draft_max"), file)
     fields = {f.name for f in dataclasses.fields(LoadOptions)}  # the rest as given (parallel, batch, …)

@@ -20,7 +20,7 @@ import llama_cpp as lc
 from gguf import Keys
 
 from malhae.errors import UserError
-from malhae.runtime import hardware, llama, offload, sampler
+from malhae.runtime import hardware, kv, llama, offload, sampler
 from malhae.runtime.gguf_info import GGUFInfo, check_shape, read_info
 from malhae.runtime.settings import LoadOptions, Sampling, check, context_size
 from malhae.runtime.speculate import Counts, Speculator
@@ -124,6 +124,7 @@ class Engine:
         # n_outputs_max), and n sequences of a context each may well be more than one context's tokens
         self.options = replace(options, ctx=ctx, batch=max(min(options.batch, ctx), options.parallel),
                                threads=options.threads or hardware.physical_cores())
+        kv.check_types(options.kv_cache_k, options.kv_cache_v, options.flash_attn, self.info.head_dim)  # before loading
         self.plan = offload.choose(self.info, self.options, notify=self.notify)
         self.n_gpu_layers = self.plan.n_gpu_layers
         self.model: llama.Model | None = None

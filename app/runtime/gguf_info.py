@@ -67,6 +67,12 @@ class GGUFInfo:
     def arch_int(self, key: str) -> int | None:
         return _int(self.arch_value(key))
 
+    @property
+    def head_dim(self) -> int | None:
+        """Values per attention head (embedding length / heads): what a quantized K/V cache's blocks must divide."""
+        n_embd, n_head = self.arch_int("embedding_length"), self.arch_int("attention.head_count")
+        return n_embd // n_head if n_embd and n_head else None
+
     def text(self, key: str) -> str | None:
         value = self.metadata.get(key)
         return value if isinstance(value, str) and value else None

@@ -20,7 +20,7 @@ import llama_cpp as lc
 import numpy as np
 
 from malhae.errors import UserError
-from malhae.runtime import ggml
+from malhae.runtime import ggml, kv
 from malhae.runtime.interrupts import Interrupts, abort_callback
 from malhae.runtime.settings import LoadOptions, check
 
@@ -204,7 +204,7 @@ def repeating_on_gpu(n_gpu_layers: int, n_layer: int) -> int:
     return max(0, min(n_gpu_layers, n_layer + 1) - 1)
 
 
-def _check_kv_fits(model: Model, n_ctx: int, element_bytes: int) -> None:
+def _check_kv_fits(model: Model, n_cells: int, type_k: str, type_v: str) -> None:
     """Refuse a KV cache larger than this machine's RAM before llama.cpp allocates it.
 
     Linux overcommits: an allocation far beyond RAM may well succeed, and the process is killed later, mid-answer,
@@ -214,15 +214,22 @@ def _check_kv_fits(model: Model, n_ctx: int, element_bytes: int) -> None:
     from malhae.runtime import hardware
 
     n_layer = lc.llama_model_n_layer(model.ptr)
-    n_embd_kv = lc.llama_model_n_embd(model.ptr) * lc.llama_model_n_head_kv(model.ptr) // max(
-        1, lc.llama_model_n_head(model.ptr))
     host_layers = n_layer - repeating_on_gpu(model.n_gpu_layers, n_layer)
-    need = 2 * n_ctx * host_layers * n_embd_kv * element_bytes
+    need = host_layers * kv.layer_bytes(n_cells, _n_embd_kv(model), type_k, type_v)
     ram = hardware.total_ram()
     if need > ram:
-        raise UserError(f"a context of {n_ctx:,} tokens needs {units.gib(need)} of KV cache in RAM, more than this "
+        raise UserError(f"a context of {n_cells:,} tokens needs {units.gib(need)} of KV cache in RAM, more than this "
                         f"machine's {units.gib(ram)}; use a smaller --ctx (the model was trained with "
                         f"{lc.llama_model_n_ctx_train(model.ptr):,})")
+
+
+def _n_embd_kv(model: Model) -> int:
+    return lc.llama_model_n_embd(model.ptr) * lc.llama_model_n_head_kv(model.ptr) // max(
+        1, lc.llama_model_n_head(model.ptr))
+
+
+FLASH_ATTN_TYPES = {"auto": lc.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": lc.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                    "off": lc.LLAMA_FLASH_ATTN_TYPE_DISABLED}
 
 
 class Context(Owned):
@@ -248,9 +255,12 @@ class Context(Owned):
         params.no_perf = True
         if options.threads:
             params.n_threads = params.n_threads_batch = check("threads", options.threads)  # bounded wherever from
-        if precise:
-            params.type_k = params.type_v = lc.GGML_TYPE_F32
-            params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        type_k, type_v = ("f32", "f32") if precise else (options.kv_cache_k, options.kv_cache_v)
+        flash_attn = "off" if precise else options.flash_attn
+        kv.check_types(type_k, type_v, flash_attn, lc.llama_model_n_embd(model.ptr) // max(
+            1, lc.llama_model_n_head(model.ptr)))
+        params.type_k, params.type_v = kv.ggml_type(type_k), kv.ggml_type(type_v)
+        params.flash_attn_type = FLASH_ATTN_TYPES[flash_attn]
         if eval_callback is not None:  # sees every node of the graph as it is computed (app.runtime.activations)
             params.cb_eval = eval_callback
             params.cb_eval_user_data = None
@@ -258,12 +268,18 @@ class Context(Owned):
         self.model = model
         self.n_ctx = n_ctx
         self.n_batch = n_batch
-        _check_kv_fits(model, n_ctx, 4 if precise else 2)
-        self.ptr = lc.llama_init_from_model(model.ptr, params)
+        self.type_k, self.type_v = type_k, type_v
+        _check_kv_fits(model, kv.cells(options.ctx, options.parallel, unified=unified_kv), type_k, type_v)
+        said: list[tuple[int, str]] = []
+        with log_to(lambda level, msg: said.append((level, msg))):
+            self.ptr = lc.llama_init_from_model(model.ptr, params)
         Interrupts.deliver()
+        errors = [msg for level, msg in said if level == 2]  # GGML_LOG_LEVEL_ERROR
+        # what llama.cpp says it allocated for K and V (MiB, by type), for info, serve and the tests
+        self.kv_report = next((r for _, msg in said if (r := kv.Report.parse(msg))), None)
         if not self.ptr:
-            raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path} "
-                            "(out of memory? try a smaller --ctx)")
+            why = errors[-1].split(": ", 1)[-1].strip() if errors else "out of memory? try a smaller --ctx"
+            raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path} ({why})")
         self.abort = abort
         if abort is not None:  # asked between graph nodes (on the calling thread): True stops llama_decode
             self._abort_callback = abort_callback(abort)

@@ -23,7 +23,7 @@ from gguf import Keys
 
 from malhae import units
 from malhae.errors import UserError
-from malhae.runtime import devices, hardware
+from malhae.runtime import devices, hardware, kv
 from malhae.runtime.devices import Device
 from malhae.runtime.gguf_info import GGUFInfo
 from malhae.runtime.llama import repeating_on_gpu
@@ -42,7 +42,7 @@ class ModelSizes:
     n_layer: int
     layer_bytes: list[int]  # weights of each repeating layer
     output_bytes: int  # output norm + output matrix (offloaded with the last "layer")
-    kv_bytes_per_layer: int  # for the chosen context, f16 K and V
+    kv_bytes_per_layer: int  # K and V for the chosen context, at the chosen types (app.runtime.kv)
     compute_bytes: int  # GPU scratch for one batch
 
     @property
@@ -104,7 +104,9 @@ class Plan:
         """Bytes this plan takes on each device (by ggml index), for planning a second model of the same run."""
         return {d.index: b for d, b in zip(self.devices, self.device_bytes, strict=False)}
 
-def model_sizes(info: GGUFInfo, n_ctx: int, n_batch: int = DEFAULT_BATCH) -> ModelSizes:
+def model_sizes(info: GGUFInfo, n_cells: int, n_batch: int = DEFAULT_BATCH, kv_types: tuple[str, str] = ("f16", "f16"),
+                ) -> ModelSizes:
+    """The planner's figures for a GGUF with a KV cache of `n_cells` tokens (app.runtime.kv.cells) of `kv_types`."""
     n_layer = info.arch_int(Keys.LLM.BLOCK_COUNT) or 0
     n_embd = info.arch_int(Keys.LLM.EMBEDDING_LENGTH) or 0
     n_ff = info.arch_int(Keys.LLM.FEED_FORWARD_LENGTH) or 4 * n_embd
@@ -120,15 +122,16 @@ def model_sizes(info: GGUFInfo, n_ctx: int, n_batch: int = DEFAULT_BATCH) -> Mod
         elif t.name.startswith("output"):
             output += t.nbytes
     return sizes_from_shape(layers, output, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
-                            n_vocab=n_vocab, n_ctx=n_ctx, n_batch=n_batch)
+                            n_vocab=n_vocab, n_cells=n_cells, n_batch=n_batch, kv_types=kv_types)
 
 
 def sizes_from_shape(layer_bytes: list[int], output_bytes: int, *, n_embd: int, n_ff: int, n_head: int,
-                     n_head_kv: int, n_vocab: int, n_ctx: int, n_batch: int = DEFAULT_BATCH) -> ModelSizes:
+                     n_head_kv: int, n_vocab: int, n_cells: int, n_batch: int = DEFAULT_BATCH,
+                     kv_types: tuple[str, str] = ("f16", "f16")) -> ModelSizes:
     """The planner's figures from tensor sizes and the model's shape, for sizes known without a GGUF (the catalog)."""
-    kv = 2 * n_ctx * (n_embd * n_head_kv // n_head) * 2  # K and V, f16
+    kv_layer = kv.layer_bytes(n_cells, n_embd * n_head_kv // n_head, *kv_types)
     compute = n_batch * (n_vocab + 4 * n_ff + 8 * n_embd) * 4 + 64 * 2**20
-    return ModelSizes(len(layer_bytes), list(layer_bytes), output_bytes, kv, compute)
+    return ModelSizes(len(layer_bytes), list(layer_bytes), output_bytes, kv_layer, compute)
 
 
 def what_if(free_bytes: int) -> Device:
@@ -277,7 +280,8 @@ def _said_split(p: Plan, notify: Callable[[str], None] | None) -> Plan:
 def choose(info: GGUFInfo, options: LoadOptions, *, notify: Callable[[str], None] | None = None,
            vram: int | None = None, reserved: Mapping[int, int] | None = None) -> Plan:
     """Where `options.gpu_layers` and `options.device` put a model run with options.kv_tokens tokens of KV cache
-    (ctx × parallel, so ctx must be resolved) in batches of options.batch.
+    (ctx × parallel, so ctx must be resolved; as llama.cpp pads it, app.runtime.kv.cells) of options' K/V types, in
+    batches of options.batch.
 
     `gpu_layers`: a number as given (capped at everything), 0 for the CPU, or `auto`: the most that fits in the free
     memory of the devices ggml reports (app.runtime.devices), less `reserved` bytes per device that another model of
@@ -288,14 +292,15 @@ def choose(info: GGUFInfo, options: LoadOptions, *, notify: Callable[[str], None
     one says once how to install the right build (hardware.install_hint)."""
     n_layer = info.arch_int(Keys.LLM.BLOCK_COUNT) or 0
     asked = parse_gpu_layers(options.gpu_layers)
-    device, n_ctx, n_batch = options.device, options.kv_tokens, options.batch
+    device, n_batch = options.device, options.batch
+    n_cells, kv_types = kv.cells(options.ctx, options.parallel), (options.kv_cache_k, options.kv_cache_v)
     if vram is not None:
         if asked != "auto":
             raise UserError("--vram plans the automatic offload (--gpu-layers auto); give either --vram or "
                             "--gpu-layers N")
         if device is not None and device.strip().lower() not in ("", "auto"):
             raise UserError("--vram plans for a GPU that is not here; leave out --device")
-        return replace(plan(model_sizes(info, n_ctx, n_batch), vram), mode="what-if")
+        return replace(plan(model_sizes(info, n_cells, n_batch, kv_types), vram), mode="what-if")
     listed = devices.listed()
     chosen = devices.select(device, listed)
     mode = "asked" if isinstance(asked, int) else "auto"
@@ -309,7 +314,7 @@ def choose(info: GGUFInfo, options: LoadOptions, *, notify: Callable[[str], None
         elif asked != "auto":
             _say_once(notify, "this llama-cpp-python was built without GPU support; running on the CPU")
         return Plan(0, n_layer, 0, 0, "no GPU support" if asked != "auto" else "no GPU", mode=mode)
-    sizes = model_sizes(info, n_ctx, n_batch)
+    sizes = model_sizes(info, n_cells, n_batch, kv_types)
     ram = devices.host_memory(listed)
     if isinstance(asked, int):
         return _said_split(asked_plan(sizes, asked, targets, ram), notify)

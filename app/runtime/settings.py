@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from malhae.errors import UserError
+from malhae.runtime.kv import FLASH_ATTN, KV_TYPES
 
 DEFAULT_MAX_CTX = 4096  # the family trains at 2048; larger contexts only cost memory
 DEFAULT_BATCH = 512  # tokens per llama_decode (llama.cpp's default), capped by the context
@@ -28,7 +29,7 @@ MAX_THREADS = 4 * (os.cpu_count() or 1)
 @dataclass(frozen=True)
 class Setting:
     name: str
-    kind: type  # int or float; gpu_layers is "auto" or an int
+    kind: type  # int, float or str (a word from a fixed list); gpu_layers is "auto" or an int
     default: object  # the built-in; None means "decided at run time" (a new seed, the model's context, the cores)
     ok: Callable[[object], bool]
     rule: str  # what a valid value is, as messages say it
@@ -74,6 +75,16 @@ SETTINGS: dict[str, Setting] = _table(
             "8", table=None, settable=False),
     Setting("gpu_layers", int, "auto", lambda v: v >= 0, '"auto" or a whole number of layers (0 = CPU only)',
             "auto", table=None, none_words=("auto",), settable=False),
+    # the KV cache's types (app.runtime.kv): kv_cache sets K and V, kv_cache_k / kv_cache_v one of them (None: as
+    # kv_cache); words, not numbers
+    Setting("kv_cache", str, "f16", lambda v: v in KV_TYPES, f"one of {', '.join(KV_TYPES)}", "q8_0", table=None,
+            settable=False),
+    Setting("kv_cache_k", str, None, lambda v: v in KV_TYPES, f"one of {', '.join(KV_TYPES)}", "q8_0", table=None,
+            settable=False),
+    Setting("kv_cache_v", str, None, lambda v: v in KV_TYPES, f"one of {', '.join(KV_TYPES)}", "q8_0", table=None,
+            settable=False),
+    Setting("flash_attn", str, "auto", lambda v: v in FLASH_ATTN, f"one of {', '.join(FLASH_ATTN)}", "on",
+            table=None, settable=False),
 )
 SAMPLING_KEYS = tuple(k for k, s in SETTINGS.items() if s.table == "sampling")
 SETTABLE = tuple(k for k, s in SETTINGS.items() if s.settable)  # /set in chat, and what a saved chat keeps
@@ -94,6 +105,11 @@ def check(name: str, value: object, where: str | None = None) -> object:
     where = where or f"{s.flag} {value}"
     if value is None and s.default is None or name == "gpu_layers" and value == "auto":
         return value
+    if s.kind is str:  # a word from a fixed list (kv_cache, flash_attn)
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word is None or not s.ok(word):
+            raise UserError(f"{where}: {name} must be {s.rule}, e.g. {s.example}")
+        return word
     whole = s.kind is int
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and isinstance(value, float)
                                                                          and not value.is_integer()):
@@ -113,6 +129,12 @@ def parse(name: str, raw: str, usage: str | None = None) -> object:
     word = raw.strip().lower()
     if word in s.none_words:
         return "auto" if name == "gpu_layers" else None
+    if s.kind is str:
+        try:
+            return check(name, word)
+        except UserError:
+            raise UserError(f"{usage} {raw.strip()!r} is not valid: {name} must be {s.rule}, e.g. {usage} "
+                            f"{s.example}") from None
     try:
         value = float(word) if s.kind is float else int(word, 10)
     except ValueError:
@@ -204,9 +226,9 @@ class LoadOptions:
 
     Each field keeps its flag's name; llama.cpp's own words differ in one place, app.runtime.llama.Context: ctx →
     n_ctx (per sequence: the KV cache holds ctx × parallel tokens), batch → n_batch, threads → n_threads,
-    parallel → n_seq_max; gpu_layers and device become app.runtime.offload's plan (n_gpu_layers, devices,
-    tensor_split). None means "decided when the model is read": the engine resolves ctx, batch and threads and keeps
-    the result as `Engine.options`."""
+    parallel → n_seq_max, kv_cache_k/v → type_k/type_v, flash_attn → flash_attn_type; gpu_layers and device
+    become app.runtime.offload's plan (n_gpu_layers, devices, tensor_split). None means "decided when the model is
+    read": the engine resolves ctx, batch and threads and keeps the result as `Engine.options`."""
 
     model: Path | None = None  # the GGUF file (None until the store has resolved --model)
     ctx: int | None = field(default=SETTINGS["ctx"].default)  # None: the model's trained context, ≤ DEFAULT_MAX_CTX
@@ -217,6 +239,9 @@ class LoadOptions:
     parallel: int = 1  # sequences with their own part of one KV cache (the server's slots)
     draft: str | Path | None = None  # speculative decoding: None/"off", "lookup" or a draft model's file
     draft_max: int = field(default=SETTINGS["draft_max"].default)
+    kv_cache_k: str = field(default=SETTINGS["kv_cache"].default)  # the KV cache's types (app.runtime.kv)
+    kv_cache_v: str = field(default=SETTINGS["kv_cache"].default)
+    flash_attn: str = field(default=SETTINGS["flash_attn"].default)  # auto, on or off
     verbose: bool = False  # llama.cpp's own log on stderr
 
     @property

@@ -54,6 +54,10 @@ class Settings:
     draft: str | None = None  # speculative decoding: off, lookup or a model (resolved when a command runs)
     draft_max: int | None = None
     device: str | None = None  # --device's default (checked against this machine's devices when a model loads)
+    kv_cache: str | None = None  # the KV cache's types (app.runtime.kv); _k and _v override kv_cache for one
+    kv_cache_k: str | None = None
+    kv_cache_v: str | None = None
+    flash_attn: str | None = None
 
 
 MAX_FILE = 1 << 20  # a settings file is a few lines
@@ -208,7 +212,7 @@ def sampling_values(command: str, flags: dict[str, object], settings: Settings) 
 
 # the load settings config.toml may set (app.runtime.settings.LoadOptions' fields), but the draft (resolved through
 # the store, app.cli.options) and the sampling table
-RUN_KEYS = ("ctx", "threads", "gpu_layers", "device")
+RUN_KEYS = ("ctx", "threads", "gpu_layers", "device", "kv_cache", "kv_cache_k", "kv_cache_v", "flash_attn")
 
 
 def runtime_values(flags: dict[str, object], settings: Settings) -> dict[str, object]:
@@ -220,7 +224,7 @@ def runtime_values(flags: dict[str, object], settings: Settings) -> dict[str, ob
         if key == "device":  # a name, checked against this machine's devices when a model loads
             out[key] = pick(flag, settings.device, None)
             continue
-        if key == "gpu_layers" and isinstance(flag, str):
+        if key == "gpu_layers" and isinstance(flag, str) or flag is not None and SETTINGS[key].kind is str:
             flag = table.parse(key, flag)
         elif flag is not None:
             check(key, flag)

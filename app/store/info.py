@@ -14,7 +14,7 @@ from gguf import Keys, TokenType
 
 from malhae import units
 from malhae.errors import UserError
-from malhae.runtime import devices, offload, templates
+from malhae.runtime import devices, kv, offload, templates
 from malhae.runtime.devices import Device
 from malhae.runtime.gguf_info import GGUFInfo, check_shape, read_info
 from malhae.runtime.llama import repeating_on_gpu
@@ -191,7 +191,8 @@ def memory(info: GGUFInfo, options: LoadOptions | None = None, vram_gib: float |
     n_batch = min(options.batch, n_ctx)
     # the planner expects arrays as their lengths, as read_info() gives them by default
     scalars = replace(info, metadata={k: len(v) if isinstance(v, list) else v for k, v in info.metadata.items()})
-    sizes = offload.model_sizes(scalars, n_ctx, n_batch)
+    sizes = offload.model_sizes(scalars, kv.cells(n_ctx, options.parallel), n_batch,
+                                (options.kv_cache_k, options.kv_cache_v))
     n_layer = sizes.n_layer
     said: list[str] = []  # the install hint, where the build cannot use this machine's GPU
     p = offload.choose(scalars, replace(options, ctx=n_ctx, batch=n_batch), notify=said.append,

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from malhae import units
-from malhae.runtime import offload
+from malhae.runtime import kv, offload
 from malhae.runtime.devices import Device
 from malhae.store.catalog import QUALITY_ORDER, Entry
 
@@ -53,12 +53,13 @@ class Pick:
         return data
 
 
-def planner_sizes(entry: Entry, type_name: str, n_ctx: int | None = None) -> offload.ModelSizes:
+def planner_sizes(entry: Entry, type_name: str, n_ctx: int | None = None,
+                  kv_types: tuple[str, str] = ("f16", "f16")) -> offload.ModelSizes:
     """What offload.model_sizes would read from the converted GGUF, from the catalog's computed sizes."""
     s = entry.sizes[type_name]
     return offload.sizes_from_shape(list(s.layers), s.output, n_embd=entry.d_model, n_ff=entry.d_ff,
                                     n_head=entry.heads, n_head_kv=entry.heads, n_vocab=entry.vocab_rows,
-                                    n_ctx=n_ctx or entry.context)
+                                    n_cells=kv.cells(n_ctx or entry.context), kv_types=kv_types)
 
 
 def ram_needed(entry: Entry, type_name: str, n_ctx: int | None = None) -> int:
