@@ -121,7 +121,7 @@ def models_catalog(
     catalog_view.catalog(catalog.load(), json_out)
 
 
-@o.load_flags(leave_out=("ctx", "threads", "draft", "draft_max"))
+@o.load_flags(leave_out=("ctx", "threads", "draft", "draft_max", "no_prompt_cache"))
 def info(
     load: dict[str, object],
     model: str | None = typer.Argument(None, help="GGUF file or model name (demo: the bundled demo, the default)."),
@@ -151,13 +151,18 @@ def recommend(
                                       "this machine's GPUs as llama.cpp sees them, free memory now)."),
     ram: float | None = typer.Option(None, "--ram", help="GiB of RAM to plan for without a GPU (default: this "
                                      "machine's)."),
+    kv_cache: str = typer.Option("f16", "--kv-cache", metavar="TYPE", help="The KV cache type the picks count: "
+                                 "f16, q8_0 (about half the memory) or q4_0 (about a quarter). The longest contexts "
+                                 "are shown for all three either way."),
     json_out: bool = typer.Option(False, "--json", help="Print the picks as JSON."),
 ) -> None:
     """Which catalog model and quantization fit this machine, and the pull command for each (추천)."""
+    from malhae.runtime.settings import parse
     from malhae.store import catalog, catalog_view
     from malhae.store import recommend as rec
 
+    kv_cache = str(parse("kv_cache", kv_cache))
     machine = rec.machine(vram, ram)
-    rows = [(e, rec.pick(e, vram_bytes=machine.vram_bytes, ram_bytes=machine.ram_bytes, gpus=machine.gpus))
-            for e in catalog.load()]
-    catalog_view.recommendation(machine, rows, json_out)
+    rows = [(e, rec.pick(e, vram_bytes=machine.vram_bytes, ram_bytes=machine.ram_bytes, gpus=machine.gpus,
+                         kv_cache=kv_cache)) for e in catalog.load()]
+    catalog_view.recommendation(machine, rows, json_out, kv_cache)

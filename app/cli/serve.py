@@ -39,7 +39,7 @@ def serve(
 ) -> None:
     """Serve a model over HTTP (OpenAI and Ollama APIs) for other programs: editors, Open WebUI, lm-eval, scripts."""
     from malhae import ui
-    from malhae.runtime import templates
+    from malhae.runtime import kv, templates
     from malhae.runtime.engine import check_model_file
     from malhae.serve import server
     from malhae.store import models
@@ -79,8 +79,8 @@ def serve(
 
     def ready() -> None:
         svc = srv.state.service
-        ui.note(f"ready: {svc.model_id}, {parallel} slot{'s' if parallel > 1 else ''} of {svc.n_ctx} tokens; "
-                "Ctrl-C stops")
+        ui.note(f"ready: {svc.model_id}, {parallel} slot{'s' if parallel > 1 else ''} of {svc.n_ctx} tokens (KV cache "
+                f"{kv.summary(svc.engine.ctx)}); Ctrl-C stops")
 
     srv.serve_forever(ready)
     ui.note("stopped")

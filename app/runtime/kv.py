@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from malhae import units
 from malhae.errors import UserError
 
 # the types malhae offers for K and V, by the names llama.cpp's -ctk/-ctv and Ollama's OLLAMA_KV_CACHE_TYPE use
@@ -71,6 +72,14 @@ def check_types(k: str, v: str, flash_attn: str, head_dim: int | None = None) ->
 def describe(k: str, v: str) -> str:
     """The cache's types as messages say them: "f16", or "K q8_0, V f16" when they differ."""
     return k if k == v else f"K {k}, V {v}"
+
+
+def summary(ctx) -> str:
+    """A context's cache in a few words, "q8_0, 3.2 MiB": its types (f32 under --precise) and the size llama.cpp
+    reported (`ctx`: an app.runtime.llama.Context), for chat's /show and serve's ready line."""
+    mib = ctx.kv_report.mib if ctx.kv_report else None  # printed with two decimals: no KiB made up below 1 MiB
+    size = "" if mib is None else f", {units.gib(int(mib * 2**20))}" if mib >= 1 else f", {mib:.2f} MiB"
+    return describe(ctx.type_k, ctx.type_v) + size
 
 
 _REPORT = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB .*K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")

@@ -80,9 +80,12 @@ def catalog(entries: tuple[Entry, ...], as_json: bool) -> None:
               "many layers fit). Sizes: python benchmarks/catalog_sizes.py[/dim]", soft_wrap=True)
 
 
-def recommendation(machine: recommend.Machine, rows: list[tuple[Entry, recommend.Pick]], as_json: bool) -> None:
+def recommendation(machine: recommend.Machine, rows: list[tuple[Entry, recommend.Pick]], as_json: bool,
+                   kv_cache: str = "f16") -> None:
     if as_json:
+        speeds = recommend.CPU_DECODE_AT_DEPTH
         data = {"vram_bytes": machine.vram_bytes, "ram_bytes": machine.ram_bytes, "gpus": list(machine.gpu_names),
+                "kv_cache": kv_cache, "cpu_decode_at_depth": {"depth": recommend.CPU_DEPTH, "tok_s": speeds},
                 "devices": [d.as_dict() for d in machine.gpus], "hint": machine.hint,
                 "models": [{"name": e.name, "hub_id": e.hub_id, **p.as_dict(), "pull": pull_command(e, p)}
                            for e, p in rows]}
@@ -96,15 +99,15 @@ def recommendation(machine: recommend.Machine, rows: list[tuple[Entry, recommend
         source = "given" if machine.vram_given else "free now, as llama.cpp reports it"
         shared = " (integrated: used only where a pick fits entirely, else RAM)" if integrated else ""
         err.print(f"[dim]{escape(where)}{shared}: {units.gib(machine.vram_bytes)} VRAM {source}; a pick fits "
-                  "entirely on the GPU at context 2048 (the offload planner's arithmetic)[/dim]", soft_wrap=True)
+                  f"entirely on the GPU at context 2048, KV cache {kv_cache} (the offload planner's "
+                  "arithmetic)[/dim]", soft_wrap=True)
     if not machine.vram_bytes or integrated:
         source = "given" if machine.ram_given else "total"
         err.print(f"[dim]{'no usable GPU; ' if not machine.vram_bytes else ''}"
                   f"{units.gib(machine.ram_bytes)} RAM {source}: a pick uses at most "
-                  f"{recommend.RAM_FRACTION:.0%} of it (weights + KV cache at context 2048 + compute buffer), and is "
-                  f"at most {recommend.RAM_CEILING}: without a GPU every token reads all weights, so smaller decodes "
-                  "faster[/dim]",
-                  soft_wrap=True)
+                  f"{recommend.RAM_FRACTION:.0%} of it (weights + {kv_cache} KV cache at context 2048 + compute "
+                  f"buffer), and is at most {recommend.RAM_CEILING}: without a GPU every token reads all weights, so "
+                  "smaller decodes faster[/dim]", soft_wrap=True)
     table = _table()
     for col in ("name", "pick", "fits", "needs", "then run"):
         table.add_column(col, justify="right" if col == "needs" else "left", no_wrap=col != "then run",
@@ -120,6 +123,37 @@ def recommendation(machine: recommend.Machine, rows: list[tuple[Entry, recommend
         command = pull_command(e, p)
         table.add_row(e.name, p.type or (recommend.PARTIAL_TYPE if command else "-"), fits, needs, command or "-")
     _console().print(table)
+    _longest(rows)
+
+
+def _longest(rows: list[tuple[Entry, recommend.Pick]]) -> None:
+    """The longest context that keeps every layer on the GPU per K/V type, and what a smaller cache costs on a CPU
+    (said wherever the types are offered: it saves memory, not time)."""
+    found = [(e, p.longest) for e, p in rows if p.longest is not None]
+    speeds = recommend.CPU_DECODE_AT_DEPTH
+    cost = (f"a smaller cache saves memory, not time: on a CPU it decodes slower at depth (q8_0 {speeds['q8_0']} "
+            f"tok/s against f16's {speeds['f16']}, {recommend.CPU_DEPTH:,} tokens deep; llama-bench, 1.3b-shaped "
+            "q4_k_m, 2 threads)")
+    if not found:
+        err.print(f"[dim]KV cache types: q8_0 takes about half of f16's memory and q4_0 about a quarter, for longer "
+                  f"contexts on a GPU (`malhae recommend --vram GB` shows how long); {cost}[/dim]", soft_wrap=True)
+        return
+    cap = found[0][1].cap
+    trained = cap // recommend.CONTEXT_CAP_FACTOR
+    table = _table()
+    for col in ("name", "weights", *(f"K/V {t}" for t in found[0][1].tokens)):
+        table.add_column(col, justify="left" if col in ("name", "weights") else "right", no_wrap=True)
+    for e, lg in found:
+        table.add_row(e.name, lg.type, *(_tokens(n, cap) for n in lg.tokens.values()))
+    _titled(_console(), "Longest context with every layer on the GPU, per KV cache type (--kv-cache TYPE)", table)
+    err.print(f"[dim]tokens in blocks of 256, tried up to {cap:,} ({recommend.CONTEXT_CAP_FACTOR} × the trained "
+              f"{trained:,}; ≥ : at least that); past {trained:,} a context serves as slots: serve --parallel N --ctx "
+              f"{trained} needs N × {trained:,}. {cost[0].upper()}{cost[1:]}[/dim]",
+              soft_wrap=True)
+
+
+def _tokens(n: int, cap: int) -> str:
+    return "-" if not n else f"≥ {n:,}" if n >= cap else f"{n:,}"
 
 
 def pull_command(e: Entry, p: recommend.Pick) -> str | None:

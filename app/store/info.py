@@ -82,10 +82,17 @@ class Memory:
     compute: int  # the planner's compute-buffer estimate: one on each GPU used, else one in RAM
     gpu_buffers: int  # how many GPUs hold a compute buffer (0: CPU only)
     device_context: int  # every GPU's context (driver, BLAS workspace), all together
+    kv_cache_k: str = "f16"  # the KV cache's types the estimate counts (app.runtime.kv)
+    kv_cache_v: str = "f16"
     where: str = "CPU"  # the plan in a few words (offload.Plan.where)
     split: tuple[DeviceShare, ...] = ()  # each GPU's part, in llama.cpp's order
     devices: tuple[Device, ...] = ()  # every device this llama-cpp-python has (ggml's list)
     note: str = ""
+
+    @property
+    def kv_types(self) -> str:
+        """The cache's types as messages say them: "f16", or "K q8_0, V f16"."""
+        return kv.describe(self.kv_cache_k, self.kv_cache_v)
 
     @property
     def vram(self) -> int:
@@ -186,6 +193,7 @@ def memory(info: GGUFInfo, options: LoadOptions | None = None, vram_gib: float |
     """Where the weights, KV cache and buffers would go if loaded as `options` say: the engine's own context rule
     and offload choice (app.runtime.offload.choose), so `info` shows what `chat` would do."""
     options = options or LoadOptions()
+    kv.check_types(options.kv_cache_k, options.kv_cache_v, options.flash_attn, info.head_dim)  # as the engine would
     gpu_layers = options.gpu_layers
     n_ctx = context_size(options.ctx, info.arch_int(Keys.LLM.CONTEXT_LENGTH))
     n_batch = min(options.batch, n_ctx)
@@ -215,6 +223,7 @@ def memory(info: GGUFInfo, options: LoadOptions | None = None, vram_gib: float |
                   free_vram=free, weights_gpu=weights_gpu, weights_cpu=weights - weights_gpu, kv_gpu=kv_gpu,
                   kv_cpu=sizes.kv_bytes_per_layer * n_layer - kv_gpu, compute=sizes.compute_bytes,
                   gpu_buffers=gpus, device_context=offload.DEVICE_CONTEXT_BYTES * gpus,
+                  kv_cache_k=options.kv_cache_k, kv_cache_v=options.kv_cache_v,
                   where=p.where if n == p.n_gpu_layers else f"{n} layers on the GPU", split=split,
                   devices=devices.listed(), note=note)
 

@@ -81,7 +81,7 @@ def info_report(mi, as_json: bool = False) -> None:
         return units.gib(n) if n else "—"
 
     mem.add_row("weights", cell(m.weights_gpu), cell(m.weights_cpu))
-    mem.add_row("KV cache (f16)", cell(m.kv_gpu), cell(m.kv_cpu))
+    mem.add_row(f"KV cache ({m.kv_types})", cell(m.kv_gpu), cell(m.kv_cpu))
     mem.add_row("compute buffer" if m.gpu_buffers < 2 else f"compute buffers ({m.gpu_buffers})",
                 cell(m.compute * m.gpu_buffers), cell(0 if m.gpu_layers else m.compute))
     mem.add_row("GPU context" if m.gpu_buffers < 2 else f"GPU contexts ({m.gpu_buffers})", cell(m.device_context), "—")

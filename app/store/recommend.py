@@ -11,12 +11,18 @@ take at most RAM_FRACTION of the machine's RAM, leaving the rest to the system a
 there because on a CPU decoding is bound by memory bandwidth: every token reads all the weights, so an f16 file decodes
 about three times slower than q4_k_m (2.66 vs 0.86 GB per token for 1.3b) while q4_k_m is llama.cpp's usual
 quality/speed balance. Anyone who prefers quality over speed can still pull a larger type by name.
+
+The picks count an f16 KV cache unless `recommend --kv-cache` says otherwise. For every GPU pick, `longest` also finds
+the longest context that keeps every layer on the GPU with an f16, q8_0 and q4_0 cache (the same planner, bisected
+over whole blocks of kv.CELL_ROUNDING cells): Polyglot-Ko has no grouped-query attention, so its cache is what a
+long context or several server slots run out of first. A smaller cache saves memory, not time: on a CPU it decodes
+slower at depth (CPU_DECODE_AT_DEPTH), which is why it is never the default.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from malhae import units
 from malhae.runtime import kv, offload
@@ -29,6 +35,24 @@ RAM_SIZES_GB = (8, 16, 32)
 RAM_FRACTION = 0.75
 RAM_CEILING = "q4_k_m"  # the largest type picked without a GPU (see above)
 PARTIAL_TYPE = "q4_k_m"  # what to offload partly when nothing fits fully
+CONTEXT_CAP_FACTOR = 16  # `longest` tries contexts up to 16 × the trained one (32,768 tokens for the family's 2,048)
+# decode tok/s at 1,536 tokens deep (llama-bench, 1.3b-shaped q4_k_m, 2 threads, flash attention; docs/benchmarks.md):
+# a quantized cache is dequantized at every step, so on a CPU it costs speed where the context is long
+CPU_DEPTH = 1536
+CPU_DECODE_AT_DEPTH = {"f16": 14.8, "q8_0": 10.2}
+
+
+@dataclass(frozen=True)
+class Longest:
+    """Per K/V type, the longest context (a multiple of kv.CELL_ROUNDING, at most `cap`) with which every layer of
+    the `type` weights stays on the GPU; 0 where not even kv.CELL_ROUNDING tokens fit."""
+
+    type: str
+    tokens: dict[str, int]
+    cap: int
+
+    def as_dict(self) -> dict:
+        return {"weights": self.type, "cap": self.cap, "tokens": dict(self.tokens)}
 
 
 @dataclass(frozen=True)
@@ -38,6 +62,8 @@ class Pick:
     needed: int  # bytes the pick needs there (0 when nothing fits)
     available: int  # bytes it was measured against (free VRAM, or RAM × RAM_FRACTION)
     partial: offload.Plan | None = None  # GPU only, when nothing fits fully: the planner's plan for PARTIAL_TYPE
+    kv_cache: str = "f16"  # the K/V type the pick was made with
+    longest: Longest | None = None  # GPU only (pick()): the longest full-offload context per K/V type
 
     @property
     def full(self) -> bool:
@@ -46,7 +72,8 @@ class Pick:
     def as_dict(self) -> dict:
         data = {"type": self.type, "where": self.where, "fits": "full" if self.full else
                 ("partial" if self.partial and self.partial.n_gpu_layers else "none"),
-                "needed_bytes": self.needed, "available_bytes": self.available}
+                "needed_bytes": self.needed, "available_bytes": self.available, "kv_cache": self.kv_cache,
+                "longest_context": self.longest.as_dict() if self.longest else None}
         if self.partial is not None:
             data |= {"partial_type": PARTIAL_TYPE, "gpu_layers": self.partial.n_gpu_layers,
                      "layers": self.partial.n_layer}
@@ -62,39 +89,69 @@ def planner_sizes(entry: Entry, type_name: str, n_ctx: int | None = None,
                                     n_cells=kv.cells(n_ctx or entry.context), kv_types=kv_types)
 
 
-def ram_needed(entry: Entry, type_name: str, n_ctx: int | None = None) -> int:
-    sizes = planner_sizes(entry, type_name, n_ctx)
+def ram_needed(entry: Entry, type_name: str, n_ctx: int | None = None, kv_cache: str = "f16") -> int:
+    sizes = planner_sizes(entry, type_name, n_ctx, (kv_cache, kv_cache))
     return entry.sizes[type_name].total + sizes.kv_bytes_per_layer * sizes.n_layer + sizes.compute_bytes
 
 
-def pick_gpu(entry: Entry, gpus: int | Sequence[Device]) -> Pick:
+def pick_gpu(entry: Entry, gpus: int | Sequence[Device], kv_cache: str = "f16") -> Pick:
     """`gpus`: free bytes of one GPU, or this machine's GPUs (the planner then splits over them as it would)."""
+    kv_types = (kv_cache, kv_cache)
     for type_name in QUALITY_ORDER:
-        plan = offload.plan(planner_sizes(entry, type_name), gpus)
+        plan = offload.plan(planner_sizes(entry, type_name, kv_types=kv_types), gpus)
         if plan.full:
-            return Pick(type_name, "gpu", plan.gpu_bytes, plan.free_bytes)
-    partial = offload.plan(planner_sizes(entry, PARTIAL_TYPE), gpus)
-    return Pick(None, "gpu", 0, partial.free_bytes, partial=partial)
+            return Pick(type_name, "gpu", plan.gpu_bytes, plan.free_bytes, kv_cache=kv_cache)
+    partial = offload.plan(planner_sizes(entry, PARTIAL_TYPE, kv_types=kv_types), gpus)
+    return Pick(None, "gpu", 0, partial.free_bytes, partial=partial, kv_cache=kv_cache)
 
 
-def pick_ram(entry: Entry, ram_bytes: int) -> Pick:
+def pick_ram(entry: Entry, ram_bytes: int, kv_cache: str = "f16") -> Pick:
     budget = int(ram_bytes * RAM_FRACTION)
     for type_name in QUALITY_ORDER[QUALITY_ORDER.index(RAM_CEILING):]:
-        needed = ram_needed(entry, type_name)
+        needed = ram_needed(entry, type_name, kv_cache=kv_cache)
         if needed <= budget:
-            return Pick(type_name, "ram", needed, budget)
-    return Pick(None, "ram", 0, budget)
+            return Pick(type_name, "ram", needed, budget, kv_cache=kv_cache)
+    return Pick(None, "ram", 0, budget, kv_cache=kv_cache)
 
 
-def pick(entry: Entry, *, vram_bytes: int | None, ram_bytes: int, gpus: Sequence[Device] = ()) -> Pick:
-    """With a GPU: the best type that fits on it (or a partial offload); without one: the best up to RAM_CEILING
-    that fits in RAM. `gpus`, when given, are this machine's (ggml's) and are planned for instead of `vram_bytes`;
-    integrated ones only when a type fits entirely, as `--gpu-layers auto` uses them (offload.choose)."""
+def pick(entry: Entry, *, vram_bytes: int | None, ram_bytes: int, gpus: Sequence[Device] = (),
+         kv_cache: str = "f16") -> Pick:
+    """With a GPU: the best type that fits on it (or a partial offload), with the longest contexts it keeps fully
+    there per K/V type; without one: the best up to RAM_CEILING that fits in RAM. `gpus`, when given, are this
+    machine's (ggml's) and are planned for instead of `vram_bytes`; integrated ones only when a type fits entirely,
+    as `--gpu-layers auto` uses them (offload.choose). `kv_cache`: the K/V type the pick counts (f16 by default)."""
     if gpus:
-        p = pick_gpu(entry, gpus)
-        integrated = all(d.kind == "igpu" for d in gpus)
-        return p if p.full or not integrated else pick_ram(entry, ram_bytes)
-    return pick_gpu(entry, vram_bytes) if vram_bytes else pick_ram(entry, ram_bytes)
+        p = pick_gpu(entry, gpus, kv_cache)
+        if not p.full and all(d.kind == "igpu" for d in gpus):
+            return pick_ram(entry, ram_bytes, kv_cache)
+    elif vram_bytes:
+        p = pick_gpu(entry, vram_bytes, kv_cache)
+    else:
+        return pick_ram(entry, ram_bytes, kv_cache)
+    return replace(p, longest=longest(entry, p.type or PARTIAL_TYPE, gpus or vram_bytes))
+
+
+def longest_context(entry: Entry, type_name: str, gpus: int | Sequence[Device], kv_cache: str, cap: int) -> int:
+    """The longest context, in whole blocks of kv.CELL_ROUNDING tokens up to `cap`, at which offload.plan keeps
+    every layer on `gpus` (0: none). Bisection: more context only ever needs more memory."""
+    block = kv.CELL_ROUNDING
+
+    def fits(blocks: int) -> bool:
+        return offload.plan(planner_sizes(entry, type_name, blocks * block, (kv_cache, kv_cache)), gpus).full
+
+    lo, hi = 0, cap // block  # lo fits (0 trivially); hi is the answer if it fits, else lo < answer < hi
+    if fits(hi):
+        return hi * block
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * block
+
+
+def longest(entry: Entry, type_name: str, gpus: int | Sequence[Device]) -> Longest:
+    """longest_context at each K/V type malhae offers, capped at CONTEXT_CAP_FACTOR × the trained context."""
+    cap = CONTEXT_CAP_FACTOR * entry.context
+    return Longest(type_name, {t: longest_context(entry, type_name, gpus, t, cap) for t in kv.KV_TYPES}, cap)
 
 
 def table(entry: Entry) -> dict[str, str | None]:
