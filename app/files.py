@@ -68,6 +68,14 @@ def config_dir() -> Path:
     return home() or Path(platformdirs.user_config_dir("malhae"))
 
 
+def cache_dir() -> Path:
+    """What can be made again (the prompt cache): $MALHAE_HOME/cache, else the user cache folder (~/.cache/malhae)."""
+    import platformdirs
+
+    found = home()
+    return found / "cache" if found else Path(platformdirs.user_cache_dir("malhae"))
+
+
 # --- what may be written over ------------------------------------------------------------------------------------
 
 def not_regular(path: Path) -> str | None:

@@ -21,11 +21,14 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 @contextmanager
 def serving(path: Path, *, parallel: int = 4, n_ctx: int = 512, **options):
     """`malhae serve` on a free port, 2 threads, the model named after its file; stopped when the block ends."""
+    import dataclasses
+
     from malhae.runtime.settings import LoadOptions
     from malhae.serve.server import Options, Server  # needs the serve extra: import where a server is wanted
 
+    fields = {f.name for f in dataclasses.fields(LoadOptions)}
     load = LoadOptions(model=path, threads=2, parallel=parallel, ctx=n_ctx,
-                       **{k: options.pop(k) for k in ("draft", "draft_max", "gpu_layers", "device") if k in options})
+                       **{k: options.pop(k) for k in list(options) if k in fields})
     opts = Options(load=load, model_id=path.stem, port=0, **options)
     with Server(opts) as server:
         yield server

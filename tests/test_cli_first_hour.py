@@ -153,7 +153,7 @@ def test_top_level_help_at_80_columns_shows_every_command_whole(capsys, monkeypa
     text = help_text(capsys, monkeypatch, columns=80)
     names = re.findall(r"^│ (\w+)\s{2,}\S", text, re.M)
     assert names == ["convert", "complete", "ask", "chat", "serve", "bench", "info", "recommend", "pull", "imatrix",
-                     "eval", "models"]
+                     "eval", "models", "cache"]
     assert not re.search(r"\w…", text), text
 
 

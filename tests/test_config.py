@@ -52,7 +52,8 @@ def test_missing_file_means_built_in_defaults(tmp_path):
     assert values["temperature"] == 0.7 and values["max_tokens"] == 512 and values["seed"] is None
     assert config.sampling_values("complete", {}, settings)["max_tokens"] == 256
     assert config.runtime_values({}, settings) == {"ctx": None, "threads": None, "gpu_layers": "auto",
-                                                   "device": None}
+                                                   "device": None, "kv_cache": "f16", "kv_cache_k": None,
+                                                   "kv_cache_v": None, "flash_attn": "auto"}
 
 
 # --- what it may say -----------------------------------------------------------------------------------------
@@ -148,7 +149,8 @@ def test_flag_beats_file_beats_built_in(tmp_path):
     assert values["top_p"] == 0.95 and values["max_tokens"] == 256  # built-in
     assert config.sampling_values("ask", {"temperature": 0.0}, settings)["temperature"] == 0.0  # 0 is a value
     run = config.runtime_values({"ctx": 64, "threads": None, "gpu_layers": None}, settings)
-    assert run == {"ctx": 64, "threads": None, "gpu_layers": 0, "device": "CUDA1"}
+    assert run == {"ctx": 64, "threads": None, "gpu_layers": 0, "device": "CUDA1", "kv_cache": "f16",
+                   "kv_cache_k": None, "kv_cache_v": None, "flash_attn": "auto"}
     assert config.runtime_values({"device": "cpu"}, settings)["device"] == "cpu"
 
 

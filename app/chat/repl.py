@@ -34,7 +34,7 @@ from malhae.chat.reader import (
 )
 from malhae.chat.writer import AnswerBroken, write_answer
 from malhae.errors import UserError
-from malhae.runtime import templates
+from malhae.runtime import kv, templates
 from malhae.runtime.backend import Backend
 from malhae.runtime.engine import Stats, check_model_file
 from malhae.runtime.settings import SETTABLE, SETTINGS, LoadOptions, parse
@@ -199,6 +199,8 @@ class Chat:
     def status(self, s: Stats) -> None:
         parts = [f"{s.generated_tokens} tokens", f"{s.decode_tps:.1f} tok/s",
                  f"context {s.prompt_tokens + s.generated_tokens}/{self.engine.n_ctx}"]
+        if s.restored_tokens:
+            parts.insert(0, f"{s.restored_tokens:,} prompt tokens from cache, {s.restore_seconds:.2f} s")
         if s.stop_reason == StopReason.INTERRUPTED:
             parts.append("interrupted (중단됨)")
         elif s.stop_reason == StopReason.LENGTH:
@@ -303,12 +305,12 @@ class Chat:
         table = Table.grid(padding=(0, 2))
         table.add_column(no_wrap=True)
         table.add_column()
-        used = c.context_used(e.tokenize)
+        used, kv_cache = c.context_used(e.tokenize), "" if e.remote else f"; KV cache {kv.summary(e.ctx)}"
         for label, value in (("model", f"{e.name} — {e.location}"),
                              ("template", f"{c.template.name} — {c.template.description}"),
                              ("system", f"{system} ({'the template' if c.system is None else 'yours'})"),
                              ("settings", self._settings_line()),
-                             ("context", f"{used}/{e.n_ctx} tokens used, {c.exchanges} exchanges")):
+                             ("context", f"{used}/{e.n_ctx} tokens used, {c.exchanges} exchanges{kv_cache}")):
             table.add_row(label, escape(value))
         self.console.print(table)
 
@@ -411,6 +413,8 @@ class Chat:
         evaluated = s.prompt_tokens - s.cached_tokens
         self.info(f"answer: {s.generated_tokens} tokens at {s.decode_tps:.1f} tok/s, stop: {s.stop_reason or '-'}")
         reused = "by the server" if self.engine.remote else "reused from the last turn"
+        if s.restored_tokens:
+            reused = f"{s.restored_tokens} from the prompt cache on disk in {s.restore_seconds:.2f} s"
         self.info(f"prompt: {s.prompt_tokens} tokens, {s.cached_tokens} cached ({reused}), "
                   f"{evaluated} evaluated at {s.prompt_tps:.0f} tok/s")
         self.info(f"first token after {s.ttft * 1000:.0f} ms")

@@ -107,7 +107,7 @@ def pull(
     catalog_view.pulled(pulled)
 
 
-@o.load_flags(leave_out=("ctx", "draft", "draft_max"))
+@o.load_flags(leave_out=("ctx", "draft", "draft_max", "no_prompt_cache"))
 def imatrix(
     load: dict[str, object],
     model: str | None = typer.Argument(None, help="GGUF file (F16, BF16 or F32 is best) or store name."),

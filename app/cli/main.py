@@ -18,7 +18,7 @@ try:  # typer ≥ 0.29 vendors click; older versions raise the click package's u
 except ImportError:  # pragma: no cover
     from click import ClickException as _UsageError
 
-from malhae.cli import convert, evaluate, models, run, serve
+from malhae.cli import cache, convert, evaluate, models, run, serve
 from malhae.cli.options import Command, Group
 from malhae.errors import UserError
 from malhae.ui import printable
@@ -81,6 +81,7 @@ app.command(cls=Command)(convert.pull)
 app.command(cls=Command)(convert.imatrix)
 app.add_typer(evaluate.app, name="eval")
 app.add_typer(models.app, name="models")
+app.add_typer(cache.app, name="cache")
 
 
 def main(argv: list[str] | None = None) -> int:

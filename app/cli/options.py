@@ -85,6 +85,10 @@ KvCacheV = Annotated[str | None, typer.Option("--kv-cache-v", help="V's type alo
 FlashAttn = Annotated[str | None, typer.Option("--flash-attn", help="Flash attention: auto (as llama.cpp decides "
                                                "for the device), on or off (default: config.toml's flash_attn, else "
                                                "auto).", metavar="WHEN")]
+NoPromptCache = Annotated[bool | None, typer.Option("--no-prompt-cache", help="Neither read nor write the prompt "
+                                                    "cache: long prompts' evaluated state kept on disk so a document "
+                                                    "is read once (default: config.toml's prompt_cache, else on; "
+                                                    "`malhae cache` lists and clears it).")]
 Template = Annotated[str | None, typer.Option("--template", help="Prompt format: base, koalpaca, kullm (default: the "
                                                                  "GGUF's chat template, else from the model's name).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
@@ -132,14 +136,14 @@ Batch = Annotated[int, typer.Option("--batch", help="Tokens per decode; batch/ct
 
 # decided by the server when an endpoint runs the model: given with --endpoint, they are said to be ignored
 LOCAL_ONLY = ("threads", "gpu_layers", "device", "draft", "draft_max", "precise", "kv_cache", "kv_cache_k",
-              "kv_cache_v", "flash_attn")
+              "kv_cache_v", "flash_attn", "no_prompt_cache")
 
 
 # every flag that says how a local model is loaded, declared once: a command takes them all through @load_flags
 # (less those it leaves out), so that a new load setting is one line here, not one parameter per command
 LOAD_FLAGS = {"ctx": Ctx, "threads": Threads, "gpu_layers": GpuLayers, "device": DeviceOption, "draft": Draft,
               "draft_max": DraftMax, "kv_cache": KvCache, "kv_cache_k": KvCacheK, "kv_cache_v": KvCacheV,
-              "flash_attn": FlashAttn}
+              "flash_attn": FlashAttn, "no_prompt_cache": NoPromptCache}
 
 
 def load_flags(*, leave_out: tuple[str, ...] = ()):
@@ -186,6 +190,8 @@ def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = Fal
         load["kv_cache_v"] = load.get("kv_cache_v") or both
     if "draft" in flags and not remote:
         load |= _draft(flags["draft"], flags.get("draft_max"), file)
+    if "no_prompt_cache" in flags and not remote:
+        load |= _prompt_cache(False if flags["no_prompt_cache"] else None, file)
     fields = {f.name for f in dataclasses.fields(LoadOptions)}  # the rest as given (parallel, batch, …)
     load |= {k: check(k, v) if k in SETTINGS else v for k, v in flags.items()
              if k in fields and k not in load and k not in ("draft", "draft_max") and v is not None}
@@ -207,6 +213,16 @@ def _draft(flag: object, draft_max: object, file) -> dict[str, object]:
     out = {"draft": settings.draft(raw, lambda word: models.resolve(word, ui.note), usage)}
     n = config.pick(draft_max, file.draft_max, None)
     return out | ({"draft_max": n} if n is not None else {})
+
+
+def _prompt_cache(flag: bool | None, file) -> dict[str, object]:
+    """prompt_cache (the folder, or None when off) and its cap: --no-prompt-cache > config.toml > on."""
+    from malhae import files
+    from malhae.store import config
+
+    on = config.pick(flag, file.prompt_cache, True)
+    cap = config.pick(None, file.prompt_cache_max, SETTINGS["prompt_cache_max"].default)
+    return {"prompt_cache": files.cache_dir() / "prompt-cache" if on else None, "prompt_cache_max": cap}
 
 
 def verbose() -> bool:

@@ -203,6 +203,10 @@ class Scheduler:
 
     def _start(self, slot: _Slot, job: Job) -> None:
         common = self._reusable(slot, job)
+        restored = None if job.echo else self.engine.restore(job.tokens, common, slot.seq)  # the prompt cache
+        if restored is not None:
+            slot.cache, common = restored
+            slot.known = []
         lc.llama_memory_seq_rm(self.mem, slot.seq, common, -1)
         reused = [TokenLogprob(e.token, e.logprob, e.top[:job.logprobs or 0]) for e in slot.known[:common + 1]]
         slot.known = slot.known[:common]
@@ -398,6 +402,8 @@ class Scheduler:
         self._send(job, Done(reason, len(job.tokens), step.n, slot.cached, step.text, error,
                              time.perf_counter() - slot.started, slot.ttft, step.matched))
         self._release(slot)
+        if reason is not StopReason.ERROR:
+            self.engine.save(slot.cache, len(job.tokens) - slot.cached, slot.seq)
 
     def _release(self, slot: _Slot) -> None:
         if slot.chain is not None:

@@ -34,6 +34,8 @@ Notify = Callable[[str], None]
 class Stats:
     prompt_tokens: int = 0
     cached_tokens: int = 0  # of prompt_tokens, already in the KV cache (not evaluated again)
+    restored_tokens: int = 0  # of cached_tokens, restored from the prompt cache on disk
+    restore_seconds: float = 0.0
     generated_tokens: int = 0
     prompt_seconds: float = 0.0
     decode_seconds: float = 0.0  # after the first token
@@ -136,6 +138,7 @@ class Engine:
         self.generated: list[int] = []
         self.stats = Stats()
         self.speculator: Speculator | None = None
+        self.prompt_cache = self._prompt_cache(self.options)
         if options.speculates:
             try:
                 self.set_draft(self.options)
@@ -171,7 +174,7 @@ class Engine:
                 drafter = Lookup()
             else:
                 # the draft model runs beside this one: one sequence, offloaded only if this one is
-                helper = Engine(replace(self.options, model=Path(draft), parallel=1, draft=None,
+                helper = Engine(replace(self.options, model=Path(draft), parallel=1, draft=None, prompt_cache=None,
                                         gpu_layers="auto" if self.n_gpu_layers else 0), notify=self.notify)
                 try:
                     drafter = DraftModel(helper, self.model)
@@ -187,6 +190,16 @@ class Engine:
     def draft(self) -> str:
         """What drafts, for /show and /stats: "off", "lookup" or the draft model's file name."""
         return self.speculator.name if self.speculator else "off"
+
+    def _prompt_cache(self, options: LoadOptions):
+        """The saved states of this model file and setup, when options.prompt_cache names their folder."""
+        from malhae.runtime import prompt_cache
+
+        if options.prompt_cache is None:
+            return None
+        setup = {"kv": [options.kv_cache_k, options.kv_cache_v], "flash_attn": options.flash_attn, "adapters": []}
+        return prompt_cache.PromptCache(options.prompt_cache, prompt_cache.folder_for(options.prompt_cache, self.path,
+                                        setup), self.path.name, int(options.prompt_cache_max * 2**30))
 
     # --- loading ---------------------------------------------------------------------------------------------
 
@@ -210,6 +223,9 @@ class Engine:
         self.n_gpu_layers = plan.n_gpu_layers
 
     def close(self) -> None:
+        saved = getattr(self, "prompt_cache", None)
+        if saved is not None:
+            saved.wait()  # a state being written is finished, not cut off
         speculator = getattr(self, "speculator", None)
         if speculator is not None:
             speculator.close()
@@ -276,8 +292,12 @@ class Engine:
         return sampler.chain(self.vocab, self.n_vocab, s, history)
 
     def evaluate(self, tokens: list[int]) -> None:
-        """Bring the KV cache to exactly `tokens`, evaluating only what is not cached (at least the last token)."""
+        """Bring the KV cache to exactly `tokens`, evaluating only what is not cached (at least the last token): what
+        the KV cache holds, or more from the prompt cache on disk."""
         common = min(common_prefix(self.cache, tokens), len(tokens) - 1)
+        restored = self.restore(tokens, common)
+        if restored is not None:
+            self.cache, common = restored
         lc.llama_memory_seq_rm(lc.llama_get_memory(self.ctx.ptr), 0, common, -1)
         self.cache = self.cache[:common]
         for start in range(common, len(tokens), self.n_batch):
@@ -289,6 +309,36 @@ class Engine:
                 raise UserError(f"llama.cpp could not evaluate the prompt (llama_decode returned {rc})")
             self.cache.extend(chunk)
         self.stats.cached_tokens = common
+
+    def restore(self, tokens: list[int], common: int, seq: int = 0) -> tuple[list[int], int] | None:
+        """Restore into sequence `seq` the saved state sharing the longest prefix with `tokens`, when it holds at
+        least MIN_TOKENS more than the `common` tokens the KV cache keeps: (the tokens the sequence now holds, how
+        many of them `tokens` keeps), or None with the sequence as it was. The engine's and the server's slots' one
+        way in (app.runtime.batching)."""
+        from malhae.runtime.prompt_cache import MIN_TOKENS
+
+        if self.prompt_cache is None or len(tokens) - 1 - common < MIN_TOKENS:
+            return None
+        start = time.perf_counter()
+        found = self.prompt_cache.find(tokens, at_least=common + MIN_TOKENS)
+        state = self.prompt_cache.load(found[0]) if found else None
+        if state is None:
+            return None
+        entry, n = found
+        if not self.ctx.set_seq_state(state, seq):
+            entry.path.unlink(missing_ok=True)
+            return [], 0  # the sequence was emptied
+        keep = min(n, len(tokens) - 1)
+        self.stats.restored_tokens, self.stats.restore_seconds = keep, time.perf_counter() - start
+        return list(entry.tokens), keep
+
+    def save(self, cached: list[int], evaluated: int, seq: int = 0) -> None:
+        """Save sequence `seq`'s state (it holds `cached`) when its prompt cost at least MIN_TOKENS tokens of
+        evaluation (`evaluated`): only what was expensive to read is worth the disk."""
+        from malhae.runtime.prompt_cache import MIN_TOKENS
+
+        if self.prompt_cache is not None and evaluated >= MIN_TOKENS and cached:
+            self.prompt_cache.save(cached, self.ctx.seq_state(seq))
 
     def generate(self, prompt: str | list[int], sampling: Sampling | None = None, *,
                  messages: list[dict[str, str]] | None = None) -> Iterator[str]:
@@ -349,6 +399,7 @@ class Engine:
             tail = step.finish()  # nothing after a stop text
             if tail:
                 yield tail
+            self.save(cache, stats.prompt_tokens - stats.cached_tokens)
         finally:
             stats.generated_tokens = step.n
             stats.decode_seconds = time.perf_counter() - first if first else 0.0

@@ -294,6 +294,26 @@ class Context(Owned):
     def clear(self) -> None:
         lc.llama_memory_clear(lc.llama_get_memory(self.ptr), True)
 
+    def seq_state(self, seq: int = 0) -> memoryview:
+        """Sequence `seq`'s state (the K/V of its cached tokens), copied out for the prompt cache."""
+        size = lc.llama_state_seq_get_size(self.ptr, seq)
+        buf = (ctypes.c_uint8 * size)()
+        written = lc.llama_state_seq_get_data(self.ptr, buf, size, seq)
+        return memoryview(buf).cast("B")[:written]
+
+    def set_seq_state(self, state: bytearray, seq: int = 0) -> bool:
+        """Replace sequence `seq`'s cache with a saved state; False (the sequence left empty) if llama.cpp refuses
+        it (another model's, or more tokens than the context holds)."""
+        mem = lc.llama_get_memory(self.ptr)
+        lc.llama_memory_seq_rm(mem, seq, -1, -1)
+        src = (ctypes.c_uint8 * len(state)).from_buffer(state)  # no copy of what may be gigabytes
+        with log_to(lambda level, msg: None):  # a refused state is a miss, not an error to show
+            read = lc.llama_state_seq_set_data(self.ptr, src, len(state), seq)
+        if read != len(state):
+            lc.llama_memory_seq_rm(mem, seq, -1, -1)
+            return False
+        return True
+
     def decode(self, batch: Batch, hint: str = "") -> None:
         """Evaluate `batch`; a failure is a UserError naming its size (`hint`: what the user can do about it)."""
         rc = lc.llama_decode(self.ptr, batch.ptr)

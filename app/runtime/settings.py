@@ -83,6 +83,9 @@ SETTINGS: dict[str, Setting] = _table(
             settable=False),
     Setting("kv_cache_v", str, None, lambda v: v in KV_TYPES, f"one of {', '.join(KV_TYPES)}", "q8_0", table=None,
             settable=False),
+    # the prompt cache on disk (app.runtime.prompt_cache): its size cap, in GiB; prompt_cache = false turns it off
+    Setting("prompt_cache_max", float, 4.0, lambda v: 0 < v <= 65536, "a size in GiB above 0 and at most 65536",
+            "8", table=None, settable=False),
     Setting("flash_attn", str, "auto", lambda v: v in FLASH_ATTN, f"one of {', '.join(FLASH_ATTN)}", "on",
             table=None, settable=False),
 )
@@ -242,6 +245,9 @@ class LoadOptions:
     kv_cache_k: str = field(default=SETTINGS["kv_cache"].default)  # the KV cache's types (app.runtime.kv)
     kv_cache_v: str = field(default=SETTINGS["kv_cache"].default)
     flash_attn: str = field(default=SETTINGS["flash_attn"].default)  # auto, on or off
+    # where long prompts' states are kept (app.runtime.prompt_cache); None: no prompt cache
+    prompt_cache: Path | None = None
+    prompt_cache_max: float = field(default=SETTINGS["prompt_cache_max"].default)  # GiB
     verbose: bool = False  # llama.cpp's own log on stderr
 
     @property

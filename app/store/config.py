@@ -32,7 +32,8 @@ TOP_KEYS = {"default_model": "a string (a store name or a path to a .gguf file)"
             "api_key_env": "a string: the name of the environment variable that holds the endpoint's API key",
             "endpoint_timeout": "a number of seconds from 0.1 to 86400",
             "draft": "a string: off, lookup, or a draft model (a store name or a path to a .gguf file)",
-            "device": "a string: auto, cpu, or GPUs as `malhae info` lists them (CUDA1, MTL0, Vulkan0, 1, CUDA0,CUDA1)"}
+            "device": "a string: auto, cpu, or GPUs as `malhae info` lists them (CUDA1, MTL0, Vulkan0, 1, CUDA0,CUDA1)",
+            "prompt_cache": "true or false (keep long prompts' evaluated state on disk)"}
 STRING_KEYS = ("default_model", "endpoint", "api_key_env", "draft", "device")
 TOP_KEYS |= {k: s.rule for k, s in SETTINGS.items() if s.table is None}
 
@@ -58,6 +59,8 @@ class Settings:
     kv_cache_k: str | None = None
     kv_cache_v: str | None = None
     flash_attn: str | None = None
+    prompt_cache: bool | None = None  # the prompt cache on disk (on unless false)
+    prompt_cache_max: float | None = None  # GiB
 
 
 MAX_FILE = 1 << 20  # a settings file is a few lines
@@ -109,6 +112,10 @@ def parse(text: str, path: Path) -> Settings:
             if not isinstance(value, str) or not value.strip():
                 raise _type_error(path, text, key, TOP_KEYS[key], value)
             setattr(settings, key, value.strip())
+        elif key == "prompt_cache":
+            if not isinstance(value, bool):
+                raise _type_error(path, text, key, TOP_KEYS[key], value)
+            settings.prompt_cache = value
         elif key == "endpoint_timeout":
             from malhae.runtime.endpoint import check_timeout
 
