@@ -69,8 +69,8 @@ def main() -> None:
             raise SystemExit(f"not every layer is on the GPU: {engine.plan.where}")
         for r in range(args.rounds):
             pp, tg = bench.run_engine(engine, args.prompt, args.gen, 1)
-            up_pp, up_tg = upstream.run_llama_bench(args.llama_bench, args.model, args.prompt, args.gen, threads,
-                                                    engine.plan, 1)
+            up_pp, up_tg = upstream.run_llama_bench(args.llama_bench, engine.options, engine.plan,
+                                                    upstream.BenchTest(args.prompt, args.gen))
             rows.append((pp, up_pp, tg, up_tg))
             print(f"round {r + 1}: pp {pp:8.1f} vs {up_pp:8.1f} ({pp / up_pp:6.1%})   "
                   f"tg {tg:7.2f} vs {up_tg:7.2f} ({tg / up_tg:6.1%})", flush=True)

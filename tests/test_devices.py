@@ -269,11 +269,12 @@ def test_llama_bench_gets_the_same_devices_and_split(tmp_path):
     script.chmod(0o755)
     p = offload.plan(sizes("polyglot-ko-12.8b", "f16"), [fake.cuda(0, 23 * GiB), fake.cuda(1, 11 * GiB)],
                      ram=fake.RAM)
-    assert upstream.run_llama_bench(script, DEMO, 16, 4, 2, p, 1) == (1.0, 2.0)
+    options, test = LoadOptions(model=DEMO, threads=2), upstream.BenchTest(16, 4)
+    assert upstream.run_llama_bench(script, options, p, test) == (1.0, 2.0)
     args = (tmp_path / "args").read_text().split()
     assert args[args.index("-ngl") + 1] == str(p.n_gpu_layers) and args[args.index("-dev") + 1] == "CUDA0/CUDA1"
     assert args[args.index("-ts") + 1] == f"{p.layers[0]}/{p.layers[1]}"
-    upstream.run_llama_bench(script, DEMO, 16, 4, 2, replace(p, cpu_only=True, n_gpu_layers=0), 1)
+    upstream.run_llama_bench(script, options, replace(p, cpu_only=True, n_gpu_layers=0), test)
     args = (tmp_path / "args").read_text().split()
     assert args[args.index("-dev") + 1] == "none"
 

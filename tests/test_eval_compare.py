@@ -11,6 +11,7 @@ import json
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,64 @@ def test_same_kl_as_llama_perplexity(tmp_path, quantized):
     assert found, proc.stderr[-2000:]
     mine = compare.run(GGUF, quantized["q4_k_m"], text)
     assert mine.kl_mean == pytest.approx(float(found.group(1)), rel=0.01)
+
+
+# --- the KV cache's types: one file, an f16 cache as the reference (issue 33) ---
+
+F16 = LoadOptions(threads=2)
+
+
+def test_two_contexts_on_one_model_differ_only_by_what_they_are_given(text_file):
+    """The KV comparison's premise: two f16 contexts on one load give identical logits (KL exactly 0), and the
+    measure sees a reference that differs in anything else — flash attention off instead of on moves it."""
+    text = windows.read_text(text_file)
+    with Model(GGUF) as m:
+        same = compare.evaluate(m, m, text, Layout.of(128), F16, reference=F16)
+        other = compare.evaluate(m, m, text, Layout.of(128), F16, reference=replace(F16, flash_attn="off"))
+    assert same.kl_mean == 0.0 and same.kl_max == 0.0 and same.top1 == 1.0 and same.ppl_a == same.ppl_b
+    assert other.kl_mean > 0
+    assert same.kv_cache_a == same.kv_cache_b == ("f16", "f16")
+
+
+def test_a_smaller_cache_costs_little_and_q4_more_than_q8(text_file):
+    q8 = compare.run(GGUF, None, text_file, Layout.of(128), replace(F16, kv_cache_k="q8_0", kv_cache_v="q8_0"))
+    q4 = compare.run(GGUF, None, text_file, Layout.of(128), replace(F16, kv_cache_k="q4_0", kv_cache_v="q4_0"))
+    assert 0 < q8.kl_mean < q4.kl_mean
+    assert q8.kl_mean < 1e-3  # measured 1.7e-5 on the demo (q4_0: 2.7e-3)
+    assert 1.0 >= q8.top1 >= q4.top1
+    assert (q8.kv_cache_a, q8.kv_cache_b, q4.kv_cache_b) == (("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"))
+    # A is the f16 cache with the same flash attention (auto), not --precise's f32: the perplexity `eval ppl` gives;
+    # B the q8_0 cache `eval ppl --kv-cache q8_0` measures
+    f16_ppl = perplexity.run(replace(F16, model=GGUF), text_file, Layout.of(128)).ppl
+    assert q8.ppl_a == pytest.approx(f16_ppl, rel=1e-12) and q4.ppl_a == q8.ppl_a
+    q8_ppl = perplexity.run(replace(F16, model=GGUF, kv_cache_k="q8_0", kv_cache_v="q8_0"), text_file,
+                            Layout.of(128)).ppl
+    assert q8.ppl_b == pytest.approx(q8_ppl, rel=1e-12)
+
+
+def test_cli_kv_cache_names_the_types(capsys, text_file):
+    args = ["eval", "compare", str(GGUF), "--text", str(text_file), "--ctx", "128", "--threads", "2"]
+    assert main([*args, "--kv-cache", "q8_0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["kv_cache_a"] == ["f16", "f16"] and data["kv_cache_b"] == ["q8_0", "q8_0"]
+    assert data["flash_attn"] == "auto" and data["kl_mean"] > 0
+    assert main([*args, "--kv-cache-k", "q4_0"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"KV cache A\s*│\s*f16, flash attention auto", out)
+    assert re.search(r"KV cache B\s*│\s*K q4_0, V f16, flash attention auto", out)
+    # two models: the types apply to both, so a file against itself is still exactly zero
+    assert main(["eval", "compare", str(GGUF), str(GGUF), *args[3:], "--kv-cache", "q8_0", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["kv_cache_a"] == data["kv_cache_b"] == ["q8_0", "q8_0"] and data["kl_mean"] == 0.0
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    ((), "needs two models (A B), or one model and the KV cache type to measure against f16"),
+    (("--kv-cache", "f16"), "needs two models (A B), or one model and the KV cache type to measure against f16"),
+    (("--kv-cache", "q8_0", "--flash-attn", "off"), "a q8_0 V cache needs flash attention"),
+    (("--kv-cache", "q5_0"), "must be one of f16, q8_0, q4_0"),
+])
+def test_cli_kv_cache_mistakes_are_one_line(capsys, text_file, flags, message):
+    assert main(["eval", "compare", str(GGUF), "--text", str(text_file), *flags]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and len(captured.err.strip().splitlines()) == 1 and captured.out == ""

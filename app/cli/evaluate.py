@@ -26,7 +26,7 @@ EVAL_MODEL = "GGUF file or store name (demo: the bundled demo, the default)."
 
 
 @app.command("ppl", cls=o.Command)
-@o.load_flags(leave_out=("ctx", "draft", "draft_max"))
+@o.load_flags(leave_out=("ctx", "draft", "draft_max", "no_prompt_cache"))
 def eval_ppl(
     load: dict[str, object],
     model: str | None = typer.Argument(None, help=EVAL_MODEL), text: o.TextFile = ...,
@@ -84,15 +84,22 @@ def _one_model(argument: str | None, option: str | None) -> str | None:
     return argument if argument is not None else option
 
 
-@app.command("compare", cls=o.Command)
-@o.load_flags(leave_out=("ctx", "draft", "draft_max"))
+COMPARE_HELP = ("Quantization loss of B against A: mean KL divergence, top-1 agreement, perplexity of each and their "
+                "ratio.\n\nWith one model and --kv-cache q8_0 (or q4_0, or --kv-cache-k/-v): what that KV cache costs "
+                "against f16 K/V on the same weights, with the same --flash-attn. With two models, --kv-cache applies "
+                "to both.")
+
+
+@app.command("compare", cls=o.Command, help=COMPARE_HELP)
+@o.load_flags(leave_out=("ctx", "draft", "draft_max", "no_prompt_cache"))
 def eval_compare(
     load: dict[str, object],
     model_a: str = typer.Argument(..., help="Reference GGUF (e.g. the F16 file) or store name."),
-    model_b: str = typer.Argument(..., help="GGUF to measure against it (e.g. a quantization)."),
+    model_b: str | None = typer.Argument(None, help="GGUF to measure against it (e.g. a quantization); leave it out "
+                                         "to measure A's --kv-cache against an f16 cache."),
     text: o.TextFile = ..., ctx: o.Window = 512, batch: o.Batch = 2048, json_out: o.Json = False,
 ) -> None:
-    """Quantization loss of B against A: mean KL divergence, top-1 agreement, perplexity of each and their ratio."""
+    """Quantization loss of B against A, or of a KV cache type against f16 (COMPARE_HELP)."""
     from malhae import nfc, ui
     from malhae.eval import compare, views
     from malhae.runtime.llama import init
@@ -104,14 +111,15 @@ def eval_compare(
     options, _ = o.settings_for("eval", **load)
     init(o.verbose())
     layout = Layout.of(ctx, batch)
-    path_a, path_b = models.resolve(model_a, ui.note), models.resolve(model_b, ui.note)
+    path_a = models.resolve(model_a, ui.note)
+    path_b = None if model_b is None else models.resolve(model_b, ui.note)
     with views.WindowProgress("comparing", "KL {:.5f}") as progress:
         result = compare.run(path_a, path_b, text, layout, options, progress=progress.update, notify=ui.note)
     views.compare_result(result, json_out)
 
 
 @app.command("kobest", cls=o.Command)
-@o.load_flags(leave_out=("ctx", "draft", "draft_max"))
+@o.load_flags(leave_out=("ctx", "draft", "draft_max", "no_prompt_cache"))
 def eval_kobest(
     load: dict[str, object],
     model: str | None = typer.Argument(None, help=EVAL_MODEL),
@@ -168,14 +176,17 @@ def eval_kobest(
     kobest_render.table(report, json_out)
 
 
-@o.load_flags(leave_out=("ctx", "draft", "draft_max"))
+@o.load_flags(leave_out=("ctx", "draft", "draft_max", "no_prompt_cache"))
 def bench(
     load: dict[str, object],
     model: o.LocalModelArgument = None,
-    llama_bench: Path | None = typer.Option(None, "--llama-bench", help="Also run this llama-bench and compare."),
+    llama_bench: Path | None = typer.Option(None, "--llama-bench", help="Also run this llama-bench and compare (with "
+                                            "the same threads, layers, devices, K/V types and flash attention)."),
     n_prompt: int = typer.Option(512, "--prompt", "-p", help="Prompt tokens for the prompt-speed test."),
     n_gen: int = typer.Option(128, "--gen", "-n", help="Tokens for the decode-speed test."),
     repetitions: int = typer.Option(3, "--repetitions", "-r"),
+    depth: int = typer.Option(0, "--depth", "-d", help="Tokens already in the cache before each test, as "
+                              "llama-bench's -d (a long conversation: where the K/V types differ most)."),
     ctx: int | None = typer.Option(None, "--ctx", help="Context size (default: what the test needs; the settings "
                                    "file's ctx is not used here)."),
     json_out: bool = typer.Option(False, "--json"),
@@ -187,13 +198,15 @@ def bench(
     from malhae.runtime.engine import Engine
     from malhae.store import models
 
-    options, _ = o.settings_for("bench", **load, ctx=ctx or max(n_prompt + 16, 16 + n_gen + 8))
+    if depth < 0:
+        raise UserError(f"--depth {depth}: give 0 or more tokens (llama-bench's -d)")
+    options, _ = o.settings_for("bench", **load, ctx=ctx or depth + max(n_prompt + 16, 16 + n_gen + 8))
     path = models.resolve(model, ui.note)
     with Engine(replace(options, model=path), notify=ui.note) as engine:
-        pp, tg = benchmod.run_engine(engine, n_prompt, n_gen, repetitions)
+        pp, tg = benchmod.run_engine(engine, n_prompt, n_gen, repetitions, depth)
         up_pp = up_tg = None
         if llama_bench:
-            up_pp, up_tg = upstream.run_llama_bench(llama_bench, path, n_prompt, n_gen, engine.options.threads,
-                                                    engine.plan, repetitions)
+            test = upstream.BenchTest(n_prompt, n_gen, repetitions, depth)
+            up_pp, up_tg = upstream.run_llama_bench(llama_bench, engine.options, engine.plan, test)
         result = benchmod.BenchResult(pp, tg, repetitions, up_pp, up_tg)
-        views.bench_table(result, engine, n_prompt, n_gen, json_out)
+        views.bench_table(result, engine, n_prompt, n_gen, json_out, depth)

@@ -36,18 +36,23 @@ def prompt_tokens(engine: Engine, n: int) -> list[int]:
     return tokens[:n]
 
 
-def run_engine(engine: Engine, n_prompt: int, n_gen: int, repetitions: int) -> tuple[float, float]:
-    """Median prompt tokens/s (a fresh cache each time) and decode tokens/s (greedy, end tokens suppressed)."""
+def run_engine(engine: Engine, n_prompt: int, n_gen: int, repetitions: int, depth: int = 0) -> tuple[float, float]:
+    """Median prompt tokens/s and decode tokens/s (greedy, end tokens suppressed), each measured after `depth`
+    tokens already in the cache (llama-bench's -d: a long conversation's cost) and evaluated once, before timing.
+
+    Each repetition cuts the cache back to the depth, as llama-bench starts each test from its depth."""
     greedy = Sampling(temperature=0, repeat_penalty=1.0, max_tokens=n_gen, ignore_eos=True)
+    tokens = prompt_tokens(engine, depth + max(n_prompt, 16))
     engine.cache = []
-    engine.complete(prompt_tokens(engine, 16), Sampling(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    engine.complete(tokens[:depth] + tokens[depth:depth + 16], Sampling(temperature=0, max_tokens=4,
+                                                                       ignore_eos=True))  # warm-up, and the depth
     pp, tg = [], []
     for _ in range(repetitions):
-        engine.cache = []  # evaluate the whole prompt, as llama-bench does
-        engine.complete(prompt_tokens(engine, n_prompt), Sampling(temperature=0, max_tokens=1, ignore_eos=True))
+        engine.cache = engine.cache[:depth]  # evaluate the whole prompt after the depth, as llama-bench does
+        engine.complete(tokens[:depth + n_prompt], Sampling(temperature=0, max_tokens=1, ignore_eos=True))
         pp.append(engine.stats.prompt_tps)
-        engine.cache = []
-        _, stats = engine.complete(prompt_tokens(engine, 16), greedy)
+        engine.cache = engine.cache[:depth]
+        _, stats = engine.complete(tokens[:depth + 16], greedy)
         if stats.generated_tokens != n_gen:
             raise UserError(f"the engine generated {stats.generated_tokens} tokens instead of {n_gen}; "
                             "raise --ctx")

@@ -24,7 +24,7 @@ import numpy as np
 
 from malhae.errors import UserError
 from malhae.eval.scoring import NLLSum, log_softmax
-from malhae.runtime import windows
+from malhae.runtime import kv, windows
 from malhae.runtime.llama import Model
 from malhae.runtime.settings import LoadOptions
 from malhae.runtime.windows import Layout
@@ -70,6 +70,9 @@ class CompareResult:
     windows: int
     n_ctx: int
     seconds: float
+    kv_cache_a: tuple[str, str] = ("f16", "f16")  # (K, V) of A's context and B's
+    kv_cache_b: tuple[str, str] = ("f16", "f16")
+    flash_attn: str = "auto"  # both contexts'
 
     @property
     def ppl_ratio(self) -> float:
@@ -80,11 +83,16 @@ class CompareResult:
 
 
 def evaluate(a: Model, b: Model, text: str, layout: Layout | None = None, options: LoadOptions | None = None, *,
-             progress: Progress | None = None, notify: Callable[[str], None] | None = None) -> CompareResult:
+             reference: LoadOptions | None = None, progress: Progress | None = None,
+             notify: Callable[[str], None] | None = None) -> CompareResult:
     """Compare two loaded models on `text`, window by window (`layout`: llama-perplexity's by default; `options`:
-    how the contexts are made)."""
+    how the contexts are made; `reference`: A's context instead, when it differs — a KV cache comparison, where a and
+    b are one model)."""
     layout = layout or Layout.of()
-    check_same_vocab(a, b)
+    options = options or LoadOptions()
+    reference = reference or options
+    if a is not b:
+        check_same_vocab(a, b)
     chunks = windows.text_windows(a, windows.text_tokens(a, text), layout)
     windows.check_context(a, layout.n_ctx, notify)
     nll_a, nll_b = NLLSum(), NLLSum()
@@ -92,7 +100,7 @@ def evaluate(a: Model, b: Model, text: str, layout: Layout | None = None, option
     same = 0
     kl_sum = 0.0
     started = time.perf_counter()
-    with windows.context_for(a, layout, options) as ctx_a, windows.context_for(b, layout, options) as ctx_b:
+    with windows.context_for(a, layout, reference) as ctx_a, windows.context_for(b, layout, options) as ctx_b:
         pairs = zip(windows.scored_logits(ctx_a, chunks, layout), windows.scored_logits(ctx_b, chunks, layout),
                     strict=True)
         for done, ((la, targets), (lb, _)) in enumerate(pairs, start=1):
@@ -109,27 +117,49 @@ def evaluate(a: Model, b: Model, text: str, layout: Layout | None = None, option
     error = float(kl.std(ddof=1) / np.sqrt(kl.size)) if kl.size > 1 else float("nan")
     return CompareResult(str(a.path), str(b.path), float(kl.mean()), error, float(kl.max()),
                          float(np.percentile(kl, 99)), float(np.median(kl)), same / kl.size, nll_a.ppl, nll_b.ppl,
-                         int(kl.size), len(chunks), layout.n_ctx, time.perf_counter() - started)
+                         int(kl.size), len(chunks), layout.n_ctx, time.perf_counter() - started,
+                         (ctx_a.type_k, ctx_a.type_v), (ctx_b.type_k, ctx_b.type_v), options.flash_attn)
 
 
-def run(path_a: Path, path_b: Path, text_path: Path, layout: Layout | None = None,
+def kv_reference(options: LoadOptions) -> LoadOptions:
+    """The reference for a KV cache comparison: f16 K and V, with the same flash attention setting (not --precise's
+    f32 without it), so that the difference measured is the cache's types and nothing else."""
+    if not (kv.quantized(options.kv_cache_k) or kv.quantized(options.kv_cache_v)):
+        raise UserError("eval compare needs two models (A B), or one model and the KV cache type to measure against "
+                        "f16: e.g. eval compare MODEL --kv-cache q8_0 --text FILE")
+    return replace(options, kv_cache_k="f16", kv_cache_v="f16")
+
+
+def run(path_a: Path, path_b: Path | None, text_path: Path, layout: Layout | None = None,
         options: LoadOptions | None = None, *, progress: Progress | None = None,
         notify: Callable[[str], None] | None = None) -> CompareResult:
-    """`malhae eval compare`: both models loaded as `options` say (their layers, devices, threads; its model field
-    is not used), cheap checks first (arguments, text, vocabularies), then both models loaded at once.
+    """`malhae eval compare`: both models loaded as `options` say (their layers, devices, threads, K/V types; its
+    model field is not used), cheap checks first (arguments, text, vocabularies), then both models loaded at once.
 
-    With `--gpu-layers auto`, A is planned into the free VRAM first and B into what A leaves on each device."""
+    With `--gpu-layers auto`, A is planned into the free VRAM first and B into what A leaves on each device.
+
+    Without B: what `options`' quantized KV cache costs against f16 (kv_reference) on the same weights. The file is
+    loaded once, with two contexts on it, so that both run on the same devices and only the cache differs; it is
+    planned as if one context held both caches at f16 and twice the batch, an upper bound on the two contexts'."""
     from malhae.runtime import hardware, offload
     from malhae.runtime.engine import check_model_file
 
     layout = layout or Layout.of()
-    text = windows.read_text(text_path)
-    info_a, info_b = check_model_file(path_a), check_model_file(path_b)
-    with Model(path_a, vocab_only=True) as va, Model(path_b, vocab_only=True) as vb:
-        check_same_vocab(va, vb)
     options = options or LoadOptions()
     options = replace(options, threads=options.threads or hardware.physical_cores())
+    reference = kv_reference(options) if path_b is None else None
+    kv.check_types(options.kv_cache_k, options.kv_cache_v, options.flash_attn)
+    text = windows.read_text(text_path)
+    info_a = check_model_file(path_a)
     shaped = layout.options(options)
+    if path_b is None:
+        both = replace(shaped, kv_cache_k="f16", kv_cache_v="f16", parallel=2 * shaped.parallel,
+                       batch=2 * shaped.batch)
+        with Model.planned(replace(options, model=path_a), offload.choose(info_a, both, notify=notify)) as a:
+            return evaluate(a, a, text, layout, options, reference=reference, progress=progress, notify=notify)
+    info_b = check_model_file(path_b)
+    with Model(path_a, vocab_only=True) as va, Model(path_b, vocab_only=True) as vb:
+        check_same_vocab(va, vb)
     plan_a = offload.choose(info_a, shaped, notify=notify)
     plan_b = offload.choose(info_b, shaped, reserved=plan_a.used())
     with Model.planned(replace(options, model=path_a), plan_a) as a, \

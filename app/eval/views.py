@@ -8,6 +8,7 @@ import math
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from malhae.runtime.kv import describe
 from malhae.ui import Bars, err, json_result, out
 
 
@@ -44,6 +45,8 @@ def compare_result(result, as_json: bool) -> None:
     table.add_column("value", justify="right", overflow="fold")
     table.add_row("A", result.model_a)
     table.add_row("B", result.model_b)
+    for name, types in (("A", result.kv_cache_a), ("B", result.kv_cache_b)):
+        table.add_row(f"KV cache {name}", f"{describe(*types)}, flash attention {result.flash_attn}")
     table.add_row("mean KL(A ‖ B), nats/token", f"{result.kl_mean:.6f} ± {result.kl_error:.6f}")
     table.add_row("median / 99th percentile / max KL", f"{result.kl_median:.6f} / {result.kl_p99:.6f} / "
                   f"{result.kl_max:.6f}")
@@ -55,16 +58,22 @@ def compare_result(result, as_json: bool) -> None:
     err.print(f"[dim]measured in {result.seconds:.1f} s[/dim]")
 
 
-def bench_table(result, engine, n_prompt: int, n_gen: int, as_json: bool) -> None:
-    where = engine.plan.where
+def bench_table(result, engine, n_prompt: int, n_gen: int, as_json: bool, depth: int = 0) -> None:
+    """The speeds, with what was measured named: threads, devices, and the K/V types and flash attention setting,
+    which both sides ran with (a q4_0 cache is slower on a CPU at depth: a number without its types misleads)."""
+    where, o = engine.plan.where, engine.options
     if as_json:
-        json_result(result.as_dict() | {"model": str(engine.path), "threads": engine.options.threads,
+        json_result(result.as_dict() | {"model": str(engine.path), "threads": o.threads,
                                         "gpu_layers": engine.n_gpu_layers, "where": where,
                                         "devices": [d.name for d in engine.plan.devices],
                                         "split": engine.plan.layers if len(engine.plan.devices) > 1 else None,
-                                        "n_prompt": n_prompt, "n_gen": n_gen})
+                                        "n_prompt": n_prompt, "n_gen": n_gen, "depth": depth,
+                                        "kv_cache_k": o.kv_cache_k, "kv_cache_v": o.kv_cache_v,
+                                        "flash_attn": o.flash_attn})
         return
-    table = Table(title=f"{engine.path.name} — {engine.options.threads} threads, {where}, median of {result.runs}")
+    at = f" at depth {depth:,}" if depth else ""
+    table = Table(title=f"{engine.path.name} — {o.threads} threads, {where}, K/V {describe(o.kv_cache_k, o.kv_cache_v)}"
+                        f", flash attention {o.flash_attn}{at}, median of {result.runs}")
     for col in ("test", "malhae tok/s", "llama-bench tok/s", "ratio"):
         table.add_column(col, justify="right")
     for label, mine, theirs in ((f"pp{n_prompt}", result.prompt_tps, result.upstream_prompt_tps),
