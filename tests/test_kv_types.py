@@ -95,3 +95,21 @@ def test_a_quantized_cache_answers(demo_path):
         assert proc.returncode == 0, proc.stderr
         out[kind] = proc.stdout
     assert "주권" in out["f16"] and out["q8_0"] == out["f16"]
+
+
+def test_a_device_without_flash_attention_is_told_what_to_do(demo_path, monkeypatch):
+    """A GPU backend without flash attention for these shapes makes llama.cpp's auto turn it off, and then refuse
+    the quantized V cache. No such GPU here: llama.cpp's answer on one is faked (its log line and a NULL context)."""
+
+    def refuses(model, params):
+        assert params.flash_attn_type == llama.lc.LLAMA_FLASH_ATTN_TYPE_AUTO and params.type_v == kv.ggml_type("q8_0")
+        llama._log_sink(2, "llama_init_from_model: failed to initialize the context: quantized V cache was "
+                           "requested, but this requires Flash Attention\n")
+        return None
+
+    monkeypatch.setattr(llama.lc, "llama_init_from_model", refuses)
+    options = LoadOptions(model=demo_path, ctx=64, threads=1, kv_cache_k="q8_0", kv_cache_v="q8_0")
+    with llama.Model(demo_path) as model, pytest.raises(UserError) as e:
+        llama.Context(model, options)
+    message = str(e.value)
+    assert "requires Flash Attention" in message and "use --kv-cache-v f16" in message and "\n" not in message

@@ -279,6 +279,8 @@ class Context(Owned):
         self.kv_report = next((r for _, msg in said if (r := kv.Report.parse(msg))), None)
         if not self.ptr:
             why = errors[-1].split(": ", 1)[-1].strip() if errors else "out of memory? try a smaller --ctx"
+            if "flash attention" in why.lower():  # auto found none for this device (a GPU backend without it)
+                why += "; this device has no flash attention for it: use --kv-cache-v f16 (K may stay quantized)"
             raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path} ({why})")
         self.abort = abort
         if abort is not None:  # asked between graph nodes (on the calling thread): True stops llama_decode
