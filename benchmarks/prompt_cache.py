@@ -10,6 +10,9 @@
    state (find + read + CRC + llama_state_seq_set_data) and to save it (copy out + write): where restoring costs
    less than evaluating, the cache pays; app.runtime.prompt_cache.MIN_TOKENS is set from this.
 3. Bytes per token of a saved state at f16, q8_0 and q4_0 K/V.
+4. (--agree) Greedy answers after a restore against a full evaluation, on this model's own kernels: a quantized model's
+   batched and single-row kernels may round differently, and a restore evaluates the question in another batch than
+   a full evaluation does, so a near tie could part them (the demo's F16 weights agree exactly: tests/).
 """
 
 from __future__ import annotations
@@ -99,6 +102,30 @@ def bytes_per_token(options: LoadOptions, doc: str) -> None:
             print(f"{kind}: {size / len(tokens) / 1024:.1f} KiB per token ({size:,} bytes for {len(tokens)} tokens)")
 
 
+def agree(options: LoadOptions, doc: str, n: int = 5) -> None:
+    """Greedy answers after a restore, against the same split in memory (the document evaluated first, then the
+    question: what a chat's KV reuse does) and against one full evaluation of the whole prompt."""
+    greedy = Sampling(temperature=0, max_tokens=32)
+    same_split = same_full = 0
+    for i in range(n):
+        question = doc + f"\n\n질문 {i}: 제{i + 1}조는 무엇을 정하는가?\n답:"
+        with tempfile.TemporaryDirectory() as folder:
+            opts = replace(options, prompt_cache=Path(folder))
+            with Engine(opts) as engine:  # saves the document
+                engine.complete(doc + "\n\n요약:", ONE)
+            with Engine(opts) as engine:
+                restored = engine.complete(question, greedy)[0]
+                assert engine.stats.restored_tokens > 0
+        with Engine(replace(options, prompt_cache=None)) as engine:
+            full = engine.complete(question, greedy)[0]
+            engine.complete(doc + "\n\n요약:", ONE)
+            split = engine.complete(question, greedy)[0]  # the KV cache keeps the document
+        same_split += restored == split
+        same_full += restored == full
+    print(f"greedy 32 tokens after a restore: {same_split} of {n} equal to the same split in memory, {same_full} of "
+          f"{n} equal to one full evaluation")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path)
@@ -106,6 +133,7 @@ def main() -> None:
     parser.add_argument("--doc-tokens", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=(), choices=("ttft", "break-even", "sizes"))
+    parser.add_argument("--agree", action="store_true", help="also compare greedy answers (5 questions)")
     args = parser.parse_args()
     options = LoadOptions(model=args.model, threads=args.threads, ctx=2048 + 256, gpu_layers=0)
     with Engine(replace(options, ctx=4096)) as engine:
@@ -117,6 +145,8 @@ def main() -> None:
         break_even(options, doc)
     if "sizes" not in args.skip:
         bytes_per_token(options, doc)
+    if args.agree:
+        agree(options, doc)
 
 
 if __name__ == "__main__":

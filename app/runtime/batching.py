@@ -403,7 +403,8 @@ class Scheduler:
                              time.perf_counter() - slot.started, slot.ttft, step.matched))
         self._release(slot)
         if reason is not StopReason.ERROR:
-            self.engine.save(slot.cache, len(job.tokens) - slot.cached, slot.seq)
+            reading = job.submitted + slot.ttft - slot.started  # its prompt's evaluation (shared with others')
+            self.engine.save(slot.cache, len(job.tokens) - slot.cached, reading, slot.seq)
 
     def _release(self, slot: _Slot) -> None:
         if slot.chain is not None:

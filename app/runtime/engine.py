@@ -332,12 +332,14 @@ class Engine:
         self.stats.restored_tokens, self.stats.restore_seconds = keep, time.perf_counter() - start
         return list(entry.tokens), keep
 
-    def save(self, cached: list[int], evaluated: int, seq: int = 0) -> None:
-        """Save sequence `seq`'s state (it holds `cached`) when its prompt cost at least MIN_TOKENS tokens of
-        evaluation (`evaluated`): only what was expensive to read is worth the disk."""
-        from malhae.runtime.prompt_cache import MIN_TOKENS
+    def save(self, cached: list[int], evaluated: int, seconds: float, seq: int = 0) -> None:
+        """Save sequence `seq`'s state (it holds `cached`) when reading its prompt (`evaluated` tokens in `seconds`)
+        cost more than restoring it will (prompt_cache.worth_saving): only what was expensive to read earns disk."""
+        from malhae.runtime.prompt_cache import MIN_TOKENS, worth_saving
 
-        if self.prompt_cache is not None and evaluated >= MIN_TOKENS and cached:
+        if self.prompt_cache is None or evaluated < MIN_TOKENS or not cached:
+            return
+        if worth_saving(evaluated, seconds, self.ctx.seq_state_size(seq)):
             self.prompt_cache.save(cached, self.ctx.seq_state(seq))
 
     def generate(self, prompt: str | list[int], sampling: Sampling | None = None, *,
@@ -399,7 +401,7 @@ class Engine:
             tail = step.finish()  # nothing after a stop text
             if tail:
                 yield tail
-            self.save(cache, stats.prompt_tokens - stats.cached_tokens)
+            self.save(cache, stats.prompt_tokens - stats.cached_tokens, stats.prompt_seconds)
         finally:
             stats.generated_tokens = step.n
             stats.decode_seconds = time.perf_counter() - first if first else 0.0

@@ -296,6 +296,9 @@ class Context(Owned):
     def clear(self) -> None:
         lc.llama_memory_clear(lc.llama_get_memory(self.ptr), True)
 
+    def seq_state_size(self, seq: int = 0) -> int:
+        return lc.llama_state_seq_get_size(self.ptr, seq)
+
     def seq_state(self, seq: int = 0) -> memoryview:
         """Sequence `seq`'s state (the K/V of its cached tokens), copied out for the prompt cache."""
         size = lc.llama_state_seq_get_size(self.ptr, seq)

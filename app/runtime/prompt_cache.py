@@ -34,10 +34,15 @@ import numpy as np
 
 from malhae import files
 
-# fewer tokens than this are not saved or looked up. Measured (benchmarks/prompt_cache.py, docs/benchmarks.md): a state
-# restores at 0.2-1 GB/s while the 1.3b shape reads 100 tokens/s on two cores, so restoring wins from a few tokens on;
-# the floor is there so that short chat turns and one-line questions do not fill the disk with states no one reuses.
+# What a save must beat, measured (benchmarks/prompt_cache.py, docs/benchmarks.md; 1.3b-shaped Q4_K_M, 2 cores): a
+# state restores at about 1 GB/s (0.2 s for 1,024 tokens, 201 MB, read + CRC + llama_state_seq_set_data) while the
+# prompt was read at 9 ms per token (9.3 s), so on a CPU restoring pays from the first tokens on. On a fast GPU it
+# may not: reading the prompt again can be as quick as reading its state from disk. So a state is saved only when
+# reading its tokens took at least PAYS times what restoring it is expected to take (worth_saving), and only for
+# MIN_TOKENS or more, so that one-line questions and short chat turns do not fill the disk with states no one reuses.
 MIN_TOKENS = 128
+RESTORE_BYTES_PER_SECOND = 1e9
+PAYS = 2
 DEFAULT_MAX_BYTES = 4 * 2**30
 MAGIC = b"MALHAEKV"
 VERSION = 1
@@ -114,6 +119,11 @@ def read_entry(path: Path) -> Entry | None:
     return Entry(path, tokens, str(meta.get("model", "?")), int(meta["state_bytes"]), st.st_size, st.st_mtime)
 
 
+def worth_saving(evaluated: int, seconds: float, state_bytes: int) -> bool:
+    """Whether `evaluated` tokens read in `seconds` are worth a state of `state_bytes` on disk (see PAYS)."""
+    return evaluated >= MIN_TOKENS and seconds >= PAYS * state_bytes / RESTORE_BYTES_PER_SECOND
+
+
 def shared(a: Sequence[int], b: Sequence[int]) -> int:
     """How many tokens two sequences share from the start."""
     n = min(len(a), len(b))
@@ -170,8 +180,11 @@ class PromptCache:
         return state
 
     def save(self, tokens: Sequence[int], state: bytes | memoryview) -> None:
-        """Write the state of `tokens` on a thread (the caller has copied it out of llama.cpp already)."""
+        """Write the state of `tokens` on a thread (the caller has copied it out of llama.cpp already); a state
+        larger than the whole cap is not written (it would only evict everything, itself included)."""
         self.wait()
+        if len(state) > self.max_bytes:
+            return
         tokens = tuple(tokens)
         self._writer = threading.Thread(target=self._write, args=(tokens, state), name="prompt-cache", daemon=False)
         self._writer.start()
