@@ -28,7 +28,7 @@ import serve_throughput as st  # noqa: E402
 from malhae.runtime import kv, offload  # noqa: E402
 from malhae.runtime.gguf_info import read_info  # noqa: E402
 
-DOCUMENT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ko-public-domain" / "constitution.txt"
+DOCUMENT = Path(__file__).resolve().parents[1] / "models" / "data" / "ko-public-domain" / "constitution.txt"
 
 
 def peak_rss(pid: int) -> int:

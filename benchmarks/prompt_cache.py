@@ -2,7 +2,7 @@
 
     python benchmarks/prompt_cache.py MODEL.gguf [--threads 2] [--doc-tokens 2000] [--rounds 3]
 
-1. TTFT of a question about a ~2,000-token Korean document (the constitution, ../shared/data): cold (a fresh engine,
+1. TTFT of a question about a ~2,000-token Korean document (the constitution, models/data): cold (a fresh engine,
    an empty cache folder: the whole prompt is evaluated and its state saved after the answer) vs restored (a fresh
    engine, the same folder, another question: the document comes from disk). Alternating, `--rounds` times; the
    median of each and their ratio. Goal (issue 33): restored ≥ 20× faster.
@@ -31,7 +31,7 @@ from malhae.runtime import prompt_cache  # noqa: E402
 from malhae.runtime.engine import Engine  # noqa: E402
 from malhae.runtime.settings import LoadOptions, Sampling  # noqa: E402
 
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ko-public-domain" / "constitution.txt"
+TEXT = Path(__file__).resolve().parents[1] / "models" / "data" / "ko-public-domain" / "constitution.txt"
 ONE = Sampling(temperature=0, max_tokens=1)
 
 
