@@ -192,3 +192,19 @@ def test_only_what_was_expensive_to_read_is_saved():
     assert prompt_cache.worth_saving(1024, 9.3, 201_339_480)
     assert not prompt_cache.worth_saving(1024, 0.05, 201_339_480)
     assert not prompt_cache.worth_saving(prompt_cache.MIN_TOKENS - 1, 60.0, 1_000_000)
+
+
+def test_a_cache_that_cannot_be_written_is_only_slower(text, tmp_path):
+    """The cache folder's place taken by a file: nothing can be saved or found there, and every command still works
+    (the cache is a cache: it never fails a run)."""
+    home, doc = tmp_path / "home", tmp_path / "doc.txt"
+    doc.write_text(text[:1500], encoding="utf-8")
+    home.mkdir()
+    (home / "cache").write_text("not a folder", encoding="utf-8")
+    for _ in range(2):
+        proc = _malhae("ask", "요약", "--file", str(doc), "-m", "demo", "-n", "4", "--json", home=home)
+        assert proc.returncode == 0 and b"Traceback" not in proc.stderr, proc.stderr  # nor from the writer thread
+        assert json.loads(proc.stdout)["stats"]["restored_tokens"] == 0
+    listed = _malhae("cache", "--json", home=home)
+    assert listed.returncode == 0 and json.loads(listed.stdout)["entries"] == []
+    assert _malhae("cache", "clear", home=home).returncode == 0

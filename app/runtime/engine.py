@@ -315,6 +315,7 @@ class Engine:
         least MIN_TOKENS more than the `common` tokens the KV cache keeps: (the tokens the sequence now holds, how
         many of them `tokens` keeps), or None with the sequence as it was. The engine's and the server's slots' one
         way in (app.runtime.batching)."""
+        from malhae.runtime import prompt_cache
         from malhae.runtime.prompt_cache import MIN_TOKENS
 
         if self.prompt_cache is None or len(tokens) - 1 - common < MIN_TOKENS:
@@ -326,7 +327,7 @@ class Engine:
             return None
         entry, n = found
         if not self.ctx.set_seq_state(state, seq):
-            entry.path.unlink(missing_ok=True)
+            prompt_cache.remove(entry.path)
             return [], 0  # the sequence was emptied
         keep = min(n, len(tokens) - 1)
         self.stats.restored_tokens, self.stats.restore_seconds = keep, time.perf_counter() - start

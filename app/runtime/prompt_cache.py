@@ -110,13 +110,23 @@ def read_entry(path: Path) -> Entry | None:
     except OSError:
         return None
     if found is None:
-        path.unlink(missing_ok=True)
+        remove(path)
         return None
     meta, tokens, start = found
     if st.st_size != start + int(meta["state_bytes"]):
-        path.unlink(missing_ok=True)
+        remove(path)
         return None
     return Entry(path, tokens, str(meta.get("model", "?")), int(meta["state_bytes"]), st.st_size, st.st_mtime)
+
+
+def remove(path: Path) -> bool:
+    """Delete an entry; False where that is not allowed (a read-only folder, a file another program holds open on
+    Windows): a cache that cannot be tidied is only a cache, never a failure."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        return False
+    return True
 
 
 def worth_saving(evaluated: int, seconds: float, state_bytes: int) -> bool:
@@ -168,12 +178,12 @@ class PromptCache:
         except OSError:
             return None
         if found is None or not complete or found[1] != entry.tokens:
-            entry.path.unlink(missing_ok=True)
+            remove(entry.path)
             return None
         meta, tokens, _ = found
         crc = zlib.crc32(state, zlib.crc32(np.asarray(tokens, dtype="<i4").tobytes()))
         if crc != meta.get("crc32"):
-            entry.path.unlink(missing_ok=True)
+            remove(entry.path)
             return None
         with contextlib.suppress(OSError):
             os.utime(entry.path)  # recently used: evicted last
@@ -214,7 +224,7 @@ class PromptCache:
             return
         for entry in self.entries():  # what the new state extends serves no prompt the new one does not
             if entry.path != target and len(entry.tokens) <= len(tokens) and tokens[:len(entry.tokens)] == entry.tokens:
-                entry.path.unlink(missing_ok=True)
+                remove(entry.path)
         prune(self.root, self.max_bytes)
 
 
@@ -236,17 +246,15 @@ def prune(root: Path, max_bytes: int) -> list[Entry]:
     for entry in entries:
         if total <= max_bytes:
             break
-        entry.path.unlink(missing_ok=True)
-        total -= entry.size
-        removed.append(entry)
+        if remove(entry.path):
+            total -= entry.size
+            removed.append(entry)
     return removed
 
 
 def clear(root: Path, model: str | None = None) -> list[Entry]:
     """Remove every entry (or those of model files named `model`); returns what was removed."""
-    removed = [e for e in all_entries(root) if model is None or e.model == model]
-    for entry in removed:
-        entry.path.unlink(missing_ok=True)
+    removed = [e for e in all_entries(root) if (model is None or e.model == model) and remove(e.path)]
     for folder in {e.path.parent for e in removed}:
         with contextlib.suppress(OSError):
             folder.rmdir()  # only when empty
