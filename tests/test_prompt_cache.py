@@ -86,7 +86,7 @@ def test_another_setup_never_gets_the_state(options, text, tmp_path):
     assert _answer(options, prompt)[1] > 0  # and the original still finds its own
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "nested"])
 def test_a_damaged_file_is_removed_never_restored(options, text, damage):
     prompt = text[:1500] + "\n요약:"
     want = _answer(replace(options, prompt_cache=None), prompt)[0]
@@ -97,8 +97,11 @@ def test_a_damaged_file_is_removed_never_restored(options, text, damage):
         data[-100] ^= 0x40  # one bit of the K/V values: only the CRC can tell
     elif damage == "truncate":
         data = data[:len(data) // 2]
-    else:
+    elif damage == "foreign":
         data = bytearray(b"GGUF" + os.urandom(4096))
+    else:  # ours on the outside, a header nested past any bound inside
+        nested = b"[" * 60_000 + b"]" * 60_000
+        data = bytearray(prompt_cache._HEADER.pack(prompt_cache.MAGIC, prompt_cache.VERSION, 65_536) + nested[:65_536])
     path.write_bytes(bytes(data))
     text_after, restored, _ = _answer(options, prompt)
     assert restored == 0 and text_after == want

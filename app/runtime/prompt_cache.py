@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from malhae import files
+from malhae.errors import UserError
 
 # What a save must beat, measured (benchmarks/prompt_cache.py, docs/benchmarks.md; 1.3b-shaped Q4_K_M, 2 cores): a
 # state restores at about 1 GB/s (0.2 s for 1,024 tokens, 201 MB, read + CRC + llama_state_seq_set_data) while the
@@ -89,11 +90,11 @@ def _read_header(f) -> tuple[dict, tuple[int, ...], int] | None:
     if magic != MAGIC or version != VERSION or not 0 < n <= MAX_HEADER:
         return None
     try:
-        meta = json.loads(f.read(n))
+        meta = files.parse_json(f.read(n), "a prompt-cache entry")  # bounded: nesting, digits, sizes
         count = int(meta["n_tokens"])
         if not 0 < count <= MAX_TOKENS or int(meta["state_bytes"]) <= 0:
             return None
-    except (ValueError, KeyError, TypeError):
+    except (UserError, ValueError, KeyError, TypeError):
         return None
     raw = f.read(4 * count)
     if len(raw) != 4 * count:
