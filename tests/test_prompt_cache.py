@@ -211,3 +211,15 @@ def test_a_cache_that_cannot_be_written_is_only_slower(text, tmp_path):
     listed = _malhae("cache", "--json", home=home)
     assert listed.returncode == 0 and json.loads(listed.stdout)["entries"] == []
     assert _malhae("cache", "clear", home=home).returncode == 0
+
+
+def test_cache_lists_a_foreign_name_without_its_control_characters(tmp_path):
+    """An entry's model name comes from its file: an escape sequence in it is not sent to the terminal."""
+    home = tmp_path / "home"
+    root = home / "cache" / "prompt-cache"
+    cache = prompt_cache.PromptCache(root, root / "x", "evil\x1b[2J\x1b]0;title\x07.gguf")
+    cache.save(list(range(200)), b"\0" * 1000)
+    cache.wait()
+    proc = _malhae("cache", home=home)
+    assert proc.returncode == 0 and b"evil" in proc.stdout
+    assert b"\x1b" not in proc.stdout + proc.stderr and b"\x07" not in proc.stdout

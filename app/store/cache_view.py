@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from malhae import units
-from malhae.ui import err, out
+from malhae.ui import err, out, printable
 
 
 def _ago(seconds: float) -> str:
@@ -40,7 +40,8 @@ def entries(root: Path, found: list, cap_gib: float, enabled: bool, as_json: boo
         table.add_column(col, justify=justify, overflow="fold")
     now = time.time()
     for e in found:
-        table.add_row(escape(e.model), f"{len(e.tokens):,}", units.size(e.size), _ago(now - e.last_used))
+        table.add_row(escape(printable(e.model)),  # the file's own word: untrusted
+                      f"{len(e.tokens):,}", units.size(e.size), _ago(now - e.last_used))
     out.print(table)
     err.print(f"[dim]{escape(str(root))} · {units.size(total)} of {cap_gib:g} GiB (prompt_cache_max){state} · "
               "`malhae cache clear [MODEL]` empties it[/dim]", soft_wrap=True)
