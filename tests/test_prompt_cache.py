@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from malhae.runtime import prompt_cache
-from malhae.runtime.engine import Engine
+from malhae.runtime.engine import Engine, common_prefix
 from malhae.runtime.settings import LoadOptions, Sampling
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -57,7 +57,7 @@ def test_a_restored_prompt_answers_as_a_full_evaluation(options, text):
     plain, none, _ = _answer(replace(options, prompt_cache=None), prompt)
     assert none == 0
     with Engine(replace(options, prompt_cache=None)) as engine:
-        shared = prompt_cache.shared(engine.tokenize(document + "\n질문: 국회의원의 임기는?\n답:"), tokens)
+        shared = common_prefix(engine.tokenize(document + "\n질문: 국회의원의 임기는?\n답:"), tokens)
     assert restored == shared >= prompt_cache.MIN_TOKENS  # the document came from disk, the question was read
     assert again == plain  # token for token
 

@@ -22,6 +22,7 @@ from gguf import Keys
 from malhae.errors import UserError
 from malhae.runtime import hardware, kv, llama, offload, sampler
 from malhae.runtime.gguf_info import GGUFInfo, check_shape, read_info
+from malhae.runtime.kv import common_prefix
 from malhae.runtime.settings import LoadOptions, Sampling, check, context_size
 from malhae.runtime.speculate import Counts, Speculator
 from malhae.runtime.step import Step, StopReason
@@ -59,16 +60,6 @@ class Stats:
         """Plain values for JSON (`--json`, bench files): stop_reason as its plain word, not the Enum."""
         return asdict(self) | {"stop_reason": str(self.stop_reason), "prompt_tps": round(self.prompt_tps, 2),
                                "decode_tps": round(self.decode_tps, 2)}
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many tokens two sequences share from the start: what a KV cache holding `a` can keep for `b`."""
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def check_prompt(tokens: list[int], n_ctx: int, *, server: bool = False) -> None:
@@ -316,12 +307,11 @@ class Engine:
         many of them `tokens` keeps), or None with the sequence as it was. The engine's and the server's slots' one
         way in (app.runtime.batching)."""
         from malhae.runtime import prompt_cache
-        from malhae.runtime.prompt_cache import MIN_TOKENS
 
-        if self.prompt_cache is None or len(tokens) - 1 - common < MIN_TOKENS:
+        if self.prompt_cache is None or len(tokens) - 1 - common < prompt_cache.MIN_TOKENS:
             return None
         start = time.perf_counter()
-        found = self.prompt_cache.find(tokens, at_least=common + MIN_TOKENS)
+        found = self.prompt_cache.find(tokens, at_least=common + prompt_cache.MIN_TOKENS)
         state = self.prompt_cache.load(found[0]) if found else None
         if state is None:
             return None
@@ -336,11 +326,11 @@ class Engine:
     def save(self, cached: list[int], evaluated: int, seconds: float, seq: int = 0) -> None:
         """Save sequence `seq`'s state (it holds `cached`) when reading its prompt (`evaluated` tokens in `seconds`)
         cost more than restoring it will (prompt_cache.worth_saving): only what was expensive to read earns disk."""
-        from malhae.runtime.prompt_cache import MIN_TOKENS, worth_saving
+        from malhae.runtime import prompt_cache
 
-        if self.prompt_cache is None or evaluated < MIN_TOKENS or not cached:
+        if self.prompt_cache is None or evaluated < prompt_cache.MIN_TOKENS or not cached:
             return
-        if worth_saving(evaluated, seconds, self.ctx.seq_state_size(seq)):
+        if prompt_cache.worth_saving(evaluated, seconds, self.ctx.seq_state_size(seq)):
             self.prompt_cache.save(cached, self.ctx.seq_state(seq))
 
     def generate(self, prompt: str | list[int], sampling: Sampling | None = None, *,

@@ -13,6 +13,7 @@ a smaller cache costs decode speed at depth (measured in docs/benchmarks.md): it
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -29,6 +30,16 @@ KV_TYPES: dict[str, GGMLQuantizationType] = {
 F32 = GGMLQuantizationType.F32  # only for --precise parity runs (llama.Context(precise=True))
 FLASH_ATTN = ("auto", "on", "off")  # auto: as llama.cpp decides for the device (on where it is supported)
 CELL_ROUNDING = 256  # llama.cpp pads each sequence's context to a multiple of this many cells (llama-context.cpp)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens two sequences share from the start: what a KV cache holding `a` can keep for `b`."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def quantized(name: str) -> bool:

@@ -34,6 +34,7 @@ import numpy as np
 
 from malhae import files
 from malhae.errors import UserError
+from malhae.runtime.kv import common_prefix
 
 # What a save must beat, measured (benchmarks/prompt_cache.py, docs/benchmarks.md; 1.3b-shaped Q4_K_M, 2 cores): a
 # state restores at about 1 GB/s (0.2 s for 1,024 tokens, 201 MB, read + CRC + llama_state_seq_set_data) while the
@@ -135,16 +136,6 @@ def worth_saving(evaluated: int, seconds: float, state_bytes: int) -> bool:
     return evaluated >= MIN_TOKENS and seconds >= PAYS * state_bytes / RESTORE_BYTES_PER_SECOND
 
 
-def shared(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many tokens two sequences share from the start."""
-    n = min(len(a), len(b))
-    if not n:
-        return 0
-    x, y = np.asarray(a[:n]), np.asarray(b[:n])
-    differ = np.flatnonzero(x != y)
-    return int(differ[0]) if len(differ) else n
-
-
 class PromptCache:
     """The saved states of one model and setup (`folder`), under a root bounded to `max_bytes` in all."""
 
@@ -164,7 +155,7 @@ class PromptCache:
         self.wait()  # a state still being written is found once it is complete
         best: tuple[Entry, int] | None = None
         for entry in self.entries():
-            n = shared(entry.tokens, tokens)
+            n = common_prefix(entry.tokens, tokens)
             if n >= max(at_least, 1) and (best is None or n > best[1]):
                 best = (entry, n)
         return best
