@@ -225,7 +225,7 @@ class Scheduler:
         slot.ttft = 0.0
         # min_new: the end token is kept away (ignore_eos) until then; _take swaps in the plain chain
         held = replace(job.sampling, ignore_eos=True) if job.min_new else job.sampling
-        slot.chain = sampler.chain(self.model.vocab, self.model.n_vocab, held, job.tokens)
+        slot.chain = sampler.Sampler(self.model.vocab, self.model.n_vocab, held, job.tokens)
         if job.echo:
             slot.prompt_lp = reused if common else [TokenLogprob(job.tokens[0], None)]
 
@@ -330,7 +330,7 @@ class Scheduler:
         if step.reason is not None:  # max_tokens 0: the prompt was all that was asked for
             self._finish(slot, step.reason)
             return
-        token = lc.llama_sampler_sample(slot.chain, self.ctx, slot.row)
+        token = slot.chain.sample(self.ctx, slot.row)
         logprob = self._logprobs(slot.row, [token], job.logprobs)[0] if job.logprobs is not None else None
         self._take(slot, token, logprob)
 
@@ -341,9 +341,9 @@ class Scheduler:
             slot.ttft = time.perf_counter() - job.submitted  # waiting in the queue counts: the client waited
         text = step.take(token)
         reason = step.reason
-        if reason is None and step.n == job.min_new and not job.sampling.ignore_eos:  # the end token may come now
-            sampler.free(slot.chain)
-            slot.chain = sampler.chain(self.model.vocab, self.model.n_vocab, job.sampling, [*slot.cache, token])
+        if reason is None and step.n == job.min_new and not job.sampling.ignore_eos and job.sampling.grammar is None:
+            sampler.free(slot.chain)  # the end token may come now (a grammar's state is kept: it ends the answer)
+            slot.chain = sampler.Sampler(self.model.vocab, self.model.n_vocab, job.sampling, [*slot.cache, token])
         if reason is not StopReason.EOS:  # an end token is not handed out
             self._send(job, Token(token, text, logprob))
         if reason is None:

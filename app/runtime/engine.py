@@ -279,8 +279,8 @@ class Engine:
 
     # --- generation ------------------------------------------------------------------------------------------
 
-    def _sampler(self, s: Sampling, history: list[int]):
-        return sampler.chain(self.vocab, self.n_vocab, s, history)
+    def _sampler(self, s: Sampling, history: list[int]) -> sampler.Sampler:
+        return sampler.Sampler(self.vocab, self.n_vocab, s, history)
 
     def evaluate(self, tokens: list[int]) -> None:
         """Bring the KV cache to exactly `tokens`, evaluating only what is not cached (at least the last token): what
@@ -348,7 +348,7 @@ class Engine:
         step = Step(self.vocab, s.stop, min(s.max_tokens, self.n_ctx - len(tokens)), s.max_tokens, answer=s.answer)
         chain = self._sampler(s, tokens)
         ctx = self.ctx.ptr
-        take, sample, decode, get_one = step.take, lc.llama_sampler_sample, lc.llama_decode, lc.llama_batch_get_one
+        take, sample, decode, get_one = step.take, chain.sample, lc.llama_decode, lc.llama_batch_get_one
         eos = StopReason.EOS
         one = (lc.llama_token * 1)()
         cache = self.cache
@@ -362,7 +362,7 @@ class Engine:
         reason = step.reason
         try:
             while reason is None:
-                token = ahead.pop(0) if ahead else sample(chain, ctx, -1)
+                token = ahead.pop(0) if ahead else sample(ctx, -1)
                 if not first:
                     first = time.perf_counter()
                     stats.ttft = first - start
@@ -398,7 +398,7 @@ class Engine:
             stats.decode_seconds = time.perf_counter() - first if first else 0.0
             if spec is not None:
                 stats.draft_proposed, stats.draft_accepted = spec.counts.proposed, spec.counts.accepted
-            lc.llama_sampler_free(chain)
+            chain.free()
 
     def complete(self, prompt: str | list[int], sampling: Sampling | None = None) -> tuple[str, Stats]:
         text = "".join(self.generate(prompt, sampling))

@@ -1,25 +1,50 @@
-"""llama.cpp's native sampler chain for one Sampling: the one place that turns settings into samplers.
+"""llama.cpp's native sampler chain for one Sampling: the one place that turns settings into samplers, and the one
+that applies a grammar.
 
 Native chains (not Python sampling over numpy logits) because a chain samples straight from llama.cpp's logits buffer
 without copying 30,080 floats per token into Python; the chat engine and the server's slots build theirs here, so the
 same settings choose tokens the same way everywhere.
+
+A grammar (Sampling.grammar: a JSON schema's or GBNF) is applied as llama.cpp's own tools apply it (common/sampling):
+the chain samples without it, the grammar checks that one token, and only when it is rejected are all candidates
+masked by the grammar and sampled again. Masking 30,080 candidates costs more than a token's decode on a fast model;
+checking one costs nearly nothing, and inside a JSON string most tokens pass. A retry goes one step further
+(`Sampler._retry`): the valid tokens that greedy or top-k would choose are among the likeliest few far more often
+than not, so those are masked first and the whole vocabulary only when too few of them are valid — the same choice
+either way.
 """
 
 from __future__ import annotations
 
+import ctypes
+import math
 from collections.abc import Sequence
+from functools import partial
 
 import llama_cpp as lc
+import numpy as np
 
+from malhae.runtime import grammar as grammars
 from malhae.runtime.settings import Sampling
+
+RETRY_FIRST = 64  # candidates a retry masks before the whole vocabulary (at least 4 × top_k)
+_TOKEN_DATA = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])  # llama_token_data's layout
+_NEG_INF = -math.inf
 
 
 def chain(vocab, n_vocab: int, s: Sampling, history: Sequence[int] = ()):
-    """A new sampler chain (free it with `free`); `history` (the prompt) is what the penalties see first, as in
-    llama.cpp's own tools."""
+    """A new native sampler chain (free it with `free`); `history` (the prompt) is what the penalties see first, as
+    in llama.cpp's own tools."""
+    out = _adjusting(vocab, n_vocab, s, history)
+    _choosing(out, s)
+    return out
+
+
+def _adjusting(vocab, n_vocab: int, s: Sampling, history: Sequence[int]):
+    """A chain of the samplers that change logits by what came before (the end-token ban, the penalties)."""
     out = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
     add = lc.llama_sampler_chain_add
-    if s.ignore_eos:
+    if s.ignore_eos and s.grammar is None:  # with a grammar, the grammar decides where the answer ends
         eog = [t for t in range(n_vocab) if lc.llama_vocab_is_eog(vocab, t)]
         if eog:
             biases = (lc.llama_logit_bias * len(eog))(*[lc.llama_logit_bias(t, float("-inf")) for t in eog])
@@ -28,23 +53,128 @@ def chain(vocab, n_vocab: int, s: Sampling, history: Sequence[int] = ()):
     if penalised and s.repeat_last_n != 0:
         add(out, lc.llama_sampler_init_penalties(n_vocab, s.repeat_last_n, s.repeat_penalty, s.frequency_penalty,
                                                  s.presence_penalty))
-    if s.temperature <= 0:
-        add(out, lc.llama_sampler_init_greedy())
-    else:
-        if s.top_k > 0:
-            add(out, lc.llama_sampler_init_top_k(s.top_k))
-        if 0 < s.top_p < 1:
-            add(out, lc.llama_sampler_init_top_p(s.top_p, 1))
-        if s.min_p > 0:
-            add(out, lc.llama_sampler_init_min_p(s.min_p, 1))
-        add(out, lc.llama_sampler_init_temp(s.temperature))
-        seed = lc.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
-        add(out, lc.llama_sampler_init_dist(seed))
     window = history[-s.repeat_last_n:] if s.repeat_last_n > 0 else history
     for token in window:
         lc.llama_sampler_accept(out, token)
     return out
 
 
+def _choosing(out, s: Sampling) -> None:
+    """Add the samplers that choose among the candidates (greedy, or top-k … temperature and a draw)."""
+    add = lc.llama_sampler_chain_add
+    if s.temperature <= 0:
+        add(out, lc.llama_sampler_init_greedy())
+        return
+    if s.top_k > 0:
+        add(out, lc.llama_sampler_init_top_k(s.top_k))
+    if 0 < s.top_p < 1:
+        add(out, lc.llama_sampler_init_top_p(s.top_p, 1))
+    if s.min_p > 0:
+        add(out, lc.llama_sampler_init_min_p(s.min_p, 1))
+    add(out, lc.llama_sampler_init_temp(s.temperature))
+    seed = lc.LLAMA_DEFAULT_SEED if s.seed is None else s.seed & 0xFFFFFFFF
+    add(out, lc.llama_sampler_init_dist(seed))
+
+
+class Sampler:
+    """One sequence's sampling: its chain, and its grammar's state when Sampling.grammar is set. `sample(ctx, i)`
+    chooses (and accepts) the token after batch row i (-1: the last); bind it to a local on a hot path."""
+
+    def __init__(self, vocab, n_vocab: int, s: Sampling, history: Sequence[int] = ()) -> None:
+        self.grammar = self.pre = self.post = self.top = None
+        if s.grammar is None:
+            self.chain = chain(vocab, n_vocab, s, history)
+            self.sample = partial(lc.llama_sampler_sample, self.chain)
+            return
+        self.chain = None
+        try:
+            self.grammar = grammars.sampler(vocab, s.grammar)
+            # in two parts, so that a retry can narrow the candidates between them (see _retry)
+            self.pre = _adjusting(vocab, n_vocab, s, history)
+            self.post = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+            _choosing(self.post, s)
+            # the first sampler that chooses keeps this many: a retry among the likeliest finds them, or masks all
+            self.keep = 1 if s.temperature <= 0 else max(s.top_k, 0)
+            if self.keep:
+                self.top = lc.llama_sampler_init_top_k(max(RETRY_FIRST, 4 * self.keep))
+        except BaseException:
+            self.free()
+            raise
+        self.sample = self._constrained
+        self.n_vocab = n_vocab
+        self.eos = lc.llama_vocab_eos(vocab)
+        self._data = np.zeros(n_vocab, _TOKEN_DATA)
+        self._ids = np.arange(n_vocab, dtype=np.int32)
+        self._all = lc.llama_token_data_array(self._data.ctypes.data_as(lc.llama_token_data_p), n_vocab, -1, False)
+        self._one = lc.llama_token_data(0, 0.0, 0.0)
+        self._single = lc.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
+
+    def _fill(self, ctx, idx: int) -> None:
+        """The candidates, from llama.cpp's logits of row `idx`, in the reused array, adjusted (penalties)."""
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        data = self._data
+        data["id"] = self._ids
+        data["logit"] = logits
+        arr = self._all
+        arr.data, arr.size, arr.selected, arr.sorted = self._data.ctypes.data_as(lc.llama_token_data_p), \
+            self.n_vocab, -1, False
+        lc.llama_sampler_apply(self.pre, ctypes.byref(arr))
+
+    def _valid(self, token: int) -> bool:
+        one = self._one
+        one.id, one.logit, one.p = token, 1.0, 0.0
+        single = self._single
+        single.size, single.selected, single.sorted = 1, -1, False
+        lc.llama_sampler_apply(self.grammar, ctypes.byref(single))
+        return one.logit != _NEG_INF
+
+    def _constrained(self, ctx, idx: int) -> int:
+        arr = self._all
+        self._fill(ctx, idx)
+        lc.llama_sampler_apply(self.post, ctypes.byref(arr))
+        token = arr.data[arr.selected].id
+        if not self._valid(token):
+            token = self._retry(ctx, idx)
+            if token is None:
+                return self.eos  # nothing may follow: the grammar is complete (or stuck)
+        lc.llama_sampler_accept(self.pre, token)
+        lc.llama_sampler_accept(self.post, token)
+        lc.llama_sampler_accept(self.grammar, token)
+        return token
+
+    def _retry(self, ctx, idx: int) -> int | None:
+        """The token the grammar-masked candidates give, or None if the grammar allows none. The choosing samplers
+        look only at their first `keep` candidates (greedy at one, top-k at k), so when at least that many of the
+        likeliest few are valid, masking those few gives the same choice as masking all 30,080 (30 times as dear)."""
+        apply, arr = lc.llama_sampler_apply, self._all
+        self._fill(ctx, idx)
+        if self.top is not None:
+            apply(self.top, ctypes.byref(arr))  # the likeliest, sorted
+            apply(self.grammar, ctypes.byref(arr))
+            arr.sorted = False  # masked ones now lie among them
+            if int(np.count_nonzero(self._data["logit"][:arr.size] != _NEG_INF)) >= self.keep:
+                return self._choose()
+            self._fill(ctx, idx)
+        apply(self.grammar, ctypes.byref(arr))
+        return self._choose()
+
+    def _choose(self) -> int | None:
+        arr = self._all
+        lc.llama_sampler_apply(self.post, ctypes.byref(arr))
+        chosen = arr.data[arr.selected]
+        return None if chosen.logit == _NEG_INF else chosen.id
+
+    def free(self) -> None:
+        for name in ("chain", "grammar", "pre", "post", "top"):
+            native = getattr(self, name, None)
+            if native is not None:
+                lc.llama_sampler_free(native)
+                setattr(self, name, None)
+
+
 def free(sampler) -> None:
-    lc.llama_sampler_free(sampler)
+    """Free a Sampler, or a bare chain from `chain`."""
+    if isinstance(sampler, Sampler):
+        sampler.free()
+    else:
+        lc.llama_sampler_free(sampler)

@@ -13,9 +13,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from malhae.errors import UserError
 from malhae.runtime.kv import FLASH_ATTN, KV_TYPES
+
+if TYPE_CHECKING:
+    from malhae.runtime.grammar import Grammar
 
 DEFAULT_MAX_CTX = 4096  # the family trains at 2048; larger contexts only cost memory
 DEFAULT_BATCH = 512  # tokens per llama_decode (llama.cpp's default), capped by the context
@@ -207,6 +211,9 @@ class Sampling:
     # the text is an answer to a chat prompt ("…어시스턴트:"), not a continuation: the whitespace the prompt format
     # leaves before it is not part of it (app.runtime.stream.TextStream drops it; the model's input is unchanged)
     answer: bool = False
+    # constrained decoding (app.runtime.grammar): the answer follows this JSON schema's or GBNF's grammar, and ends
+    # where the grammar does
+    grammar: Grammar | None = None
 
     def checked(self) -> Sampling:
         """Self, after every table value has been checked (a library caller may build one by hand)."""

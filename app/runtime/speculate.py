@@ -25,6 +25,7 @@ import llama_cpp as lc
 from malhae.errors import UserError
 from malhae.runtime.draft import Drafter
 from malhae.runtime.llama import Batch
+from malhae.runtime.sampler import Sampler
 
 PRIOR_ACCEPT = 0.7  # how often an untried kind of drafted token is assumed to be accepted …
 PRIOR_WEIGHT = 2.0  # … worth this many observations
@@ -190,7 +191,7 @@ class Speculator:
         k = length.cut(keys[:most])
         return keys[:k], draft[:k]
 
-    def advance(self, ctx, chain, seq: int, history: list[int], limit: int) -> list[int]:
+    def advance(self, ctx, chain: Sampler, seq: int, history: list[int], limit: int) -> list[int]:
         """Decode the last token of `history` (at position len(history) - 1 of sequence `seq`) with a draft of at
         most `limit` tokens, when one pays; return the tokens sampled after it: the accepted draft and one more.
 
@@ -209,9 +210,9 @@ class Speculator:
             raise UserError(f"llama.cpp failed while generating (llama_decode of {rows} tokens returned {rc})")
         length.timed(rows, seconds)
         out: list[int] = []
-        sample = lc.llama_sampler_sample
+        sample = chain.sample
         for i in range(rows):
-            token = sample(chain, ctx, i)
+            token = sample(ctx, i)
             out.append(token)
             if i == len(draft) or token != draft[i]:
                 break

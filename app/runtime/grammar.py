@@ -1,0 +1,342 @@
+"""Constrained decoding's input: a JSON schema or a GBNF grammar, checked and turned into what llama.cpp's grammar
+sampler reads.
+
+JSON Schema → GBNF is llama-cpp-python's port of llama.cpp's json-schema-to-grammar (`llama_cpp.llama_grammar`), not
+a converter of malhae's own. The port lags llama.cpp's in three places this module mends on top of it, each in one
+override: integers with bounds (`minimum`/`maximum`, which the port ignores: a schema asking for 1-5 got 12345), raw
+control characters inside strings (the port lets a newline into a JSON string, which no JSON parser accepts) and
+JSON string literals holding a quote or a backslash (the port writes them unescaped). Everything else the port does
+not implement is refused by name before any model is loaded (`unsupported`), never ignored: an answer that looks
+valid and breaks the schema is worse than a clear "no".
+
+Schemas come from users and from HTTP clients, so every number in them that grows the grammar (repetitions, string
+lengths, integer digits, nesting, size) is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import threading
+from dataclasses import dataclass, field
+
+from malhae.errors import UserError
+
+MAX_SCHEMA_BYTES = 256 << 10  # a 50-property schema is about 5 KB
+MAX_GRAMMAR_BYTES = 1 << 20  # GBNF, given or made from a schema
+MAX_DEPTH = 32  # nesting of a schema's objects, arrays and combinators
+MAX_REPEAT = 1000  # minItems / maxItems / minLength / maxLength: each is written out in the grammar
+MAX_INT_DIGITS = 15  # the port's integers have at most 16 digits; bounds stay within them
+
+# keywords the converter implements, and those that only describe (they change no valid output)
+CONVERTED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+             "maxItems", "enum", "const", "oneOf", "anyOf", "allOf", "$ref", "$defs", "definitions", "pattern",
+             "format", "minLength", "maxLength"}
+INTEGER_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}  # mended here, for integers only
+ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "readOnly", "writeOnly",
+               "deprecated", "contentMediaType", "contentEncoding"}
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """What constrains an answer: GBNF for llama.cpp, and the JSON schema it was made from, if any (a remote server
+    is sent the schema, not malhae's GBNF). `what` names it in messages."""
+
+    gbnf: str
+    what: str
+    schema: dict | None = field(default=None, compare=False)
+
+    @property
+    def is_json(self) -> bool:
+        return self.schema is not None
+
+
+def json_object() -> Grammar:
+    """Any JSON object: OpenAI's `json_object` mode and Ollama's `format: "json"`."""
+    return from_schema({"type": "object"}, "JSON mode")
+
+
+def from_schema(schema: object, where: str = "the schema") -> Grammar:
+    """A checked JSON schema's grammar; a schema that is not one, uses what is not implemented, or has no finite
+    answer is a one-line UserError that says so."""
+    if not isinstance(schema, dict):
+        raise UserError(f"{where} must be a JSON object (a JSON schema), not {type(schema).__name__}")
+    size = len(json.dumps(schema, ensure_ascii=False).encode())
+    if size > MAX_SCHEMA_BYTES:
+        raise UserError(f"{where} is {size:,} bytes; at most {MAX_SCHEMA_BYTES:,}")
+    found: set[str] = set()
+    _walk(schema, where, 0, found)
+    if found:
+        names = ", ".join(sorted(found))
+        raise UserError(f"{where} uses {names}, which constrained decoding does not implement; remove "
+                        f"{'it' if len(found) == 1 else 'them'} (and check the answer in your program)")
+    if not _finite(schema, schema, frozenset()):
+        raise UserError(f"{where} is recursive without a way out: every answer would be infinitely deep (make the "
+                        "recursive property optional, or give it minItems 0)")
+    try:
+        gbnf = _converter().convert(schema)
+    except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as e:
+        raise UserError(f"{where} cannot be turned into a grammar: {str(e)[:200]}") from None
+    return _bounded(Grammar(gbnf, "JSON schema", schema), where)
+
+
+def from_gbnf(text: str, where: str = "the grammar") -> Grammar:
+    """A GBNF grammar as given (its syntax is llama.cpp's to judge: `check`)."""
+    if not text.strip():
+        raise UserError(f"{where} is empty; give GBNF rules, e.g. root ::= (\"예\" | \"아니요\")")
+    if "root" not in text:
+        raise UserError(f"{where} has no root rule; GBNF starts from `root ::= …`")
+    return _bounded(Grammar(text, "GBNF grammar"), where)
+
+
+def _bounded(g: Grammar, where: str) -> Grammar:
+    size = len(g.gbnf.encode())
+    if size > MAX_GRAMMAR_BYTES:
+        raise UserError(f"{where} makes a grammar of {size:,} bytes; at most {MAX_GRAMMAR_BYTES:,} (fewer or "
+                        "shorter repetitions)")
+    return g
+
+
+# --- checking a schema -----------------------------------------------------------------------------------------
+
+def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
+    """Every keyword of every subschema is one the converter implements or one that only describes; the others
+    go into `found`. Counts and depths are bounded here, before the converter writes anything out."""
+    if depth > MAX_DEPTH:
+        raise UserError(f"{where} is nested more than {MAX_DEPTH} deep")
+    if isinstance(node, bool):
+        if node is False:
+            found.add("a `false` schema")
+        return
+    if not isinstance(node, dict):
+        raise UserError(f"{where}: a subschema must be an object, not {json.dumps(node, ensure_ascii=False)[:60]}")
+    kind = node.get("type")
+    kinds = kind if isinstance(kind, list) else [kind]
+    if any(k is not None and k not in TYPES for k in kinds):
+        raise UserError(f"{where}: unknown type {json.dumps(kind, ensure_ascii=False)[:60]}; the types are "
+                        f"{', '.join(TYPES)}")
+    for key, value in node.items():
+        if key in INTEGER_BOUNDS and kinds == ["integer"]:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or abs(value) >= 10 ** MAX_INT_DIGITS:
+                raise UserError(f"{where}: {key} must be a number of at most {MAX_INT_DIGITS} digits")
+        elif key in ("minItems", "maxItems", "minLength", "maxLength"):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPEAT:
+                raise UserError(f"{where}: {key} must be a whole number from 0 to {MAX_REPEAT}")
+        elif key not in CONVERTED and key not in ANNOTATIONS:
+            found.add(f"{key} (on {kind})" if key in INTEGER_BOUNDS and kind else key)
+    for key in ("properties", "$defs", "definitions"):
+        children = node.get(key, {})
+        if not isinstance(children, dict):
+            raise UserError(f"{where}: {key} must be an object")
+        for name, child in children.items():
+            if key == "properties" and ('"' in name or "\\" in name or any(ord(c) < 32 for c in name)):
+                raise UserError(f"{where}: property name {json.dumps(name, ensure_ascii=False)[:60]} holds a quote, "
+                                "backslash or control character; constrained decoding cannot write it")
+            _walk(child, where, depth + 1, found)
+    for key in ("oneOf", "anyOf", "allOf", "prefixItems"):
+        if key not in node:
+            continue
+        children = node[key]
+        if not isinstance(children, list) or not children:
+            raise UserError(f"{where}: {key} must be a non-empty array of schemas")
+        for child in children:
+            _walk(child, where, depth + 1, found)
+    for key in ("items", "additionalProperties"):
+        child = node.get(key)
+        if isinstance(child, (dict, list)):
+            for c in child if isinstance(child, list) else [child]:
+                _walk(c, where, depth + 1, found)
+    if "required" in node and (not isinstance(node["required"], list)
+                               or not all(isinstance(r, str) for r in node["required"])):
+        raise UserError(f"{where}: required must be an array of property names")
+    if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
+        raise UserError(f"{where}: enum must be a non-empty array")
+    ref = node.get("$ref")
+    if ref is not None and (not isinstance(ref, str) or not ref.startswith("#")):
+        raise UserError(f"{where}: $ref {json.dumps(ref)[:80]} is not supported; only references inside the schema "
+                        "(#/$defs/…) are")
+
+
+def _target(root: dict, ref: str) -> object:
+    node: object = root
+    for part in ref.split("#", 1)[1].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            raise UserError(f"the schema's $ref {ref[:80]} points at nothing")
+        node = node[part]
+    return node
+
+
+def _finite(node: object, root: dict, seen: frozenset[str]) -> bool:
+    """Whether some finite JSON value satisfies `node` as the converter reads it: a $ref cycle whose every way
+    round is required (an object that must contain itself) has none, and would generate until max_tokens."""
+    if not isinstance(node, dict):
+        return node is not False
+    ref = node.get("$ref")
+    if isinstance(ref, str):
+        return ref not in seen and _finite(_target(root, ref), root, seen | {ref})
+    for key in ("oneOf", "anyOf"):
+        if key in node:
+            return any(_finite(c, root, seen) for c in node[key])
+    if "allOf" in node and not all(_finite(c, root, seen) for c in node["allOf"]):
+        return False
+    if "enum" in node or "const" in node:
+        return True
+    props = node.get("properties", {})
+    if not all(_finite(props[name], root, seen) for name in node.get("required", []) if name in props):
+        return False
+    items = node.get("items")
+    if isinstance(items, dict) and node.get("minItems", 0) > 0 and not _finite(items, root, seen):
+        return False
+    return all(_finite(c, root, seen) for c in node.get("prefixItems", []))
+
+
+# --- the converter, mended -------------------------------------------------------------------------------------
+
+def _int_range(lo: int | None, hi: int | None) -> str:
+    """GBNF for the integers from lo to hi (None: unbounded, as far as 16 digits go), written as digit ranges."""
+    top = 10 ** (MAX_INT_DIGITS + 1) - 1
+    lo = -top if lo is None else lo
+    hi = top if hi is None else hi
+    parts = []
+    if lo < 0:
+        parts.append('"-" ' + _naturals(max(1, -hi) if hi < 0 else 1, -lo))
+    if hi >= 0:
+        parts.append(_naturals(max(lo, 0), hi))
+    return "(" + " | ".join(parts) + ")"
+
+
+def _naturals(lo: int, hi: int) -> str:
+    """GBNF for lo … hi (0 ≤ lo ≤ hi), no leading zeros: one alternative per number of digits."""
+    alts = []
+    for n in range(len(str(lo)), len(str(hi)) + 1):
+        a = lo if n == len(str(lo)) else 10 ** (n - 1)
+        b = hi if n == len(str(hi)) else 10 ** n - 1
+        alts.append(_same_length(str(a), str(b)))
+    return "(" + " | ".join(alts) + ")"
+
+
+def _same_length(a: str, b: str) -> str:
+    """GBNF for the digit strings from a to b, both of the same length."""
+    if not a:
+        return '""'
+    if a == b:
+        return f'"{a}"'
+    if a[0] == b[0]:
+        return f'"{a[0]}" ' + _same_length(a[1:], b[1:])
+    rest = len(a) - 1
+    alts = [f'"{a[0]}" ' + _same_length(a[1:], "9" * rest) if rest else f'"{a[0]}"']
+    if int(b[0]) - int(a[0]) > 1:
+        alts.append(f"[{int(a[0]) + 1}-{int(b[0]) - 1}]" + " [0-9]" * rest)
+    alts.append(f'"{b[0]}" ' + _same_length("0" * rest, b[1:]) if rest else f'"{b[0]}"')
+    return "(" + " | ".join(alts) + ")"
+
+
+def _literal(text: str) -> str:
+    """A GBNF literal for exactly `text`."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
+    return f'"{escaped}"'
+
+
+def _converter():
+    from llama_cpp import llama_grammar as port
+
+    class Converter(port.SchemaConverter):
+        def __init__(self) -> None:
+            super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+        def convert(self, schema: dict) -> str:
+            schema = self.resolve_refs(json.loads(json.dumps(schema)), "input")  # a copy: resolving rewrites $refs
+            self.visit(schema, "")
+            return self.format_grammar()
+
+        def visit(self, schema, name):
+            if schema.get("type") == "integer" and INTEGER_BOUNDS & set(schema):
+                lo, hi = schema.get("minimum"), schema.get("maximum")
+                if "exclusiveMinimum" in schema:
+                    lo = max(math.floor(schema["exclusiveMinimum"]) + 1, -math.inf if lo is None else math.ceil(lo))
+                if "exclusiveMaximum" in schema:
+                    hi = min(math.ceil(schema["exclusiveMaximum"]) - 1, math.inf if hi is None else math.floor(hi))
+                lo = None if lo is None else int(math.ceil(lo))
+                hi = None if hi is None else int(math.floor(hi))
+                if lo is not None and hi is not None and lo > hi:
+                    raise ValueError(f"no integer lies between {lo} and {hi}")
+                rule_name = name + "-" if name in port.RESERVED_NAMES else name or "root"
+                return self._add_rule(rule_name, _int_range(lo, hi) + " space")
+            return super().visit(schema, name)
+
+        def _generate_constant_rule(self, value):
+            return _literal(json.dumps(value, ensure_ascii=False))
+
+        def _add_primitive(self, name, rule):
+            if name == "char":  # JSON strings hold no raw control characters (U+0000-U+001F)
+                rule = port.BuiltinRule(r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] '
+                                        r'[0-9a-fA-F] [0-9a-fA-F])', [])
+            return super()._add_primitive(name, rule)
+
+    return Converter()
+
+
+# --- checking GBNF with llama.cpp ------------------------------------------------------------------------------
+
+_stderr_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _stderr_captured(out: list[str]):
+    """llama.cpp prints a GBNF syntax error with fprintf(stderr, …), followed by the whole grammar: catch it (file
+    descriptor 2, for the moment of one parse) so the reason can be said in one line and the rest dropped."""
+    with _stderr_lock, tempfile.TemporaryFile() as tmp:
+        try:
+            saved = os.dup(2)
+        except OSError:  # no stderr at all: nothing to catch
+            yield
+            return
+        try:
+            os.dup2(tmp.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            out.append(tmp.read(1 << 16).decode("utf-8", "replace"))
+
+
+def sampler(vocab, g: Grammar, where: str = "the grammar"):
+    """A new llama.cpp grammar sampler for `g` (free it with llama_sampler_free), or a UserError with llama.cpp's
+    reason in one line."""
+    import llama_cpp as lc
+
+    from malhae.runtime import llama
+
+    caught: list[str] = []
+    logged: list[str] = []
+    with llama.log_to(lambda level, text: logged.append(text)), _stderr_captured(caught):
+        made = lc.llama_sampler_init_grammar(vocab, g.gbnf.encode(), b"root")
+    if made:
+        return made
+    reason = _reason("".join(caught), "".join(logged))
+    raise UserError(f"{where} is not valid GBNF: {reason}")
+
+
+def _reason(printed: str, logged: str) -> str:
+    for line in printed.splitlines():
+        if "error parsing grammar:" in line:
+            return line.split("error parsing grammar:", 1)[1].strip()[:200]
+    for line in logged.splitlines():
+        if "grammar" in line and line.strip():
+            return line.strip()[:200]
+    return "llama.cpp could not parse it"
+
+
+def check(vocab, g: Grammar, where: str = "the grammar") -> None:
+    """Whether llama.cpp accepts `g` (with this model's vocabulary): a UserError with its reason if not."""
+    import llama_cpp as lc
+
+    lc.llama_sampler_free(sampler(vocab, g, where))
+
