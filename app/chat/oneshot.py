@@ -15,6 +15,7 @@ from malhae.runtime.backend import Backend, open_backend
 from malhae.runtime.endpoint import Endpoint
 from malhae.runtime.engine import Stats
 from malhae.runtime.settings import LoadOptions, Sampling
+from malhae.runtime.step import StopReason
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,16 @@ class OneShot:
         return out
 
 
+def check_complete(shot: OneShot) -> None:
+    """An answer held to a schema or grammar that max_tokens (or the context) cut off is not what was asked for: one
+    line on stderr and a failing exit, so that `| jq` in a script does not go on with half a JSON."""
+    reason = shot.stats.stop_reason
+    if shot.sampling.grammar is not None and reason in (StopReason.LENGTH, StopReason.CONTEXT):
+        limit = f"--max-tokens {shot.sampling.max_tokens}" if reason is StopReason.LENGTH else "the context"
+        raise UserError(f"the answer was cut off at {limit} before its {shot.sampling.grammar.what} was complete; "
+                        "raise --max-tokens (or --ctx)")
+
+
 def run(kind: str, text: str, load: LoadOptions, sampling: Sampling, *, template: str | None, notify,
         endpoint: Endpoint | None = None, model: str | None = None, remote_chat: bool = False,
         documents: Sequence[Document] = ()) -> OneShot:
@@ -102,7 +113,7 @@ def run(kind: str, text: str, load: LoadOptions, sampling: Sampling, *, template
         if kind == "ask":
             tpl = templates.get(template) if template else templates.for_engine(engine)
             prompt = tpl.prompt([("user", text.strip())])
-            sampling.stop = tuple(dict.fromkeys((*tpl.stop, *sampling.stop)))
+            sampling.stop = tpl.stops(sampling.stop, sampling.grammar)
             sampling.answer = True
             template = tpl.name
             messages = ([{"role": "system", "content": tpl.system}] if tpl.system else []) + \

@@ -92,6 +92,11 @@ NoPromptCache = Annotated[bool | None, typer.Option("--no-prompt-cache", help="N
 Template = Annotated[str | None, typer.Option("--template", help="Prompt format: base, koalpaca, kullm (default: the "
                                                                  "GGUF's chat template, else from the model's name).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+Schema = Annotated[str | None, typer.Option("--schema", metavar="SCHEMA", help="Answer in JSON that follows this "
+                   "schema: inline JSON, a .json file, or fields such as 'name, age int, 요약: 한 문장' (stdout is the "
+                   "JSON alone).")]
+GrammarOption = Annotated[str | None, typer.Option("--grammar", metavar="GBNF", help="Answer as this GBNF grammar "
+                          "allows: a file, or rules inline such as 'root ::= (\"예\" | \"아니요\")'.")]
 Temperature = Annotated[float | None, typer.Option("--temperature", help=f"0 = greedy {_default('temperature')}.")]
 TopP = Annotated[float | None, typer.Option("--top-p", help=_default("top_p"))]
 TopK = Annotated[int | None, typer.Option("--top-k", help=_default("top_k"))]

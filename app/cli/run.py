@@ -23,7 +23,7 @@ def _oneshot_options(
     frequency_penalty: o.FrequencyPenalty = None, presence_penalty: o.PresencePenalty = None, stop: list[str] = STOP,
     template: o.Template = None, json_out: o.Json = False, endpoint: o.EndpointOption = None,
     api_key: o.ApiKey = None, timeout: o.Timeout = None, remote_chat: o.RemoteChat = False,
-    files: list[Path] = FILES,
+    files: list[Path] = FILES, schema: o.Schema = None, grammar: o.GrammarOption = None,
 ) -> None:
     """The options `ask` and `complete` share, declared once: never called, its signature is theirs (and
     @load_flags adds the load options)."""
@@ -31,14 +31,18 @@ def _oneshot_options(
 
 def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, stop: list[str], files: list[Path],
              endpoint: str | None, api_key: str | None, timeout: float | None, load: dict[str, object],
-             template: str | None = None, remote_chat: bool = False, **sampling: object) -> None:
+             template: str | None = None, remote_chat: bool = False, schema: str | None = None,
+             grammar: str | None = None, **sampling: object) -> None:
     """`complete` and `ask`: only how the prompt is framed differs (ask puts it in the model's template)."""
     from malhae import ui
     from malhae.chat import oneshot, writer
+    from malhae.runtime import grammar as grammars
     from malhae.store import models
 
+    constraint = grammars.from_argument(schema, grammar)  # before anything is loaded
     remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, flags=load, notify=ui.note)
     options, chosen = o.settings_for(kind, tuple(stop), remote=remote is not None, **load, **sampling)
+    chosen.grammar = constraint
     given = oneshot.read_prompt(prompt, kind, files or (), notify=ui.note)
     if remote is None:
         options = replace(options, model=models.resolve(model, ui.note))
@@ -48,6 +52,7 @@ def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, s
         ui.json_result(shot.collect())
     else:
         writer.write_oneshot(shot)
+    oneshot.check_complete(shot)
 
 
 def _command(kind: str, help_text: str, leave_out: tuple[str, ...] = ()):

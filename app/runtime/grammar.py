@@ -74,13 +74,14 @@ def from_schema(schema: object, where: str = "the schema") -> Grammar:
         names = ", ".join(sorted(found))
         raise UserError(f"{where} uses {names}, which constrained decoding does not implement; remove "
                         f"{'it' if len(found) == 1 else 'them'} (and check the answer in your program)")
-    if not _finite(schema, schema, frozenset()):
-        raise UserError(f"{where} is recursive without a way out: every answer would be infinitely deep (make the "
-                        "recursive property optional, or give it minItems 0)")
     try:
-        gbnf = _converter().convert(schema)
+        finite = _finite(schema, schema, frozenset())
+        gbnf = _converter().convert(schema) if finite else ""
     except (ValueError, AssertionError, KeyError, TypeError, RecursionError) as e:
         raise UserError(f"{where} cannot be turned into a grammar: {str(e)[:200]}") from None
+    if not finite:
+        raise UserError(f"{where} is recursive without a way out: every answer would be infinitely deep (make the "
+                        "recursive property optional, or give it minItems 0)")
     return _bounded(Grammar(gbnf, "JSON schema", schema), where)
 
 
@@ -108,15 +109,14 @@ def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
     go into `found`. Counts and depths are bounded here, before the converter writes anything out."""
     if depth > MAX_DEPTH:
         raise UserError(f"{where} is nested more than {MAX_DEPTH} deep")
-    if isinstance(node, bool):
-        if node is False:
-            found.add("a `false` schema")
+    if isinstance(node, bool):  # the port reads neither: `true` crashed it
+        found.add(f"a `{str(node).lower()}` schema")
         return
     if not isinstance(node, dict):
         raise UserError(f"{where}: a subschema must be an object, not {json.dumps(node, ensure_ascii=False)[:60]}")
     kind = node.get("type")
     kinds = kind if isinstance(kind, list) else [kind]
-    if any(k is not None and k not in TYPES for k in kinds):
+    if not kinds or any(k is not None and k not in TYPES for k in kinds):
         raise UserError(f"{where}: unknown type {json.dumps(kind, ensure_ascii=False)[:60]}; the types are "
                         f"{', '.join(TYPES)}")
     for key, value in node.items():
@@ -127,6 +127,8 @@ def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
         elif key in ("minItems", "maxItems", "minLength", "maxLength"):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPEAT:
                 raise UserError(f"{where}: {key} must be a whole number from 0 to {MAX_REPEAT}")
+        elif key in ("pattern", "format") and not isinstance(value, str):
+            raise UserError(f"{where}: {key} must be a string")
         elif key not in CONVERTED and key not in ANNOTATIONS:
             found.add(f"{key} (on {kind})" if key in INTEGER_BOUNDS and kind else key)
     for key in ("properties", "$defs", "definitions"):
@@ -147,10 +149,13 @@ def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
         for child in children:
             _walk(child, where, depth + 1, found)
     for key in ("items", "additionalProperties"):
-        child = node.get(key)
-        if isinstance(child, (dict, list)):
-            for c in child if isinstance(child, list) else [child]:
+        child = node.get(key, False)  # false: no more items or properties; additionalProperties true: any
+        if child is not False and not (key == "additionalProperties" and child is True):
+            for c in child if isinstance(child, list) and key == "items" else [child]:
                 _walk(c, where, depth + 1, found)
+    for low, high in (("minItems", "maxItems"), ("minLength", "maxLength")):
+        if node.get(low, 0) > node.get(high, MAX_REPEAT):
+            raise UserError(f"{where}: {low} {node[low]} is more than {high} {node[high]}; nothing fits both")
     if "required" in node and (not isinstance(node["required"], list)
                                or not all(isinstance(r, str) for r in node["required"])):
         raise UserError(f"{where}: required must be an array of property names")
@@ -167,7 +172,7 @@ def _target(root: dict, ref: str) -> object:
     for part in ref.split("#", 1)[1].split("/")[1:]:
         part = part.replace("~1", "/").replace("~0", "~")
         if not isinstance(node, dict) or part not in node:
-            raise UserError(f"the schema's $ref {ref[:80]} points at nothing")
+            raise ValueError(f"$ref {ref[:80]} points at nothing")  # from_schema says where
         node = node[part]
     return node
 
@@ -249,11 +254,43 @@ def _converter():
     class Converter(port.SchemaConverter):
         def __init__(self) -> None:
             super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+            self._ref_names: dict[str, str] = {}
 
         def convert(self, schema: dict) -> str:
-            schema = self.resolve_refs(json.loads(json.dumps(schema)), "input")  # a copy: resolving rewrites $refs
+            schema = json.loads(json.dumps(schema))  # a copy: the port's visit is free to change what it reads
+            self._find_refs(schema, schema)
             self.visit(schema, "")
             return self.format_grammar()
+
+        def _find_refs(self, node, root: dict) -> None:
+            """Every $ref's target, by _target (all are local: _walk). The port's resolve_refs knew no "#" (the
+            whole schema) and skipped what lies beside a $ref: a root `{"$ref": …, "$defs": …}`, as pydantic
+            writes a recursive model, was a KeyError."""
+            if isinstance(node, list):
+                for child in node:
+                    self._find_refs(child, root)
+            elif isinstance(node, dict):
+                ref = node.get("$ref")
+                if isinstance(ref, str) and ref.startswith("#") and ref not in self._refs:
+                    self._refs[ref] = _target(root, ref)
+                for child in node.values():
+                    self._find_refs(child, root)
+
+        def _resolve_ref(self, ref):
+            """A $ref's rule, named once, before its target is visited, so that a recursive $ref names the same
+            rule. The port used the ref's last part as it stood (a Korean $defs name, or "#", is no rule name to
+            llama.cpp) and named recursive refs so even when the rule had been given another name."""
+            name = self._ref_names.get(ref)
+            if name is None:
+                base = port.INVALID_RULE_CHARS_RE.sub("-", ref.split("/")[-1]).strip("-") or "ref"
+                taken = {*self._rules, *self._ref_names.values(), *port.RESERVED_NAMES}
+                name = base if base not in taken else next(f"{base}{i}" for i in range(len(taken) + 1)
+                                                           if f"{base}{i}" not in taken)
+                self._ref_names[ref] = name
+                made = self.visit(self._refs[ref], name)
+                if made != name:  # a primitive's shared rule, e.g. `string`
+                    self._rules[name] = made
+            return name
 
         def visit(self, schema, name):
             if schema.get("type") == "integer" and INTEGER_BOUNDS & set(schema):
@@ -340,3 +377,62 @@ def check(vocab, g: Grammar, where: str = "the grammar") -> None:
 
     lc.llama_sampler_free(sampler(vocab, g, where))
 
+
+
+# --- what users type -------------------------------------------------------------------------------------------
+
+CONCISE_TYPES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+
+
+def concise(text: str, where: str = "--schema") -> dict:
+    """simonw/llm's concise schema syntax as a JSON schema: fields separated by commas (or by newlines, when there are
+    any), each `name [type][: description]` with type str (the default), int, float or bool; every field required.
+    `name, age int, 요약: 한 문장 요약` is an object of a string, an integer and a described string."""
+    separator = "\n" if "\n" in text.strip() else ","
+    properties: dict[str, dict] = {}
+    for raw in text.split(separator):
+        item, _, description = raw.partition(":")
+        words = item.split()
+        if not words and not description.strip():
+            continue
+        if len(words) not in (1, 2) or len(words) == 2 and words[1] not in CONCISE_TYPES:
+            raise UserError(f"{where}: {raw.strip()[:60]!r} is not `name [type][: description]` (types: "
+                            f"{', '.join(CONCISE_TYPES)}), e.g. --schema 'name, age int, 요약: 한 문장 요약'")
+        name = words[0]
+        if name in properties:
+            raise UserError(f"{where}: the field {name!r} is given twice")
+        field_schema = {"type": CONCISE_TYPES[words[1] if len(words) == 2 else "str"]}
+        if description.strip():
+            field_schema["description"] = description.strip()
+        properties[name] = field_schema
+    if not properties:
+        raise UserError(f"{where} is empty; give a JSON schema, a .json file or fields, e.g. --schema 'name, age int'")
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
+def from_argument(schema: str | None = None, gbnf: str | None = None) -> Grammar | None:
+    """--schema (inline JSON, a JSON file, or the concise syntax) or --grammar (a GBNF file, or rules inline): the
+    Grammar, None without either; both at once is a UserError."""
+    from pathlib import Path
+
+    from malhae import files
+
+    if schema is not None and gbnf is not None:
+        raise UserError("--schema and --grammar both constrain the answer; give one of them")
+    if gbnf is not None:
+        if "::=" in gbnf:
+            return from_gbnf(gbnf, "--grammar")
+        path = Path(gbnf)
+        fix = "give a GBNF file or rules inline, e.g. --grammar 'root ::= (\"예\" | \"아니요\")'"
+        text = files.read_user_text(path, "grammar file", limit=MAX_GRAMMAR_BYTES, fix=fix)
+        return from_gbnf(text, f"--grammar {path}")
+    if schema is None:
+        return None
+    text = schema.strip()
+    if text.startswith("{"):
+        return from_schema(files.parse_json(text, "--schema", "give a JSON schema object"), "--schema")
+    path = Path(text) if text and "\n" not in text and len(text) < 4096 else None
+    if path is not None and (path.suffix == ".json" or path.exists()):
+        data = files.read_user_bytes(path, "schema file", limit=MAX_SCHEMA_BYTES, fix="give a JSON schema file")
+        return from_schema(files.parse_json(data, f"schema file {path}"), f"schema file {path}")
+    return from_schema(concise(text), "--schema")

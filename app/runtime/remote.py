@@ -95,6 +95,24 @@ def request_fields(kind: str, s: Sampling) -> tuple[dict, list[str]]:
     return fields, untaken
 
 
+def constraint_fields(kind: str, s: Sampling, chat: bool) -> dict:
+    """The fields that hold a server's answer to Sampling.grammar: OpenAI's response_format where a JSON schema goes
+    through a chat (every kind) or vLLM's completions, llama.cpp's own `json_schema` / `grammar` on malhae's and
+    llama-server's completions. A server that cannot take it is a UserError: an answer not held to the schema would
+    look like one that is."""
+    g = s.grammar
+    if g is None:
+        return {}
+    if g.is_json and (chat or kind == VLLM):
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "answer", "schema": g.schema}}}
+    if kind in (MALHAE, LLAMA_CPP):
+        return {"json_schema": g.schema} if g.is_json else {"grammar": g.gbnf}
+    if g.is_json:
+        raise UserError(f"the {kind} server takes a JSON schema only in a chat request: add --remote-chat")
+    raise UserError(f"the {kind} server does not take a GBNF grammar (malhae serve and llama-server do); give a JSON "
+                    "schema with --schema instead")
+
+
 class RemoteBackend:
     """One model on one server. Opening it asks the server what it serves (GET /v1/models), so a wrong URL, key or
     model name fails here, before anything is typed."""
@@ -265,7 +283,9 @@ class RemoteBackend:
             body["stop"] = list(s.stop)
         if self.kind == LLAMA_CPP:  # its last chunk then says how the answer ended (stop_type), which OpenAI's
             body["verbose"] = True  # finish_reason "stop" does not
-        if self.chat_mode and messages is not None:
+        chat = self.chat_mode and messages is not None
+        body |= constraint_fields(self.kind, s, chat)
+        if chat:
             # the server's template makes the prompt; malhae's, whose tokens were counted, is its estimate
             path, body["messages"] = "/chat/completions", messages
         else:

@@ -56,6 +56,12 @@ class Template:
         out.append(self.assistant)
         return "".join(out)
 
+    def stops(self, given: tuple[str, ...], grammar: object = None) -> tuple[str, ...]:
+        """The stop texts of an answer: the template's turn markers, then the ones given. An answer held to a grammar
+        (a JSON schema) ends where the grammar ends: a turn marker inside a JSON string ("사용자:" quoted in a
+        summary) must not cut the JSON in half, so only the given ones apply."""
+        return given if grammar is not None else tuple(dict.fromkeys((*self.stop, *given)))
+
 
 @cache
 def all_templates() -> dict[str, Template]:
