@@ -354,8 +354,9 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "x"}]}, 400, "invalid_value"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "unsupported"),
+    # a tool without its function (tool calls themselves: tests/test_structured_serve.py)
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
-     "unsupported"),
+     "invalid_type"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
      "invalid_value"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream_options": {"x": 1}}, 400,

@@ -14,13 +14,14 @@ from datetime import datetime, timezone
 
 from malhae import __version__
 from malhae.runtime.events import Done, Token
-from malhae.serve import fields
+from malhae.serve import fields, structured
 from malhae.serve.errors import ApiError, shutting_down
 from malhae.serve.fields import Body
 from malhae.serve.jobs import Request
-from malhae.serve.openai_api import render_chat
+from malhae.serve.messages import render_chat
 from malhae.serve.service import Service
 from malhae.serve.sse import JobStream
+from malhae.serve.tools import Tools
 
 GENERATE_FIELDS = ("model", "prompt", "system", "stream", "options", "raw", "keep_alive", "format", "images",
                    "template", "context", "suffix", "think")
@@ -92,9 +93,7 @@ def _options(body: Body, svc: Service):
 
 
 def _check_format(body: Body) -> None:
-    body.forbid("format", ("",), "no JSON mode")
     body.forbid("images", ([],), "this model reads text")
-    body.forbid("tools", ([],), "no tool calls")
     body.forbid("suffix", ("",), "no fill-in-the-middle")
     body.forbid("template", ("",), "the model's own template is used")
     body.forbid("context", ([],), "send the conversation to /api/chat instead")
@@ -120,8 +119,10 @@ async def generate(request, svc: Service):
     if not prompt:  # Ollama answers an empty prompt with an empty, finished response (it only loads the model)
         return _finish_line(svc, {"response": ""}, None, "load")
     text = svc.compose(prompt if raw else svc.chat_prompt([("user", prompt)], system=system))  # app.nfc
-    stop = stop if raw else tuple(dict.fromkeys(svc.template.stop + stop))
+    grammar = await structured.checked(svc, structured.ollama(body), "format")
+    stop = stop if raw else svc.template.stops(stop, grammar)
     sampling = fields.sampling(values, stop, {k: f"options.{k}" for k in values})
+    sampling.grammar = grammar
     sampling.answer = not raw  # framed: an answer, from its first character; raw: the text continues the prompt
     return await _run(request, svc, body, text, sampling, max_new, stream, lambda piece: {"response": piece})
 
@@ -132,12 +133,28 @@ async def chat(request, svc: Service):
     _check_message_images(body)
     values, stop, max_new = _options(body, svc)
     stream = body.flag("stream", True)
-    text = render_chat(svc, body.data.get("messages"))
-    stop = tuple(dict.fromkeys(svc.template.stop + stop))
-    sampling = fields.sampling(values, stop, {k: f"options.{k}" for k in values})
+    tools = Tools.read(body.data.get("tools"))
+    constraint = structured.ollama(body)
+    if tools is not None and constraint is not None:
+        raise ApiError("tools and format both shape the answer; send one", param="tools")
+    grammar = await structured.checked(svc, tools.grammar() if tools else constraint, "tools" if tools else "format")
+    text = render_chat(svc, body.data.get("messages"), tools)
+    sampling = fields.sampling(values, svc.template.stops(stop, grammar), {k: f"options.{k}" for k in values})
+    sampling.grammar = grammar
     sampling.answer = True  # message.content starts at the answer's first character, not the format's space
     return await _run(request, svc, body, text, sampling, max_new, stream,
-                      lambda piece: {"message": {"role": "assistant", "content": piece}})
+                      lambda piece: {"message": {"role": "assistant", "content": piece}}, tools)
+
+
+def _tool_answer(answer: str, done: Done, tools: Tools) -> dict:
+    """A complete answer of a request with tools, read back as Ollama's message: a reply, or tool_calls."""
+    if done.reason.ollama != "stop":
+        return {"message": {"role": "assistant", "content": answer}}
+    content, calls = tools.parse(answer)
+    message = {"role": "assistant", "content": content or ""}
+    if calls:
+        message["tool_calls"] = [c.ollama() for c in calls]
+    return {"message": message}
 
 
 def _finish_line(svc: Service, content: dict, done: Done | None, reason: str | None = None) -> dict:
@@ -152,14 +169,15 @@ def _finish_line(svc: Service, content: dict, done: Done | None, reason: str | N
     return line
 
 
-async def _run(request, svc: Service, body: Body, text: str, sampling, max_new, stream: bool, shape):
+async def _run(request, svc: Service, body: Body, text: str, sampling, max_new, stream: bool, shape,
+               tools: Tools | None = None):
     tokens = await asyncio.to_thread(svc.tokenize, text)
     budget = svc.fit(tokens, max_new)
     req = Request(svc.scheduler)
     req.add(tokens, sampling, budget)
     req.submit()
     if stream:
-        return JobStream(req, _lines(svc, req, shape), media_type="application/x-ndjson")
+        return JobStream(req, _lines(svc, req, shape, tools), media_type="application/x-ndjson")
     try:
         answer, done = "", None
         async for _, event in req.events(request.is_disconnected):
@@ -173,18 +191,27 @@ async def _run(request, svc: Service, body: Body, text: str, sampling, max_new, 
         raise shutting_down()
     if done.error:
         raise ApiError(done.error, 500, kind="server_error")
-    return _finish_line(svc, shape(answer), done)
+    return _finish_line(svc, _tool_answer(answer, done, tools) if tools else shape(answer), done)
 
 
-async def _lines(svc: Service, req: Request, shape):
+async def _lines(svc: Service, req: Request, shape, tools: Tools | None = None):
+    """NDJSON lines; with tools, the answer is held until complete and sent as one message (it is JSON to read back,
+    not text to show)."""
+    answer = ""
     async for _, event in req.events():
-        if isinstance(event, Token) and event.text:
+        if isinstance(event, Token) and tools is not None:
+            answer += event.text
+        elif isinstance(event, Token) and event.text:
             line = {"model": svc.model_id, "created_at": _now(), **shape(event.text), "done": False}
             yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
         elif isinstance(event, Done):
             if event.error:
                 yield (json.dumps({"error": event.error}) + "\n").encode()
             else:
+                if tools is not None:
+                    line = {"model": svc.model_id, "created_at": _now(), **_tool_answer(answer, event, tools),
+                            "done": False}
+                    yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
                 yield (json.dumps(_finish_line(svc, shape(""), event), ensure_ascii=False) + "\n").encode()
     if req.stopped:
         yield (json.dumps({"error": shutting_down().message}) + "\n").encode()

@@ -16,19 +16,20 @@ from dataclasses import dataclass, field
 
 from malhae.runtime.batching import MAX_TOP_LOGPROBS
 from malhae.runtime.events import Done, Prompt, Token, TokenLogprob
-from malhae.serve import fields
+from malhae.serve import fields, structured
 from malhae.serve.errors import ApiError, shutting_down
 from malhae.serve.fields import Body
 from malhae.serve.jobs import Request
+from malhae.serve.messages import render_chat
 from malhae.serve.service import MAX_PROMPTS, Service, offsets
 from malhae.serve.sse import JobStream
+from malhae.serve.tools import Tools
 
 MAX_N = 16
-MAX_MESSAGES = 10_000
 COMMON = ("model", "stream", "stream_options", "max_tokens", "n", "stop", "seed", "user", "logit_bias",
           "ignore_eos", "min_tokens", *fields.SAMPLING_FIELDS)  # vLLM's and llama-server's benchmarks send the two
-COMPLETION_FIELDS = (*COMMON, "prompt", "echo", "logprobs", "suffix", "best_of")
-CHAT_FIELDS = (*COMMON, "messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format", "tools",
+COMPLETION_FIELDS = (*COMMON, "prompt", "echo", "logprobs", "suffix", "best_of", *structured.FIELDS)
+CHAT_FIELDS = (*COMMON, *structured.FIELDS, "messages", "logprobs", "top_logprobs", "max_completion_tokens", "tools",
                "tool_choice", "functions", "function_call", "parallel_tool_calls", "modalities", "audio",
                "web_search_options")
 # fields accepted and ignored because ignoring them changes no answer: bookkeeping (metadata, store, user ids, cache
@@ -189,6 +190,7 @@ async def completions(request, svc: Service):
     stream = body.flag("stream")
     include_usage = _include_usage(body)
     sampling = _sampling(body, fields.stops(body.data.get("stop")))
+    sampling.grammar = await structured.checked(svc, structured.openai(body), "grammar")
     min_new = _min_tokens(body, max_tokens, svc)
     # llama_tokenize frees the GIL: streams go on
     prompts = await asyncio.to_thread(_prompts, svc, body.data["prompt"], echo)
@@ -262,49 +264,6 @@ async def _completion_events(svc, req, head, n, prompts, echo, echo_texts, n_log
 
 # --- /v1/chat/completions --------------------------------------------------------------------------------------
 
-def _content(message: dict, i: int) -> str:
-    content = message.get("content")
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise ApiError(f"messages[{i}].content: only text parts are supported (this model reads text)",
-                               param="messages", code="unsupported")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise ApiError(f"messages[{i}].content must be a string or an array of text parts", param="messages",
-                   code="invalid_type")
-
-
-def render_chat(svc: Service, messages: object) -> str:
-    """The prompt for a message list, in the model's chat format (its GGUF template, else malhae's by name)."""
-    if not isinstance(messages, list) or not messages:
-        raise ApiError("messages must be a non-empty array", param="messages", code="invalid_type")
-    system: list[str] = []
-    turns: list[tuple[str, str]] = []
-    if len(messages) > MAX_MESSAGES:
-        raise ApiError(f"{len(messages)} messages; at most {MAX_MESSAGES} in one request", param="messages",
-                       code="invalid_value")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ApiError(f"messages[{i}] must be an object", param="messages", code="invalid_type")
-        role = m.get("role")
-        if role in ("system", "developer"):
-            system.append(_content(m, i))
-        elif role in ("user", "assistant"):
-            turns.append((role, _content(m, i)))
-        else:
-            raise ApiError(f"messages[{i}].role must be system, user or assistant, not {role!r}", param="messages",
-                           code="invalid_value")
-    if not turns or turns[-1][0] != "user":
-        raise ApiError("the last message must be the user's (the model answers it)", param="messages",
-                       code="invalid_value")
-    # composed here, once for every message (OpenAI's and Ollama's chat): app.nfc
-    return svc.compose(svc.chat_prompt(turns, system="\n".join(system) if system else None))
-
-
 def _chat_logprobs(svc: Service, entries: list[TokenLogprob]) -> dict:
     def item(token: int, logprob: float) -> dict:
         return {"token": svc.token_text(token), "logprob": logprob, "bytes": list(svc.piece(token))}
@@ -315,13 +274,9 @@ def _chat_logprobs(svc: Service, entries: list[TokenLogprob]) -> dict:
 
 async def chat(request, svc: Service):
     body = Body(await fields.read_json(request), CHAT_FIELDS, HARMLESS)
-    body.forbid("tools", ([],), "no tool calls")
-    body.forbid("functions", ([],), "no tool calls")
-    body.forbid("tool_choice", ("none", "auto"), "no tool calls")
-    body.forbid("function_call", ("none", "auto"), "no tool calls")
-    body.forbid("parallel_tool_calls", (True, False), "")
+    body.forbid("functions", ([],), "send them as tools")
+    body.forbid("function_call", ("none", "auto"), "send tool_choice")
     body.forbid("logit_bias", ({},), "no logit bias")
-    body.forbid("response_format", ({"type": "text"},), "no JSON mode")
     body.forbid("modalities", (["text"],), "this model writes text only")
     body.forbid("audio", (), "this model writes text only")
     body.forbid("web_search_options", (), "no web search: malhae is offline")
@@ -336,11 +291,17 @@ async def chat(request, svc: Service):
     n_logprobs = (top or 0) if want_logprobs else None
     stream = body.flag("stream")
     include_usage = _include_usage(body)
-    stop = tuple(dict.fromkeys(svc.template.stop + fields.stops(body.data.get("stop"))))
-    sampling = _sampling(body, stop)
+    tools = Tools.read(body.data.get("tools"), body.data.get("tool_choice"), body.data.get("parallel_tool_calls"))
+    constraint = structured.openai(body)
+    if tools is not None and constraint is not None:
+        raise ApiError("tools and a response format both shape the answer; send one", param="tools",
+                       code="invalid_value")
+    grammar = await structured.checked(svc, tools.grammar() if tools else constraint, "tools" if tools else "grammar")
+    sampling = _sampling(body, svc.template.stops(fields.stops(body.data.get("stop")), grammar))
+    sampling.grammar = grammar
     sampling.answer = True  # message.content starts at the answer's first character, not the format's space
     min_new = _min_tokens(body, max_tokens, svc)
-    tokens = await asyncio.to_thread(svc.tokenize, render_chat(svc, body.data.get("messages")))
+    tokens = await asyncio.to_thread(svc.tokenize, render_chat(svc, body.data.get("messages"), tools))
     budget = svc.fit(tokens, max_tokens)
     req = Request(svc.scheduler)
     for i in range(n):
@@ -349,15 +310,32 @@ async def chat(request, svc: Service):
     head = {"id": ident, "created": created, "model": svc.model_id}
     req.submit()
     if stream:
-        return JobStream(req, _chat_events(svc, req, head | {"object": "chat.completion.chunk"}, include_usage))
+        return JobStream(req, _chat_events(svc, req, head | {"object": "chat.completion.chunk"}, include_usage,
+                                           tools))
     choices = await _whole(req, request)
-    out = [{"index": i, "message": {"role": "assistant", "content": c.text},
-            "logprobs": _chat_logprobs(svc, c.logprobs) if n_logprobs is not None else None,
-            **_ended(c)} for i, c in enumerate(choices)]
+    out = []
+    for i, c in enumerate(choices):
+        message, finish = _message(c, tools)
+        out.append({"index": i, "message": message, "logprobs": _chat_logprobs(svc, c.logprobs) if n_logprobs is not
+                    None else None, **_ended(c), "finish_reason": finish})
     return head | {"object": "chat.completion", "choices": out, "usage": _total_usage(choices, n)}
 
 
-async def _chat_events(svc, req, head, include_usage):
+def _message(choice: _Choice, tools: Tools | None) -> tuple[dict, str | None]:
+    """A choice's message and finish_reason: with tools, a complete answer is read back as a reply or as tool
+    calls (finish_reason "tool_calls"); one cut off by max_tokens stays text."""
+    if tools is None or choice.finish != "stop":
+        return {"role": "assistant", "content": choice.text}, choice.finish
+    content, calls = tools.parse(choice.text)
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = [c.openai() for c in calls]
+    return message, "tool_calls" if calls else choice.finish
+
+
+async def _chat_events(svc, req, head, include_usage, tools: Tools | None = None):
+    """The stream; with tools, an answer is held until it is complete (it is JSON to be read back, not text to
+    show) and then sent as one delta of content or of tool_calls."""
     choices = [_Choice() for _ in req.jobs]
     chunk = _Chunks(head)
     for index in range(len(req.jobs)):
@@ -370,7 +348,7 @@ async def _chat_events(svc, req, head, include_usage):
         if isinstance(event, Token):
             if event.logprob is not None:
                 pending.setdefault(index, []).append(event.logprob)
-            if event.text:
+            if event.text and tools is None:
                 held = pending.pop(index, None)
                 yield chunk({"index": index, "delta": {"content": event.text},
                              "logprobs": _chat_logprobs(svc, held) if held else None, "finish_reason": None})
@@ -379,9 +357,15 @@ async def _chat_events(svc, req, head, include_usage):
                 yield _sse(ApiError(choice.error, 500, kind="server_error").body())
                 continue
             held = pending.pop(index, None)
+            finish = choice.finish
+            if tools is not None:
+                message, finish = _message(choice, tools)
+                delta = {"tool_calls": [c | {"index": k} for k, c in enumerate(message["tool_calls"])]} \
+                    if "tool_calls" in message else {"content": message["content"]}
+                yield chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
             yield _sse(head | {"choices": [{"index": index, "delta": {},
                                             "logprobs": _chat_logprobs(svc, held) if held else None,
-                                            **_ended(choice)}]})
+                                            **_ended(choice), "finish_reason": finish}]})
     if req.stopped:
         yield _sse(shutting_down().body())
     elif include_usage:
