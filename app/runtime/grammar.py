@@ -232,6 +232,8 @@ def _same_length(a: str, b: str) -> str:
         return '""'
     if a == b:
         return f'"{a}"'
+    if a.strip("0") == b.strip("9") == "":  # every digit string: written out, the two ends below doubled per digit
+        return " ".join(["[0-9]"] * len(a))
     if a[0] == b[0]:
         return f'"{a[0]}" ' + _same_length(a[1:], b[1:])
     rest = len(a) - 1
@@ -429,7 +431,7 @@ def from_argument(schema: str | None = None, gbnf: str | None = None) -> Grammar
     if schema is None:
         return None
     text = schema.strip()
-    if text.startswith("{"):
+    if text.startswith(("{", "[")):
         return from_schema(files.parse_json(text, "--schema", "give a JSON schema object"), "--schema")
     path = Path(text) if text and "\n" not in text and len(text) < 4096 else None
     if path is not None and (path.suffix == ".json" or path.exists()):
