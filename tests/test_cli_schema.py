@@ -129,3 +129,35 @@ def test_what_each_kind_of_server_is_sent():
     with pytest.raises(UserError, match="--schema instead"):
         remote.constraint_fields(remote.VLLM, Sampling(grammar=gbnf), chat=False)
     assert remote.constraint_fields(remote.VLLM, Sampling(), chat=False) == {}
+
+
+def test_a_grammar_llama_refuses_fails_its_job_alone(demo_path):
+    """The server checks every grammar before queueing it; should one reach a slot all the same, that job ends with
+    llama.cpp's reason and the job beside it runs to its end."""
+    import threading
+
+    from malhae.runtime.batching import Scheduler
+    from malhae.runtime.engine import Engine
+    from malhae.runtime.events import Done, Job
+    from malhae.runtime.settings import LoadOptions
+
+    with Engine(LoadOptions(model=demo_path, ctx=128, parallel=2, threads=1)) as engine:
+        scheduler = Scheduler(engine)
+        ends: dict[str, Done] = {}
+        finished = threading.Semaphore(0)
+
+        def job(name: str, s: Sampling) -> Job:
+            def emit(event, name=name):
+                if isinstance(event, Done):
+                    ends[name] = event
+                    finished.release()
+            return Job(engine.tokenize("대한민국의 주권은"), s, 8, emit)
+
+        try:
+            scheduler.submit([job("bad", Sampling(grammar=grammar.Grammar('root ::= ("예"', "GBNF grammar"))),
+                              job("good", Sampling(temperature=0))])
+            assert finished.acquire(timeout=60) and finished.acquire(timeout=60)
+        finally:
+            scheduler.close()
+    assert ends["bad"].reason == "error" and "expecting ')'" in ends["bad"].error
+    assert ends["good"].reason == "length" and ends["good"].completion_tokens == 8

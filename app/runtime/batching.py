@@ -202,6 +202,14 @@ class Scheduler:
         return max(0, min(shared - 1, len(job.tokens) - 1, len(slot.known) - 1))
 
     def _start(self, slot: _Slot, job: Job) -> None:
+        # min_new: the end token is kept away (ignore_eos) until then; _take swaps in the plain chain
+        held = replace(job.sampling, ignore_eos=True) if job.min_new else job.sampling
+        try:  # first, so that a grammar llama.cpp refuses fails this job alone, before the slot is touched
+            chain = sampler.Sampler(self.model.vocab, self.model.n_vocab, held, job.tokens)
+        except UserError as e:
+            slot.job = None  # _admit took the slot for it
+            self._send(job, Done(StopReason.ERROR, len(job.tokens), 0, 0, "", str(e)))
+            return
         common = self._reusable(slot, job)
         restored = None if job.echo else self.engine.restore(job.tokens, common, slot.seq)  # the prompt cache
         if restored is not None:
@@ -223,9 +231,7 @@ class Scheduler:
         slot.prompt_lp = []
         slot.started = time.perf_counter()
         slot.ttft = 0.0
-        # min_new: the end token is kept away (ignore_eos) until then; _take swaps in the plain chain
-        held = replace(job.sampling, ignore_eos=True) if job.min_new else job.sampling
-        slot.chain = sampler.Sampler(self.model.vocab, self.model.n_vocab, held, job.tokens)
+        slot.chain = chain
         if job.echo:
             slot.prompt_lp = reused if common else [TokenLogprob(job.tokens[0], None)]
 
