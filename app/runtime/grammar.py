@@ -15,12 +15,8 @@ lengths, integer digits, nesting, size) is bounded.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
-import threading
 from dataclasses import dataclass, field
 
 from malhae.errors import UserError
@@ -159,6 +155,10 @@ def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
     if "required" in node and (not isinstance(node["required"], list)
                                or not all(isinstance(r, str) for r in node["required"])):
         raise UserError(f"{where}: required must be an array of property names")
+    undefined = [r for r in node.get("required", []) if r not in node.get("properties", {})]
+    if undefined and "properties" in node:  # the converter would leave it out, and every answer break the schema
+        raise UserError(f"{where}: required names {json.dumps(undefined[0], ensure_ascii=False)[:60]}, which "
+                        "properties does not define; define it or drop it from required")
     if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
         raise UserError(f"{where}: enum must be a non-empty array")
     ref = node.get("$ref")
@@ -319,66 +319,6 @@ def _converter():
             return super()._add_primitive(name, rule)
 
     return Converter()
-
-
-# --- checking GBNF with llama.cpp ------------------------------------------------------------------------------
-
-_stderr_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def _stderr_captured(out: list[str]):
-    """llama.cpp prints a GBNF syntax error with fprintf(stderr, …), followed by the whole grammar: catch it (file
-    descriptor 2, for the moment of one parse) so the reason can be said in one line and the rest dropped."""
-    with _stderr_lock, tempfile.TemporaryFile() as tmp:
-        try:
-            saved = os.dup(2)
-        except OSError:  # no stderr at all: nothing to catch
-            yield
-            return
-        try:
-            os.dup2(tmp.fileno(), 2)
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            out.append(tmp.read(1 << 16).decode("utf-8", "replace"))
-
-
-def sampler(vocab, g: Grammar, where: str = "the grammar"):
-    """A new llama.cpp grammar sampler for `g` (free it with llama_sampler_free), or a UserError with llama.cpp's
-    reason in one line."""
-    import llama_cpp as lc
-
-    from malhae.runtime import llama
-
-    caught: list[str] = []
-    logged: list[str] = []
-    with llama.log_to(lambda level, text: logged.append(text)), _stderr_captured(caught):
-        made = lc.llama_sampler_init_grammar(vocab, g.gbnf.encode(), b"root")
-    if made:
-        return made
-    reason = _reason("".join(caught), "".join(logged))
-    raise UserError(f"{where} is not valid GBNF: {reason}")
-
-
-def _reason(printed: str, logged: str) -> str:
-    for line in printed.splitlines():
-        if "error parsing grammar:" in line:
-            return line.split("error parsing grammar:", 1)[1].strip()[:200]
-    for line in logged.splitlines():
-        if "grammar" in line and line.strip():
-            return line.strip()[:200]
-    return "llama.cpp could not parse it"
-
-
-def check(vocab, g: Grammar, where: str = "the grammar") -> None:
-    """Whether llama.cpp accepts `g` (with this model's vocabulary): a UserError with its reason if not."""
-    import llama_cpp as lc
-
-    lc.llama_sampler_free(sampler(vocab, g, where))
-
 
 
 # --- what users type -------------------------------------------------------------------------------------------

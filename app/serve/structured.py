@@ -8,6 +8,7 @@ import asyncio
 
 from malhae.errors import UserError
 from malhae.runtime import grammar as grammars
+from malhae.runtime import sampler
 from malhae.runtime.grammar import Grammar
 from malhae.serve.errors import ApiError
 from malhae.serve.fields import Body
@@ -76,7 +77,7 @@ async def checked(svc, g: Grammar | None, param: str) -> Grammar | None:
     llama.cpp's reason); in a thread, as tokenizing is."""
     if g is not None:
         try:
-            await asyncio.to_thread(grammars.check, svc.engine.model.vocab, g, param)
+            await asyncio.to_thread(sampler.check_grammar, svc.engine.model.vocab, g, param)
         except UserError as e:
             raise _invalid(e, param) from None
     return g
