@@ -409,4 +409,33 @@ def test_a_required_name_that_no_property_defines_is_refused():
     """The converter writes only the properties it has, so an answer would leave the required name out and break
     the very schema it was held to."""
     with pytest.raises(UserError, match='required names "나이", which properties does not define'):
-        grammar.from_schema({"type": "object", "properties": {"이름": {"type": "string"}}, "required": ["이름", "나이"]})
+        grammar.from_schema({"type": "object", "properties": {"이름": {"type": "string"}},
+                             "required": ["이름", "나이"]})
+
+
+def test_strings_hold_no_surrogates_and_every_hangul_syllable(engine):
+    """A byte token at a high temperature could write ED A0 80 (U+D800's bytes), which no UTF-8 decoder accepts:
+    the grammar refuses it. Fed byte by byte, 가 (EA B0 80) and 하 (ED 95 98, whose first byte a surrogate shares)
+    are taken: a rule that refused ED outright would make half the Hangul syllables unwritable in byte tokens."""
+    by_bytes = {engine.model.token_bytes(t, special=False): t for t in range(engine.n_vocab)}
+    needed = [bytes([b]) for b in b"\xea\xb0\x80\xed\x95\x98\xa0"] + [b'"']
+    if not all(b in by_bytes for b in needed):
+        pytest.skip("the vocabulary has no single-byte tokens for these bytes")
+    for text, allowed in (("가".encode(), True), ("하".encode(), True), (b"\xed\xa0\x80", False)):
+        s = sampler.Sampler(engine.vocab, engine.n_vocab, Sampling(grammar=grammar.from_schema({"type": "string"})))
+        try:
+            taken = True
+            for token in [by_bytes[b'"']] + [by_bytes[bytes([b])] for b in text]:
+                if not s._valid(token):
+                    taken = False
+                    break
+                lc_accept(s, token)
+            assert taken is allowed, text
+        finally:
+            s.free()
+
+
+def lc_accept(s: sampler.Sampler, token: int) -> None:
+    import llama_cpp as lc
+
+    lc.llama_sampler_accept(s.grammar, token)

@@ -313,9 +313,13 @@ def _converter():
             return _literal(json.dumps(value, ensure_ascii=False))
 
         def _add_primitive(self, name, rule):
-            if name == "char":  # JSON strings hold no raw control characters (U+0000-U+001F)
-                rule = port.BuiltinRule(r'[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] '
-                                        r'[0-9a-fA-F] [0-9a-fA-F])', [])
+            # JSON strings hold no raw control characters (U+0000-U+001F), and UTF-8 holds no surrogates (a byte
+            # token sampled at a high temperature could write ED A0 80, which no decoder accepts). Positive ranges,
+            # not [^…]: llama.cpp refuses a partial character (one byte of three) whose possible values touch an
+            # excluded range, and ED begins U+D000-U+D7FF too — 하, 한, 해 written byte by byte
+            if name == "char":
+                rule = port.BuiltinRule(r'[\x20-\x21\x23-\x5B\x5D-\x7E\x80-\uD7FF\uE000-\U0010FFFF] | "\\" '
+                                        r'(["\\/bfnrt] | "u" [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F] [0-9a-fA-F])', [])
             return super()._add_primitive(name, rule)
 
     return Converter()
