@@ -226,6 +226,24 @@ def test_streamed_structured_answer_equals_the_whole_one(server):
     assert sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content) > 3  # streamed as it was written
 
 
+def test_logprobs_come_with_a_constrained_answer(server):
+    """Log-probabilities are the model's own (before the grammar, as before temperature): one per generated token,
+    each the model's log-probability of the token the grammar let through, so a forced token may be unlikely."""
+    out = client(server).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "회원 한 명의 정보를 주세요."}], temperature=0,
+        max_tokens=LONGEST, logprobs=True, top_logprobs=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}})
+    choice = out.choices[0]
+    _person(choice.message.content)
+    entries = choice.logprobs.content
+    assert len(entries) == out.usage.completion_tokens
+    # a forced key may come out in byte tokens ("bytes:\\xec"): their bytes make the text
+    assert bytes(b for e in entries for b in e.bytes).decode().strip() == choice.message.content.strip()
+    assert all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in entries)
+    # somewhere the grammar overruled the model: the token taken is not its likeliest
+    assert any(e.logprob < e.top_logprobs[0].logprob - 1e-6 for e in entries)
+
+
 # --- 4. GBNF ---------------------------------------------------------------------------------------------------
 
 def test_gbnf_grammar_allows_only_its_words(server):
