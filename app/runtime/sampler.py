@@ -116,11 +116,19 @@ class Sampler:
         self.sample = self._constrained
         self.n_vocab = n_vocab
         self.eos = lc.llama_vocab_eos(vocab)
+        # without penalties nothing before the choosing samplers keeps state, and those keep none that a token
+        # they chose and the grammar refused could spoil: the first try is then llama.cpp's own sample (its
+        # candidates built in C), and Python's copy of the logits is made only for a retry
+        self.native = lc.llama_sampler_chain_n(self.pre) == 0
+        self._first = partial(lc.llama_sampler_sample, self.post)
         self._data = np.zeros(n_vocab, _TOKEN_DATA)
         self._ids = np.arange(n_vocab, dtype=np.int32)
-        self._all = lc.llama_token_data_array(self._data.ctypes.data_as(lc.llama_token_data_p), n_vocab, -1, False)
+        self._ptr = self._data.ctypes.data_as(lc.llama_token_data_p)
+        self._all = lc.llama_token_data_array(self._ptr, n_vocab, -1, False)
+        self._all_ref = ctypes.byref(self._all)
         self._one = lc.llama_token_data(0, 0.0, 0.0)
         self._single = lc.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
+        self._single_ref = ctypes.byref(self._single)
 
     def _fill(self, ctx, idx: int) -> None:
         """The candidates, from llama.cpp's logits of row `idx`, in the reused array, adjusted (penalties)."""
@@ -129,29 +137,32 @@ class Sampler:
         data["id"] = self._ids
         data["logit"] = logits
         arr = self._all
-        arr.data, arr.size, arr.selected, arr.sorted = self._data.ctypes.data_as(lc.llama_token_data_p), \
-            self.n_vocab, -1, False
-        lc.llama_sampler_apply(self.pre, ctypes.byref(arr))
+        arr.data, arr.size, arr.selected, arr.sorted = self._ptr, self.n_vocab, -1, False
+        lc.llama_sampler_apply(self.pre, self._all_ref)
 
     def _valid(self, token: int) -> bool:
         one = self._one
         one.id, one.logit, one.p = token, 1.0, 0.0
         single = self._single
         single.size, single.selected, single.sorted = 1, -1, False
-        lc.llama_sampler_apply(self.grammar, ctypes.byref(single))
+        lc.llama_sampler_apply(self.grammar, self._single_ref)
         return one.logit != _NEG_INF
 
     def _constrained(self, ctx, idx: int) -> int:
-        arr = self._all
-        self._fill(ctx, idx)
-        lc.llama_sampler_apply(self.post, ctypes.byref(arr))
-        token = arr.data[arr.selected].id
+        if self.native:
+            token = self._first(ctx, idx)
+        else:
+            arr = self._all
+            self._fill(ctx, idx)
+            lc.llama_sampler_apply(self.post, self._all_ref)
+            token = arr.data[arr.selected].id
         if not self._valid(token):
             token = self._retry(ctx, idx)
             if token is None:
                 return self.eos  # nothing may follow: the grammar is complete (or stuck)
-        lc.llama_sampler_accept(self.pre, token)
-        lc.llama_sampler_accept(self.post, token)
+        if not self.native:  # (llama_sampler_sample accepted it into the chain already)
+            lc.llama_sampler_accept(self.pre, token)
+            lc.llama_sampler_accept(self.post, token)
         lc.llama_sampler_accept(self.grammar, token)
         return token
 
@@ -163,18 +174,18 @@ class Sampler:
         apply, arr = lc.llama_sampler_apply, self._all
         for top in self.tops:
             self._fill(ctx, idx)
-            apply(top, ctypes.byref(arr))  # the likeliest, sorted
-            apply(self.grammar, ctypes.byref(arr))
+            apply(top, self._all_ref)  # the likeliest, sorted
+            apply(self.grammar, self._all_ref)
             arr.sorted = False  # masked ones now lie among them
             if int(np.count_nonzero(self._data["logit"][:arr.size] != _NEG_INF)) >= self.keep:
                 return self._choose()
         self._fill(ctx, idx)
-        apply(self.grammar, ctypes.byref(arr))
+        apply(self.grammar, self._all_ref)
         return self._choose()
 
     def _choose(self) -> int | None:
         arr = self._all
-        lc.llama_sampler_apply(self.post, ctypes.byref(arr))
+        lc.llama_sampler_apply(self.post, self._all_ref)
         chosen = arr.data[arr.selected]
         return None if chosen.logit == _NEG_INF else chosen.id
 
