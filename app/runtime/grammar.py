@@ -40,11 +40,13 @@ TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 @dataclass(frozen=True)
 class Grammar:
     """What constrains an answer: GBNF for llama.cpp, and the JSON schema it was made from, if any (a remote server
-    is sent the schema, not malhae's GBNF). `what` names it in messages."""
+    is sent the schema, not malhae's GBNF). `what` names its kind in messages, `source` where it came from (the
+    flag or field: "--grammar", "format")."""
 
     gbnf: str
     what: str
     schema: dict | None = field(default=None, compare=False)
+    source: str = field(default="the grammar", compare=False)
 
     @property
     def is_json(self) -> bool:
@@ -78,7 +80,7 @@ def from_schema(schema: object, where: str = "the schema") -> Grammar:
     if not finite:
         raise UserError(f"{where} is recursive without a way out: every answer would be infinitely deep (make the "
                         "recursive property optional, or give it minItems 0)")
-    return _bounded(Grammar(gbnf, "JSON schema", schema), where)
+    return _bounded(Grammar(gbnf, "JSON schema", schema, where), where)
 
 
 def from_gbnf(text: str, where: str = "the grammar") -> Grammar:
@@ -87,7 +89,7 @@ def from_gbnf(text: str, where: str = "the grammar") -> Grammar:
         raise UserError(f"{where} is empty; give GBNF rules, e.g. root ::= (\"예\" | \"아니요\")")
     if "root" not in text:
         raise UserError(f"{where} has no root rule; GBNF starts from `root ::= …`")
-    return _bounded(Grammar(text, "GBNF grammar"), where)
+    return _bounded(Grammar(text, "GBNF grammar", source=where), where)
 
 
 def _bounded(g: Grammar, where: str) -> Grammar:

@@ -98,7 +98,7 @@ class Sampler:
             return
         self.chain = None
         try:
-            self.grammar = grammar_sampler(vocab, s.grammar)
+            self.grammar = grammar_sampler(vocab, s.grammar, s.grammar.source)
             # in two parts, so that a retry can narrow the candidates between them (see _retry)
             self.pre = _adjusting(vocab, n_vocab, s, history)
             self.post = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
