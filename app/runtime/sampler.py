@@ -241,7 +241,9 @@ def grammar_sampler(vocab, g: Grammar, where: str = "the grammar"):
 def _reason(printed: str, logged: str) -> str:
     for line in printed.splitlines():
         if "error parsing grammar:" in line:
-            return line.split("error parsing grammar:", 1)[1].strip()[:200]
+            reason = line.split("error parsing grammar:", 1)[1].strip()[:200]
+            # llama.cpp ends with the rest of the source ("expecting ')' at <rest>"): nothing left is the end
+            return reason + " the end" if reason.endswith(" at") else reason
     for line in logged.splitlines():
         if "grammar" in line and line.strip():
             return line.strip()[:200]
