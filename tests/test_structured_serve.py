@@ -367,7 +367,7 @@ def test_tool_choice_auto_gives_a_call_or_a_reply(server):
                                          max_tokens=most, **WILD).choices[0]
 
     starts = each(lambda seed: ask(seed, 4), range(24))
-    for out in starts:  # cut answers stay the JSON they were being written as
+    for out in starts:  # cut before a reply began: the JSON they were being written as
         assert out.finish_reason == "length" and out.message.tool_calls is None, out
         assert out.message.content.lstrip().startswith("{") and json_prefix(out.message.content), out
     calling = [seed for seed, out in enumerate(starts) if '"t' in out.message.content]
@@ -378,10 +378,29 @@ def test_tool_choice_auto_gives_a_call_or_a_reply(server):
         if out.finish_reason == "tool_calls":
             assert out.message.content is None and len(out.message.tool_calls) == 1, out
             _valid_call(out.message.tool_calls[0], tuple(SCHEMAS))
-        else:  # a reply: its text once finished, the JSON it was being written as when cut
+        else:  # a reply: its text, finished or (cut) what there was of it — never the JSON around it
             assert out.message.tool_calls is None and isinstance(out.message.content, str), out
-            assert out.finish_reason == "stop" or out.finish_reason == "length" and json_prefix(out.message.content)
+            assert out.finish_reason in ("stop", "length") and not out.message.content.lstrip().startswith("{"), out
     assert any(out.finish_reason == "tool_calls" for out in full), full
+
+
+def test_a_reply_beside_tools_streams_as_it_is_written(server):
+    """A plain reply under tool_choice auto is JSON ({"response": "…"}) to the grammar, but a streaming client (Open
+    WebUI with tools on) sees its text arrive piece by piece, as without tools, and the pieces make the whole
+    answer's content; on Ollama's /api/chat too. Greedy (the demo replies rather than calls then), so that the two
+    requests are the same answer whatever each slot had cached."""
+    c = client(server)
+    args = {"model": "m", "messages": ASK, "tools": TOOLS, "tool_choice": "auto", "max_tokens": 60, "temperature": 0}
+    whole = c.chat.completions.create(**args).choices[0]
+    pieces = [ch.choices[0].delta.content for ch in c.chat.completions.create(**args, stream=True)
+              if ch.choices and ch.choices[0].delta.content]
+    assert whole.message.tool_calls is None and not whole.message.content.lstrip().startswith("{"), whole
+    assert "".join(pieces) == whole.message.content and len(pieces) > 3, pieces
+    body = {"model": "m", "messages": ASK, "tools": TOOLS, "options": {"num_predict": 60, "temperature": 0}}
+    _, text = request(server, "/api/chat", body | {"stream": True})  # NDJSON: lines of JSON
+    streamed = [line["message"]["content"] for line in map(json.loads, text.splitlines()) if not line["done"]]
+    _, one = request(server, "/api/chat", body | {"stream": False})
+    assert "".join(streamed) == one["message"]["content"] == whole.message.content and len(streamed) > 3, streamed
 
 
 def test_parallel_tool_calls_give_a_list(server):
@@ -494,3 +513,27 @@ def _still_answers(server) -> None:
     got, out = request(server, "/v1/completions", {"prompt": "대한민국은", "max_tokens": 2, "temperature": 0,
                                                    "grammar": 'root ::= "예"'})
     assert got == 200 and out["choices"][0]["text"] == "예", out
+
+
+def test_reply_decodes_a_json_string_however_it_is_cut():
+    """The reply's characters from its JSON as it comes, in pieces of any size: escapes (a \\uXXXX pair split
+    across pieces too) decoded exactly as json.loads does, nothing before the reply began, nothing after it ended."""
+    from malhae.serve.tools import Reply
+
+    text = "안녕\n\"하세요\" \\ 😀 é/\t끝"
+    for ascii_only in (True, False):
+        answer = json.dumps({"response": text}, ensure_ascii=ascii_only) + " "
+        for size in (1, 2, 3, 5, 7, 64):
+            reply = Reply()
+            out = "".join(reply.feed(answer[i:i + size]) for i in range(0, len(answer), size))
+            assert out == text and reply.text == text and reply.ended, (size, out)
+    call = Reply()
+    assert call.feed('{ "tool_call" : { "name" : "get_weather", "response": "x"') == "" and not call.started
+
+
+def test_a_cut_reply_is_what_there_was_of_it():
+    from malhae.serve.tools import Tools
+
+    tools = Tools.read(TOOLS)
+    assert tools.parse('{ "response" : "서울은 맑\\uc74c') == ("서울은 맑음", [])
+    assert tools.parse('{ "tool_call" : { "name" : "get_w') == ('{ "tool_call" : { "name" : "get_w', [])

@@ -21,7 +21,7 @@ from malhae.serve.jobs import Request
 from malhae.serve.messages import render_chat
 from malhae.serve.service import Service
 from malhae.serve.sse import JobStream
-from malhae.serve.tools import Tools
+from malhae.serve.tools import Reply, Tools
 
 GENERATE_FIELDS = ("model", "prompt", "system", "stream", "options", "raw", "keep_alive", "format", "images",
                    "template", "context", "suffix", "think")
@@ -147,9 +147,8 @@ async def chat(request, svc: Service):
 
 
 def _tool_answer(answer: str, done: Done, tools: Tools) -> dict:
-    """A complete answer of a request with tools, read back as Ollama's message: a reply, or tool_calls."""
-    if done.reason.ollama != "stop":
-        return {"message": {"role": "assistant", "content": answer}}
+    """An answer of a request with tools, read back as Ollama's message: a reply (what there was of it, when cut
+    off), or tool_calls."""
     content, calls = tools.parse(answer)
     message = {"role": "assistant", "content": content or ""}
     if calls:
@@ -195,12 +194,16 @@ async def _run(request, svc: Service, body: Body, text: str, sampling, max_new, 
 
 
 async def _lines(svc: Service, req: Request, shape, tools: Tools | None = None):
-    """NDJSON lines; with tools, the answer is held until complete and sent as one message (it is JSON to read back,
-    not text to show)."""
-    answer = ""
+    """NDJSON lines. With tools, a reply is streamed as its characters come (app.serve.tools.Reply), and a call is
+    held until it is complete (it is JSON to read back) and sent as one message."""
+    answer, reply = "", Reply()
     async for _, event in req.events():
         if isinstance(event, Token) and tools is not None:
             answer += event.text
+            text = reply.feed(event.text)
+            if text:
+                line = {"model": svc.model_id, "created_at": _now(), **shape(text), "done": False}
+                yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
         elif isinstance(event, Token) and event.text:
             line = {"model": svc.model_id, "created_at": _now(), **shape(event.text), "done": False}
             yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
@@ -208,10 +211,14 @@ async def _lines(svc: Service, req: Request, shape, tools: Tools | None = None):
             if event.error:
                 yield (json.dumps({"error": event.error}) + "\n").encode()
             else:
-                if tools is not None:
-                    line = {"model": svc.model_id, "created_at": _now(), **_tool_answer(answer, event, tools),
-                            "done": False}
-                    yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
+                told = _tool_answer(answer, event, tools) if tools is not None else None
+                if told is not None:  # the calls, or the rest of a reply (nothing, once streamed whole)
+                    message = told["message"]
+                    sent = reply.text if message["content"].startswith(reply.text) else ""
+                    message["content"] = message["content"][len(sent):]
+                    if message["content"] or "tool_calls" in message:
+                        line = {"model": svc.model_id, "created_at": _now(), **told, "done": False}
+                        yield (json.dumps(line, ensure_ascii=False) + "\n").encode()
                 yield (json.dumps(_finish_line(svc, shape(""), event), ensure_ascii=False) + "\n").encode()
     if req.stopped:
         yield (json.dumps({"error": shutting_down().message}) + "\n").encode()

@@ -23,7 +23,7 @@ from malhae.serve.jobs import Request
 from malhae.serve.messages import render_chat
 from malhae.serve.service import MAX_PROMPTS, Service, offsets
 from malhae.serve.sse import JobStream
-from malhae.serve.tools import Tools
+from malhae.serve.tools import Reply, Tools
 
 MAX_N = 16
 COMMON = ("model", "stream", "stream_options", "max_tokens", "n", "stop", "seed", "user", "logit_bias",
@@ -322,9 +322,9 @@ async def chat(request, svc: Service):
 
 
 def _message(choice: _Choice, tools: Tools | None) -> tuple[dict, str | None]:
-    """A choice's message and finish_reason: with tools, a complete answer is read back as a reply or as tool
-    calls (finish_reason "tool_calls"); one cut off by max_tokens stays text."""
-    if tools is None or choice.finish != "stop":
+    """A choice's message and finish_reason: with tools, an answer is read back as a reply or as tool calls
+    (finish_reason "tool_calls"); one cut off by max_tokens is what there was of the reply, or the call's text."""
+    if tools is None:
         return {"role": "assistant", "content": choice.text}, choice.finish
     content, calls = tools.parse(choice.text)
     message = {"role": "assistant", "content": content}
@@ -334,9 +334,10 @@ def _message(choice: _Choice, tools: Tools | None) -> tuple[dict, str | None]:
 
 
 async def _chat_events(svc, req, head, include_usage, tools: Tools | None = None):
-    """The stream; with tools, an answer is held until it is complete (it is JSON to be read back, not text to
-    show) and then sent as one delta of content or of tool_calls."""
+    """The stream. With tools, a reply is streamed as its characters come (app.serve.tools.Reply), and a call is
+    held until it is complete (it is JSON to be read back) and sent as one delta of tool_calls."""
     choices = [_Choice() for _ in req.jobs]
+    replies = [Reply() for _ in req.jobs] if tools is not None else []
     chunk = _Chunks(head)
     for index in range(len(req.jobs)):
         yield _sse(head | {"choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -348,9 +349,10 @@ async def _chat_events(svc, req, head, include_usage, tools: Tools | None = None
         if isinstance(event, Token):
             if event.logprob is not None:
                 pending.setdefault(index, []).append(event.logprob)
-            if event.text and tools is None:
-                held = pending.pop(index, None)
-                yield chunk({"index": index, "delta": {"content": event.text},
+            text = event.text if tools is None else replies[index].feed(event.text)
+            if text:
+                held = pending.pop(index, None) if tools is None else None
+                yield chunk({"index": index, "delta": {"content": text},
                              "logprobs": _chat_logprobs(svc, held) if held else None, "finish_reason": None})
         elif isinstance(event, Done):
             if choice.error:
@@ -360,9 +362,12 @@ async def _chat_events(svc, req, head, include_usage, tools: Tools | None = None
             finish = choice.finish
             if tools is not None:
                 message, finish = _message(choice, tools)
+                sent, content = replies[index].text, message["content"] or ""
+                rest = content[len(sent):] if content.startswith(sent) else ""
                 delta = {"tool_calls": [c | {"index": k} for k, c in enumerate(message["tool_calls"])]} \
-                    if "tool_calls" in message else {"content": message["content"]}
-                yield chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
+                    if "tool_calls" in message else {"content": rest} if rest else None
+                if delta:
+                    yield chunk({"index": index, "delta": delta, "logprobs": None, "finish_reason": None})
             yield _sse(head | {"choices": [{"index": index, "delta": {},
                                             "logprobs": _chat_logprobs(svc, held) if held else None,
                                             **_ended(choice), "finish_reason": finish}]})

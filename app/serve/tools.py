@@ -103,18 +103,93 @@ class Tools:
             raise ApiError(str(e), param="tools", code="invalid_schema") from None
 
     def parse(self, text: str) -> tuple[str | None, list[Call]]:
-        """(the reply's text, the calls) of a complete answer; an answer that is not the grammar's JSON (cut off by
-        max_tokens) is given back as text, with no calls."""
+        """(the reply's text, the calls) of an answer. One cut off by max_tokens is not JSON: a reply gives what
+        there was of it, a call is given back as the text it was."""
         try:
             value = json.loads(text)
         except ValueError:
-            return text, []
+            reply = Reply()
+            reply.feed(text)
+            return (reply.text if reply.started else text), []
         if not isinstance(value, dict):
             return text, []
         if "response" in value:
             return str(value["response"]), []
         items = value.get("tool_calls") or ([value["tool_call"]] if "tool_call" in value else [])
         return None, [Call(c["name"], c["arguments"], "call_" + secrets.token_hex(12)) for c in items]
+
+
+ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+class Reply:
+    """The reply of an answer held to the tools' grammar, as it is generated: once the answer has begun as
+    `{"response": "`, `feed` gives the string's characters as they come (escapes decoded, a \\uXXXX pair
+    whole), so a streaming client sees a plain reply word by word, as without tools; an answer that begins as a
+    call gives nothing (it is sent whole, once complete)."""
+
+    START = re.compile(r'\{\s*"response"\s*:\s*"')
+
+    def __init__(self) -> None:
+        self.raw = ""
+        self.pos = -1  # where the string's undecoded rest begins in raw; -1 until the reply is known to begin
+        self.text = ""  # the reply so far
+        self.ended = False
+
+    @property
+    def started(self) -> bool:
+        return self.pos >= 0
+
+    def feed(self, piece: str) -> str:
+        """Add generated text; return the reply's characters it completed (often "")."""
+        self.raw += piece
+        if self.pos < 0:
+            found = self.START.match(self.raw)
+            if not found:
+                return ""
+            self.pos = found.end()
+        out = []
+        raw, i = self.raw, self.pos
+        while i < len(raw) and not self.ended:
+            c = raw[i]
+            if c == '"':
+                self.ended = True
+                i += 1
+            elif c != "\\":
+                out.append(c)
+                i += 1
+            elif i + 1 >= len(raw):
+                break  # the escape's next character has not come yet
+            elif raw[i + 1] != "u":
+                out.append(ESCAPES.get(raw[i + 1], raw[i + 1]))
+                i += 2
+            else:
+                decoded, used = _unicode_escape(raw, i)
+                if not used:
+                    break
+                out.append(decoded)
+                i += used
+        self.pos = i
+        new = "".join(out)
+        self.text += new
+        return new
+
+
+def _unicode_escape(raw: str, i: int) -> tuple[str, int]:
+    """The character of the \\uXXXX escape at raw[i] (a surrogate pair's two escapes together) and how many
+    characters it took; 0 when it is not complete yet."""
+    if i + 6 > len(raw):
+        return "", 0
+    code = int(raw[i + 2:i + 6], 16)
+    if 0xD800 <= code < 0xDC00:  # the first half of a pair: the second must follow
+        if i + 12 > len(raw):
+            return "", 0
+        if raw[i + 6:i + 8] == "\\u":
+            low = int(raw[i + 8:i + 12], 16)
+            if 0xDC00 <= low < 0xE000:
+                return chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)), 12
+        return "\ufffd", 6
+    return ("\ufffd" if 0xDC00 <= code < 0xE000 else chr(code)), 6
 
 
 def _function(tool: object, i: int) -> dict:
