@@ -537,3 +537,14 @@ def test_a_cut_reply_is_what_there_was_of_it():
     tools = Tools.read(TOOLS)
     assert tools.parse('{ "response" : "서울은 맑\\uc74c') == ("서울은 맑음", [])
     assert tools.parse('{ "tool_call" : { "name" : "get_w') == ('{ "tool_call" : { "name" : "get_w', [])
+
+
+def test_tool_call_arguments_in_the_history_are_bounded_json(server):
+    """A conversation's earlier call carries its arguments as a JSON string the client wrote: 100,000 brackets deep
+    is a 400 naming it, as broken JSON is, not a server error."""
+    for arguments, words in (("[" * 100_000 + "]" * 100_000, "nested more than"), ("{oops", "not valid JSON")):
+        history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "맑음"}]
+        status, out = request(server, CHAT, {"messages": history, "tools": TOOLS, "max_tokens": 4})
+        assert status == 400 and words in out["error"]["message"] and out["error"]["param"] == "messages", out

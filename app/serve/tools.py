@@ -17,6 +17,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from malhae import files
 from malhae.errors import UserError
 from malhae.runtime import grammar as grammars
 from malhae.runtime.grammar import Grammar
@@ -107,7 +108,7 @@ class Tools:
         there was of it, a call is given back as the text it was."""
         try:
             value = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # a free-form argument ({"type": "object"}) may nest without end
             reply = Reply()
             reply.feed(text)
             return (reply.text if reply.started else text), []
@@ -243,11 +244,10 @@ def call_text(calls: object, where: str) -> str:
             raise ApiError(f"{where}.tool_calls: each needs function.name", param="messages", code="invalid_type")
         args = f.get("arguments", {})
         if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                raise ApiError(f"{where}.tool_calls: arguments is not JSON", param="messages",
-                               code="invalid_value") from None
+            try:  # the client's JSON: bounded in depth and numbers (app.files.parse_json)
+                args = files.parse_json(args, f"{where}.tool_calls: arguments") if args.strip() else {}
+            except UserError as e:
+                raise ApiError(str(e), param="messages", code="invalid_value") from None
         items.append({"name": f["name"], "arguments": args})
     value = {"tool_call": items[0]} if len(items) == 1 else {"tool_calls": items}
     return json.dumps(value, ensure_ascii=False)
