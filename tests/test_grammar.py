@@ -439,3 +439,12 @@ def lc_accept(s: sampler.Sampler, token: int) -> None:
     import llama_cpp as lc
 
     lc.llama_sampler_accept(s.grammar, token)
+
+
+@pytest.mark.parametrize("pattern", ["^a{1,99999999999}$", "^(ab){1001}$", "^x{5000,}$"])
+def test_a_pattern_repeating_past_the_bound_is_refused_before_converting(pattern):
+    """The converter writes a{m,n} out n times: a{1,99999999999} took all of memory (a MemoryError, or a server's
+    RAM) before any size could be checked. Counts are read from the pattern first."""
+    with pytest.raises(UserError, match="repeats something more than 1000 times"):
+        grammar.from_schema({"type": "string", "pattern": pattern}, "--schema")
+    assert grammar.from_schema({"type": "string", "pattern": "^[0-9]{3}-[0-9]{4}$"}).gbnf  # ordinary counts pass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 from malhae.errors import UserError
@@ -102,6 +103,9 @@ def _bounded(g: Grammar, where: str) -> Grammar:
 
 # --- checking a schema -----------------------------------------------------------------------------------------
 
+_COUNTS = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")  # a pattern's {m}, {m,}, {m,n}
+
+
 def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
     """Every keyword of every subschema is one the converter implements or one that only describes; the others
     go into `found`. Counts and depths are bounded here, before the converter writes anything out."""
@@ -127,6 +131,10 @@ def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
                 raise UserError(f"{where}: {key} must be a whole number from 0 to {MAX_REPEAT}")
         elif key in ("pattern", "format") and not isinstance(value, str):
             raise UserError(f"{where}: {key} must be a string")
+        elif key == "pattern" and any(n and (len(n) > 4 or int(n) > MAX_REPEAT)
+                                      for counts in _COUNTS.findall(value) for n in counts):
+            # the converter writes a{m,n} out n times: a{1,99999999999} took all memory before any size check
+            raise UserError(f"{where}: pattern repeats something more than {MAX_REPEAT} times ({value[:60]!r})")
         elif key not in CONVERTED and key not in ANNOTATIONS:
             found.add(f"{key} (on {kind})" if key in INTEGER_BOUNDS and kind else key)
     for key in ("properties", "$defs", "definitions"):
