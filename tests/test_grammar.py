@@ -448,3 +448,12 @@ def test_a_pattern_repeating_past_the_bound_is_refused_before_converting(pattern
     with pytest.raises(UserError, match="repeats something more than 1000 times"):
         grammar.from_schema({"type": "string", "pattern": pattern}, "--schema")
     assert grammar.from_schema({"type": "string", "pattern": "^[0-9]{3}-[0-9]{4}$"}).gbnf  # ordinary counts pass
+
+
+def test_too_many_optional_properties_are_refused_in_words():
+    """The converter recurses once per optional property: a thousand ended in 'maximum recursion depth exceeded'."""
+    many = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(1000)}}
+    with pytest.raises(UserError, match="1,000 optional properties; at most 500"):
+        grammar.from_schema(many)
+    assert grammar.from_schema(many | {"required": list(many["properties"])}).gbnf  # required ones do not recurse
+    assert grammar.from_schema({"type": "object", "properties": dict(list(many["properties"].items())[:500])}).gbnf

@@ -26,6 +26,7 @@ MAX_SCHEMA_BYTES = 256 << 10  # a 50-property schema is about 5 KB
 MAX_GRAMMAR_BYTES = 1 << 20  # GBNF, given or made from a schema
 MAX_DEPTH = 32  # nesting of a schema's objects, arrays and combinators
 MAX_REPEAT = 1000  # minItems / maxItems / minLength / maxLength: each is written out in the grammar
+MAX_OPTIONAL = 500  # optional properties of one object: the converter recurses once per one (1,000 hit Python's limit)
 MAX_INT_DIGITS = 15  # the port's integers have at most 16 digits; bounds stay within them
 
 # keywords the converter implements, and those that only describe (they change no valid output)
@@ -137,6 +138,12 @@ def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
             raise UserError(f"{where}: pattern repeats something more than {MAX_REPEAT} times ({value[:60]!r})")
         elif key not in CONVERTED and key not in ANNOTATIONS:
             found.add(f"{key} (on {kind})" if key in INTEGER_BOUNDS and kind else key)
+    properties = node.get("properties")
+    if isinstance(properties, dict) and isinstance(node.get("required", []), list):
+        optional = len(set(properties) - set(node.get("required", [])))
+        if optional > MAX_OPTIONAL:
+            raise UserError(f"{where}: an object with {optional:,} optional properties; at most {MAX_OPTIONAL} (make "
+                            "some required, or split the object)")
     for key in ("properties", "$defs", "definitions"):
         children = node.get(key, {})
         if not isinstance(children, dict):
