@@ -457,3 +457,22 @@ def test_too_many_optional_properties_are_refused_in_words():
         grammar.from_schema(many)
     assert grammar.from_schema(many | {"required": list(many["properties"])}).gbnf  # required ones do not recurse
     assert grammar.from_schema({"type": "object", "properties": dict(list(many["properties"].items())[:500])}).gbnf
+
+
+def test_other_threads_stderr_is_passed_on_while_a_grammar_is_parsed(engine, capfd):
+    """The parse catches file descriptor 2 to keep llama.cpp's dump of a bad grammar out: a line another thread
+    wrote meanwhile (a server's access log) still reaches stderr, and the dump does not."""
+    import os
+
+    from malhae.runtime.sampler import _stderr_captured
+
+    caught: list[str] = []
+    with _stderr_captured(caught):
+        os.write(2, b"[malhae] 200 | POST /v1/chat/completions\n")
+    assert "POST" in caught[0] and capfd.readouterr().err == ""  # caught, as llama.cpp's print would be
+    bad = grammar.from_gbnf('root ::= "a" | other-rule-that-is-missing', "--grammar")
+    with pytest.raises(UserError, match="--grammar is not valid GBNF"):
+        sampler.check_grammar(engine.vocab, bad, "--grammar")
+    assert "other-rule-that-is-missing" not in capfd.readouterr().err
+    sampler._pass_on("parse: error parsing grammar: x\n\nroot ::= y\nthe access log line\n", "root ::= y")
+    assert capfd.readouterr().err == "the access log line\n"

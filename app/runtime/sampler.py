@@ -208,7 +208,8 @@ _stderr_lock = threading.Lock()
 @contextlib.contextmanager
 def _stderr_captured(out: list[str]):
     """llama.cpp prints a GBNF syntax error with fprintf(stderr, …), followed by the whole grammar: catch it (file
-    descriptor 2, for the moment of one parse) so the reason can be said in one line and the rest dropped."""
+    descriptor 2, for the moment of one parse) so the reason can be said in one line and the rest dropped. What
+    other threads wrote meanwhile (a server's access log) is the caller's to pass on (`_pass_on`)."""
     with _stderr_lock, tempfile.TemporaryFile() as tmp:
         try:
             saved = os.dup(2)
@@ -230,12 +231,28 @@ def grammar_sampler(vocab, g: Grammar, where: str = "the grammar"):
     reason in one line."""
     caught: list[str] = []
     logged: list[str] = []
-    with llama.log_to(lambda level, text: logged.append(text)), _stderr_captured(caught):
+    # a schema's grammar is valid by construction: only GBNF as given may make llama.cpp print
+    captured = _stderr_captured(caught) if g.schema is None else contextlib.nullcontext()
+    with llama.log_to(lambda level, text: logged.append(text)), captured:
         made = lc.llama_sampler_init_grammar(vocab, g.gbnf.encode(), b"root")
+    printed = "".join(caught)
+    reason = None if made else _reason(printed, "".join(logged))
+    _pass_on(printed, g.gbnf)
     if made:
         return made
-    reason = _reason("".join(caught), "".join(logged))
     raise UserError(f"{where} is not valid GBNF: {reason}")
+
+
+def _pass_on(printed: str, source: str) -> None:
+    """What was caught on stderr but was not llama.cpp's error (its line and its dump of the grammar): other
+    threads' lines, written out again."""
+    if not printed:
+        return
+    rest = "\n".join(line for line in printed.replace(source, "", 1).splitlines()
+                     if line.strip() and "error parsing grammar:" not in line)
+    if rest:
+        with contextlib.suppress(OSError):
+            os.write(2, (rest + "\n").encode("utf-8", "replace"))
 
 
 def _reason(printed: str, logged: str) -> str:
