@@ -17,7 +17,7 @@ import jsonschema
 import pytest
 
 from malhae.errors import UserError
-from malhae.runtime import grammar, sampler
+from malhae.runtime import grammar, ranges, sampler
 from malhae.runtime.engine import Engine
 from malhae.runtime.settings import LoadOptions, Sampling
 from malhae.runtime.speculate import DraftLength
@@ -105,8 +105,8 @@ REFUSED = [
     ({"type": []}, ["unknown type"]),
     ({"type": "object", "patternProperties": {"^x": {}},
       "properties": {"a": {"type": "array", "uniqueItems": True}, "b": {"not": {"type": "null"}},
-                     "c": {"type": "number", "minimum": 0}}},
-     ["uniqueItems", "not", "minimum (on number)", "patternProperties", "remove them"]),
+                     "c": {"type": "string", "minimum": 0}}},
+     ["uniqueItems", "not", "minimum (on string)", "patternProperties", "remove them"]),
     ({"type": "object", "properties": {"a": True}}, ["`true` schema"]),
     ({"anyOf": [{"type": "null"}, False]}, ["`false` schema"]),
     ({"$ref": "#"}, ["recursive without a way out"]),
@@ -251,7 +251,7 @@ def test_integer_bounds_are_exact(engine, bounds):
 
 @pytest.mark.parametrize("lo, hi", [(None, None), (-3, None), (None, 3), (0, 10 ** 15), (-(10 ** 15), -1)])
 def test_int_range_without_a_schema(lo, hi):
-    pattern = gbnf_regex(grammar._int_range(lo, hi))
+    pattern = gbnf_regex(ranges.integers(lo, hi))
     bounds = {k: v for k, v in (("minimum", lo), ("maximum", hi)) if v is not None}
     window = {n for e in (0, TOP, -TOP, lo or 0, hi or 0) for n in range(e - 30, e + 31)}
     assert [n for n in sorted(window) if bool(pattern.fullmatch(str(n))) != inside(n, bounds)] == []
@@ -476,3 +476,90 @@ def test_other_threads_stderr_is_passed_on_while_a_grammar_is_parsed(engine, cap
     assert "other-rule-that-is-missing" not in capfd.readouterr().err
     sampler._pass_on("parse: error parsing grammar: x\n\nroot ::= y\nthe access log line\n", "root ::= y")
     assert capfd.readouterr().err == "the access log line\n"
+
+
+# --- number bounds: whole-number bounds on decimals, checked against exact arithmetic ---------------------------
+
+def decimal_regex(expr: str) -> re.Pattern:
+    """A GBNF expression of literals, classes, groups, |, ? and * as a Python regex (each means the same there)."""
+    out = []
+    for token in re.findall(r'"[^"]*"|\[[^\]]*\]|\S', expr):
+        if token.startswith('"'):
+            out.append(re.escape(token[1:-1]))
+        elif token.startswith("["):
+            assert re.fullmatch(r"\[[0-9]-[0-9]\]", token), token
+            out.append(token)
+        else:
+            assert token in "()|?*+", f"{token!r} in {expr}"
+            out.append(token)
+    return re.compile("".join(out))
+
+
+NUMBER_BOUNDS = [
+    {"minimum": 0, "maximum": 1},
+    {"minimum": 1, "maximum": 5},
+    {"exclusiveMinimum": 0, "exclusiveMaximum": 1},
+    {"minimum": -1, "maximum": 1},
+    {"minimum": -10, "exclusiveMaximum": -2},
+    {"exclusiveMinimum": -3, "maximum": 0},
+    {"minimum": 0},
+    {"exclusiveMinimum": 0},
+    {"maximum": 100},
+    {"exclusiveMaximum": 0},
+    {"minimum": 7, "maximum": 7},
+    {"minimum": 2, "exclusiveMinimum": 2, "maximum": 9, "exclusiveMaximum": 9},
+]
+
+
+def texts_near(edges) -> set[str]:
+    """Decimal strings around each edge: whole, with zero fractions, just above and below, far off, and malformed."""
+    out = {"0", "-0", "0.0", "-0.0", "00", "01", "1.", ".5", "+1", "1e3", "-", "", "0.00000000000001"}
+    for e in edges:
+        for n in range(int(e) - 3, int(e) + 4):
+            for frac in ("", ".0", ".000", ".5", ".05", ".999", ".0001", ".9999999"):
+                out |= {f"{n}{frac}", f"-{abs(n)}{frac}"}
+    return out
+
+
+@pytest.mark.parametrize("bounds", NUMBER_BOUNDS, ids=[json.dumps(b) for b in NUMBER_BOUNDS])
+def test_number_bounds_are_exact(engine, bounds):
+    from decimal import Decimal, InvalidOperation
+
+    g = grammar.from_schema({"type": "number", **bounds})
+    sampler.check_grammar(engine.vocab, g)
+    pattern = decimal_regex(rules(g.gbnf)["root"].removesuffix(" space"))
+
+    def allowed(text: str) -> bool:  # a plain JSON number (no exponent, no leading zeros, no "-0") inside the bounds
+        if not re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", text) or re.fullmatch(r"-0(\.0*)?", text):
+            return False
+        try:
+            v = Decimal(text)
+        except InvalidOperation:
+            return False
+        return (v >= bounds.get("minimum", -10**20) and v > bounds.get("exclusiveMinimum", -10**20)
+                and v <= bounds.get("maximum", 10**20) and v < bounds.get("exclusiveMaximum", 10**20))
+
+    wrong = [t for t in sorted(texts_near([0, *bounds.values()])) if bool(pattern.fullmatch(t)) != allowed(t)]
+    assert not wrong, wrong[:10]
+
+
+def test_number_bounds_must_be_whole_and_leave_room():
+    with pytest.raises(UserError, match="minimum 0.5 on a number: .* whole numbers only"):
+        grammar.from_schema({"type": "number", "minimum": 0.5})
+    with pytest.raises(UserError, match="no number lies between 3 and 3"):
+        grammar.from_schema({"type": "number", "exclusiveMinimum": 3, "maximum": 3})
+
+
+def test_pydantic_float_fields_with_bounds_validate(engine):
+    """pydantic's Field(ge=0, le=1) on a float (a confidence, a share) is what such users write."""
+    pydantic = pytest.importorskip("pydantic")
+
+    class 판정(pydantic.BaseModel):
+        확신: float = pydantic.Field(ge=0, le=1)
+        점수: float = pydantic.Field(gt=-5, lt=5)
+
+    g = grammar.from_schema(판정.model_json_schema(), "response_format")
+    for seed in range(4):
+        text, stats = engine.complete("판정(JSON):", Sampling(temperature=1.0, seed=seed, max_tokens=80, grammar=g))
+        assert stats.stop_reason == "eos", text
+        판정.model_validate_json(text)

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 from malhae.errors import UserError
+from malhae.runtime import ranges
 
 MAX_SCHEMA_BYTES = 256 << 10  # a 50-property schema is about 5 KB
 MAX_GRAMMAR_BYTES = 1 << 20  # GBNF, given or made from a schema
@@ -33,7 +34,8 @@ MAX_INT_DIGITS = 15  # the port's integers have at most 16 digits; bounds stay w
 CONVERTED = {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
              "maxItems", "enum", "const", "oneOf", "anyOf", "allOf", "$ref", "$defs", "definitions", "pattern",
              "format", "minLength", "maxLength"}
-INTEGER_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}  # mended here, for integers only
+# mended here: any bounds on an integer, whole-number bounds on a number (app.runtime.ranges)
+NUMBER_BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
 ANNOTATIONS = {"title", "description", "default", "examples", "$schema", "$id", "$comment", "readOnly", "writeOnly",
                "deprecated", "contentMediaType", "contentEncoding"}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
@@ -123,10 +125,13 @@ def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
         raise UserError(f"{where}: unknown type {json.dumps(kind, ensure_ascii=False)[:60]}; the types are "
                         f"{', '.join(TYPES)}")
     for key, value in node.items():
-        if key in INTEGER_BOUNDS and kinds == ["integer"]:
+        if key in NUMBER_BOUNDS and kinds in (["integer"], ["number"]):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or abs(value) >= 10 ** MAX_INT_DIGITS:
                 raise UserError(f"{where}: {key} must be a number of at most {MAX_INT_DIGITS} digits")
+            if kinds == ["number"] and not float(value).is_integer():
+                raise UserError(f"{where}: {key} {value} on a number: constrained decoding bounds numbers by whole "
+                                "numbers only (0, 1, 100)")
         elif key in ("minItems", "maxItems", "minLength", "maxLength"):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_REPEAT:
                 raise UserError(f"{where}: {key} must be a whole number from 0 to {MAX_REPEAT}")
@@ -137,7 +142,7 @@ def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
             # the converter writes a{m,n} out n times: a{1,99999999999} took all memory before any size check
             raise UserError(f"{where}: pattern repeats something more than {MAX_REPEAT} times ({value[:60]!r})")
         elif key not in CONVERTED and key not in ANNOTATIONS:
-            found.add(f"{key} (on {kind})" if key in INTEGER_BOUNDS and kind else key)
+            found.add(f"{key} (on {kind})" if key in NUMBER_BOUNDS and kind else key)
     properties = node.get("properties")
     if isinstance(properties, dict) and isinstance(node.get("required", []), list):
         optional = len(set(properties) - set(node.get("required", [])))
@@ -220,47 +225,6 @@ def _finite(node: object, root: dict, seen: frozenset[str]) -> bool:
 
 # --- the converter, mended -------------------------------------------------------------------------------------
 
-def _int_range(lo: int | None, hi: int | None) -> str:
-    """GBNF for the integers from lo to hi (None: unbounded, as far as 16 digits go), written as digit ranges."""
-    top = 10 ** (MAX_INT_DIGITS + 1) - 1
-    lo = -top if lo is None else lo
-    hi = top if hi is None else hi
-    parts = []
-    if lo < 0:
-        parts.append('"-" ' + _naturals(max(1, -hi) if hi < 0 else 1, -lo))
-    if hi >= 0:
-        parts.append(_naturals(max(lo, 0), hi))
-    return "(" + " | ".join(parts) + ")"
-
-
-def _naturals(lo: int, hi: int) -> str:
-    """GBNF for lo … hi (0 ≤ lo ≤ hi), no leading zeros: one alternative per number of digits."""
-    alts = []
-    for n in range(len(str(lo)), len(str(hi)) + 1):
-        a = lo if n == len(str(lo)) else 10 ** (n - 1)
-        b = hi if n == len(str(hi)) else 10 ** n - 1
-        alts.append(_same_length(str(a), str(b)))
-    return "(" + " | ".join(alts) + ")"
-
-
-def _same_length(a: str, b: str) -> str:
-    """GBNF for the digit strings from a to b, both of the same length."""
-    if not a:
-        return '""'
-    if a == b:
-        return f'"{a}"'
-    if a.strip("0") == b.strip("9") == "":  # every digit string: written out, the two ends below doubled per digit
-        return " ".join(["[0-9]"] * len(a))
-    if a[0] == b[0]:
-        return f'"{a[0]}" ' + _same_length(a[1:], b[1:])
-    rest = len(a) - 1
-    alts = [f'"{a[0]}" ' + _same_length(a[1:], "9" * rest) if rest else f'"{a[0]}"']
-    if int(b[0]) - int(a[0]) > 1:
-        alts.append(f"[{int(a[0]) + 1}-{int(b[0]) - 1}]" + " [0-9]" * rest)
-    alts.append(f'"{b[0]}" ' + _same_length("0" * rest, b[1:]) if rest else f'"{b[0]}"')
-    return "(" + " | ".join(alts) + ")"
-
-
 def _literal(text: str) -> str:
     """A GBNF literal for exactly `text`."""
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
@@ -312,7 +276,16 @@ def _converter():
             return name
 
         def visit(self, schema, name):
-            if schema.get("type") == "integer" and INTEGER_BOUNDS & set(schema):
+            if schema.get("type") == "number" and NUMBER_BOUNDS & set(schema):
+                lows = [(int(schema[k]), k == "exclusiveMinimum") for k in ("minimum", "exclusiveMinimum")
+                        if k in schema]
+                highs = [(int(schema[k]), k == "exclusiveMaximum") for k in ("maximum", "exclusiveMaximum")
+                         if k in schema]
+                lo, lo_open = max(lows) if lows else (None, False)  # the stricter of each pair
+                hi, hi_open = min(highs, key=lambda b: (b[0], not b[1])) if highs else (None, False)
+                rule_name = name + "-" if name in port.RESERVED_NAMES else name or "root"
+                return self._add_rule(rule_name, ranges.decimals(lo, lo_open, hi, hi_open) + " space")
+            if schema.get("type") == "integer" and NUMBER_BOUNDS & set(schema):
                 lo, hi = schema.get("minimum"), schema.get("maximum")
                 if "exclusiveMinimum" in schema:
                     lo = max(math.floor(schema["exclusiveMinimum"]) + 1, -math.inf if lo is None else math.ceil(lo))
@@ -323,7 +296,7 @@ def _converter():
                 if lo is not None and hi is not None and lo > hi:
                     raise ValueError(f"no integer lies between {lo} and {hi}")
                 rule_name = name + "-" if name in port.RESERVED_NAMES else name or "root"
-                return self._add_rule(rule_name, _int_range(lo, hi) + " space")
+                return self._add_rule(rule_name, ranges.integers(lo, hi) + " space")
             return super().visit(schema, name)
 
         def _generate_constant_rule(self, value):
