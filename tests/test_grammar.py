@@ -563,3 +563,17 @@ def test_pydantic_float_fields_with_bounds_validate(engine):
         text, stats = engine.complete("판정(JSON):", Sampling(temperature=1.0, seed=seed, max_tokens=80, grammar=g))
         assert stats.stop_reason == "eos", text
         판정.model_validate_json(text)
+
+
+def test_a_list_of_types_keeps_the_schemas_other_keywords(engine):
+    """The port turns "type": ["string", "null"] into a union of bare types and drops the rest: maxLength 3 let any
+    string through, an enum any value of those types. Each type now keeps them (jsonschema judges)."""
+    schemas = [{"type": ["string", "null"], "maxLength": 3},
+               {"type": ["integer", "null"], "minimum": 1, "maximum": 3},
+               {"type": ["string", "null"], "enum": ["가", None]}]
+    for schema in schemas:
+        g = grammar.from_schema(schema)
+        for seed in range(4):
+            text, stats = engine.complete("값:", Sampling(temperature=1.5, seed=seed, max_tokens=30, grammar=g))
+            assert stats.stop_reason == "eos", (schema, text)
+            jsonschema.validate(json.loads(text), schema)

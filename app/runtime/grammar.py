@@ -125,11 +125,11 @@ def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
         raise UserError(f"{where}: unknown type {json.dumps(kind, ensure_ascii=False)[:60]}; the types are "
                         f"{', '.join(TYPES)}")
     for key, value in node.items():
-        if key in NUMBER_BOUNDS and kinds in (["integer"], ["number"]):
+        if key in NUMBER_BOUNDS and {"integer", "number"} & set(kinds) and set(kinds) <= {"integer", "number", "null"}:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                     or abs(value) >= 10 ** MAX_INT_DIGITS:
                 raise UserError(f"{where}: {key} must be a number of at most {MAX_INT_DIGITS} digits")
-            if kinds == ["number"] and not float(value).is_integer():
+            if "number" in kinds and not float(value).is_integer():
                 raise UserError(f"{where}: {key} {value} on a number: constrained decoding bounds numbers by whole "
                                 "numbers only (0, 1, 100)")
         elif key in ("minItems", "maxItems", "minLength", "maxLength"):
@@ -276,7 +276,13 @@ def _converter():
             return name
 
         def visit(self, schema, name):
-            if schema.get("type") == "number" and NUMBER_BOUNDS & set(schema):
+            kinds = schema.get("type")
+            if isinstance(kinds, list) and not {"$ref", "oneOf", "anyOf"} & set(schema):
+                # the port makes a list of types a union of bare types, dropping the schema's other keywords
+                # (["string", "null"] with maxLength 3 allowed any string): each type keeps them
+                rule_name = name + "-" if name in port.RESERVED_NAMES else name or "root"
+                return self._add_rule(rule_name, self._generate_union_rule(name, [schema | {"type": k} for k in kinds]))
+            if kinds == "number" and NUMBER_BOUNDS & set(schema):
                 lows = [(int(schema[k]), k == "exclusiveMinimum") for k in ("minimum", "exclusiveMinimum")
                         if k in schema]
                 highs = [(int(schema[k]), k == "exclusiveMaximum") for k in ("maximum", "exclusiveMaximum")
@@ -285,7 +291,7 @@ def _converter():
                 hi, hi_open = min(highs, key=lambda b: (b[0], not b[1])) if highs else (None, False)
                 rule_name = name + "-" if name in port.RESERVED_NAMES else name or "root"
                 return self._add_rule(rule_name, ranges.decimals(lo, lo_open, hi, hi_open) + " space")
-            if schema.get("type") == "integer" and NUMBER_BOUNDS & set(schema):
+            if kinds == "integer" and NUMBER_BOUNDS & set(schema):
                 lo, hi = schema.get("minimum"), schema.get("maximum")
                 if "exclusiveMinimum" in schema:
                     lo = max(math.floor(schema["exclusiveMinimum"]) + 1, -math.inf if lo is None else math.ceil(lo))
