@@ -577,3 +577,48 @@ def test_a_list_of_types_keeps_the_schemas_other_keywords(engine):
             text, stats = engine.complete("값:", Sampling(temperature=1.5, seed=seed, max_tokens=30, grammar=g))
             assert stats.stop_reason == "eos", (schema, text)
             jsonschema.validate(json.loads(text), schema)
+
+
+@pytest.mark.parametrize(("schema", "words"), [
+    ({"anyOf": [{"type": "string"}], "maxLength": 3}, "maxLength beside anyOf would be ignored"),
+    ({"$ref": "#/$defs/a", "$defs": {"a": {"type": "string"}}, "enum": ["x"]}, "enum beside $ref"),
+    ({"type": "string", "pattern": "^[a-z]+$", "maxLength": 3}, "maxLength beside a pattern"),
+    ({"type": "string", "format": "date-time", "minLength": 30}, "minLength beside a format"),
+    ({"type": "object", "required": ["이름"]}, 'required names "이름"'),
+])
+def test_what_the_converter_would_drop_is_refused(schema, words):
+    """The port reads one branch of a schema and drops what stands beside it: the answer would break the schema."""
+    with pytest.raises(UserError, match=re.escape(words)):
+        grammar.from_schema(schema)
+
+
+def test_a_rich_pydantic_model_converts():
+    """What pydantic writes for ordinary fields (nested and optional models, enums, Literal, dates, bounded ints and
+    floats, lists, dicts) passes every check above: annotations (title, default) beside $ref and anyOf are fine."""
+    import datetime
+    import enum
+    from typing import Literal
+
+    pydantic = pytest.importorskip("pydantic")
+
+    class 색(str, enum.Enum):
+        빨강 = "빨강"
+        파랑 = "파랑"
+
+    class 주소(pydantic.BaseModel):
+        도시: str = pydantic.Field(max_length=10)
+        우편번호: str | None = None
+
+    class 사람(pydantic.BaseModel):
+        이름: str
+        나이: int = pydantic.Field(ge=0, le=150)
+        키: float = pydantic.Field(gt=0, lt=300)
+        좋아하는색: 색 = 색.빨강
+        성별: Literal["남", "여"]
+        생일: datetime.date
+        주소: 주소
+        이전주소: 주소 | None = None
+        별명: list[str] = pydantic.Field(default_factory=list, max_length=3)
+        점수: dict[str, int] = {}
+
+    assert "root ::=" in grammar.from_schema(사람.model_json_schema()).gbnf

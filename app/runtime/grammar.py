@@ -178,15 +178,32 @@ def _walk(node: object, where: str, depth: int, found: set[str]) -> None:
                                or not all(isinstance(r, str) for r in node["required"])):
         raise UserError(f"{where}: required must be an array of property names")
     undefined = [r for r in node.get("required", []) if r not in node.get("properties", {})]
-    if undefined and "properties" in node:  # the converter would leave it out, and every answer break the schema
+    if undefined and "allOf" not in node:  # the converter would leave it out, and every answer break the schema
         raise UserError(f"{where}: required names {json.dumps(undefined[0], ensure_ascii=False)[:60]}, which "
                         "properties does not define; define it or drop it from required")
+    _nothing_dropped(node, where)
     if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
         raise UserError(f"{where}: enum must be a non-empty array")
     ref = node.get("$ref")
     if ref is not None and (not isinstance(ref, str) or not ref.startswith("#")):
         raise UserError(f"{where}: $ref {json.dumps(ref)[:80]} is not supported; only references inside the schema "
                         "(#/$defs/…) are")
+
+
+def _nothing_dropped(node: dict, where: str) -> None:
+    """The converter reads one branch of a schema: beside $ref, anyOf or oneOf it reads nothing else, and a string
+    with a pattern or a format loses its length bounds. A keyword it would drop so is refused, not ignored."""
+    for first in ("$ref", "anyOf", "oneOf"):
+        if first in node:
+            dropped = sorted(k for k in node if k in CONVERTED | NUMBER_BOUNDS and k != first
+                             and k not in ("type", "$defs", "definitions", "anyOf", "oneOf"))
+            if dropped:
+                raise UserError(f"{where}: {', '.join(dropped)} beside {first} would be ignored; move "
+                                f"{'it' if len(dropped) == 1 else 'them'} into the {first} branches")
+    lengths = sorted({"minLength", "maxLength"} & set(node))
+    if lengths and ("pattern" in node or node.get("format") in ("date", "time", "date-time", "uuid")):
+        raise UserError(f"{where}: {' and '.join(lengths)} beside a {'pattern' if 'pattern' in node else 'format'} "
+                        "would be ignored; put the length into the pattern ({m,n})")
 
 
 def _target(root: dict, ref: str) -> object:
