@@ -5,6 +5,7 @@ server with --endpoint."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -161,3 +162,18 @@ def test_a_grammar_llama_refuses_fails_its_job_alone(demo_path):
             scheduler.close()
     assert ends["bad"].reason == "error" and "expecting ')'" in ends["bad"].error
     assert ends["good"].reason == "length" and ends["good"].completion_tokens == 8
+
+
+def test_chat_schema_holds_every_answer(demo_path):
+    """`malhae chat --schema`, as `ollama run --format json`: every answer of the conversation is the schema's JSON
+    (a turn marker quoted inside it no longer ends it), and /show says what holds them."""
+    proc = subprocess.run([sys.executable, "-m", "malhae", "chat", "-m", str(demo_path), "--threads", "1", "--seed",
+                           "4", "--schema", json.dumps(REVIEW, ensure_ascii=False)],
+                          input="배송이 너무 늦어요\n좋아요\n/show\n".encode(), capture_output=True, cwd=ROOT,
+                          timeout=120, env={**os.environ, "COLUMNS": "300"})
+    assert proc.returncode == 0, proc.stderr.decode()
+    answers = [line for line in proc.stdout.decode().splitlines() if line.strip()]
+    assert len(answers) == 2, answers
+    for answer in answers:
+        jsonschema.validate(json.loads(answer), REVIEW)
+    assert "answers held to --schema (JSON schema)" in proc.stderr.decode()

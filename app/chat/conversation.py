@@ -82,8 +82,9 @@ class Conversation:
 
     def answer_sampling(self) -> Sampling:
         """The settings plus the template's stop strings, which keep a base model from writing the user's turn, for
-        an answer (shown and kept from its first non-space character; Template.prompt puts the space back)."""
-        return replace(self.sampling, stop=tuple(dict.fromkeys((*self.template.stop, *self.sampling.stop))),
+        an answer (shown and kept from its first non-space character; Template.prompt puts the space back). An
+        answer held to a grammar ends where the grammar does (Template.stops)."""
+        return replace(self.sampling, stop=self.template.stops(self.sampling.stop, self.sampling.grammar),
                        answer=True)
 
     def reserve(self, n_ctx: int) -> int:

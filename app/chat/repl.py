@@ -322,6 +322,8 @@ class Chat:
         if not self.engine.remote:
             values["draft"] = f"{self.engine.draft} (max {self.load.draft_max})" if self.engine.draft != "off" \
                 else "off"
+        if s.grammar is not None:  # chat --schema / --grammar
+            values["answers"] = f"held to {s.grammar.source} ({s.grammar.what})"
         return " · ".join(f"{k} {_number(v)}" for k, v in values.items())
 
     def cmd_retry(self, arg: str) -> None:

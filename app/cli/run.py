@@ -86,17 +86,20 @@ def chat(
     seed: int | None = typer.Option(None, "--seed", help="Fix the sampling seed for repeatable answers."),
     no_color: bool = typer.Option(False, "--no-color", help="No colours or styles (also: the NO_COLOR variable)."),
     endpoint: o.EndpointOption = None, api_key: o.ApiKey = None, timeout: o.Timeout = None,
-    remote_chat: o.RemoteChat = False,
+    remote_chat: o.RemoteChat = False, schema: o.Schema = None, grammar: o.GrammarOption = None,
 ) -> None:
     """Talk with a model: streaming answers, input history, /commands; /help inside for more (대화)."""
     from malhae import nfc, ui
     from malhae.chat import session
+    from malhae.runtime import grammar as grammars
     from malhae.store import models
 
+    constraint = grammars.from_argument(schema, grammar)  # every answer held to it, as `ollama run --format json`
     system = nfc.compose(system, "--system", ui.note) if system is not None else None
     remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, flags=load, notify=ui.note)
     options, sampling = o.settings_for("chat", remote=remote is not None, **load, temperature=temperature,
                                        top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                                        max_tokens=max_tokens, seed=seed)
+    sampling.grammar = constraint
     session.open_chat(options, model=model, resolve=models.resolve, template=template, system=system, sampling=sampling,
                    no_color=no_color, endpoint=remote, remote_chat=remote_chat).run()
