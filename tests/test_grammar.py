@@ -14,6 +14,7 @@ import re
 from dataclasses import replace
 
 import jsonschema
+import llama_cpp as lc
 import pytest
 
 from malhae.errors import UserError
@@ -182,19 +183,19 @@ def test_recursive_schema_answers_follow_it(engine):
 TOP = 10 ** 16 - 1  # the port's integers: at most 16 digits
 
 
-def gbnf_regex(expr: str) -> re.Pattern:
-    """The GBNF integer expression as a Python regex: it is made of "…" literals, [a-b] classes, parentheses, | and
-    spaces, and each has the same meaning in a regex."""
+def gbnf_regex(expr: str, literal: str = r'"-?[0-9]*"', operators: str = "()|") -> re.Pattern:
+    """A GBNF digit-range expression as a Python regex: "…" literals (of the form `literal`), [a-b] classes and the
+    `operators` (parentheses, |, and for decimals ? * +), each meaning the same in a regex; spaces only separate."""
     out = []
     for token in re.findall(r'"[^"]*"|\[[^\]]*\]|\S', expr):
         if token.startswith('"'):
-            assert re.fullmatch(r'"-?[0-9]*"', token), token
+            assert re.fullmatch(literal, token), token
             out.append(re.escape(token[1:-1]))
         elif token.startswith("["):
             assert re.fullmatch(r"\[[0-9]-[0-9]\]", token), token
             out.append(token)
         else:
-            assert token in "()|", f"{token!r} in {expr}"
+            assert token in operators, f"{token!r} in {expr}"
             out.append(token)
     return re.compile("".join(out))
 
@@ -328,7 +329,7 @@ class Unnarrowed(sampler.Sampler):
     def __init__(self, *args) -> None:
         super().__init__(*args)
         for top in self.tops:
-            sampler.free(top)
+            lc.llama_sampler_free(top)
         self.tops = []
 
 
@@ -436,8 +437,6 @@ def test_strings_hold_no_surrogates_and_every_hangul_syllable(engine):
 
 
 def lc_accept(s: sampler.Sampler, token: int) -> None:
-    import llama_cpp as lc
-
     lc.llama_sampler_accept(s.grammar, token)
 
 
@@ -480,21 +479,6 @@ def test_other_threads_stderr_is_passed_on_while_a_grammar_is_parsed(engine, cap
 
 # --- number bounds: whole-number bounds on decimals, checked against exact arithmetic ---------------------------
 
-def decimal_regex(expr: str) -> re.Pattern:
-    """A GBNF expression of literals, classes, groups, |, ? and * as a Python regex (each means the same there)."""
-    out = []
-    for token in re.findall(r'"[^"]*"|\[[^\]]*\]|\S', expr):
-        if token.startswith('"'):
-            out.append(re.escape(token[1:-1]))
-        elif token.startswith("["):
-            assert re.fullmatch(r"\[[0-9]-[0-9]\]", token), token
-            out.append(token)
-        else:
-            assert token in "()|?*+", f"{token!r} in {expr}"
-            out.append(token)
-    return re.compile("".join(out))
-
-
 NUMBER_BOUNDS = [
     {"minimum": 0, "maximum": 1},
     {"minimum": 1, "maximum": 5},
@@ -527,7 +511,7 @@ def test_number_bounds_are_exact(engine, bounds):
 
     g = grammar.from_schema({"type": "number", **bounds})
     sampler.check_grammar(engine.vocab, g)
-    pattern = decimal_regex(rules(g.gbnf)["root"].removesuffix(" space"))
+    pattern = gbnf_regex(rules(g.gbnf)["root"].removesuffix(" space"), r'"-?[0-9.]*"', "()|?*+")
 
     def allowed(text: str) -> bool:  # a plain JSON number (no exponent, no leading zeros, no "-0") inside the bounds
         if not re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?", text) or re.fullmatch(r"-0(\.0*)?", text):

@@ -348,7 +348,7 @@ class Scheduler:
         text = step.take(token)
         reason = step.reason
         if reason is None and step.n == job.min_new and not job.sampling.ignore_eos and job.sampling.grammar is None:
-            sampler.free(slot.chain)  # the end token may come now (a grammar's state is kept: it ends the answer)
+            slot.chain.free()  # the end token may come now (a grammar's state is kept: it ends the answer)
             slot.chain = sampler.Sampler(self.model.vocab, self.model.n_vocab, job.sampling, [*slot.cache, token])
         if reason is not StopReason.EOS:  # an end token is not handed out
             self._send(job, Token(token, text, logprob))
@@ -414,7 +414,7 @@ class Scheduler:
 
     def _release(self, slot: _Slot) -> None:
         if slot.chain is not None:
-            sampler.free(slot.chain)
+            slot.chain.free()
             slot.chain = None
         if slot.job is not None and slot.fed < len(slot.job.tokens):
             # a half-evaluated prompt stays a valid prefix: keep exactly what the cache holds

@@ -270,11 +270,3 @@ def _reason(printed: str, logged: str) -> str:
 def check_grammar(vocab, g: Grammar, where: str = "the grammar") -> None:
     """Whether llama.cpp accepts `g` (with this model's vocabulary): a UserError with its reason if not."""
     lc.llama_sampler_free(grammar_sampler(vocab, g, where))
-
-
-def free(sampler) -> None:
-    """Free a Sampler, or a bare chain from `chain`."""
-    if isinstance(sampler, Sampler):
-        sampler.free()
-    else:
-        lc.llama_sampler_free(sampler)
