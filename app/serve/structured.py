@@ -74,8 +74,9 @@ def ollama(body: Body) -> Grammar | None:
 
 async def checked(svc, g: Grammar | None, param: str) -> Grammar | None:
     """`g` once llama.cpp has parsed it with the served model's vocabulary (a GBNF syntax error is a 400 with
-    llama.cpp's reason); in a thread, as tokenizing is."""
-    if g is not None:
+    llama.cpp's reason); in a thread, as tokenizing is. A schema's grammar is valid by construction and is not
+    parsed twice: each job's sampler parses it anyway (and a failure there fails that job alone)."""
+    if g is not None and g.schema is None:
         try:
             await asyncio.to_thread(sampler.check_grammar, svc.engine.model.vocab, g, param)
         except UserError as e:
