@@ -71,13 +71,17 @@ class Tools:
         picked = _choice(choice, names)
         return None if picked == "none" else cls(functions, picked, bool(parallel))
 
+    @property
+    def allowed(self) -> list[dict]:
+        """The tools the answer may call: all of them, or the one tool_choice names."""
+        return [f for f in self.functions if self.choice in ("auto", "required") or f["name"] == self.choice]
+
     def instructions(self) -> str:
         """What the system text gains: the tools, and the answer's form (in Korean and English)."""
         lines = ["사용할 수 있는 도구 (tools you can call):"]
-        for f in self.functions:
-            if self.choice in ("auto", "required") or f["name"] == self.choice:
-                schema = json.dumps(f["parameters"], ensure_ascii=False)
-                lines.append(f"- {f['name']}: {f['description'] or '(설명 없음)'} 인자(arguments): {schema}")
+        for f in self.allowed:
+            schema = json.dumps(f["parameters"], ensure_ascii=False)
+            lines.append(f"- {f['name']}: {f['description'] or '(설명 없음)'} 인자(arguments): {schema}")
         call = '{"tool_calls": [{"name": "도구 이름", "arguments": {…}}]}' if self.parallel else \
             '{"tool_call": {"name": "도구 이름", "arguments": {…}}}'
         if self.choice == "auto":
@@ -89,9 +93,8 @@ class Tools:
 
     def grammar(self) -> Grammar:
         """The answer's grammar: a call of an allowed tool with arguments its schema allows, or (auto) a reply."""
-        allowed = [f for f in self.functions if self.choice in ("auto", "required") or f["name"] == self.choice]
         one = {"anyOf": [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-                          "required": ["name", "arguments"]} for f in allowed]}
+                          "required": ["name", "arguments"]} for f in self.allowed]}
         calls = {"type": "object", "properties": {"tool_calls": {"type": "array", "items": one, "minItems": 1,
                                                                  "maxItems": MAX_PARALLEL}},
                  "required": ["tool_calls"]} if self.parallel else \
