@@ -240,3 +240,21 @@ class Checkpoint:
         """The order in which `read` will yield `names`."""
         files = {f: i for i, f in enumerate(self.files)}
         return sorted(names, key=lambda n: files[self.refs[n].file])
+
+
+def read_file(path: Path) -> dict[str, RawTensor]:
+    """Every tensor of one safetensors or .bin file (a PEFT adapter's: tens of MB), pickles as safely as above."""
+    if path.suffix == ".safetensors":
+        refs = _scan_safetensors(path)
+        odd = next((r for r in refs if r.dtype not in DTYPES), None)
+        if odd is not None:
+            raise CheckpointError(f"{path.name}: tensor {odd.name} is {odd.dtype}; malhae reads float16, bfloat16 "
+                                  "and float32 weights")
+        return {r.name: RawTensor(r.name, r.dtype, _read_safetensors(r)) for r in refs}
+    out = {}
+    for name, tensor in _load_pickle(path).items():
+        if not hasattr(tensor, "dtype") or not hasattr(tensor, "shape"):
+            raise CheckpointError(f"{path.name}: entry {name} is not a tensor")
+        dtype, data = _torch_to_raw(tensor)
+        out[name] = RawTensor(name, dtype, data)
+    return out

@@ -89,6 +89,10 @@ NoPromptCache = Annotated[bool | None, typer.Option("--no-prompt-cache", help="N
                                                     "cache: long prompts' evaluated state kept on disk so a document "
                                                     "is read once (default: config.toml's prompt_cache, else on; "
                                                     "`malhae cache` lists and clears it).")]
+LoraOption = Annotated[list[str] | None, typer.Option("--lora", metavar="ADAPTER", help="A LoRA adapter applied on "
+                      "top of the model: a name from `malhae models` or a .gguf file, with :SCALE to weigh it "
+                      "(koalpaca-qlora, style.gguf:0.5; repeat for several; default: config.toml's lora, else "
+                      "none; --lora none for none).")]
 Template = Annotated[str | None, typer.Option("--template", help="Prompt format: base, koalpaca, kullm (default: the "
                                                                  "GGUF's chat template, else from the model's name).")]
 Json = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
@@ -141,14 +145,14 @@ Batch = Annotated[int, typer.Option("--batch", help="Tokens per decode; batch/ct
 
 # decided by the server when an endpoint runs the model: given with --endpoint, they are said to be ignored
 LOCAL_ONLY = ("threads", "gpu_layers", "device", "draft", "draft_max", "precise", "kv_cache", "kv_cache_k",
-              "kv_cache_v", "flash_attn", "no_prompt_cache")
+              "kv_cache_v", "flash_attn", "no_prompt_cache", "lora")
 
 
 # every flag that says how a local model is loaded, declared once: a command takes them all through @load_flags
 # (less those it leaves out), so that a new load setting is one line here, not one parameter per command
 LOAD_FLAGS = {"ctx": Ctx, "threads": Threads, "gpu_layers": GpuLayers, "device": DeviceOption, "draft": Draft,
               "draft_max": DraftMax, "kv_cache": KvCache, "kv_cache_k": KvCacheK, "kv_cache_v": KvCacheV,
-              "flash_attn": FlashAttn, "no_prompt_cache": NoPromptCache}
+              "flash_attn": FlashAttn, "no_prompt_cache": NoPromptCache, "lora": LoraOption}
 
 
 def load_flags(*, leave_out: tuple[str, ...] = ()):
@@ -197,9 +201,11 @@ def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = Fal
         load |= _draft(flags["draft"], flags.get("draft_max"), file)
     if "no_prompt_cache" in flags and not remote:
         load |= _prompt_cache(False if flags["no_prompt_cache"] else None, file)
+    if "lora" in flags and not remote:
+        load["lora"] = loras(flags["lora"], file)
     fields = {f.name for f in dataclasses.fields(LoadOptions)}  # the rest as given (parallel, batch, …)
     load |= {k: check(k, v) if k in SETTINGS else v for k, v in flags.items()
-             if k in fields and k not in load and k not in ("draft", "draft_max") and v is not None}
+             if k in fields and k not in load and k not in ("draft", "draft_max", "lora") and v is not None}
     values = config.sampling_values(command, {k: v for k, v in flags.items() if k in SAMPLING_KEYS}, file)
     return LoadOptions(**load, verbose=verbose()), Sampling(**values, stop=stop).checked()
 
@@ -218,6 +224,21 @@ def _draft(flag: object, draft_max: object, file) -> dict[str, object]:
     out = {"draft": settings.draft(raw, lambda word: models.resolve(word, ui.note), usage)}
     n = config.pick(draft_max, file.draft_max, None)
     return out | ({"draft_max": n} if n is not None else {})
+
+
+def loras(given: list[str] | None, file=None) -> tuple:
+    """--lora (repeatable) > config.toml's lora > none; `--lora none` (or off) applies none whatever the file says.
+    Names are found the way --model is (the store)."""
+    from malhae import ui
+    from malhae.runtime import lora
+    from malhae.store import config, models
+
+    if given:
+        values, usage = ([] if [g.strip().lower() for g in given] in (["none"], ["off"]) else given), "--lora"
+    else:
+        file = file or config.load()
+        values, usage = file.lora or [], f"{file.path}: lora"
+    return tuple(lora.parse(v, lambda word: models.resolve(word, ui.note), usage) for v in values)
 
 
 def _prompt_cache(flag: bool | None, file) -> dict[str, object]:

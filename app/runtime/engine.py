@@ -20,7 +20,7 @@ import llama_cpp as lc
 from gguf import Keys
 
 from malhae.errors import UserError
-from malhae.runtime import hardware, kv, llama, offload, sampler
+from malhae.runtime import hardware, kv, llama, lora, offload, sampler
 from malhae.runtime.gguf_info import GGUFInfo, check_shape, read_info
 from malhae.runtime.kv import common_prefix
 from malhae.runtime.settings import LoadOptions, Sampling, check, context_size
@@ -91,6 +91,9 @@ def check_model_file(path: Path) -> GGUFInfo:
         raise UserError(f"{path} is a directory, not a model; give a .gguf file (convert a checkpoint folder with "
                         "`malhae convert`)")
     info = read_info(path)
+    if info.metadata.get(Keys.General.TYPE) == "adapter":
+        raise UserError(f"{path.name} is a LoRA adapter, not a model: run it on the model it adapts, -m BASE --lora "
+                        f"{path.name}")
     if info.architecture not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"{path.name} is a {info.architecture or 'unknown'} model; malhae runs GPT-NeoX models "
                         "(the Polyglot-Ko family)")
@@ -118,6 +121,7 @@ class Engine:
         self.options = replace(options, ctx=ctx, batch=max(min(options.batch, ctx), options.parallel),
                                threads=options.threads or hardware.physical_cores())
         kv.check_types(options.kv_cache_k, options.kv_cache_v, options.flash_attn, self.info.head_dim)  # before loading
+        self.adapters = lora.check(options.lora, self.info)  # an adapter of another model: said before loading
         self.plan = offload.choose(self.info, self.options, notify=self.notify)
         self.n_gpu_layers = self.plan.n_gpu_layers
         self.model: llama.Model | None = None
@@ -166,7 +170,7 @@ class Engine:
             else:
                 # the draft model runs beside this one: one sequence, offloaded only if this one is
                 helper = Engine(replace(self.options, model=Path(draft), parallel=1, draft=None, prompt_cache=None,
-                                        gpu_layers="auto" if self.n_gpu_layers else 0), notify=self.notify)
+                                        lora=(), gpu_layers="auto" if self.n_gpu_layers else 0), notify=self.notify)
                 try:
                     drafter = DraftModel(helper, self.model)
                 except BaseException:
@@ -176,6 +180,23 @@ class Engine:
             if old is not None:
                 old.close()
         self.options = replace(self.options, draft=draft, draft_max=draft_max)  # once it took effect
+
+    def set_lora(self, loras: tuple) -> None:
+        """Apply these adapters (app.runtime.settings.Lora) from the next generation on, checked first. The cached
+        tokens' K/V were computed with the old ones, so nothing of them is reused, and the prompt cache moves to
+        the states of the new set."""
+        loras = tuple(loras)
+        if loras == self.options.lora:
+            return
+        infos = lora.check(loras, self.info)
+        self.ctx.set_adapters(loras)
+        self.ctx.clear()
+        self.cache = []
+        self.adapters = infos
+        self.options = replace(self.options, lora=loras)
+        if self.prompt_cache is not None:
+            self.prompt_cache.wait()
+            self.prompt_cache = self._prompt_cache(self.options)
 
     @property
     def draft(self) -> str:
@@ -188,7 +209,8 @@ class Engine:
 
         if options.prompt_cache is None:
             return None
-        setup = {"kv": [options.kv_cache_k, options.kv_cache_v], "flash_attn": options.flash_attn, "adapters": []}
+        setup = {"kv": [options.kv_cache_k, options.kv_cache_v], "flash_attn": options.flash_attn,
+                 "adapters": lora.identity(options.lora)}
         return prompt_cache.PromptCache(options.prompt_cache, prompt_cache.folder_for(options.prompt_cache, self.path,
                                         setup), self.path.name, int(options.prompt_cache_max * 2**30))
 

@@ -22,7 +22,7 @@ import numpy as np
 from malhae.errors import UserError
 from malhae.runtime import ggml, kv
 from malhae.runtime.interrupts import Interrupts, abort_callback
-from malhae.runtime.settings import LoadOptions, check
+from malhae.runtime.settings import LoadOptions, Lora, check
 
 _backend_ready = False
 _log_sink: Callable[[int, str], None] | None = None
@@ -144,6 +144,7 @@ class Model(Owned):
             raise UserError(f"cannot load {path}: {reason}")
         self.path = path
         self.n_gpu_layers = n_gpu_layers
+        self.adapters: dict[Path, object] = {}  # LoRA adapters loaded on this model, by file (see adapter())
         self.vocab = lc.llama_model_get_vocab(self.ptr)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
 
@@ -153,8 +154,26 @@ class Model(Owned):
         place where a LoadOptions' model-level settings become llama.cpp's model parameters."""
         return cls(options.model, n_gpu_layers=plan.n_gpu_layers, devices=plan.load_devices, tensor_split=plan.split)
 
+    def adapter(self, path: Path):
+        """The LoRA adapter in `path`, loaded onto this model once (its tensors go where the layers they adapt are)
+        and freed with the model; a file llama.cpp refuses is a UserError with its reason."""
+        key = Path(path).resolve()
+        if key not in self.adapters:
+            errors: list[str] = []
+            with log_to(lambda level, msg: errors.append(msg) if level == 2 else None):
+                ptr = lc.llama_adapter_lora_init(self.ptr, str(path).encode())
+            Interrupts.deliver()
+            if not ptr:
+                reason = errors[-1].strip().split(": ", 1)[-1] if errors else "llama.cpp could not load it"
+                raise UserError(f"cannot apply the adapter {path}: {reason}")
+            self.adapters[key] = ptr
+        return self.adapters[key]
+
     def close(self) -> None:
         if getattr(self, "ptr", None):
+            for adapter in self.adapters.values():  # before the model they belong to
+                lc.llama_adapter_lora_free(adapter)
+            self.adapters = {}
             # cleared first: a Ctrl-C raised as the free returns would leave ptr set for __del__ to free again
             ptr, self.ptr = self.ptr, None
             lc.llama_model_free(ptr)
@@ -282,6 +301,8 @@ class Context(Owned):
             if "flash attention" in why.lower():  # auto found none for this device (a GPU backend without it)
                 why += "; this device has no flash attention for it: use --kv-cache-v f16 (K may stay quantized)"
             raise UserError(f"llama.cpp could not create a context of {n_ctx} tokens for {model.path} ({why})")
+        self.adapters: tuple[Lora, ...] = ()
+        self.set_adapters(options.lora)
         self.abort = abort
         if abort is not None:  # asked between graph nodes (on the calling thread): True stops llama_decode
             self._abort_callback = abort_callback(abort)
@@ -292,6 +313,20 @@ class Context(Owned):
             ptr, self.ptr = self.ptr, None  # as Model.close: never freed twice
             lc.llama_free(ptr)
 
+
+    def set_adapters(self, loras: tuple[Lora, ...]) -> None:
+        """Apply these LoRA adapters (in order, each at its scale) from the next decode on; () applies none. What is
+        in the KV cache was computed with the adapters before: a caller that changes them clears what it reuses."""
+        if tuple(loras) == self.adapters:
+            return
+        n = len(loras)
+        handles = (ctypes.c_void_p * max(1, n))(*(ctypes.cast(self.model.adapter(lora.path), ctypes.c_void_p).value
+                                                   for lora in loras))
+        scales = (ctypes.c_float * max(1, n))(*(lora.scale for lora in loras))
+        array = ctypes.cast(handles, ctypes.POINTER(lc.llama_adapter_lora_p_ctypes))
+        if lc.llama_set_adapters_lora(self.ptr, array if n else None, n, scales if n else None) != 0:
+            raise UserError(f"llama.cpp could not apply the adapters {', '.join(map(str, loras))}")
+        self.adapters = tuple(loras)
 
     def clear(self) -> None:
         lc.llama_memory_clear(lc.llama_get_memory(self.ptr), True)

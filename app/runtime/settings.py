@@ -225,6 +225,21 @@ class Sampling:
 
 
 @dataclass(frozen=True)
+class Lora:
+    """One LoRA adapter applied at run time (app.runtime.lora): its GGUF file and its scale (1: as trained)."""
+
+    path: Path
+    scale: float = 1.0
+
+    @property
+    def name(self) -> str:
+        return self.path.name.removesuffix(".gguf")
+
+    def __str__(self) -> str:
+        return self.name if self.scale == 1 else f"{self.name}:{self.scale:g}"
+
+
+@dataclass(frozen=True)
 class LoadOptions:
     """How a model is loaded, as one value: the CLI builds it once (flag > config.toml > this table's default, in
     app.cli.options.load_options) and it goes whole to the engine, the server, the chat's /model, eval and info.
@@ -255,6 +270,7 @@ class LoadOptions:
     # where long prompts' states are kept (app.runtime.prompt_cache); None: no prompt cache
     prompt_cache: Path | None = None
     prompt_cache_max: float = field(default=SETTINGS["prompt_cache_max"].default)  # GiB
+    lora: tuple[Lora, ...] = ()  # adapters applied on top of the model, in order (app.runtime.lora)
     verbose: bool = False  # llama.cpp's own log on stderr
 
     @property

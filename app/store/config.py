@@ -33,7 +33,9 @@ TOP_KEYS = {"default_model": "a string (a store name or a path to a .gguf file)"
             "endpoint_timeout": "a number of seconds from 0.1 to 86400",
             "draft": "a string: off, lookup, or a draft model (a store name or a path to a .gguf file)",
             "device": "a string: auto, cpu, or GPUs as `malhae info` lists them (CUDA1, MTL0, Vulkan0, 1, CUDA0,CUDA1)",
-            "prompt_cache": "true or false (keep long prompts' evaluated state on disk)"}
+            "prompt_cache": "true or false (keep long prompts' evaluated state on disk)",
+            "lora": 'a list of LoRA adapters, each a store name or a .gguf file with an optional :SCALE, e.g. '
+                    '["koalpaca-qlora", "style.gguf:0.5"]'}
 STRING_KEYS = ("default_model", "endpoint", "api_key_env", "draft", "device")
 TOP_KEYS |= {k: s.rule for k, s in SETTINGS.items() if s.table is None}
 
@@ -61,6 +63,7 @@ class Settings:
     flash_attn: str | None = None
     prompt_cache: bool | None = None  # the prompt cache on disk (on unless false)
     prompt_cache_max: float | None = None  # GiB
+    lora: list[str] | None = None  # adapters applied by default (resolved when a command runs: app.runtime.lora)
 
 
 MAX_FILE = 1 << 20  # a settings file is a few lines
@@ -112,6 +115,11 @@ def parse(text: str, path: Path) -> Settings:
             if not isinstance(value, str) or not value.strip():
                 raise _type_error(path, text, key, TOP_KEYS[key], value)
             setattr(settings, key, value.strip())
+        elif key == "lora":
+            if not isinstance(value, list) or len(value) > 16 or not all(isinstance(v, str) and v.strip()
+                                                                         for v in value):
+                raise _type_error(path, text, key, TOP_KEYS[key], value)
+            settings.lora = [v.strip() for v in value]
         elif key == "prompt_cache":
             if not isinstance(value, bool):
                 raise _type_error(path, text, key, TOP_KEYS[key], value)
