@@ -136,8 +136,12 @@ def write_vocab_only(path: Path, cfg: NeoXConfig, vocab: Vocab, meta: Metadata) 
 
 def write_model(path: Path, cfg: NeoXConfig, vocab: Vocab, meta: Metadata, ckpt: Checkpoint,
                 tensors: list[PlannedTensor], ftype: gguf.LlamaFileType,
-                progress: Callable[[int, int], None] | None = None) -> None:
+                progress: Callable[[int, int], None] | None = None, merge=None) -> None:
+    """`merge` (a convert.merge.Merge): adapters merged into the tensors they change, in HF's layout (before the QKV
+    reorder, so that the reorder stays one rule in one place)."""
     w = writer(cfg, vocab, meta, ftype)
+    if merge is not None:
+        w.add_string("malhae.merged_lora", merge.describe())
     for t in tensors:
         n = T.nbytes(t.shape, t.out_type)
         if t.out_type == QT.Q8_0:
@@ -164,10 +168,13 @@ def write_model(path: Path, cfg: NeoXConfig, vocab: Vocab, meta: Metadata, ckpt:
         if t.hf_name not in written:
             raw = next(reader)
             assert raw.name == t.hf_name, (raw.name, t.hf_name)
-            data = raw.data.reshape(t.shape)
+            data, dtype = raw.data.reshape(t.shape), raw.dtype
+            canonical = ALIASES.get(t.hf_name, t.hf_name)
+            if merge is not None and merge.touches(canonical):
+                data, dtype = merge.apply(canonical, dtype, data), "F32"
             if t.qkv:
                 data = T.reorder_qkv(data, cfg.n_head)
-            written[t.hf_name] = (raw.dtype, data)
+            written[t.hf_name] = (dtype, data)
         dtype, data = written[t.hf_name]
         out = T.convert(dtype, data, t.out_type)
         w.write_tensor_data(out)

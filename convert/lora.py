@@ -40,7 +40,9 @@ class AdapterError(UserError):
 
 
 def is_adapter(folder: Path) -> bool:
-    return (folder / CONFIG).is_file()
+    """A PEFT adapter's folder: its config or its weights (a folder with the weights alone is an adapter missing
+    its config, which read() says, not a model missing config.json)."""
+    return any((folder / name).is_file() for name in (CONFIG, *WEIGHTS))
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,13 @@ def identity(src: Path, name: str | None = None, cfg: NeoXConfig | None = None) 
     return hub_id(src, cfg.name_or_path), name or model_name(src), src.resolve().name
 
 
+def merged_name(src: Path, merged) -> str | None:
+    """A merged model's default name: the base's, then each adapter's (polyglot-ko-5.8b+my-adapter)."""
+    if merged is None:
+        return None
+    return "+".join([model_name(src), *(a.name for a, _ in merged.adapters)])
+
+
 def hub_id(src: Path, name_or_path: str | None) -> str | None:
     """The hub id when known: from a hub-cache path (models--org--name/snapshots/…) or config's _name_or_path."""
     parts = src.resolve().parts
@@ -112,8 +119,11 @@ def _check_space(directory: Path, needed: int) -> None:
 
 def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool = False, threads: int | None = None,
             progress: Progress | None = None, name: str | None = None, template: str | None = None,
-            imatrix: str | Path | None = None) -> Result:
-    """`imatrix`: "auto" (computed on the staged F16 over malhae's Korean calibration text) or an imatrix file
+            imatrix: str | Path | None = None, merge: list | None = None) -> Result:
+    """`merge`: convert.merge.Spec values, PEFT adapters merged into the weights as they stream (read and checked
+    against this checkpoint before anything is written).
+
+    `imatrix`: "auto" (computed on the staged F16 over malhae's Korean calibration text) or an imatrix file
     (checked against this model before anything is written); None quantizes without one.
 
     Ctrl-C and SIGTERM are held as a flag for the whole conversion (app.runtime.interrupts: llama.cpp calls
@@ -122,7 +132,7 @@ def convert(src: Path, type_name: str, out: Path | None = None, *, force: bool =
     is renamed into place, a signal is too late to undo it and is dropped."""
     with Interrupts() as interrupted:
         return _convert(src, type_name, out, interrupted, force=force, threads=threads, progress=progress, name=name,
-                        template=template, imatrix=imatrix)
+                        template=template, imatrix=imatrix, merge=merge)
 
 
 def _steps(progress: Progress | None, interrupted: Interrupts) -> Callable[[str], Callable[[int, int], None]]:
@@ -141,7 +151,7 @@ def _steps(progress: Progress | None, interrupted: Interrupts) -> Callable[[str]
 
 def _convert(src: Path, type_name: str, out: Path | None, interrupted: Interrupts, *, force: bool,
              threads: int | None, progress: Progress | None, name: str | None, template: str | None,
-             imatrix: str | Path | None) -> Result:
+             imatrix: str | Path | None, merge: list | None = None) -> Result:
     start = time.perf_counter()
     step = _steps(progress, interrupted)
     otype = out_types.get(type_name)
@@ -149,6 +159,11 @@ def _convert(src: Path, type_name: str, out: Path | None, interrupted: Interrupt
     forced = templates.get(template) if template else None
     cfg = read_config(src)
     vocab = read_vocab(src, cfg.n_vocab, {"bos": cfg.bos_token_id, "eos": cfg.eos_token_id, "pad": cfg.pad_token_id})
+    merged = None
+    if merge:
+        from malhae.convert.merge import Merge
+
+        merged = Merge(merge, src)  # an adapter of another model is refused now, not after the conversion
     ckpt = Checkpoint(src, step("reading"))
     staged = QT.F16 if otype.direct is None else otype.direct  # what is written first; quantizer types start from f16
     tensors = gguf_out.plan(cfg, ckpt, staged)
@@ -156,7 +171,7 @@ def _convert(src: Path, type_name: str, out: Path | None, interrupted: Interrupt
     if isinstance(imatrix, Path):  # a file made for another model is refused now, not after the conversion
         given = imatrix_file.read(imatrix)
         imatrix_file.check_model(given, ((t.gguf_name, list(t.shape[::-1])) for t in tensors), imatrix.name)
-    hub, name, folder = identity(src, name, cfg)
+    hub, name, folder = identity(src, name or merged_name(src, merged), cfg)
     chat = forced or templates.identify(hub, name, folder)
     # a local checkpoint is recorded by its folder's name only: the file must not carry the user's home path (people
     # share GGUF files) and its bytes should not depend on where the checkpoint happened to lie
@@ -184,7 +199,7 @@ def _convert(src: Path, type_name: str, out: Path | None, interrupted: Interrupt
 
         with files.partial(out, "staged") as staged_path, files.partial(out, "quantized") as quant_path:
             ftype = otype.ftype if otype.direct is not None else gguf.LlamaFileType.MOSTLY_F16
-            gguf_out.write_model(staged_path, cfg, vocab, meta, ckpt, tensors, ftype, step("writing"))
+            gguf_out.write_model(staged_path, cfg, vocab, meta, ckpt, tensors, ftype, step("writing"), merged)
             final_path = staged_path
             if otype.direct is None:
                 with files.partial(out, "imatrix") as computed:

@@ -58,8 +58,9 @@ def default_prompts() -> list[str]:
     return json.loads(data)["prompts"]
 
 
-def hf_logits(src: Path, token_lists: list[list[int]]) -> list[np.ndarray]:
-    """Logits from transformers in float32 (the reference), one array per prompt."""
+def hf_logits(src: Path, token_lists: list[list[int]], merge: list | None = None) -> list[np.ndarray]:
+    """Logits from transformers in float32 (the reference), one array per prompt; `merge` (convert.merge.Spec
+    values): PEFT adapters merged first, by PEFT itself (merge_and_unload), each at its scale."""
     try:
         import torch
         import transformers
@@ -72,12 +73,32 @@ def hf_logits(src: Path, token_lists: list[list[int]]) -> list[np.ndarray]:
         model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     except TypeError:  # transformers 4 calls it torch_dtype
         model = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
+    for spec in merge or ():
+        model = _peft_merged(model, spec)
     model.eval()
     out = []
     with torch.no_grad():
         for tokens in token_lists:
             out.append(model(torch.tensor([tokens])).logits[0].float().numpy())
     return out
+
+
+def _peft_merged(model, spec):
+    """`model` with the adapter in spec.folder merged by PEFT at spec.scale (B's weights and bias times the scale:
+    PEFT's own scale then applies as usual, inside DoRA's norm too)."""
+    import torch
+
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise UserError("--verify with --merge-lora compares with PEFT's own merge: pip install peft") from e
+    peft_model = PeftModel.from_pretrained(model, spec.folder)
+    if spec.scale != 1:
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if ".lora_B." in name or ".lora_embedding_B." in name:
+                    p.mul_(spec.scale)
+    return peft_model.merge_and_unload()
 
 
 def gguf_logits(path: Path, token_lists: list[list[int]], threads: int | None = None) -> list[np.ndarray]:
@@ -113,10 +134,10 @@ def compare(type_name: str, prompts: list[str], tokens: list[list[int]], ref: li
 
 
 def verify(src: Path, gguf_path: Path, type_name: str, prompts: list[str] | None = None,
-           threads: int | None = None) -> Report:
+           threads: int | None = None, merge: list | None = None) -> Report:
     prompts = prompts or default_prompts()
     tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
     tokens = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
-    ref = hf_logits(src, tokens)
+    ref = hf_logits(src, tokens, merge)
     got = gguf_logits(gguf_path, tokens, threads)
     return compare(type_name, prompts, tokens, ref, got)

@@ -10,6 +10,8 @@ import typer
 from malhae.cli import options as o
 from malhae.errors import UserError
 
+MERGE_HELP = ("A PEFT LoRA adapter folder to merge into the weights before quantizing, with :SCALE to weigh it "
+              "(repeatable; merged in order). Also takes what --lora cannot: DoRA, trained biases, saved modules.")
 THREADS_HELP = "Threads for quantizing (default: the settings file's threads, else all cores)."
 IMATRIX_HELP = ("Importance matrix for the quantizer: auto (computed on malhae's Korean calibration text) or a file "
                 "from `malhae imatrix` or llama-imatrix. Needed by iq1_*, iq2_*, iq3_xxs, iq3_xs, q2_k_s; "
@@ -34,8 +36,13 @@ def convert(
     add: bool = typer.Option(False, "--add", help="Add the result to the model store (without -o, write it "
                              "there directly) as --name, else <model>-<type>."),
     imatrix: str | None = typer.Option(None, "--imatrix", help=IMATRIX_HELP),
+    merge_lora: list[str] | None = typer.Option(None, "--merge-lora", metavar="ADAPTER", help=MERGE_HELP),
+    base: str | None = typer.Option(None, "--base", metavar="MODEL", help="For a PEFT adapter folder: the model it "
+                                    "adapts (its Hugging Face folder, a .gguf or a store name; default: the one its "
+                                    "adapter_config.json names, found here or in the store)."),
 ) -> None:
-    """Convert a Polyglot-Ko (GPT-NeoX) checkpoint into a GGUF file, proven to tokenize like the original."""
+    """Convert a Polyglot-Ko (GPT-NeoX) checkpoint into a GGUF file, proven to tokenize like the original; or a PEFT
+    LoRA adapter folder into an adapter GGUF for --lora."""
     from malhae.convert import pipeline
     from malhae.convert import types as out_types
     from malhae.runtime.interrupts import Interrupts
@@ -47,6 +54,19 @@ def convert(
         return
     if src is None:
         raise UserError("give the model directory: malhae convert ./polyglot-ko-1.3b --type q4_k_m")
+    from malhae.convert import lora
+
+    if lora.is_adapter(src):
+        for given, flag in ((imatrix, "--imatrix"), (template, "--template"), (merge_lora, "--merge-lora"),
+                            (verify or None, "--verify")):
+            if given:
+                raise UserError(f"{flag} is for converting a model; {src} is a LoRA adapter (to merge it: malhae "
+                                f"convert BASE_FOLDER --merge-lora {src})")
+        _adapter(src, base, type_name, output, force, name, add)
+        return
+    if base is not None:
+        raise UserError(f"--base is for converting a LoRA adapter folder; {src} is a model (no adapter_config.json)")
+    merges = _merges(merge_lora)
     # an unknown --type, or one that needs an imatrix and has none, are the cheapest mistakes to report
     imatrix = pipeline.check_imatrix_option(out_types.get(type_name), imatrix)
     threads = o.settings_for("convert", threads=threads)[0].threads
@@ -54,7 +74,8 @@ def convert(
     if add:  # a taken store name is refused now, not after minutes of converting
         from malhae.store.local import open_store
 
-        target = open_store().conversion_target(name or f"{pipeline.model_name(src)}-{out_types.get(type_name).name}",
+        stem = "+".join([pipeline.model_name(src), *(m.folder.resolve().name for m in merges)])
+        target = open_store().conversion_target(name or f"{stem}-{out_types.get(type_name).name}",
                                                 output, force)
         output = target.output
     template = template or catalog.template_for_checkpoint(src, name)
@@ -64,7 +85,7 @@ def convert(
         init(o.verbose())
         with convert_view.ConvertProgress() as progress:
             result = pipeline.convert(src, type_name, output, force=force, threads=threads, progress=progress.update,
-                                      name=name, template=template, imatrix=imatrix)
+                                      name=name, template=template, imatrix=imatrix, merge=merges)
         convert_view.convert_summary(result)
     if target is not None:
         from malhae.store import models_view
@@ -75,11 +96,50 @@ def convert(
     if verify:
         from malhae.convert.verify import verify as run_verify
 
-        report = run_verify(src, result.path, result.type, threads=threads)
+        report = run_verify(src, result.path, result.type, threads=threads, merge=merges)
         convert_view.verify_table(report)
         if report.passed is False:
             raise UserError(f"verification failed: {report.criterion} does not hold (the table above shows where)",
                             exit_code=1)
+
+
+def _merges(values: list[str] | None) -> list:
+    from malhae.convert import merge
+
+    return [merge.parse(v) for v in values or ()]
+
+
+def _adapter(src: Path, base: str | None, type_name: str, output: Path | None, force: bool, name: str | None,
+             add: bool) -> None:
+    """`malhae convert ADAPTER_FOLDER`: the PEFT adapter as llama.cpp's adapter GGUF (f16 unless --type f32)."""
+    import time
+
+    from malhae import ui
+    from malhae.convert import lora, lora_gguf
+    from malhae.store import convert_view, lora_base
+
+    start = time.perf_counter()
+    type_name = type_name.lower()
+    if type_name not in lora_gguf.TYPES:
+        raise UserError(f"--type {type_name}: a LoRA adapter is written as f16 (the default) or f32")
+    adapter = lora.read(src)
+    found = lora_base.find_base(base, adapter.config.base, ui.note)
+    lora_gguf.check_fits(adapter, found)  # another model's adapter: refused before a note says it fits
+    note = lora_gguf.trained_elsewhere(adapter, found)
+    if note:
+        ui.note(note)
+    stem = name or adapter.name
+    target = None
+    if add:
+        from malhae.store.local import open_store
+
+        target = open_store().conversion_target(stem, output, force)
+        output = target.output
+    out = (output or Path.cwd() / f"{stem}.gguf").absolute()
+    written = lora_gguf.write(adapter, found, out, type_name=type_name, force=force, name=stem)
+    convert_view.adapter_summary(written, time.perf_counter() - start)
+    if target is not None:
+        convert_view.added(target.finish(written.path))
 
 
 def pull(

@@ -87,3 +87,11 @@ def verify_table(report) -> None:
 
 def added(entry) -> None:
     out.print(f"in the store as {entry.name}: malhae chat -m {entry.name}", markup=False, soft_wrap=True)
+
+
+def adapter_summary(written, seconds: float) -> None:
+    """`malhae convert ADAPTER_FOLDER`: what was written (stdout) and what llama.cpp will apply (stderr)."""
+    out.print(f"wrote {written.path} — {units.size(written.size)}, LoRA adapter, rank {written.rank}, "
+              f"{written.modules} modules ({', '.join(written.targets)}), {seconds:.1f} s", soft_wrap=True)
+    err.print(f"[dim]alpha {written.alpha:g} (PEFT's scale × rank); run it with --lora {written.path.name}[/dim]",
+              soft_wrap=True)
