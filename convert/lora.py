@@ -103,6 +103,9 @@ class Adapter:
     pairs: dict[str, Pair]  # by the HF parameter each changes
     whole: dict[str, np.ndarray] = field(default_factory=dict)  # tensors it replaces: trained biases, saved modules
     nbytes: int = 0
+    # the shapes of the base's embedding layers PEFT saved beside a LoRA on them (save_embedding_layers): frozen
+    # copies, equal to the base's unless the vocabulary was resized (which check_fits refuses)
+    embeddings: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -136,6 +139,7 @@ def read(folder: Path) -> Adapter:
     tensors = read_file(weights)
     pairs: dict[str, Pair] = {}
     whole: dict[str, np.ndarray] = {}
+    embeddings: dict[str, tuple[int, ...]] = {}
     for key, raw in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterError(f"{weights.name}: tensor {key!r} is not a PEFT adapter's (they start with {PREFIX}); "
@@ -146,8 +150,11 @@ def read(folder: Path) -> Adapter:
                                "or its training diverged")
         m = _LORA_KEY.fullmatch(key[len(PREFIX):])
         if m is None:  # a whole tensor: a trained bias, or a module saved with the adapter
-            name = _canonical(key[len(PREFIX):]).replace(".base_layer.", ".")
-            whole[name] = data
+            name = _canonical(key[len(PREFIX):])
+            if name.endswith(".base_layer.weight"):  # PEFT's save_embedding_layers: the base's own, frozen
+                embeddings[name.replace(".base_layer.", ".")] = data.shape
+            else:
+                whole[name.replace(".base_layer.", ".")] = data
             continue
         module = _canonical(m["module"])
         pair = pairs.setdefault(module + ".weight", Pair(module + ".weight", scaling=config.scaling(m["module"])))
@@ -165,7 +172,7 @@ def read(folder: Path) -> Adapter:
         _check_pair(pair, weights.name)
     if not pairs and not whole:
         raise AdapterError(f"{weights.name} holds no LoRA weights; download the adapter again")
-    return Adapter(folder, config, pairs, whole, sum(t.data.nbytes for t in tensors.values()))
+    return Adapter(folder, config, pairs, whole, sum(t.data.nbytes for t in tensors.values()), embeddings)
 
 
 def _canonical(name: str) -> str:

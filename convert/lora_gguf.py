@@ -87,6 +87,12 @@ def check_fits(adapter: Adapter, base: Base) -> dict[str, str]:
                                                                       "tokens)" if resized else "")
                                + "; use the adapter with the model it was trained on")
         names[hf] = name
+    for hf, shape in adapter.embeddings.items():
+        name = gguf_name(hf, base.n_layer)
+        if name in base.shapes and shape != base.shapes[name]:
+            raise AdapterError(f"the adapter {adapter.name} was trained with {hf.removesuffix('.weight')} resized to "
+                               f"{list(shape)} (new tokens), and {base.where} has {list(base.shapes[name])}: no "
+                               "base of this tokenizer can take it")
     for hf, data in adapter.whole.items():
         name = gguf_name(hf, base.n_layer)
         if name is None or name not in base.shapes:
