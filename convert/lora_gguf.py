@@ -107,14 +107,10 @@ def check_fits(adapter: Adapter, base: Base) -> dict[str, str]:
 
 
 def trained_elsewhere(adapter: Adapter, base: Base) -> str | None:
-    """A note when the adapter says it was trained on a model other than `base` by name (shapes fit, or check_fits
-    would have refused): it runs, and what it computes only approximates its training (a QLoRA on a 4-bit base is
-    one such case, and fine)."""
-    def short(name: str | None) -> str:
-        return (name or "").rstrip("/").rsplit("/", 1)[-1].lower().removesuffix(".gguf")
+    """A note when the adapter says it was trained on a model other than `base` by name (app.runtime.lora's rule)."""
+    from malhae.runtime.lora import other_base
 
-    if not adapter.config.base or not base.name or short(adapter.config.base) in short(base.name) \
-            or short(base.name) in short(adapter.config.base):
+    if not other_base(adapter.config.base, [base.name, base.where]):
         return None
     return (f"the adapter {adapter.name} was trained on {adapter.config.base}, not {base.name}; their shapes fit, "
             "so it applies, but it only approximates what it learned there")

@@ -216,3 +216,37 @@ def test_adapter_of_another_model_is_refused_before_writing(checkpoints, f32_bas
     with pytest.raises(lora.AdapterError, match="does not fit"):
         pipeline.convert(checkpoints("hd256-st-bf16"), "f16", tmp_path / "m.gguf", merge=[merge.Spec(peft_dir)])
     assert list(tmp_path.iterdir()) == [tmp_path / "peft"]
+
+
+def test_base_names_compare_by_their_last_part():
+    from malhae.runtime.lora import other_base
+
+    assert not other_base("EleutherAI/polyglot-ko-5.8b", ["polyglot-ko-5.8b-q4_k_m", None])
+    assert not other_base("/home/me/models/polyglot-ko-5.8b/", ["EleutherAI/polyglot-ko-5.8b"])
+    assert other_base("beomi/KoAlpaca-Polyglot-5.8B", ["polyglot-ko-5.8b", "polyglot-ko-5.8b-q4_k_m.gguf"])
+    assert not other_base(None, ["anything"])  # an adapter that does not say: nothing to say either
+
+
+def test_engine_switches_adapters_as_a_fresh_engine_would(checkpoints, f32_base, tmp_path):
+    """Engine.set_lora mid-session gives what an engine loaded with that set gives: the K/V computed with the old
+    set are not reused, and the prompt cache keeps its states apart per set."""
+    from malhae.runtime.engine import Engine
+    from malhae.runtime.settings import Sampling
+
+    src = checkpoints("tf4-st-f16")
+    base = f32_base("tf4-st-f16")
+    peft_dir = make_adapter(src, tmp_path / "peft", target_modules=ALL_LINEAR)
+    adapter = lora_gguf.write(lora.read(peft_dir), lora_gguf.Base.from_gguf(base), tmp_path / "a.gguf").path
+    greedy = Sampling(temperature=0, max_tokens=16, ignore_eos=True)
+    prompt = prompt_tokens(src, 1)[0]
+    options = LoadOptions(model=base, ctx=256, threads=2, prompt_cache=tmp_path / "cache")
+    with Engine(LoadOptions(model=base, ctx=256, threads=2, lora=(Lora(adapter, 0.5),))) as fresh:
+        want = fresh.complete(prompt, greedy)[0]
+    with Engine(options) as engine:
+        plain = engine.complete(prompt, greedy)[0]
+        plain_folder = engine.prompt_cache.folder
+        engine.set_lora((Lora(adapter, 0.5),))
+        assert engine.complete(prompt, greedy)[0] == want != plain
+        assert engine.prompt_cache.folder != plain_folder
+        engine.set_lora(())
+        assert engine.complete(prompt, greedy)[0] == plain

@@ -266,3 +266,25 @@ def test_imatrix_auto_through_pull_and_refusals_before_downloading(repo, tmp_pat
     assert info.metadata["general.file_type"] == 20  # MOSTLY_IQ2_XS
     assert info.metadata["quantize.imatrix.file"] == "auto"
     assert info.metadata["quantize.imatrix.dataset"].startswith("malhae-ko-calibration")
+
+
+def test_pull_merges_an_adapter_before_quantizing(repo, tmp_path):
+    """`pull --merge-lora`: a broken adapter is refused before the hub is asked; a good one is merged (the merged
+    F32 differs from the plain pull exactly as PEFT's merge says: judged by convert --verify's comparison)."""
+    pytest.importorskip("peft")
+    import lora_pair
+
+    from malhae.convert import merge, verify
+    from malhae.runtime.gguf_info import read_info
+
+    adapter = lora_pair.peft_adapter(repo, tmp_path / "my-adapter")
+    with FakeHub({HUB_ID: repo}) as hub:
+        refused = run_cli(["polyglot-ko-1.3b", "--merge-lora", str(tmp_path / "missing")], tmp_path, hub.url)
+        assert refused.returncode == 2 and "not a directory" in refused.stderr, refused.stderr
+        assert hub.requests == []
+        done = run_cli(["polyglot-ko-1.3b", "--type", "f32", "--merge-lora", f"{adapter}:0.5"], tmp_path, hub.url)
+        assert done.returncode == 0, done.stderr
+    merged = store_file(tmp_path, "polyglot-ko-1.3b+my-adapter-f32")
+    assert read_info(merged).metadata["malhae.merged_lora"] == "my-adapter:0.5"
+    assert verify.verify(repo, merged, "f32", merge=[merge.Spec(adapter, 0.5)]).passed
+    assert verify.verify(repo, merged, "f32").passed is False

@@ -151,6 +151,7 @@ def pull(
     revision: str | None = typer.Option(None, "--revision", help="Branch, tag or commit on the hub (default: main)."),
     threads: int | None = typer.Option(None, "--threads", help=THREADS_HELP),
     imatrix: str | None = typer.Option(None, "--imatrix", help=IMATRIX_HELP),
+    merge_lora: list[str] | None = typer.Option(None, "--merge-lora", metavar="ADAPTER", help=MERGE_HELP),
 ) -> None:
     """Download a checkpoint from the Hugging Face hub, convert it and add it to the store (받기)."""
     from malhae.runtime.llama import init
@@ -162,7 +163,7 @@ def pull(
     with convert_view.ConvertProgress() as progress:
         pulled = pull_mod.pull(model, type_name, name=name, force=force, revision=revision, threads=threads,
                                progress=progress.update, before_convert=catalog_view.pull_starting,
-                               imatrix=imatrix)
+                               imatrix=imatrix, merge=_merges(merge_lora))
     convert_view.convert_summary(pulled.result)
     catalog_view.pulled(pulled)
 

@@ -122,6 +122,8 @@ class Engine:
                                threads=options.threads or hardware.physical_cores())
         kv.check_types(options.kv_cache_k, options.kv_cache_v, options.flash_attn, self.info.head_dim)  # before loading
         self.adapters = lora.check(options.lora, self.info)  # an adapter of another model: said before loading
+        for note in filter(None, (lora.base_note(a, self.info) for a in self.adapters)):
+            self.notify(note)
         self.plan = offload.choose(self.info, self.options, notify=self.notify)
         self.n_gpu_layers = self.plan.n_gpu_layers
         self.model: llama.Model | None = None

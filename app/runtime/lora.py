@@ -84,6 +84,30 @@ class AdapterInfo:
                                 + (f" ({self.base})" if self.base else ""))
 
 
+def other_base(trained_on: str | None, names: list[str | None]) -> bool:
+    """Whether an adapter trained on `trained_on` (its adapter_config.json's base_model_name_or_path) is applied to a
+    model known by none of `names` (its name, source, file): by the last part of each, so a hub id, a local folder
+    and a quantized file of the same model agree (polyglot-ko-5.8b-q4_k_m is polyglot-ko-5.8b)."""
+    def short(name: str) -> str:
+        return name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower().removesuffix(".gguf")
+
+    known = [short(n) for n in names if n]
+    if not trained_on or not known:
+        return False
+    want = short(trained_on)
+    return not any(want in n or n in want for n in known)
+
+
+def base_note(info: AdapterInfo, model: GGUFInfo) -> str | None:
+    """One line when an adapter that fits by shape was trained on a model of another name: it runs, and what it
+    computes only approximates its training (a QLoRA trained on a 4-bit base and run on a Q4_K_M one is such a
+    case, and fine)."""
+    if not other_base(info.base, [model.name, model.source, model.path.name]):
+        return None
+    return (f"the adapter {info.path.name} was trained on {info.base}, not {model.name or model.path.name}; their "
+            "shapes fit, so it applies, but it only approximates what it learned there")
+
+
 def parse(value: str, resolve: Callable[[str], Path], usage: str = "--lora") -> Lora:
     """`FILE|NAME[:SCALE]` as typed: `resolve` (the store's rule) turns a name into a file; the scale is bounded."""
     text = value.strip()

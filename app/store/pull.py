@@ -158,14 +158,27 @@ def pull(name_or_hub_id: str, type_name: str = "q4_k_m", *, name: str | None = N
          revision: str | None = None, threads: int | None = None, store=None,
          progress: Callable[[str, int, int], None] | None = None, cache_dir: Path | None = None,
          endpoint: str | None = None, before_convert: Callable[[Source, Path, bool], None] | None = None,
-         imatrix: str | Path | None = None) -> Pulled:
-    """Resolve, refuse a taken store name or a missing imatrix, download (or use the cache), convert into the store."""
+         imatrix: str | Path | None = None, merge: list | None = None) -> Pulled:
+    """Resolve, refuse a taken store name or a missing imatrix, download (or use the cache), convert into the store.
+
+    `merge`: convert.merge.Spec values, PEFT adapters merged before quantizing (read before downloading; their
+    shapes are checked against the checkpoint once it is here, before converting). The default store name then
+    names them: polyglot-ko-5.8b+my-adapter-q4_k_m."""
     from malhae.convert import imatrix as imatrix_file
     from malhae.convert import pipeline
     from malhae.convert import types as out_types
     from malhae.store.local import open_store
 
     source = resolve(name_or_hub_id, type_name, name)
+    if merge:
+        from dataclasses import replace
+
+        from malhae.convert import lora
+
+        adapters = [lora.read(spec.folder).name for spec in merge]  # a broken adapter folder costs no download
+        if name is None:
+            suffix = f"-{out_types.get(type_name).name}"
+            source = replace(source, store_name="+".join([source.store_name.removesuffix(suffix), *adapters]) + suffix)
     imatrix = pipeline.check_imatrix_option(out_types.get(type_name), imatrix)
     if isinstance(imatrix, Path):
         imatrix_file.read(imatrix)  # a wrong file is known before gigabytes are downloaded
@@ -176,6 +189,6 @@ def pull(name_or_hub_id: str, type_name: str = "q4_k_m", *, name: str | None = N
         before_convert(source, snapshot, offline)
     template = source.entry.template if source.entry else None
     result = pipeline.convert(snapshot, type_name, target.output, force=force, threads=threads, progress=progress,
-                              template=template, imatrix=imatrix)
+                              template=template, imatrix=imatrix, merge=merge)
     entry = target.finish(result.path)
     return Pulled(source, snapshot, offline, files, result, entry)
