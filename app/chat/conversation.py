@@ -65,6 +65,9 @@ class Conversation:
     ctx: int | None = None  # None: the model's default context size
     system: str | None = None  # None: the template's own system text
     turns: list[Turn] = field(default_factory=list)
+    # the LoRA adapters a loaded file was saved with ("name", "name:0.5"): said on /load, never applied by it (they
+    # belong to a model, as the context size does)
+    adapters: tuple[str, ...] = ()
 
     # --- what the model sees ---
 
@@ -179,11 +182,13 @@ class Conversation:
 
     # --- files ---
 
-    def to_dict(self, model: str | None = None) -> dict[str, Any]:
+    def to_dict(self, model: str | None = None, adapters: tuple[str, ...] = ()) -> dict[str, Any]:
         settings = {key: getattr(self.sampling, key) for key in SETTABLE if key != "ctx"} | {"ctx": self.ctx}
-        return {"format": FORMAT, "version": VERSION, "model": model, "template": self.template.name,
-                "system": self.system, "settings": settings,
-                "turns": [{"role": role, "text": text} for role, text in self.turns]}
+        data: dict[str, Any] = {"format": FORMAT, "version": VERSION, "model": model}
+        if adapters:  # the running model's LoRA adapters: informative, as the model's name is
+            data["adapters"] = list(adapters)
+        return data | {"template": self.template.name, "system": self.system, "settings": settings,
+                       "turns": [{"role": role, "text": text} for role, text in self.turns]}
 
     @classmethod
     def from_dict(cls, data: object, where: str = "the file", current: Template | None = None) -> Conversation:
@@ -234,8 +239,11 @@ class Conversation:
             parsed.append((expected, turn["text"]))
         if len(parsed) % 2:
             raise bad("the last turn is a message without its answer")
+        adapters = data.get("adapters", [])
+        if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
+            raise bad('"adapters" must be a list of adapter names')
         ctx = values.pop("ctx", None)
-        return cls(current if own else templates.get(name), Sampling(**values), ctx, system, parsed)
+        return cls(current if own else templates.get(name), Sampling(**values), ctx, system, parsed, tuple(adapters))
 
 
 def _known_setting(key: str, where: str) -> bool:
@@ -257,7 +265,8 @@ def is_chat_file(path: Path) -> bool:
         return False
 
 
-def save(conversation: Conversation, path: Path, model: str | None = None, force: bool = False) -> Path:
+def save(conversation: Conversation, path: Path, model: str | None = None, force: bool = False,
+         adapters: tuple[str, ...] = ()) -> Path:
     """Write the file whole or not at all: a failure half-way must not destroy an earlier save of the same name.
 
     An existing file is replaced only when asked (`force`) and only if it is an earlier save: `/save x.gguf` once
@@ -268,7 +277,7 @@ def save(conversation: Conversation, path: Path, model: str | None = None, force
                         "file name")
     files.check_target(path, force, replace_hint=f"it holds an earlier saved chat; /save {path} --force replaces "
                        "it", other_hint="choose another file name")
-    text = json.dumps(conversation.to_dict(model), ensure_ascii=False, indent=1) + "\n"
+    text = json.dumps(conversation.to_dict(model, adapters), ensure_ascii=False, indent=1) + "\n"
     try:
         files.write_text(path, text)
     except OSError as e:

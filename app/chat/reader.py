@@ -38,6 +38,8 @@ COMMANDS: dict[str, tuple[str, str]] = {  # name: (arguments, what it does)
     "/read": ("[FILE|clear]", "put a text file before your next message (문서 읽기); /read alone lists them, "
               "/read clear drops them"),
     "/model": ("PATH", "switch to another model; the conversation stays"),
+    "/lora": ("[NAME [SCALE]|off [NAME]]", "list the LoRA adapters applied, add or rescale one (scale 0 removes it), "
+              "/lora off removes all, /lora off NAME one"),
     "/stats": ("", "statistics of the last answer"),
     "/exit": ("", "quit (종료); Ctrl-D does the same"),
 }
@@ -150,8 +152,8 @@ def completer():
                 command = resolve_command(name)
             except UserError:
                 return
-            if command in ("/save", "/load", "/read", "/model"):
-                paths = ggufs if command == "/model" else files
+            if command in ("/save", "/load", "/read", "/model", "/lora"):
+                paths = ggufs if command in ("/model", "/lora") else files
                 yield from paths.get_completions(Document(arg, len(arg)), complete_event)
                 return
             options: Iterable[str] = ()

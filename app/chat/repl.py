@@ -23,6 +23,7 @@ from malhae.chat import conversation as conv_mod
 from malhae.chat import documents
 from malhae.chat.conversation import Conversation, Prepared
 from malhae.chat.documents import Document
+from malhae.chat.lora_command import LoraCommand
 from malhae.chat.reader import (
     COMMANDS,
     KEYS,
@@ -54,7 +55,7 @@ OpenEngine = Callable[[LoadOptions], Backend]  # a model as these options say (o
 Resolve = Callable[[str | None, Callable[[str], None] | None], Path]  # --model / /model value → file (the store's)
 
 
-class Chat:
+class Chat(LoraCommand):
     """One chat session: reads, runs commands, streams answers; the conversation and the engine outlive mistakes."""
 
     def __init__(self, conversation: Conversation, engine: Backend, load: LoadOptions, *, open_engine: OpenEngine,
@@ -306,7 +307,7 @@ class Chat:
         table.add_column(no_wrap=True)
         table.add_column()
         used, kv_cache = c.context_used(e.tokenize), "" if e.remote else f"; KV cache {kv.summary(e.ctx)}"
-        for label, value in (("model", f"{e.name} — {e.location}"),
+        for label, value in (("model", f"{e.name} — {e.location}{self.adapters_shown()}"),
                              ("template", f"{c.template.name} — {c.template.description}"),
                              ("system", f"{system} ({'the template' if c.system is None else 'yours'})"),
                              ("settings", self._settings_line()),
@@ -341,7 +342,7 @@ class Chat:
         arg = arg[:arg.rindex(words[-1])].strip() if force else arg
         if not arg:
             raise UserError("give a file name: /save chat.json (add --force to replace an earlier save)")
-        path = conv_mod.save(self.conv, Path(arg), self.engine.name, force=force)
+        path = conv_mod.save(self.conv, Path(arg), self.engine.name, force=force, adapters=self.adapter_names())
         self.info(f"saved {self.conv.exchanges} exchanges to {path} (저장했습니다)")
 
     def cmd_load(self, arg: str) -> None:
@@ -352,8 +353,7 @@ class Chat:
         self.conv = loaded
         self.template_fixed = True
         self.info(f"loaded {loaded.exchanges} exchanges from {arg} (template {loaded.template.name}) (불러왔습니다)")
-        if model and model != self.engine.name:
-            self.dim(f"it was saved with model {model}; continuing with {self.engine.name}")
+        self.saved_with(model, loaded.adapters)
 
     def cmd_read(self, arg: str) -> None:
         """/read FILE: a document for the next message, refused at once if it could never fit in the context with
@@ -387,7 +387,7 @@ class Chat:
             return
         if not arg:
             raise UserError("give a model file or a name from `malhae models`: /model path/to/model.gguf")
-        self._reopen(replace(self.load, model=self.resolve(arg, None)))
+        self._reopen(self.fitting(replace(self.load, model=self.resolve(arg, None))))
         if not self.template_fixed:
             self.conv.template = templates.for_engine(self.engine)
         self.info(f"model {self.engine.name} ({self.engine.path.name}) · template {self.conv.template.name} · "

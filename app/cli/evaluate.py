@@ -87,7 +87,7 @@ def _one_model(argument: str | None, option: str | None) -> str | None:
 COMPARE_HELP = ("Quantization loss of B against A: mean KL divergence, top-1 agreement, perplexity of each and their "
                 "ratio.\n\nWith one model and --kv-cache q8_0 (or q4_0, or --kv-cache-k/-v): what that KV cache costs "
                 "against f16 K/V on the same weights, with the same --flash-attn. With two models, --kv-cache applies "
-                "to both.")
+                "to both, and so does --lora (the adapters must fit both).")
 
 
 @app.command("compare", cls=o.Command, help=COMPARE_HELP)
@@ -201,6 +201,10 @@ def bench(
     if depth < 0:
         raise UserError(f"--depth {depth}: give 0 or more tokens (llama-bench's -d)")
     options, _ = o.settings_for("bench", **load, ctx=ctx or depth + max(n_prompt + 16, 16 + n_gen + 8))
+    if llama_bench and options.lora:
+        raise UserError("--llama-bench cannot apply LoRA adapters (llama-bench has no --lora), so the two sides "
+                        "would measure different work; leave out --lora or --llama-bench (--lora none overrides "
+                        "config.toml's lora)")
     path = models.resolve(model, ui.note)
     with Engine(replace(options, model=path), notify=ui.note) as engine:
         pp, tg = benchmod.run_engine(engine, n_prompt, n_gen, repetitions, depth)

@@ -26,13 +26,14 @@ def _models(ctx: typer.Context,
             json_out: bool = typer.Option(False, "--json", help="List the models as JSON.")) -> None:
     """List the models in the store and the built-in demo (no subcommand), or manage them."""
     if ctx.invoked_subcommand is None:
-        from malhae.store import config, models, models_view
+        from malhae.store import adapters, config, models, models_view
         from malhae.store.local import open_store
 
         store, settings = open_store(), config.load()
         entries = store.entries()
         entries += models.builtin_entries([e.name for e in entries])
-        models_view.models_table(entries, store.root, settings.default_model, settings.path, json_out)
+        models_view.models_table(adapters.arrange(entries), store.root, settings.default_model, settings.path,
+                                 json_out)
 
 
 @app.command("import", cls=o.Command)
@@ -60,7 +61,7 @@ def models_rm(
 ) -> None:
     """Delete a model from the store (asks first)."""
     from malhae import units
-    from malhae.store import config, models, models_view
+    from malhae.store import adapters, config, models, models_view
     from malhae.store.local import open_store
 
     store = open_store()
@@ -76,8 +77,10 @@ def models_rm(
         if not typer.confirm(f"delete {entry.name} ({units.size(entry.size)}, {entry.path})?", default=False):
             raise typer.Exit(1)
     settings = config.load()
+    orphans = adapters.orphaned(entry, store.entries())
     store.remove(entry.name)
     models_view.removed(entry)
+    models_view.orphans(entry, orphans)
     if models_view.is_default(entry, settings.default_model):
         config.set_default_model(None, settings.path)
         models_view.default_removed(settings.path)

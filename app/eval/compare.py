@@ -73,6 +73,7 @@ class CompareResult:
     kv_cache_a: tuple[str, str] = ("f16", "f16")  # (K, V) of A's context and B's
     kv_cache_b: tuple[str, str] = ("f16", "f16")
     flash_attn: str = "auto"  # both contexts'
+    adapters: tuple[str, ...] = ()  # the LoRA adapters both contexts applied (--lora), as written there
 
     @property
     def ppl_ratio(self) -> float:
@@ -118,7 +119,8 @@ def evaluate(a: Model, b: Model, text: str, layout: Layout | None = None, option
     return CompareResult(str(a.path), str(b.path), float(kl.mean()), error, float(kl.max()),
                          float(np.percentile(kl, 99)), float(np.median(kl)), same / kl.size, nll_a.ppl, nll_b.ppl,
                          int(kl.size), len(chunks), layout.n_ctx, time.perf_counter() - started,
-                         (ctx_a.type_k, ctx_a.type_v), (ctx_b.type_k, ctx_b.type_v), options.flash_attn)
+                         (ctx_a.type_k, ctx_a.type_v), (ctx_b.type_k, ctx_b.type_v), options.flash_attn,
+                         tuple(map(str, options.lora)))
 
 
 def kv_reference(options: LoadOptions) -> LoadOptions:
@@ -135,13 +137,15 @@ def run(path_a: Path, path_b: Path | None, text_path: Path, layout: Layout | Non
         notify: Callable[[str], None] | None = None) -> CompareResult:
     """`malhae eval compare`: both models loaded as `options` say (their layers, devices, threads, K/V types; its
     model field is not used), cheap checks first (arguments, text, vocabularies), then both models loaded at once.
+    Its LoRA adapters (--lora) apply to both sides, so that B's loss is measured under the same adapters; one side
+    alone is `evaluate(a, b, …, options, reference=…)` with the adapters in one of the two.
 
     With `--gpu-layers auto`, A is planned into the free VRAM first and B into what A leaves on each device.
 
     Without B: what `options`' quantized KV cache costs against f16 (kv_reference) on the same weights. The file is
     loaded once, with two contexts on it, so that both run on the same devices and only the cache differs; it is
     planned as if one context held both caches at f16 and twice the batch, an upper bound on the two contexts'."""
-    from malhae.runtime import hardware, offload
+    from malhae.runtime import hardware, lora, offload
     from malhae.runtime.engine import check_model_file
 
     layout = layout or Layout.of()
@@ -151,6 +155,7 @@ def run(path_a: Path, path_b: Path | None, text_path: Path, layout: Layout | Non
     kv.check_types(options.kv_cache_k, options.kv_cache_v, options.flash_attn)
     text = windows.read_text(text_path)
     info_a = check_model_file(path_a)
+    lora.check(options.lora, info_a)
     shaped = layout.options(options)
     if path_b is None:
         both = replace(shaped, kv_cache_k="f16", kv_cache_v="f16", parallel=2 * shaped.parallel,
@@ -158,6 +163,7 @@ def run(path_a: Path, path_b: Path | None, text_path: Path, layout: Layout | Non
         with Model.planned(replace(options, model=path_a), offload.choose(info_a, both, notify=notify)) as a:
             return evaluate(a, a, text, layout, options, reference=reference, progress=progress, notify=notify)
     info_b = check_model_file(path_b)
+    lora.check(options.lora, info_b)  # --lora applies to both: it must fit both
     with Model(path_a, vocab_only=True) as va, Model(path_b, vocab_only=True) as vb:
         check_same_vocab(va, vb)
     plan_a = offload.choose(info_a, shaped, notify=notify)

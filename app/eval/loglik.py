@@ -23,7 +23,7 @@ from malhae.errors import UserError
 from malhae.eval.scoring import log_prob
 from malhae.runtime.gguf_info import GGUFInfo
 from malhae.runtime.llama import Batch, Context, Model, Owned
-from malhae.runtime.settings import DEFAULT_BATCH, LoadOptions
+from malhae.runtime.settings import DEFAULT_BATCH, LoadOptions, Lora
 
 SPARE = 512  # cache room for the choices' own tokens, beyond the prompt
 
@@ -67,13 +67,15 @@ class Scorer(Owned):
     """Scores continuations on one llama.cpp context; max_length is the model's window (the harness's max_length)."""
 
     def __init__(self, model: Model, *, max_length: int | None = None, max_choices: int = 4,
-                 n_batch: int = DEFAULT_BATCH, threads: int | None = None, precise: bool = False, spare: int = SPARE):
+                 n_batch: int = DEFAULT_BATCH, threads: int | None = None, precise: bool = False, spare: int = SPARE,
+                 lora: tuple[Lora, ...] = ()):
+        """`lora`: adapters its context applies (checked against the model by the caller, as the engine does)."""
         self.model = model
         self.max_length = max_length or model.n_ctx_train
         self.max_choices = max_choices
         # the unified cache holds one prompt plus every choice's own tokens; `spare` is room for the choices
         self.ctx = Context(model, LoadOptions(ctx=self.max_length + spare, batch=n_batch, threads=threads,
-                                              parallel=max_choices), precise=precise, unified_kv=True)
+                                              parallel=max_choices, lora=lora), precise=precise, unified_kv=True)
         self.spare = spare
         self._batch = Batch(n_batch, max_choices)
 

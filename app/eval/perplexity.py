@@ -46,6 +46,7 @@ class PerplexityResult:
     n_seq: int
     text_tokens: int
     seconds: float
+    adapters: tuple[str, ...] = ()  # the LoRA adapters applied (--lora), as written there
 
     @property
     def tokens_per_second(self) -> float:
@@ -72,19 +73,21 @@ def evaluate(model: Model, text: str, layout: Layout | None = None, options: Loa
             if progress:
                 progress(done, len(chunks), sums.ppl)
     return PerplexityResult(str(model.path), sums.ppl, sums.error, sums.count, len(chunks), layout.n_ctx,
-                            layout.n_batch, layout.n_seq, len(tokens), time.perf_counter() - started)
+                            layout.n_batch, layout.n_seq, len(tokens), time.perf_counter() - started,
+                            tuple(map(str, options.lora)) if options else ())
 
 
 def run(options: LoadOptions, text_path: Path, layout: Layout | None = None, *, progress: Progress | None = None,
         notify: Callable[[str], None] | None = None) -> PerplexityResult:
     """`malhae eval ppl` on options.model: read the text first (its mistakes are cheaper to report than a model
-    load), then load it as `options` say (its layers, devices, threads) for `layout`'s windows."""
-    from malhae.runtime import hardware, offload
+    load), then load it as `options` say (its layers, devices, threads, adapters) for `layout`'s windows."""
+    from malhae.runtime import hardware, lora, offload
     from malhae.runtime.engine import check_model_file
 
     layout = layout or Layout.of()
     text = read_text(text_path)
     info = check_model_file(options.model)
+    lora.check(options.lora, info)  # its adapters too, before anything loads
     options = replace(options, threads=options.threads or hardware.physical_cores())
     plan = offload.choose(info, layout.options(options), notify=notify)
     with Model.planned(options, plan) as model:

@@ -29,7 +29,8 @@ def ppl_result(result, as_json: bool) -> None:
         json_result(result.as_dict())
         return
     out.print(f"perplexity {result.ppl:.4f} ± {result.error:.4f}", soft_wrap=True)
-    out.print(f"[dim]{result.model}: {result.tokens_scored:,} tokens scored in {result.windows} windows of "
+    out.print(f"[dim]{result.model}{_lora(result.adapters)}: {result.tokens_scored:,} tokens scored in "
+              f"{result.windows} windows of "
               f"{result.n_ctx} (the second half of each; {result.text_tokens:,} tokens in the text), "
               f"{result.n_seq} window{'s' if result.n_seq > 1 else ''} per batch, {result.seconds:.1f} s, "
               f"{result.tokens_per_second:,.0f} tokens/s[/dim]", soft_wrap=True)
@@ -47,6 +48,8 @@ def compare_result(result, as_json: bool) -> None:
     table.add_row("B", result.model_b)
     for name, types in (("A", result.kv_cache_a), ("B", result.kv_cache_b)):
         table.add_row(f"KV cache {name}", f"{describe(*types)}, flash attention {result.flash_attn}")
+    if result.adapters:
+        table.add_row("LoRA adapters (A and B)", ", ".join(result.adapters))
     table.add_row("mean KL(A ‖ B), nats/token", f"{result.kl_mean:.6f} ± {result.kl_error:.6f}")
     table.add_row("median / 99th percentile / max KL", f"{result.kl_median:.6f} / {result.kl_p99:.6f} / "
                   f"{result.kl_max:.6f}")
@@ -56,6 +59,10 @@ def compare_result(result, as_json: bool) -> None:
     table.add_row("ratio B / A", f"{result.ppl_ratio:.4f}")
     out.print(table)
     err.print(f"[dim]measured in {result.seconds:.1f} s[/dim]")
+
+
+def _lora(adapters: tuple[str, ...]) -> str:
+    return f" + LoRA {', '.join(adapters)}" if adapters else ""
 
 
 def bench_table(result, engine, n_prompt: int, n_gen: int, as_json: bool, depth: int = 0) -> None:
@@ -69,10 +76,11 @@ def bench_table(result, engine, n_prompt: int, n_gen: int, as_json: bool, depth:
                                         "split": engine.plan.layers if len(engine.plan.devices) > 1 else None,
                                         "n_prompt": n_prompt, "n_gen": n_gen, "depth": depth,
                                         "kv_cache_k": o.kv_cache_k, "kv_cache_v": o.kv_cache_v,
-                                        "flash_attn": o.flash_attn})
+                                        "flash_attn": o.flash_attn, "lora": [str(a) for a in o.lora]})
         return
     at = f" at depth {depth:,}" if depth else ""
-    table = Table(title=f"{engine.path.name} — {o.threads} threads, {where}, K/V {describe(o.kv_cache_k, o.kv_cache_v)}"
+    name = engine.path.name + _lora(tuple(map(str, o.lora)))
+    table = Table(title=f"{name} — {o.threads} threads, {where}, K/V {describe(o.kv_cache_k, o.kv_cache_v)}"
                         f", flash attention {o.flash_attn}{at}, median of {result.runs}")
     for col in ("test", "malhae tok/s", "llama-bench tok/s", "ratio"):
         table.add_column(col, justify="right")

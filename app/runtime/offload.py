@@ -25,9 +25,9 @@ from malhae import units
 from malhae.errors import UserError
 from malhae.runtime import devices, hardware, kv
 from malhae.runtime.devices import Device
-from malhae.runtime.gguf_info import GGUFInfo
+from malhae.runtime.gguf_info import GGUFInfo, read_info
 from malhae.runtime.llama import repeating_on_gpu
-from malhae.runtime.settings import DEFAULT_BATCH, LoadOptions
+from malhae.runtime.settings import DEFAULT_BATCH, LoadOptions, Lora
 from malhae.runtime.settings import gpu_layers as parse_gpu_layers
 
 # per device: driver + BLAS workspace, measured at 300-450 MB on recent CUDA; used for every backend (Metal, ROCm,
@@ -105,8 +105,9 @@ class Plan:
         return {d.index: b for d, b in zip(self.devices, self.device_bytes, strict=False)}
 
 def model_sizes(info: GGUFInfo, n_cells: int, n_batch: int = DEFAULT_BATCH, kv_types: tuple[str, str] = ("f16", "f16"),
-                ) -> ModelSizes:
-    """The planner's figures for a GGUF with a KV cache of `n_cells` tokens (app.runtime.kv.cells) of `kv_types`."""
+                loras: Sequence[Lora] = ()) -> ModelSizes:
+    """The planner's figures for a GGUF with a KV cache of `n_cells` tokens (app.runtime.kv.cells) of `kv_types`,
+    and the LoRA adapters `loras` counted with the layers they adapt (adapter_bytes)."""
     n_layer = info.arch_int(Keys.LLM.BLOCK_COUNT) or 0
     n_embd = info.arch_int(Keys.LLM.EMBEDDING_LENGTH) or 0
     n_ff = info.arch_int(Keys.LLM.FEED_FORWARD_LENGTH) or 4 * n_embd
@@ -121,8 +122,27 @@ def model_sizes(info: GGUFInfo, n_cells: int, n_batch: int = DEFAULT_BATCH, kv_t
             layers[int(m.group(1))] += t.nbytes
         elif t.name.startswith("output"):
             output += t.nbytes
+    extra, extra_output = adapter_bytes(loras, n_layer)
+    layers = [a + b for a, b in zip(layers, extra, strict=True)]
+    output += extra_output
     return sizes_from_shape(layers, output, n_embd=n_embd, n_ff=n_ff, n_head=n_head, n_head_kv=n_head_kv,
                             n_vocab=n_vocab, n_cells=n_cells, n_batch=n_batch, kv_types=kv_types)
+
+
+def adapter_bytes(loras: Sequence[Lora], n_layer: int) -> tuple[list[int], int]:
+    """The bytes of the adapters' tensors in each repeating layer, and in the output layer. llama.cpp allocates an
+    adapter's A and B in the buffer of the tensor they adapt (llama_adapter_lora_init), so an offloaded layer takes
+    its adapters to the GPU and a layer left on the CPU keeps them there: they are planned as part of their layer.
+    The token embedding's stay on the CPU with it."""
+    layers, output = [0] * n_layer, 0
+    for lora in loras:
+        for t in read_info(lora.path).tensors:
+            m = _LAYER.match(t.name)
+            if m and int(m.group(1)) < n_layer:
+                layers[int(m.group(1))] += t.nbytes
+            elif t.name.startswith("output"):
+                output += t.nbytes
+    return layers, output
 
 
 def sizes_from_shape(layer_bytes: list[int], output_bytes: int, *, n_embd: int, n_ff: int, n_head: int,
@@ -281,7 +301,7 @@ def choose(info: GGUFInfo, options: LoadOptions, *, notify: Callable[[str], None
            vram: int | None = None, reserved: Mapping[int, int] | None = None) -> Plan:
     """Where `options.gpu_layers` and `options.device` put a model run with options.kv_tokens tokens of KV cache
     (ctx × parallel, so ctx must be resolved; as llama.cpp pads it, app.runtime.kv.cells) of options' K/V types, in
-    batches of options.batch.
+    batches of options.batch, with options.lora's adapters in the layers they adapt.
 
     `gpu_layers`: a number as given (capped at everything), 0 for the CPU, or `auto`: the most that fits in the free
     memory of the devices ggml reports (app.runtime.devices), less `reserved` bytes per device that another model of
@@ -300,7 +320,7 @@ def choose(info: GGUFInfo, options: LoadOptions, *, notify: Callable[[str], None
                             "--gpu-layers N")
         if device is not None and device.strip().lower() not in ("", "auto"):
             raise UserError("--vram plans for a GPU that is not here; leave out --device")
-        return replace(plan(model_sizes(info, n_cells, n_batch, kv_types), vram), mode="what-if")
+        return replace(plan(model_sizes(info, n_cells, n_batch, kv_types, options.lora), vram), mode="what-if")
     listed = devices.listed()
     chosen = devices.select(device, listed)
     mode = "asked" if isinstance(asked, int) else "auto"
@@ -314,7 +334,7 @@ def choose(info: GGUFInfo, options: LoadOptions, *, notify: Callable[[str], None
         elif asked != "auto":
             _say_once(notify, "this llama-cpp-python was built without GPU support; running on the CPU")
         return Plan(0, n_layer, 0, 0, "no GPU support" if asked != "auto" else "no GPU", mode=mode)
-    sizes = model_sizes(info, n_cells, n_batch, kv_types)
+    sizes = model_sizes(info, n_cells, n_batch, kv_types, options.lora)
     ram = devices.host_memory(listed)
     if isinstance(asked, int):
         return _said_split(asked_plan(sizes, asked, targets, ram), notify)

@@ -14,7 +14,7 @@ from gguf import Keys, TokenType
 
 from malhae import units
 from malhae.errors import UserError
-from malhae.runtime import devices, kv, offload, templates
+from malhae.runtime import devices, kv, lora, offload, templates
 from malhae.runtime.devices import Device
 from malhae.runtime.gguf_info import GGUFInfo, check_shape, read_info
 from malhae.runtime.llama import repeating_on_gpu
@@ -82,6 +82,7 @@ class Memory:
     compute: int  # the planner's compute-buffer estimate: one on each GPU used, else one in RAM
     gpu_buffers: int  # how many GPUs hold a compute buffer (0: CPU only)
     device_context: int  # every GPU's context (driver, BLAS workspace), all together
+    adapters: int = 0  # bytes of the --lora adapters' tensors, in the weights (planned with the layers they adapt)
     kv_cache_k: str = "f16"  # the KV cache's types the estimate counts (app.runtime.kv)
     kv_cache_v: str = "f16"
     where: str = "CPU"  # the plan in a few words (offload.Plan.where)
@@ -199,8 +200,9 @@ def memory(info: GGUFInfo, options: LoadOptions | None = None, vram_gib: float |
     n_batch = min(options.batch, n_ctx)
     # the planner expects arrays as their lengths, as read_info() gives them by default
     scalars = replace(info, metadata={k: len(v) if isinstance(v, list) else v for k, v in info.metadata.items()})
+    lora.check(options.lora, info)  # an adapter of another model: refused as the engine refuses it
     sizes = offload.model_sizes(scalars, kv.cells(n_ctx, options.parallel), n_batch,
-                                (options.kv_cache_k, options.kv_cache_v))
+                                (options.kv_cache_k, options.kv_cache_v), options.lora)
     n_layer = sizes.n_layer
     said: list[str] = []  # the install hint, where the build cannot use this machine's GPU
     p = offload.choose(scalars, replace(options, ctx=n_ctx, batch=n_batch), notify=said.append,
@@ -213,7 +215,8 @@ def memory(info: GGUFInfo, options: LoadOptions | None = None, vram_gib: float |
         note = note or ("this llama-cpp-python has no GPU support, so the engine would run everything on the CPU "
                         "here" if n else "")
     on_gpu = repeating_on_gpu(n, n_layer)
-    weights = sum(t.nbytes for t in info.tensors)
+    adapters = sum(t.nbytes for a in options.lora for t in read_info(a.path).tensors)
+    weights = sum(t.nbytes for t in info.tensors) + adapters
     weights_gpu = sum(sizes.layer_bytes[n_layer - on_gpu:]) + (sizes.output_bytes if n else 0)
     kv_gpu = sizes.kv_bytes_per_layer * on_gpu
     gpus = max(1, len(p.devices)) if n else 0
@@ -222,7 +225,7 @@ def memory(info: GGUFInfo, options: LoadOptions | None = None, vram_gib: float |
     return Memory(n_ctx=n_ctx, n_batch=n_batch, gpu_layers=n, n_layer=n_layer, mode=mode, reason=reason,
                   free_vram=free, weights_gpu=weights_gpu, weights_cpu=weights - weights_gpu, kv_gpu=kv_gpu,
                   kv_cpu=sizes.kv_bytes_per_layer * n_layer - kv_gpu, compute=sizes.compute_bytes,
-                  gpu_buffers=gpus, device_context=offload.DEVICE_CONTEXT_BYTES * gpus,
+                  gpu_buffers=gpus, device_context=offload.DEVICE_CONTEXT_BYTES * gpus, adapters=adapters,
                   kv_cache_k=options.kv_cache_k, kv_cache_v=options.kv_cache_v,
                   where=p.where if n == p.n_gpu_layers else f"{n} layers on the GPU", split=split,
                   devices=devices.listed(), note=note)
@@ -236,10 +239,54 @@ def check_file(path: Path) -> None:
                         "`malhae convert`)")
 
 
-def describe(path: Path, options: LoadOptions | None = None, *, vram_gib: float | None = None) -> ModelInfo:
-    """Everything `malhae info` says of the GGUF at `path`, its memory as if loaded as `options` say."""
+@dataclass(frozen=True)
+class AdapterFacts:
+    """What `malhae info` says of a LoRA adapter GGUF, from its header: nothing is loaded."""
+
+    path: Path
+    name: str
+    file_size: int
+    tensor_type: str  # f16 or f32
+    parameters: int
+    rank: int
+    alpha: float  # PEFT's lora_alpha (malhae.lora.peft_alpha), else the file's (llama.cpp's) alpha
+    rslora: bool | None  # scaled by alpha/√r (malhae's adapters say; None: the file does not)
+    scale: float  # what B·A is multiplied by at --lora NAME:1 (llama.cpp's alpha / rank)
+    targets: tuple[str, ...]
+    layers: int  # repeating layers adapted
+    base: str | None  # as its adapter_config.json named it
+    source: str | None
+    bases_in_store: tuple[str, ...]  # the store's models it belongs to (app.store.adapters)
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"path": str(self.path), "kind": "adapter"}
+
+
+def describe_adapter(info: GGUFInfo) -> AdapterFacts:
+    """An adapter's facts from its header, and which store models it runs on (so the user need not guess a -m)."""
+    from malhae.store import adapters
+    from malhae.store.local import entry_for, open_store
+
+    a = lora.AdapterInfo.of(info)
+    meta = info.metadata
+    peft_alpha, rslora = meta.get("malhae.lora.peft_alpha"), meta.get("malhae.lora.rslora")
+    store = open_store()
+    entry = entry_for(info.path.stem, info.path, info)
+    bases = tuple(m.name for m in adapters.bases(entry, store.entries()))
+    return AdapterFacts(info.path, a.name, info.file_size, entry.type, info.n_params, a.rank,
+                        float(peft_alpha) if isinstance(peft_alpha, (int, float)) else a.alpha,
+                        rslora if isinstance(rslora, bool) else None, a.alpha / a.rank if a.rank else 0.0, a.targets,
+                        len({n.split(".")[1] for n in a.pairs if n.startswith("blk.")}), a.base, info.source, bases)
+
+
+def describe(path: Path, options: LoadOptions | None = None, *,
+             vram_gib: float | None = None) -> ModelInfo | AdapterFacts:
+    """Everything `malhae info` says of the GGUF at `path`, its memory as if loaded as `options` say (a LoRA
+    adapter: its own facts, AdapterFacts)."""
     check_file(path)
     info = read_info(path, arrays=(Keys.Tokenizer.LIST, Keys.Tokenizer.TOKEN_TYPE))
+    if info.text(Keys.General.TYPE) == "adapter":
+        return describe_adapter(info)
     if info.text("general.type") == "imatrix":
         raise UserError(f"{path.name} is an importance matrix ({len(info.tensors) // 2} matrices, "
                         f"{info.metadata.get('imatrix.chunk_count', '?')} chunks of "

@@ -6,6 +6,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from malhae import units
+from malhae.store.info import AdapterFacts
 from malhae.ui import err, json_result, out
 
 
@@ -13,6 +14,9 @@ def info_report(mi, as_json: bool = False) -> None:
     """`malhae info`: the file's facts, its tensor types, and the engine's memory plan for it."""
     if as_json:
         json_result(mi.as_dict())
+        return
+    if isinstance(mi, AdapterFacts):
+        adapter_report(mi)
         return
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
@@ -80,7 +84,8 @@ def info_report(mi, as_json: bool = False) -> None:
     def cell(n: int) -> str:
         return units.gib(n) if n else "—"
 
-    mem.add_row("weights", cell(m.weights_gpu), cell(m.weights_cpu))
+    mem.add_row("weights" + (f" (adapters {units.gib(m.adapters)})" if m.adapters else ""), cell(m.weights_gpu),
+                cell(m.weights_cpu))
     mem.add_row(f"KV cache ({m.kv_types})", cell(m.kv_gpu), cell(m.kv_cpu))
     mem.add_row("compute buffer" if m.gpu_buffers < 2 else f"compute buffers ({m.gpu_buffers})",
                 cell(m.compute * m.gpu_buffers), cell(0 if m.gpu_layers else m.compute))
@@ -96,6 +101,30 @@ def info_report(mi, as_json: bool = False) -> None:
         out.print(split)
     if m.note:
         err.print(f"[dim]malhae: {escape(m.note)}[/dim]", soft_wrap=True)
+
+
+def adapter_report(a: AdapterFacts) -> None:
+    """`malhae info ADAPTER`: what it adapts and how strongly, what it was trained on, and where it can run."""
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    facts.add_row("kind", "LoRA adapter (applied on top of its base model with --lora; never run alone)")
+    facts.add_row("file", f"{units.size(a.file_size)} ({a.file_size:,} bytes), {a.tensor_type}, "
+                          f"{units.params(a.parameters)} parameters")
+    rslora = " (rslora: alpha/√r)" if a.rslora else ""
+    facts.add_row("rank", f"{a.rank}, alpha {a.alpha:g}{rslora}: B·A is scaled by {a.scale:g} at --lora "
+                          f"{a.path.stem}:1")
+    facts.add_row("targets", f"{', '.join(a.targets)} in {a.layers} layers")
+    facts.add_row("base", a.base or "not named in the file")
+    where = ", ".join(a.bases_in_store) if a.bases_in_store else "none of the store's models"
+    facts.add_row("in the store", f"fits {where}")
+    if a.source:
+        facts.add_row("source", a.source)
+    out.print(f"[bold]{escape(a.name)}[/bold] — {escape(str(a.path))}", soft_wrap=True)
+    out.print(facts)
+    if a.bases_in_store:
+        err.print(f"[dim]run it: malhae chat -m {escape(a.bases_in_store[0])} --lora {escape(a.path.stem)}[/dim]",
+                  soft_wrap=True)
 
 
 def _device(d) -> str:

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gguf import Keys
+
 from malhae import files, flags, units
 from malhae.errors import UserError
 from malhae.runtime.gguf_info import GGUFInfo, read_info
@@ -39,11 +41,18 @@ class Entry:
     architecture: str | None = None
     error: str | None = None  # set when the file cannot be read as a GGUF: listed, so the user can remove it
     builtin: bool = False  # the bundled demo (app.store.models), listed beside the store's files, never in it
+    kind: str = "model"  # or "adapter": a LoRA adapter (general.type = adapter), applied with --lora, never run alone
+    base: str | None = None  # an adapter's base model as its adapter_config.json named it (app.store.adapters)
+
+    @property
+    def adapter(self) -> bool:
+        return self.kind == "adapter"
 
     def as_dict(self) -> dict:
         return {"name": self.name, "path": str(self.path), "type": self.type, "size": self.size,
                 "params": self.params, "source": self.source, "architecture": self.architecture,
-                "error": self.error, "builtin": self.builtin}
+                "error": self.error, "builtin": self.builtin, "kind": self.kind} | \
+            ({"base": self.base} if self.adapter else {})
 
 
 def models_dir() -> Path:
@@ -58,6 +67,11 @@ def models_dir() -> Path:
 
 
 def entry_for(name: str, path: Path, info: GGUFInfo) -> Entry:
+    if info.text(Keys.General.TYPE) == "adapter":  # its tensors' type (f16, f32): it has no general.file_type
+        base = info.text(Keys.General.BASE_MODEL_NAME.format(id=0))
+        return Entry(name=name, path=path, type=info.tensors[0].type.name.lower() if info.tensors else "?",
+                     size=info.file_size, source=info.source, params=info.n_params or None,
+                     architecture=info.architecture, kind="adapter", base=base)
     return Entry(name=name, path=path, type=info.file_type or "?", size=info.file_size, source=info.source,
                  params=info.n_params or None, architecture=info.architecture)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from malhae.errors import UserError
 
 DEMO_MODEL = "malhae-demo-ko-f16.gguf"
+DEMO_LORA = "malhae-demo-ko-lora-signoff.gguf"  # a LoRA adapter of the demo, beside it (models/demo/train_lora.py)
 # the names the bundled demo answers to wherever a model name is taken (-m, the settings file, `models default`):
 # a model is run by a name from `malhae models`, and the demo is listed there too. A store file of the same name
 # comes first (the user put it there); the demo is then listed under its next free name.
@@ -129,6 +130,9 @@ def default_value(name: str) -> str:
             if builtin(name) is None:
                 raise store.not_found(name)
             return name.strip()
+        if entry.adapter:
+            raise UserError(f"'{entry.name}' is a LoRA adapter, not a model: make the model it adapts the default, "
+                            f"and apply the adapter by default with lora = [\"{entry.name}\"] in the settings file")
         return entry.name
     from malhae.runtime.engine import check_model_file
 

@@ -12,6 +12,7 @@ from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingCo
 from rich.table import Table
 
 from malhae import units
+from malhae.store.adapters import Listing
 from malhae.store.local import Entry
 from malhae.store.models import DEMO_NAMES
 from malhae.ui import Bars, err, note, out
@@ -39,18 +40,22 @@ def _runs_by_default(entry: Entry, default: str | None, store_names: set[str]) -
     return is_default(entry, default)
 
 
-def models_table(entries: list[Entry], root: Path, default: str | None, config_path: Path, as_json: bool) -> None:
-    """The store's models and, after them, the built-in demo (Entry.builtin); `*` marks what runs without -m."""
+def models_table(listing: Listing, root: Path, default: str | None, config_path: Path, as_json: bool) -> None:
+    """The store's models and, after them, the built-in demo (Entry.builtin); `*` marks what runs without -m. Each
+    LoRA adapter is listed under the models it belongs to (app.store.adapters), those without one at the end."""
+    entries = listing.models
     store_names = {e.name for e in entries if not e.builtin}
     marked = [_runs_by_default(e, default, store_names) for e in entries]
+    adapters = list(dict.fromkeys([a for found in listing.under.values() for a in found] + listing.apart))
     if as_json:
         data = {"dir": str(root), "default": default, "config": str(config_path),
-                "models": [e.as_dict() | {"default": m} for e, m in zip(entries, marked, strict=True)]}
+                "models": [e.as_dict() | {"default": m} for e, m in zip(entries, marked, strict=True)],
+                "adapters": [a.as_dict() | {"for": listing.bases_of(a)} for a in adapters]}
         sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
         return
     how = ("`malhae pull polyglot-ko-1.3b`, `malhae models import FILE.gguf` or `malhae convert DIR --type q4_k_m "
            "--add`")
-    if not entries:
+    if not entries and not adapters:
         out.print(f"no models in the store yet ({escape(str(root))}). Add one with {how}.", soft_wrap=True,
                   markup=False)
         return
@@ -66,11 +71,27 @@ def models_table(entries: list[Entry], root: Path, default: str | None, config_p
         else:
             source = "built-in (bundled with malhae)" if e.builtin else e.source or ""
             table.add_row(mark, escape(e.name), e.type, units.gb(e.size), units.params(e.params), escape(source))
+        for a in listing.under.get(e.name, []):
+            _adapter_row(table, a, "└ ", f"LoRA adapter, {units.size(a.size)}: --lora {a.name}")
+    if listing.apart:
+        table.add_section()
+        for a in listing.apart:
+            base = f"its base {a.base} is not in the store" if a.base else "its base is not named"
+            _adapter_row(table, a, "", f"LoRA adapter, {units.size(a.size)}; {base}")
     out.print(table)
     legend = "* the default model (`malhae models default NAME`)" if any(marked) else \
         "no default model among these: `malhae models default NAME`"
     where = f"{root}: none of yours yet; add one with {how}" if not store_names else str(root)
     err.print(f"[dim]{escape(where)} · {legend}[/dim]", soft_wrap=True)
+
+
+def _adapter_row(table: Table, a: Entry, indent: str, source: str) -> None:
+    if a.error:
+        table.add_row("", escape(indent + a.name), "[red]unreadable[/red]", units.gb(a.size), "?",
+                      escape(f"broken: see `malhae info {a.name}`, remove with `malhae models rm {a.name}`"))
+        return
+    table.add_row("", escape(indent + a.name), f"lora {a.type}", units.gb(a.size), units.params(a.params),
+                  escape(source))
 
 
 def default_line(default: str | None, config_path: Path, exists: bool, resolved: str | None) -> None:
@@ -97,12 +118,24 @@ class CopyProgress(Bars):
 
 
 def added(entry: Entry, root: Path) -> None:
+    if entry.adapter:
+        base = f" (trained on {entry.base})" if entry.base else ""
+        out.print(f"added the LoRA adapter {entry.name} ({units.size(entry.size)}) to {root}; apply it to the model it "
+                  f"adapts{base}: malhae chat -m MODEL --lora {entry.name}", markup=False, soft_wrap=True)
+        return
     out.print(f"added {entry.name} ({entry.type}, {units.size(entry.size)}) to {root}; run it with "
               f"malhae chat -m {entry.name}", markup=False, soft_wrap=True)
 
 
 def removed(entry: Entry) -> None:
     out.print(f"removed {entry.name} ({entry.path})", markup=False, soft_wrap=True)
+
+
+def orphans(removed: Entry, adapters: list[Entry]) -> None:
+    """`models rm BASE`: the adapters that no model in the store can take any more (they stay)."""
+    if adapters:
+        note(f"left without their base in the store: {', '.join(a.name for a in adapters)} (LoRA adapters for "
+             f"{removed.name}); add that model again, or remove them with `malhae models rm NAME`")
 
 
 def default_removed(config_path: Path) -> None:

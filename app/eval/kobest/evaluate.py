@@ -59,10 +59,11 @@ class Report:
     data: str
     max_length: int
     cells: list[Cell] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)  # the LoRA adapters applied (--lora), as written there
 
     def as_dict(self) -> dict:
         return {"model": self.model, "data": self.data, "max_length": self.max_length, "metric": "macro_f1",
-                "results": [asdict(c) for c in self.cells]}
+                "results": [asdict(c) for c in self.cells]} | ({"lora": self.adapters} if self.adapters else {})
 
 
 def doc_order(test: list[Doc], limit: int | None) -> tuple[list[Doc], random.Random]:
@@ -140,18 +141,19 @@ def evaluate(options: LoadOptions, src: data.Source, tasks: list[Task], shots: l
     """KoBEST on options.model, loaded as `options` say (layers, devices, threads; the scorer sizes its own
     context: the model's trained window)."""
     from malhae.eval.loglik import Scorer
-    from malhae.runtime import hardware, offload
+    from malhae.runtime import hardware, lora, offload
     from malhae.runtime.engine import check_model_file
     from malhae.runtime.llama import Model
 
     splits = _splits(src, tasks, shots, limit, notify)
     info = check_model_file(options.model)  # the data is checked first, then the model
+    lora.check(options.lora, info)  # and its adapters, before it loads
     shape = Scorer.shape(info, max(len(t.choice_formats) for t in tasks))
     plan = offload.choose(info, shape.options(options), notify=notify)
     with Model.planned(options, plan) as model, \
             Scorer(model, threads=options.threads or hardware.physical_cores(), precise=precise,
-                   max_choices=shape.max_choices) as scorer:
-        report = Report(str(options.model), src.label, scorer.max_length)
+                   max_choices=shape.max_choices, lora=options.lora) as scorer:
+        report = Report(str(options.model), src.label, scorer.max_length, adapters=list(map(str, options.lora)))
         _cells(report, scorer, model.tokenize, splits, tasks, shots, limit, progress)
     return report
 

@@ -43,7 +43,9 @@ def table(report: Report, as_json: bool) -> None:
         t.add_row(*row)
     out.print(t)
     # below the table rather than in its title or caption, which a narrow table would wrap
-    out.print(f"model: {report.model.rsplit('/', 1)[-1]} · data: {report.data}", soft_wrap=True, highlight=False)
+    lora = f" + LoRA {', '.join(report.adapters)}" if report.adapters else ""
+    out.print(f"model: {report.model.rsplit('/', 1)[-1]}{lora} · data: {report.data}", soft_wrap=True,
+              highlight=False)
     done = [c for c in report.cells if c.f1 is not None]
     if done:
         per_task = ", ".join(f"{titles[c.task].title if c.task in titles else c.task} {c.shots}-shot {c.n} docs "
