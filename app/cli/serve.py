@@ -79,8 +79,9 @@ def serve(
 
     def ready() -> None:
         svc = srv.state.service
+        adapters = f"; LoRA {', '.join(map(str, svc.loras))} (GET /lora-adapters)" if svc.loras else ""
         ui.note(f"ready: {svc.model_id}, {parallel} slot{'s' if parallel > 1 else ''} of {svc.n_ctx} tokens (KV cache "
-                f"{kv.summary(svc.engine.ctx)}); Ctrl-C stops")
+                f"{kv.summary(svc.engine.ctx)}){adapters}; Ctrl-C stops")
 
     srv.serve_forever(ready)
     ui.note("stopped")

@@ -8,6 +8,8 @@ never waiting for the running ones to finish.
 Each slot is one llama.cpp sequence with its own part of the KV cache (`Engine(n_seq=N)`) and its own native sampler
 chain. A slot remembers the tokens in its cache after its request ends, and a new request goes to the free slot that
 shares the longest prefix with it: a chat client that resends the whole conversation pays for its new turn only.
+Requests may carry their own LoRA adapter set (Job.adapters): one decode applies one set, so slots of the same set
+decode together and the sets take turns (app/runtime/slots.py), and a cache is reused only under its own set.
 
 The scheduler runs in one thread that alone touches the context; `submit` and `Job.cancel` may be called from any
 thread. Results go out through each job's `emit` callback, called on the scheduler thread (keep it short); the job
@@ -31,6 +33,7 @@ from malhae.runtime import sampler
 from malhae.runtime.engine import Engine, common_prefix
 from malhae.runtime.events import Done, Event, Job, Prompt, Token, TokenLogprob
 from malhae.runtime.llama import Batch
+from malhae.runtime.slots import Adapters, Slot, Turns, normal
 from malhae.runtime.step import Step, StopReason
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat; the legacy completions limit is 5, and lm-eval asks for 1
@@ -41,32 +44,6 @@ class Busy(Exception):
     """The queue is full: try again later (HTTP 503 with Retry-After)."""
 
 
-class _Slot:
-    def __init__(self, seq: int) -> None:
-        self.seq = seq
-        self.cache: list[int] = []  # tokens whose K/V this sequence holds, in order
-        self.job: Job | None = None
-        self.chain = None
-        self.step: Step | None = None  # the job's end token, stop texts, length, and generated count
-        self.fed = 0  # prompt tokens in the cache (prefill is done when it reaches len(job.tokens))
-        self.pending: int | None = None  # the last sampled token, to be decoded next step
-        self.cached = 0
-        self.row = -1  # batch index of this slot's sampling row in the current step, -1 when none
-        self.echo_rows: list[tuple[int, int]] = []  # (batch index, position) of prompt rows wanting logits
-        self.prompt_lp: list[TokenLogprob] = []
-        # the log-probabilities of cache[:len(known)], kept from the last echo (with `known_top` alternatives each):
-        # an echo sharing that prefix reuses them, as lm-eval's choices of one question share their context
-        self.known: list[TokenLogprob] = []
-        self.known_top = 0
-        self.started = 0.0
-        self.ttft = 0.0
-        self.last_used = 0.0
-
-    @property
-    def busy(self) -> bool:
-        return self.job is not None
-
-
 class Scheduler:
     """N slots on one Engine (made with n_seq=N); at most `queue` jobs wait for a slot, more are refused (Busy)."""
 
@@ -74,15 +51,17 @@ class Scheduler:
         """`gather`: seconds an idle scheduler waits for requests arriving together; None adapts it (see _gather)."""
         self.engine = engine
         self.model = engine.model
+        self.context = engine.ctx
         self.ctx = engine.ctx.ptr
         self.mem = lc.llama_get_memory(self.ctx)
         self.n_slot_ctx = engine.n_ctx
         self.n_batch = engine.n_batch
-        self.slots = [_Slot(i) for i in range(engine.options.parallel)]
+        self.slots = [Slot(i) for i in range(engine.options.parallel)]
         self.queue_limit = queue
         self.gather = gather
         self._prompt_step = 0.0  # seconds the last decode holding prompt tokens took
         self.waiting: deque[Job] = deque()
+        self.turns = Turns()
         self._cv = threading.Condition()
         self._stop = False
         self._batch = Batch(self.n_batch)
@@ -168,7 +147,7 @@ class Scheduler:
                 break
             self._cv.wait(left)
 
-    def _admit(self) -> list[tuple[_Slot, Job]]:
+    def _admit(self) -> list[tuple[Slot, Job]]:
         """Give waiting jobs free slots (called holding the lock): the slot sharing the longest prefix with the
         job's prompt, else the one unused longest."""
         out = []
@@ -186,13 +165,18 @@ class Scheduler:
             out.append((best, job))
         return out
 
-    @staticmethod
-    def _reusable(slot: _Slot, job: Job) -> int:
-        """How many of `slot`'s cached tokens `job` keeps (at least its last prompt token is evaluated again).
+    def _adapters(self, job: Job) -> Adapters:
+        return normal(self.engine.options.lora if job.adapters is None else job.adapters)
+
+    def _reusable(self, slot: Slot, job: Job) -> int:
+        """How many of `slot`'s cached tokens `job` keeps (at least its last prompt token is evaluated again): none
+        when the cache was computed with other adapters.
 
         An echo needs a log-probability for every prompt token: it keeps a cached position only if that token's
         value is known (`slot.known`, with as many alternatives as it asks for), and the token after the kept ones
         too, since the row that predicts it is not evaluated again."""
+        if slot.adapters != self._adapters(job):
+            return 0
         shared = common_prefix(slot.cache, job.tokens)
         if not job.echo:
             return min(shared, len(job.tokens) - 1)
@@ -201,7 +185,7 @@ class Scheduler:
         # kept: positions < c; known values needed for positions ≤ c, which must be the same tokens (c < shared)
         return max(0, min(shared - 1, len(job.tokens) - 1, len(slot.known) - 1))
 
-    def _start(self, slot: _Slot, job: Job) -> None:
+    def _start(self, slot: Slot, job: Job) -> None:
         # min_new: the end token is kept away (ignore_eos) until then; _take swaps in the plain chain
         held = replace(job.sampling, ignore_eos=True) if job.min_new else job.sampling
         try:  # first, so that a grammar llama.cpp refuses fails this job alone, before the slot is touched
@@ -211,7 +195,10 @@ class Scheduler:
             self._send(job, Done(StopReason.ERROR, len(job.tokens), 0, 0, "", str(e)))
             return
         common = self._reusable(slot, job)
-        restored = None if job.echo else self.engine.restore(job.tokens, common, slot.seq)  # the prompt cache
+        slot.adapters = self._adapters(job)
+        # the prompt cache holds states of the engine's own adapters only
+        own = slot.adapters == normal(self.engine.options.lora)
+        restored = self.engine.restore(job.tokens, common, slot.seq) if own and not job.echo else None
         if restored is not None:
             slot.cache, common = restored
             slot.known = []
@@ -239,6 +226,10 @@ class Scheduler:
         for slot in self.slots:
             if slot.busy and slot.job.cancelled:
                 self._release(slot)
+        turn = self.turns.choose(self.slots)  # the adapter set of this step; the other sets' slots wait for theirs
+        if turn is None:
+            return
+        self.context.set_adapters(turn)  # nothing to do when it is the last step's
         alone = self._speculating()
         if alone is not None:
             self._speculate(alone)
@@ -250,6 +241,8 @@ class Scheduler:
         for slot in self.slots:
             slot.row = -1
             slot.echo_rows = []
+            if slot.busy and slot.adapters != turn:
+                continue
             if slot.busy and slot.pending is not None:
                 self._put(n, slot.pending, len(slot.cache), slot.seq, True)
                 slot.row = n
@@ -258,7 +251,7 @@ class Scheduler:
                 n += 1
         # then prompt chunks, in order of arrival, as far as the batch has room
         generating = n
-        for slot in sorted((s for s in self.slots if s.busy and s.fed < len(s.job.tokens)),
+        for slot in sorted((s for s in self.slots if s.busy and s.adapters == turn and s.fed < len(s.job.tokens)),
                            key=lambda s: s.job.submitted):
             room = self.n_batch - n
             if room <= 0:
@@ -287,7 +280,8 @@ class Scheduler:
             self._prompt_step = time.perf_counter() - started
         if rc != 0:
             for slot in self.slots:
-                if slot.busy and (slot.row >= 0 or slot.echo_rows or slot.fed < len(slot.job.tokens)):
+                if slot.busy and slot.adapters == turn and (slot.row >= 0 or slot.echo_rows
+                                                            or slot.fed < len(slot.job.tokens)):
                     slot.cache, slot.known = [], []
                     lc.llama_memory_seq_rm(self.mem, slot.seq, 0, -1)
                     self._finish(slot, StopReason.ERROR, f"llama.cpp could not evaluate a batch of {n} tokens "
@@ -322,12 +316,12 @@ class Scheduler:
         values, tops = lp.score_rows(self._rows(first, len(targets)), np.asarray(targets), n_top)
         return [TokenLogprob(t, float(v), tuple(top)) for t, v, top in zip(targets, values, tops, strict=True)]
 
-    def _prompt_logprobs(self, slot: _Slot) -> None:
+    def _prompt_logprobs(self, slot: Slot) -> None:
         tokens = slot.job.tokens
         first = slot.echo_rows[0][0]
         slot.prompt_lp += self._logprobs(first, [tokens[pos + 1] for _, pos in slot.echo_rows], slot.job.logprobs or 0)
 
-    def _sample(self, slot: _Slot) -> None:
+    def _sample(self, slot: Slot) -> None:
         job, step = slot.job, slot.step
         if step.n == 0 and job.echo:  # the prompt is complete: its log-probabilities go out first
             self._send(job, Prompt(tuple(slot.prompt_lp)))
@@ -340,7 +334,7 @@ class Scheduler:
         logprob = self._logprobs(slot.row, [token], job.logprobs)[0] if job.logprobs is not None else None
         self._take(slot, token, logprob)
 
-    def _take(self, slot: _Slot, token: int, logprob: TokenLogprob | None = None) -> bool:
+    def _take(self, slot: Slot, token: int, logprob: TokenLogprob | None = None) -> bool:
         """Hand out a sampled token; False when that ended the job (its slot is free again)."""
         job, step = slot.job, slot.step
         if step.n == 0:
@@ -358,7 +352,7 @@ class Scheduler:
         self._finish(slot, reason)
         return False
 
-    def _speculating(self) -> _Slot | None:
+    def _speculating(self) -> Slot | None:
         """The slot to speculate for in this step, if any: the only busy one, generating, with nothing waiting.
 
         Only a lone stream: with several, one decode already carries a token of each, and on a CPU every extra row
@@ -377,7 +371,7 @@ class Scheduler:
             return None
         return slot if slot.step.n >= job.min_new else None  # before min_new, one token at a time (_take's swap)
 
-    def _speculate(self, slot: _Slot) -> None:
+    def _speculate(self, slot: Slot) -> None:
         """Decode the slot's pending token with a draft (app/runtime/speculate.py), then hand out what was
         accepted and the one sample after it, as _sample would have, one by one."""
         token, slot.pending = slot.pending, None
@@ -395,7 +389,7 @@ class Scheduler:
             if not self._take(slot, t):
                 return
 
-    def _finish(self, slot: _Slot, reason: StopReason, error: str = "") -> None:
+    def _finish(self, slot: Slot, reason: StopReason, error: str = "") -> None:
         job, step = slot.job, slot.step
         if job is None:
             return
@@ -408,11 +402,11 @@ class Scheduler:
         self._send(job, Done(reason, len(job.tokens), step.n, slot.cached, step.text, error,
                              time.perf_counter() - slot.started, slot.ttft, step.matched))
         self._release(slot)
-        if reason is not StopReason.ERROR:
+        if reason is not StopReason.ERROR and slot.adapters == normal(self.engine.options.lora):
             reading = job.submitted + slot.ttft - slot.started  # its prompt's evaluation (shared with others')
             self.engine.save(slot.cache, len(job.tokens) - slot.cached, reading, slot.seq)
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: Slot) -> None:
         if slot.chain is not None:
             slot.chain.free()
             slot.chain = None

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from malhae.runtime.settings import Sampling
+from malhae.runtime.settings import Lora, Sampling
 from malhae.runtime.step import StopReason
 
 
@@ -70,6 +70,8 @@ class Job:
     logprobs: int | None = None  # None: none; n: each generated token's log-probability and its n likeliest rivals
     echo: bool = False  # also the prompt's log-probabilities (needs its logits: the cache is not reused)
     min_new: int = 0  # neither the end token nor a stop text ends it before this many tokens (vLLM's min_tokens)
+    # the LoRA adapters applied while it runs, each at its scale (a server request's `lora`); None: the engine's own
+    adapters: tuple[Lora, ...] | None = None
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
 

@@ -25,8 +25,9 @@ SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "
 SERVER_DEFAULTS = {"repeat_penalty": 1.0}
 
 
-async def read_json(request, limit: int = MAX_BODY) -> dict:
-    """The body as a JSON object; too large (413), not JSON, or not an object (400) is an ApiError."""
+async def read_json(request, limit: int = MAX_BODY, *, array: bool = False) -> dict | list:
+    """The body as a JSON object (`array`: an array, as POST /lora-adapters takes); too large (413), not JSON, or
+    not of that kind (400) is an ApiError."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -43,9 +44,10 @@ async def read_json(request, limit: int = MAX_BODY) -> dict:
         raise ApiError("the body is not UTF-8 text", code="invalid_json") from None
     except (ValueError, RecursionError) as e:
         raise ApiError(f"the body is not valid JSON ({e})" if raw.strip() else "the body is empty; send a JSON "
-                       "object", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(f"the body must be a JSON object, not {_kind(data)}", code="invalid_json")
+                       + ("array" if array else "object"), code="invalid_json") from None
+    if not isinstance(data, list if array else dict):
+        raise ApiError(f"the body must be a JSON {'array' if array else 'object'}, not {kind(data)}",
+                       code="invalid_json")
     return data
 
 
@@ -53,7 +55,8 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(f"the body is larger than {limit // (1 << 20)} MiB", 413, code="body_too_large")
 
 
-def _kind(value: object) -> str:
+def kind(value: object) -> str:
+    """A JSON value's type as a message names it."""
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
@@ -74,7 +77,7 @@ class Body:
         if value is None:
             return default
         if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-            raise ApiError(f"{name} must be {what or _names(kinds)}, not {_kind(value)}", param=name,
+            raise ApiError(f"{name} must be {what or _names(kinds)}, not {kind(value)}", param=name,
                            code="invalid_type")
         return value
 

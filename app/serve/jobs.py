@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from malhae.runtime.batching import Busy, Scheduler
 from malhae.runtime.events import Done, Event, Job
-from malhae.runtime.settings import Sampling
+from malhae.runtime.settings import Lora, Sampling
 from malhae.serve.errors import ApiError, busy
 
 DISCONNECT_POLL = 0.5  # seconds between looks at a non-streamed request's connection
@@ -77,14 +77,15 @@ class Request:
         self.stopped = False
 
     def add(self, tokens: list[int], sampling: Sampling, max_new: int, *, logprobs: int | None = None,
-            echo: bool = False, min_new: int = 0) -> int:
+            echo: bool = False, min_new: int = 0, adapters: tuple[Lora, ...] | None = None) -> int:
         index = len(self.jobs)
         put, queue = self._dispatch.put, self._queue
 
         def emit(event: Event) -> None:  # on the scheduler thread
             put(queue, (index, event))
 
-        self.jobs.append(Job(tokens, sampling, max_new, emit, logprobs=logprobs, echo=echo, min_new=min_new))
+        self.jobs.append(Job(tokens, sampling, max_new, emit, logprobs=logprobs, echo=echo, min_new=min_new,
+                             adapters=adapters))
         return index
 
     def submit(self) -> None:

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from malhae import __version__
 from malhae.runtime.events import Done, Token
-from malhae.serve import fields, structured
+from malhae.serve import adapters, fields, structured
 from malhae.serve.errors import ApiError, shutting_down
 from malhae.serve.fields import Body
 from malhae.serve.jobs import Request
@@ -173,7 +173,7 @@ async def _run(request, svc: Service, body: Body, text: str, sampling, max_new, 
     tokens = await asyncio.to_thread(svc.tokenize, text)
     budget = svc.fit(tokens, max_new)
     req = Request(svc.scheduler)
-    req.add(tokens, sampling, budget)
+    req.add(tokens, sampling, budget, adapters=adapters.for_request(svc, body))  # the server's set: no `lora` here
     req.submit()
     if stream:
         return JobStream(req, _lines(svc, req, shape, tools), media_type="application/x-ndjson")

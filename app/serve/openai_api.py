@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from malhae.runtime.batching import MAX_TOP_LOGPROBS
 from malhae.runtime.events import Done, Prompt, Token, TokenLogprob
-from malhae.serve import fields, structured
+from malhae.serve import adapters, fields, structured
 from malhae.serve.errors import ApiError, shutting_down
 from malhae.serve.fields import Body
 from malhae.serve.jobs import Request
@@ -26,8 +26,9 @@ from malhae.serve.sse import JobStream
 from malhae.serve.tools import Reply, Tools
 
 MAX_N = 16
+# ignore_eos, min_tokens: vLLM's and llama-server's benchmarks send them; lora: llama-server's (app.serve.adapters)
 COMMON = ("model", "stream", "stream_options", "max_tokens", "n", "stop", "seed", "user", "logit_bias",
-          "ignore_eos", "min_tokens", *fields.SAMPLING_FIELDS)  # vLLM's and llama-server's benchmarks send the two
+          "ignore_eos", "min_tokens", "lora", *fields.SAMPLING_FIELDS)
 COMPLETION_FIELDS = (*COMMON, "prompt", "echo", "logprobs", "suffix", "best_of", *structured.FIELDS)
 CHAT_FIELDS = (*COMMON, *structured.FIELDS, "messages", "logprobs", "top_logprobs", "max_completion_tokens", "tools",
                "tool_choice", "functions", "function_call", "parallel_tool_calls", "modalities", "audio",
@@ -192,6 +193,7 @@ async def completions(request, svc: Service):
     sampling = _sampling(body, fields.stops(body.data.get("stop")))
     sampling.grammar = await structured.checked(svc, structured.openai(body), "grammar")
     min_new = _min_tokens(body, max_tokens, svc)
+    loras = adapters.for_request(svc, body)
     # llama_tokenize frees the GIL: streams go on
     prompts = await asyncio.to_thread(_prompts, svc, body.data["prompt"], echo)
     if len(prompts) * n > MAX_PROMPTS:
@@ -204,7 +206,7 @@ async def completions(request, svc: Service):
         echo_texts.append(text if text is not None else svc.detokenize(tokens))
         for i in range(n):
             req.add(tokens, _seeded(sampling, i), budget, logprobs=n_logprobs, echo=echo and n_logprobs is not None,
-                    min_new=min_new)
+                    min_new=min_new, adapters=loras)
     ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
     head = {"id": ident, "object": "text_completion", "created": created, "model": svc.model_id}
     req.submit()
@@ -301,11 +303,12 @@ async def chat(request, svc: Service):
     sampling.grammar = grammar
     sampling.answer = True  # message.content starts at the answer's first character, not the format's space
     min_new = _min_tokens(body, max_tokens, svc)
+    loras = adapters.for_request(svc, body)
     tokens = await asyncio.to_thread(svc.tokenize, render_chat(svc, body.data.get("messages"), tools))
     budget = svc.fit(tokens, max_tokens)
     req = Request(svc.scheduler)
     for i in range(n):
-        req.add(tokens, _seeded(sampling, i), budget, logprobs=n_logprobs, min_new=min_new)
+        req.add(tokens, _seeded(sampling, i), budget, logprobs=n_logprobs, min_new=min_new, adapters=loras)
     ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     head = {"id": ident, "created": created, "model": svc.model_id}
     req.submit()

@@ -78,7 +78,7 @@ def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] 
     from starlette.middleware import Middleware
     from starlette.routing import Route
 
-    from malhae.serve import ollama_api, openai_api, routes
+    from malhae.serve import adapters, ollama_api, openai_api, routes
     from malhae.serve.access_log import AccessLog
     from malhae.serve.guard import Guard, Hosts
     from malhae.serve.routes import route
@@ -92,6 +92,8 @@ def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] 
         route("/tokenize", routes.tokenize, ("POST",)),
         route("/detokenize", routes.detokenize, ("POST",)),
         route("/tokenizer_info", routes.tokenizer_info),
+        route("/lora-adapters", adapters.get),  # llama-server's
+        route("/lora-adapters", adapters.post, ("POST",)),
         Route("/", routes.root, methods=["GET", "HEAD"]),
         route("/api/version", routes.version, needs_model=False, ollama=True),
         route("/api/show", ollama_api.show, ("POST",), ollama=True),

@@ -15,7 +15,7 @@ from malhae.errors import UserError
 from malhae.runtime import templates
 from malhae.runtime.batching import Scheduler
 from malhae.runtime.engine import Engine
-from malhae.runtime.settings import LoadOptions
+from malhae.runtime.settings import LoadOptions, Lora
 from malhae.serve.errors import ApiError
 
 MAX_PROMPTS = 64  # prompts × n in one request: each is a sequence in the queue
@@ -29,6 +29,14 @@ class Service:
     model_id: str
     created: int = field(default_factory=lambda: int(time.time()))
     composed: nfc.Once = field(default_factory=lambda: nfc.Once(None))  # the log's one line on NFC (app.nfc)
+    # the adapters given at start (`--lora`; an id is a place in this tuple), and the scales requests without their
+    # own `lora` run with (POST /lora-adapters sets them: app.serve.adapters)
+    loras: tuple[Lora, ...] = ()
+    lora_scales: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.loras = tuple(self.engine.options.lora)
+        self.lora_scales = [lora.scale for lora in self.loras]
 
     @classmethod
     def load(cls, options: LoadOptions, *, model_id: str, queue: int, template: str | None = None,
