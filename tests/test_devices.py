@@ -51,7 +51,8 @@ class Shape:
 
 
 def planned_as(monkeypatch, name: str, type_name: str = "q4_k_m") -> Shape:
-    monkeypatch.setattr(offload, "model_sizes", lambda info, n_cells, n_batch=512, kv_types=("f16", "f16"): info.sizes)
+    monkeypatch.setattr(offload, "model_sizes", lambda info, n_cells, n_batch=512, kv_types=("f16", "f16"), loras=():
+                        info.sizes)
     return Shape(sizes(name, type_name))
 
 

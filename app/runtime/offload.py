@@ -334,7 +334,7 @@ def choose(info: GGUFInfo, options: LoadOptions, *, notify: Callable[[str], None
         elif asked != "auto":
             _say_once(notify, "this llama-cpp-python was built without GPU support; running on the CPU")
         return Plan(0, n_layer, 0, 0, "no GPU support" if asked != "auto" else "no GPU", mode=mode)
-    sizes = model_sizes(info, n_cells, n_batch, kv_types, options.lora)
+    sizes = model_sizes(info, n_cells, n_batch, kv_types, loras=options.lora)
     ram = devices.host_memory(listed)
     if isinstance(asked, int):
         return _said_split(asked_plan(sizes, asked, targets, ram), notify)
