@@ -171,9 +171,10 @@ class Model(Owned):
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
-            for adapter in self.adapters.values():  # before the model they belong to
+            # before the model they belong to; a load interrupted in its log callback has none yet
+            adapters, self.adapters = getattr(self, "adapters", {}), {}
+            for adapter in adapters.values():
                 lc.llama_adapter_lora_free(adapter)
-            self.adapters = {}
             # cleared first: a Ctrl-C raised as the free returns would leave ptr set for __del__ to free again
             ptr, self.ptr = self.ptr, None
             lc.llama_model_free(ptr)
