@@ -1,11 +1,13 @@
 """Build llama.cpp's own llama-bench, llama-quantize, llama-perplexity and llama-imatrix from llama-cpp-python's source.
 
-    python benchmarks/build_llama_tools.py [--dest DIR] [--cuda] [--server] [--speculative]
+    python benchmarks/build_llama_tools.py [--dest DIR] [--cuda] [--server] [--speculative] [--lora]
 
 These are the anchors malhae is measured against (same llama.cpp version as the engine uses). The source comes from
 the llama-cpp-python source distribution on PyPI (`pip download`); nothing is committed. About 9 minutes on 2 cores.
 `--server` also builds upstream `llama-server` (configured with LLAMA_BUILD_SERVER and LLAMA_BUILD_EXAMPLES on, the
-anchor for `malhae serve`; about 8 more minutes on 2 cores); it reconfigures the same build directory.
+anchor for `malhae serve`; about 8 more minutes on 2 cores); it reconfigures the same build directory. `--lora`
+also builds `llama-export-lora` (a tool, built without the server's flags: upstream's merge of LoRA adapters into a
+base GGUF, the anchor for merging in benchmarks/lora.py; benchmarks/lora.py's run-time comparison needs --server).
 Prints the directory holding the binaries.
 """
 
@@ -23,6 +25,7 @@ from pathlib import Path
 TARGETS = ["llama-bench", "llama-quantize", "llama-perplexity", "llama-imatrix"]
 SERVER_TARGETS = ["llama-server"]
 SPECULATIVE_TARGETS = ["llama-lookup", "llama-speculative-simple"]  # the anchors of benchmarks/speculative.py
+LORA_TARGETS = ["llama-export-lora"]  # upstream's adapter merge (tools/export-lora)
 
 
 def main() -> None:
@@ -33,9 +36,11 @@ def main() -> None:
     parser.add_argument("--server", action="store_true", help="also build llama-server (the anchor for malhae serve)")
     parser.add_argument("--speculative", action="store_true", help="also build llama-lookup and "
                         "llama-speculative-simple (examples: configured as --server is)")
+    parser.add_argument("--lora", action="store_true", help="also build llama-export-lora (upstream's LoRA merge)")
     args = parser.parse_args()
     args.server = args.server or args.speculative
-    targets = TARGETS + (SERVER_TARGETS if args.server else []) + (SPECULATIVE_TARGETS if args.speculative else [])
+    targets = TARGETS + (SERVER_TARGETS if args.server else []) + (SPECULATIVE_TARGETS if args.speculative else []) \
+        + (LORA_TARGETS if args.lora else [])
     bin_dir = args.dest / "build" / "bin"
     if all((bin_dir / t).is_file() for t in targets):
         print(bin_dir)
