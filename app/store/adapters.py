@@ -4,8 +4,9 @@ An adapter GGUF (general.type = adapter) lies in the store beside the models, so
 `-m NAME` finds a model; but it is never a model. Its base is what its adapter_config.json said
 (base_model_name_or_path: a hub id such as EleutherAI/polyglot-ko-12.8b, or the folder it was trained from), which
 the converter keeps as general.base_model.0.name. A store model is its base when the model's source (the hub id or
-folder it was converted from) or its name ends in the same name, and the adapter's tensors fit the model's (the
-shapes llama.cpp checks): a 4-bit QLoRA's base is then each quantization of that model in the store.
+folder it was converted from), its name or its file's name holds the same last name (app.runtime.lora.other_base),
+and the adapter's tensors fit the model's (the shapes llama.cpp checks): a 4-bit QLoRA's base is then each
+quantization of that model in the store.
 """
 
 from __future__ import annotations
@@ -14,13 +15,8 @@ from dataclasses import dataclass, field
 
 from malhae.errors import UserError
 from malhae.runtime.gguf_info import read_info
-from malhae.runtime.lora import AdapterInfo
+from malhae.runtime.lora import AdapterInfo, other_base
 from malhae.store.local import Entry
-
-
-def short(name: str | None) -> str:
-    """A base's name without its owner or folder, case or .gguf: EleutherAI/polyglot-ko-1.3b → polyglot-ko-1.3b."""
-    return (name or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower().removesuffix(".gguf")
 
 
 def fits(adapter: Entry, model: Entry) -> bool:
@@ -34,10 +30,10 @@ def fits(adapter: Entry, model: Entry) -> bool:
 
 def bases(adapter: Entry, models: list[Entry]) -> list[Entry]:
     """The models among `models` that the adapter was trained on (see the module's docstring)."""
-    wanted = short(adapter.base)
-    if not wanted or adapter.error:
+    if not adapter.base or adapter.error:
         return []
-    named = [m for m in models if not m.error and not m.adapter and wanted in (short(m.source), short(m.name))]
+    named = [m for m in models if not m.error and not m.adapter
+             and not other_base(adapter.base, [m.source, m.name, m.path.name])]
     return [m for m in named if fits(adapter, m)]
 
 

@@ -22,12 +22,13 @@ DEMO_LORA = "malhae-demo-ko-lora-signoff.gguf"  # a LoRA adapter of the demo, be
 # a model is run by a name from `malhae models`, and the demo is listed there too. A store file of the same name
 # comes first (the user put it there); the demo is then listed under its next free name.
 DEMO_NAMES = ("demo", Path(DEMO_MODEL).stem)
+DEMO_LORA_NAMES = ("demo-signoff", Path(DEMO_LORA).stem)  # --lora demo-signoff: the demo adapter, the same way
 DEMO_NOTICE = "no model given: the bundled demo model (a toy); pick yours with -m NAME"  # one line of 80 columns
 _said: set[str] = set()  # notices said in this run: each at most once
 
 
-def demo_model() -> Path | None:
-    path = Path(str(resources.files("malhae.models").joinpath(DEMO_MODEL)))
+def demo_model(file: str = DEMO_MODEL) -> Path | None:
+    path = Path(str(resources.files("malhae.models").joinpath(file)))
     return path if path.is_file() else None
 
 
@@ -43,23 +44,27 @@ def _once(message: str, notify) -> None:
 
 
 def builtin(name: str) -> Path | None:
-    """The bundled demo's file for one of its DEMO_NAMES (None: another name, or the demo is not built)."""
-    return demo_model() if name.strip() in DEMO_NAMES else None
+    """The bundled demo's file for one of its DEMO_NAMES, or its adapter's for DEMO_LORA_NAMES (None: another
+    name, or the file is not built)."""
+    name = name.strip()
+    return demo_model() if name in DEMO_NAMES else demo_model(DEMO_LORA) if name in DEMO_LORA_NAMES else None
 
 
 def builtin_entries(taken: list[str]):
-    """The bundled demo as `malhae models` lists it, under its first name that no store model has (none left, or
-    the demo not built: not listed)."""
+    """The bundled demo and its adapter as `malhae models` lists them, each under its first name that no store model
+    has (none left, or the file not built: not listed)."""
     from dataclasses import replace
 
     from malhae.runtime.gguf_info import read_info
     from malhae.store.local import entry_for
 
-    demo = demo_model()
-    name = next((n for n in DEMO_NAMES if n not in taken), None)
-    if demo is None or name is None:
-        return []
-    return [replace(entry_for(name, demo, read_info(demo)), builtin=True)]
+    out = []
+    for names, file in ((DEMO_NAMES, DEMO_MODEL), (DEMO_LORA_NAMES, DEMO_LORA)):
+        path = demo_model(file)
+        name = next((n for n in names if n not in taken), None)
+        if path is not None and name is not None:
+            out.append(replace(entry_for(name, path, read_info(path)), builtin=True))
+    return out
 
 
 def is_path(value: str) -> bool:
