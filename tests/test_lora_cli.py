@@ -127,3 +127,33 @@ def test_dora_is_refused_at_run_time_and_merges(pair, tmp_path):
     proc = malhae("convert", pair.checkpoint, "--merge-lora", tmp_path / "dora", "-t", "f32", "-o",
                   tmp_path / "m.gguf", "--verify", timeout=300)
     assert proc.returncode == 0 and "PASS" in proc.stdout.decode() + proc.stderr.decode(), proc.stderr.decode()
+
+
+def test_an_adapters_own_words_never_reach_the_terminal_raw(pair, tmp_path, home):
+    """general.name and the base's name are whatever whoever made the file wrote: `info`, `models` and the run's
+    note print them without their control characters (no colours, titles or cleared screens from a file)."""
+    import gguf
+
+    reader = gguf.GGUFReader(pair.adapter)
+    evil = tmp_path / "evil.gguf"
+    w = gguf.GGUFWriter(evil, arch="gptneox")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 8.0)
+    w.add_name("evil\x1b]0;owned\x07\x1b[31m")
+    w.add_uint32("general.base_model.count", 1)
+    w.add_string("general.base_model.0.name", "other\x1b[2J\u202e")
+    for t in reader.tensors:
+        w.add_tensor(t.name, t.data.copy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    env = {**ENV, "MALHAE_HOME": str(home)}
+    shown = [malhae("info", evil, env=env), malhae("models", "import", evil, env=env), malhae("models", env=env),
+             malhae("complete", "-m", pair.base, "가", "-n", "2", "--lora", evil, env=env)]
+    for proc in shown:
+        assert proc.returncode == 0, proc.stderr.decode()
+        text = (proc.stdout + proc.stderr).decode()
+        assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, text
+    assert "other[2J" in shown[0].stdout.decode() + shown[0].stderr.decode()  # said, without its escapes

@@ -20,6 +20,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys, Ll
 
 from malhae import files
 from malhae.errors import UserError
+from malhae.ui import printable
 
 V = GGUFValueType
 GGUF_MAGIC_BYTES = b"GGUF"
@@ -74,8 +75,10 @@ class GGUFInfo:
         return n_embd // n_head if n_embd and n_head else None
 
     def text(self, key: str) -> str | None:
+        """A one-line string value, with no control characters (app.ui.printable): whoever wrote the file chose it,
+        and it is printed (`info`, `models`, notes) and matched on."""
         value = self.metadata.get(key)
-        return value if isinstance(value, str) and value else None
+        return printable(value) if isinstance(value, str) and value else None
 
     @property
     def name(self) -> str | None:

@@ -64,9 +64,9 @@ class AdapterInfo:
         alpha = info.metadata.get(Keys.Adapter.LORA_ALPHA, 0.0)
         rank = next(iter(pairs.values()))[0][1]
         targets = tuple(dict.fromkeys(n.split(".")[-2] if n.startswith("blk.") else n.split(".")[0] for n in pairs))
-        base = info.metadata.get(Keys.General.BASE_MODEL_NAME.format(id=0))
+        base = info.text(Keys.General.BASE_MODEL_NAME.format(id=0))
         return cls(path, info.name or path.stem, int(rank), float(alpha) if isinstance(alpha, (int, float)) else 0.0,
-                   targets, base if isinstance(base, str) else None, info.file_size, pairs)
+                   targets, base, info.file_size, pairs)
 
     def check_fits(self, model: GGUFInfo) -> None:
         """Refuse an adapter of another model: each pair's shapes against the tensor it adapts (llama.cpp's own
