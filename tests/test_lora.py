@@ -250,3 +250,21 @@ def test_engine_switches_adapters_as_a_fresh_engine_would(checkpoints, f32_base,
         assert engine.prompt_cache.folder != plain_folder
         engine.set_lora(())
         assert engine.complete(prompt, greedy)[0] == plain
+
+
+def test_fan_in_fan_out_changes_nothing_for_gpt_neox(checkpoints, f32_base, tmp_path):
+    """fan_in_fan_out describes Conv1D weights; GPT-NeoX's are nn.Linear, PEFT turns it off when it loads such an
+    adapter, and A and B keep their shapes: the converted file must compute what PEFT computes with it set."""
+    import json
+
+    src = checkpoints("tf4-st-f16")
+    peft_dir = make_adapter(src, tmp_path / "peft", target_modules=ALL_LINEAR)
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    (peft_dir / "adapter_config.json").write_text(json.dumps(config | {"fan_in_fan_out": True}))
+    adapter = lora.read(peft_dir)
+    assert adapter.config.fan_in_fan_out
+    out = lora_gguf.write(adapter, lora_gguf.Base.from_gguf(f32_base("tf4-st-f16")), tmp_path / "a.gguf",
+                          type_name="f32")
+    tokens = prompt_tokens(src, 2)
+    got = llama_logits(f32_base("tf4-st-f16"), tokens, [Lora(out.path)])
+    assert worst(peft_logits(src, peft_dir, tokens), got) <= F32_TOLERANCE
