@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 
 import factory  # noqa: E402
 from helpers import serving  # noqa: E402
+from test_serve import request as serve_request  # noqa: E402
 
 from malhae.runtime.engine import Engine  # noqa: E402
 from malhae.runtime.settings import LoadOptions, Lora, Sampling  # noqa: E402
@@ -76,13 +77,9 @@ def expected(pair):
 
 def request(server, method: str, path: str, body: object = None, *, raw: bytes | None = None,
             headers: dict | None = None):
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-    resp = conn.getresponse()
-    text = resp.read().decode()
-    conn.close()
-    return resp.status, json.loads(text)
+    """(status, parsed JSON) of one plain HTTP request (test_serve's, without the headers)."""
+    status, _, data = serve_request(server, method, path, body, headers, raw)
+    return status, data
 
 
 def complete(server, lora: list | None = None, max_tokens: int = 16) -> dict:

@@ -9,8 +9,8 @@ import shutil
 
 import lora_pair
 import pytest
+from test_cli_models import error_line, run
 
-from malhae.cli import main
 from malhae.store import adapters
 from malhae.store.local import open_store
 
@@ -33,16 +33,6 @@ def stray(pair, tmp_path_factory):
     return lora_pair.adapter_gguf(folder, pair.base, root / "stray.gguf")
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.startswith("malhae: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def add(capsys, path, name: str) -> str:
