@@ -157,3 +157,21 @@ def test_an_adapters_own_words_never_reach_the_terminal_raw(pair, tmp_path, home
         text = (proc.stdout + proc.stderr).decode()
         assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text, text
     assert "other[2J" in shown[0].stdout.decode() + shown[0].stderr.decode()  # said, without its escapes
+
+
+def test_the_base_is_found_in_the_store_by_its_hub_id(pair, tmp_path, home):
+    """An adapter from the hub names its base by hub id: the store's model of that name (and shape) is its base;
+    with none there, one line asks for --base and nothing is written."""
+    import shutil
+
+    folder = tmp_path / "hub-adapter"
+    shutil.copytree(pair.peft, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "someorg/lorabase"}))
+    env = {**ENV, "MALHAE_HOME": str(home)}
+    line = one_error_line(malhae("convert", folder, "-o", tmp_path / "a.gguf", env=env))
+    assert "someorg/lorabase" in line and "--base" in line and not (tmp_path / "a.gguf").exists()
+    assert malhae("models", "import", pair.base, "--name", "lorabase-f32", env=env).returncode == 0
+    proc = malhae("convert", folder, "--add", "--type", "f32", env=env)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert greedy("lorabase-f32", "--lora", "hub-adapter", env=env) == greedy(pair.base, "--lora", pair.adapter)

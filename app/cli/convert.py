@@ -123,7 +123,7 @@ def _adapter(src: Path, base: str | None, type_name: str, output: Path | None, f
     if type_name not in lora_gguf.TYPES:
         raise UserError(f"--type {type_name}: a LoRA adapter is written as f16 (the default) or f32")
     adapter = lora.read(src)
-    found = lora_base.find_base(base, adapter.config.base, ui.note)
+    found = lora_base.find_base(base, adapter, ui.note)
     lora_gguf.check_fits(adapter, found)  # another model's adapter: refused before a note says it fits
     note = lora_gguf.trained_elsewhere(adapter, found)
     if note:
