@@ -37,6 +37,8 @@ class Base:
     n_layer: int
     shapes: dict[str, tuple[int, ...]]
     name: str | None = None  # the base's own name (its GGUF's general.name), to compare with the adapter's base
+    path: Path | None = None  # the GGUF, or the Hugging Face folder (`is_checkpoint`)
+    is_checkpoint: bool = False
 
     @classmethod
     def from_gguf(cls, path: Path) -> Base:
@@ -48,7 +50,7 @@ class Base:
                                "GPT-NeoX (the Polyglot-Ko family)")
         shapes = {t.name: tuple(reversed(t.shape)) for t in info.tensors}
         return cls(path.name, info.arch_int(gguf.Keys.Attention.HEAD_COUNT) or 1,
-                   info.arch_int(gguf.Keys.LLM.BLOCK_COUNT) or 0, shapes, info.name)
+                   info.arch_int(gguf.Keys.LLM.BLOCK_COUNT) or 0, shapes, info.name, path)
 
     @classmethod
     def from_checkpoint(cls, folder: Path) -> Base:
@@ -58,7 +60,7 @@ class Base:
                   for hf, shape in cfg.expected_shapes().items()}
         if cfg.tie_word_embeddings:
             shapes["output.weight"] = shapes["token_embd.weight"]
-        return cls(folder.name, cfg.n_head, cfg.n_layer, shapes, cfg.name_or_path or folder.name)
+        return cls(folder.name, cfg.n_head, cfg.n_layer, shapes, cfg.name_or_path or folder.name, folder, True)
 
 
 def gguf_name(hf_name: str, n_layer: int) -> str | None:

@@ -58,9 +58,11 @@ def default_prompts() -> list[str]:
     return json.loads(data)["prompts"]
 
 
-def hf_logits(src: Path, token_lists: list[list[int]], merge: list | None = None) -> list[np.ndarray]:
+def hf_logits(src: Path, token_lists: list[list[int]], merge: list | None = None,
+              adapter: Path | None = None) -> list[np.ndarray]:
     """Logits from transformers in float32 (the reference), one array per prompt; `merge` (convert.merge.Spec
-    values): PEFT adapters merged first, by PEFT itself (merge_and_unload), each at its scale."""
+    values): PEFT adapters merged first, by PEFT itself (merge_and_unload), each at its scale; `adapter`: a PEFT
+    folder applied unmerged, as PEFT runs it."""
     try:
         import torch
         import transformers
@@ -75,6 +77,9 @@ def hf_logits(src: Path, token_lists: list[list[int]], merge: list | None = None
         model = transformers.AutoModelForCausalLM.from_pretrained(src, torch_dtype=torch.float32)
     for spec in merge or ():
         model = _peft_merged(model, spec)
+    if adapter is not None:
+        peft, _ = _peft()
+        model = peft.from_pretrained(model, adapter)
     model.eval()
     out = []
     with torch.no_grad():
@@ -86,13 +91,8 @@ def hf_logits(src: Path, token_lists: list[list[int]], merge: list | None = None
 def _peft_merged(model, spec):
     """`model` with the adapter in spec.folder merged by PEFT at spec.scale (B's weights and bias times the scale:
     PEFT's own scale then applies as usual, inside DoRA's norm too)."""
-    import torch
-
-    try:
-        from peft import PeftModel
-    except ImportError as e:
-        raise UserError("--verify with --merge-lora compares with PEFT's own merge: pip install peft") from e
-    peft_model = PeftModel.from_pretrained(model, spec.folder)
+    peft, torch = _peft()
+    peft_model = peft.from_pretrained(model, spec.folder)
     if spec.scale != 1:
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
@@ -101,9 +101,20 @@ def _peft_merged(model, spec):
     return peft_model.merge_and_unload()
 
 
-def gguf_logits(path: Path, token_lists: list[list[int]], threads: int | None = None) -> list[np.ndarray]:
+def _peft():
+    """(peft.PeftModel, torch), or the one line saying what to install."""
+    try:
+        import torch
+        from peft import PeftModel
+    except ImportError as e:
+        raise UserError("--verify of a LoRA adapter compares with PEFT itself: pip install peft") from e
+    return PeftModel, torch
+
+
+def gguf_logits(path: Path, token_lists: list[list[int]], threads: int | None = None,
+                lora: tuple = ()) -> list[np.ndarray]:
     n_ctx = max(len(t) for t in token_lists) + 8
-    options = LoadOptions(ctx=n_ctx, batch=n_ctx, threads=threads)
+    options = LoadOptions(ctx=n_ctx, batch=n_ctx, threads=threads, lora=lora)
     # Ctrl-C while llama.cpp loads or evaluates: a flag that stops the decode, raised here (app.runtime.interrupts)
     with (Interrupts() as interrupted, Model(path) as model,
           Context(model, options, precise=True, abort=interrupted) as ctx):
@@ -131,6 +142,48 @@ def compare(type_name: str, prompts: list[str], tokens: list[list[int]], ref: li
         return Report(type_name, rows, "max |Δ| ≤ 2e-2 × max(1, max |logit|) and top-1 identical except near-ties",
                       ok)
     return Report(type_name, rows, "informational (lossy type)", None)
+
+
+def verify_adapter(src: Path, peft_folder: Path, base_gguf: Path, adapter_gguf: Path, type_name: str,
+                   threads: int | None = None) -> Report:
+    """A converted adapter on its base GGUF through llama.cpp against transformers + PEFT running the adapter on the
+    base's checkpoint, judged by the base's type (`type_name`: f32 and f16 judged, quantized types reported)."""
+    from malhae.runtime.settings import Lora
+
+    prompts = default_prompts()
+    tokenizer = Tokenizer.from_file(str(src / "tokenizer.json"))
+    tokens = [tokenizer.encode(p, add_special_tokens=False).ids for p in prompts]
+    ref = hf_logits(src, tokens, adapter=peft_folder)
+    got = gguf_logits(base_gguf, tokens, threads, lora=(Lora(adapter_gguf),))
+    return compare(type_name, prompts, tokens, ref, got)
+
+
+def adapter_reference(base, adapter) -> Path:
+    """The Hugging Face checkpoint an adapter's --verify runs PEFT on: --base's folder, else the folder the adapter's
+    config names; checked before the adapter is written (`base`: a convert.lora_gguf.Base)."""
+    if base.is_checkpoint:
+        return base.path
+    named = Path(adapter.config.base).expanduser() if adapter.config.base else None
+    if named is not None and (named / "config.json").is_file():
+        return named
+    raise UserError(f"--verify runs the adapter through PEFT on the base's Hugging Face checkpoint, and the adapter "
+                    f"names {adapter.config.base or 'no base'}, which is not a folder here; give --base FOLDER (the "
+                    "checkpoint: malhae converts it to a temporary F16 for the comparison)")
+
+
+def verify_written(base, adapter, written: Path, reference: Path, threads: int | None = None) -> Report:
+    """An adapter just written, on its base GGUF (a temporary F16 of `reference` when the base given was the
+    checkpoint itself) against PEFT on `reference`, judged by the base GGUF's type."""
+    from malhae import files
+    from malhae.convert import pipeline
+    from malhae.runtime.gguf_info import read_info
+
+    if not base.is_checkpoint:
+        kind = (read_info(base.path).file_type or "q").lower()
+        return verify_adapter(reference, adapter.folder, base.path, written, kind, threads)
+    with files.partial(written, "verify-base") as staged:
+        pipeline.convert(reference, "f16", staged, force=True, threads=threads)
+        return verify_adapter(reference, adapter.folder, staged, written, "f16", threads)
 
 
 def verify(src: Path, gguf_path: Path, type_name: str, prompts: list[str] | None = None,

@@ -175,3 +175,32 @@ def test_the_base_is_found_in_the_store_by_its_hub_id(pair, tmp_path, home):
     proc = malhae("convert", folder, "--add", "--type", "f32", env=env)
     assert proc.returncode == 0, proc.stderr.decode()
     assert greedy("lorabase-f32", "--lora", "hub-adapter", env=env) == greedy(pair.base, "--lora", pair.adapter)
+
+
+def test_verify_an_adapter_against_peft(pair, tmp_path):
+    """convert ADAPTER --verify: the written adapter on its base GGUF through llama.cpp against PEFT on the
+    checkpoint; on a base of other weights (same shapes) it fails with exit 1; without a checkpoint to run PEFT on,
+    one line before anything is written."""
+    import factory
+
+    from malhae.convert import pipeline
+
+    ok = malhae("convert", pair.peft, "--base", pair.base, "-t", "f32", "-o", tmp_path / "a.gguf", "--verify")
+    assert ok.returncode == 0 and "PASS" in ok.stdout.decode() + ok.stderr.decode(), ok.stderr.decode()
+    staged = malhae("convert", pair.peft, "--base", pair.checkpoint, "-o", tmp_path / "b.gguf", "--verify")
+    assert staged.returncode == 0 and "PASS" in staged.stdout.decode() + staged.stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "b.gguf"]  # the temporary F16 base is gone
+
+    other_src = factory.build(tmp_path / "other", factory.Spec("lorabase", seed=7))
+    other = pipeline.convert(other_src, "f32", tmp_path / "other-f32.gguf").path
+    wrong = malhae("convert", pair.peft, "--base", other, "-t", "f32", "-o", tmp_path / "c.gguf", "--verify")
+    assert wrong.returncode == 1 and "verification failed" in wrong.stderr.decode()
+
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    for f in pair.peft.iterdir():
+        (hub / f.name).write_bytes(f.read_bytes())
+    config = json.loads((hub / "adapter_config.json").read_text())
+    (hub / "adapter_config.json").write_text(json.dumps(config | {"base_model_name_or_path": "org/lorabase"}))
+    line = one_error_line(malhae("convert", hub, "--base", pair.base, "-o", tmp_path / "d.gguf", "--verify"))
+    assert "--base FOLDER" in line and not (tmp_path / "d.gguf").exists()

@@ -57,12 +57,11 @@ def convert(
     from malhae.convert import lora
 
     if lora.is_adapter(src):
-        for given, flag in ((imatrix, "--imatrix"), (template, "--template"), (merge_lora, "--merge-lora"),
-                            (verify or None, "--verify")):
+        for given, flag in ((imatrix, "--imatrix"), (template, "--template"), (merge_lora, "--merge-lora")):
             if given:
                 raise UserError(f"{flag} is for converting a model; {src} is a LoRA adapter (to merge it: malhae "
                                 f"convert BASE_FOLDER --merge-lora {src})")
-        _adapter(src, base, type_name, output, force, name, add)
+        _adapter(src, base, type_name, output, force, name, add, verify, threads)
         return
     if base is not None:
         raise UserError(f"--base is for converting a LoRA adapter folder; {src} is a model (no adapter_config.json)")
@@ -110,8 +109,9 @@ def _merges(values: list[str] | None) -> list:
 
 
 def _adapter(src: Path, base: str | None, type_name: str, output: Path | None, force: bool, name: str | None,
-             add: bool) -> None:
-    """`malhae convert ADAPTER_FOLDER`: the PEFT adapter as llama.cpp's adapter GGUF (f16 unless --type f32)."""
+             add: bool, verify: bool, threads: int | None) -> None:
+    """`malhae convert ADAPTER_FOLDER`: the PEFT adapter as llama.cpp's adapter GGUF (f16 unless --type f32);
+    --verify runs it on its base through llama.cpp against PEFT on the base's checkpoint."""
     import time
 
     from malhae import ui
@@ -128,6 +128,9 @@ def _adapter(src: Path, base: str | None, type_name: str, output: Path | None, f
     note = lora_gguf.trained_elsewhere(adapter, found)
     if note:
         ui.note(note)
+    from malhae.convert import verify as check
+
+    reference = check.adapter_reference(found, adapter) if verify else None  # a missing reference: said now
     stem = name or adapter.name
     target = None
     if add:
@@ -140,6 +143,13 @@ def _adapter(src: Path, base: str | None, type_name: str, output: Path | None, f
     convert_view.adapter_summary(written, time.perf_counter() - start)
     if target is not None:
         convert_view.added(target.finish(written.path))
+    if reference is not None:
+        threads = o.settings_for("convert", threads=threads)[0].threads
+        report = check.verify_written(found, adapter, written.path, reference, threads)
+        convert_view.verify_table(report)
+        if report.passed is False:
+            raise UserError(f"verification failed: {report.criterion} does not hold (the table above shows where)",
+                            exit_code=1)
 
 
 def pull(
