@@ -111,6 +111,10 @@ class Adapter:
     def name(self) -> str:
         return self.folder.resolve().name
 
+    def files(self) -> list[Path]:
+        """Its own files (a conversion's -o must not be one of them)."""
+        return [self.folder / name for name in (CONFIG, *WEIGHTS) if (self.folder / name).exists()]
+
     def unmergeable_at_run_time(self) -> str | None:
         """What llama.cpp's run-time LoRA cannot apply, as a phrase (None: nothing)."""
         if any(p.magnitude is not None for p in self.pairs.values()) or self.config.dora:

@@ -144,6 +144,8 @@ def write(adapter: Adapter, base: Base, out: Path, *, type_name: str = "f16", fo
     if type_name not in TYPES:
         raise AdapterError(f"--type {type_name}: an adapter is written as {' or '.join(TYPES)}")
     names = check_fits(adapter, base)
+    if out.resolve() in {f.resolve() for f in adapter.files()}:
+        raise AdapterError(f"-o {out} is one of the adapter's own files; write the GGUF somewhere else")
     files.check_target(out, force, replace_hint="add --force to overwrite it", other_hint="choose another name with -o")
     alpha = file_alpha(adapter)
     w = gguf.GGUFWriter(path=None, arch=ARCH)

@@ -69,6 +69,10 @@ class Merge:
                 w += np.float32(scale * owner.scaling) * owner.b_bias
         return w
 
+    def files(self) -> list[Path]:
+        """The adapters' own files (never to be written over)."""
+        return [f for a, _ in self.adapters for f in a.files()]
+
     def describe(self) -> str:
         return ", ".join(f"{a.name}" + (f":{s:g}" if s != 1 else "") for a, s in self.adapters)
 

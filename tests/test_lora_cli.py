@@ -88,10 +88,15 @@ def test_mistakes_are_one_line_and_write_nothing(pair, tmp_path, demo_path):
         cases.append((("complete", "-m", pair.base, "x", "--lora", f"{pair.adapter}:{scale}"), "the scale must be"))
     cases.append((("convert", pair.checkpoint, "--merge-lora", f"{pair.peft}:inf"), "the scale must be"))
     cases.append((("convert", pair.peft, "--base", pair.base, "-t", "q4_k_m"), "f16 (the default) or f32"))
+    weights = pair.peft / "adapter_model.safetensors"
+    cases.append((("convert", pair.peft, "--base", pair.base, "-o", weights, "--force"), "the adapter's own files"))
+    cases.append((("convert", pair.checkpoint, "--merge-lora", pair.peft, "-o", weights, "--force"),
+                  "an adapter's own files"))
     for args, said in cases:
         line = one_error_line(malhae(*args))
         assert said in line, (args, line)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*partial"))
+    assert weights.read_bytes()[:8] != b"GGUF\x03\x00\x00\x00"  # the adapter's weights are still its own
 
 
 def test_a_pickle_payload_in_an_adapter_bin_is_never_run(pair, tmp_path):
