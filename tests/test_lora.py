@@ -268,3 +268,31 @@ def test_fan_in_fan_out_changes_nothing_for_gpt_neox(checkpoints, f32_base, tmp_
     tokens = prompt_tokens(src, 2)
     got = llama_logits(f32_base("tf4-st-f16"), tokens, [Lora(out.path)])
     assert worst(peft_logits(src, peft_dir, tokens), got) <= F32_TOLERANCE
+
+
+def test_a_bin_adapter_reads_as_its_safetensors_twin(checkpoints, f32_base, tmp_path):
+    """Older PEFT (the KoAlpaca QLoRA era) saved adapter_model.bin: read with weights_only, it converts to the same
+    file as the safetensors copy of the same adapter."""
+    import json
+
+    from safetensors.torch import load_file
+
+    src = checkpoints("tf4-st-f16")
+    peft_dir = make_adapter(src, tmp_path / "st", target_modules=ALL_LINEAR)
+    old = tmp_path / "bin"
+    old.mkdir()
+    config = json.loads((peft_dir / "adapter_config.json").read_text())
+    for key in ("use_rslora", "rank_pattern", "alpha_pattern", "use_dora"):  # keys old PEFT did not write
+        config.pop(key, None)
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    torch.save(load_file(peft_dir / "adapter_model.safetensors"), old / "adapter_model.bin")
+    base = lora_gguf.Base.from_gguf(f32_base("tf4-st-f16"))
+    a = lora_gguf.write(lora.read(peft_dir), base, tmp_path / "a.gguf", type_name="f32").path
+    b = lora_gguf.write(lora.read(old), base, tmp_path / "b.gguf", type_name="f32").path
+    import gguf
+
+    ta, tb = gguf.GGUFReader(a).tensors, gguf.GGUFReader(b).tensors
+    assert [t.name for t in ta] == [t.name for t in tb] and len(ta) == 16
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(ta, tb, strict=True))
+    tokens = prompt_tokens(src, 1)
+    assert worst(llama_logits(base.path, tokens, [Lora(a)]), llama_logits(base.path, tokens, [Lora(b)])) == 0
