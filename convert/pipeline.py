@@ -180,11 +180,11 @@ def _convert(src: Path, type_name: str, out: Path | None, interrupted: Interrupt
 
     out = (out or Path.cwd() / f"{name}-{otype.name}.gguf").absolute()
     _check_output(out, force)
-    own = {p.resolve() for p in (*ckpt.files, src / "config.json", src / "tokenizer.json",
-                                 *(merged.files() if merged else ()))}
+    own = {p.resolve() for p in (*ckpt.files, src / "config.json", src / "tokenizer.json")}
     if out.resolve() in own:
-        raise UserError(f"-o {out} is one of the checkpoint's or an adapter's own files; write the GGUF somewhere "
-                        "else")
+        raise UserError(f"-o {out} is one of the checkpoint's own files; write the GGUF somewhere else")
+    if merged and out.resolve() in {p.resolve() for p in merged.files()}:
+        raise UserError(f"-o {out} is one of an adapter's own files; write the GGUF somewhere else")
     n_params = sum(math.prod(t.shape) for t in tensors)
     staged_bytes = gguf_out.total_bytes(tensors)
     final_bytes = staged_bytes if otype.direct is not None else int(n_params * otype.bpw / 8 * 1.15)
