@@ -22,6 +22,7 @@ from malhae.convert import tensors as T
 from malhae.convert.config import read_config
 from malhae.convert.lora import Adapter, AdapterError
 from malhae.runtime.gguf_info import read_info
+from malhae.runtime.lora import other_base, targets
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPTNEOX]
 TYPES = {"f32": np.float32, "f16": np.float16}  # what the adapter's tensors are written as (llama.cpp reads both)
@@ -110,8 +111,6 @@ def check_fits(adapter: Adapter, base: Base) -> dict[str, str]:
 
 def trained_elsewhere(adapter: Adapter, base: Base) -> str | None:
     """A note when the adapter says it was trained on a model other than `base` by name (app.runtime.lora's rule)."""
-    from malhae.runtime.lora import other_base
-
     if not other_base(adapter.config.base, [base.name, base.where]):
         return None
     return (f"the adapter {adapter.name} was trained on {adapter.config.base}, not {base.name}; their shapes fit, "
@@ -178,8 +177,7 @@ def write(adapter: Adapter, base: Base, out: Path, *, type_name: str = "f16", fo
         w.write_tensors_to_file()
         w.close()
         os.replace(tmp, out)
-    kinds = tuple(dict.fromkeys(n.split(".")[-2] if n.startswith("blk.") else n.split(".")[0]
-                                for n in map(names.get, adapter.pairs)))
+    kinds = targets(map(names.get, adapter.pairs))
     return Written(out, out.stat().st_size, adapter.config.r, alpha, kinds, len(adapter.pairs))
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from malhae.convert import tensors as T
 from malhae.convert.lora import Adapter, AdapterError, read
 from malhae.convert.lora_gguf import Base, check_fits
-from malhae.runtime.lora import parse_scale
+from malhae.runtime.lora import split_scale
 
 ROWS_ELEMENTS = T.CHUNK_ELEMENTS  # values of one block of delta rows
 
@@ -33,11 +33,8 @@ class Spec:
 
 def parse(value: str) -> Spec:
     """`FOLDER[:SCALE]` as typed (a folder named with a colon is taken whole when it exists)."""
-    text = value.strip()
-    head, sep, tail = text.rpartition(":")
-    if sep and head and "/" not in tail and "\\" not in tail and not Path(text).exists():
-        return Spec(Path(head).expanduser(), parse_scale(tail, f"--merge-lora {text}"))
-    return Spec(Path(text).expanduser())
+    folder, scale = split_scale(value.strip(), "--merge-lora")
+    return Spec(Path(folder).expanduser(), scale)
 
 
 class Merge:

@@ -63,10 +63,9 @@ class AdapterInfo:
             raise UserError(f"{path.name} holds no LoRA tensors; convert the adapter again")
         alpha = info.metadata.get(Keys.Adapter.LORA_ALPHA, 0.0)
         rank = next(iter(pairs.values()))[0][1]
-        targets = tuple(dict.fromkeys(n.split(".")[-2] if n.startswith("blk.") else n.split(".")[0] for n in pairs))
         base = info.text(Keys.General.BASE_MODEL_NAME.format(id=0))
         return cls(path, info.name or path.stem, int(rank), float(alpha) if isinstance(alpha, (int, float)) else 0.0,
-                   targets, base, info.file_size, pairs)
+                   targets(pairs), base, info.file_size, pairs)
 
     def check_fits(self, model: GGUFInfo) -> None:
         """Refuse an adapter of another model: each pair's shapes against the tensor it adapts (llama.cpp's own
@@ -108,16 +107,26 @@ def base_note(info: AdapterInfo, model: GGUFInfo) -> str | None:
             "shapes fit, so it applies, but it only approximates what it learned there")
 
 
+def split_scale(text: str, usage: str) -> tuple[str, float]:
+    """`WHAT[:SCALE]` → (WHAT, scale; 1 when none is given). A path that exists with a colon in its name is taken
+    whole; a tail with a path separator is part of the path, not a scale."""
+    head, sep, tail = text.rpartition(":")
+    if sep and head and "/" not in tail and "\\" not in tail and not Path(text).exists():
+        return head, parse_scale(tail, f"{usage} {text}")
+    return text, 1.0
+
+
+def targets(names) -> tuple[str, ...]:
+    """The kinds of tensors adapted, in order (attn_qkv, ffn_up, output, …), from the base tensors' GGUF names."""
+    return tuple(dict.fromkeys(n.split(".")[-2] if n.startswith("blk.") else n.split(".")[0] for n in names))
+
+
 def parse(value: str, resolve: Callable[[str], Path], usage: str = "--lora") -> Lora:
     """`FILE|NAME[:SCALE]` as typed: `resolve` (the store's rule) turns a name into a file; the scale is bounded."""
     text = value.strip()
     if not text:
         raise UserError(f"{usage} needs a value: {USAGE}")
-    scale = 1.0
-    head, sep, tail = text.rpartition(":")
-    if sep and head and "/" not in tail and "\\" not in tail and not Path(text).is_file():
-        scale = parse_scale(tail, f"{usage} {text}")
-        text = head
+    text, scale = split_scale(text, usage)
     try:
         path = resolve(text)
     except UserError as e:
