@@ -7,6 +7,7 @@ as it is sold and reported (a "24 GB" card has 24 GiB); parameter counts as mode
 from __future__ import annotations
 
 import math
+import re
 
 from malhae.errors import UserError
 
@@ -42,3 +43,47 @@ def gib_bytes(flag: str, value: float) -> int:
             or not 0 <= value <= MAX_GIB:
         raise UserError(f"{flag} {value:g}: give a number of GiB from 0 to {MAX_GIB}")
     return int(value * 2**30)
+
+
+MAX_DURATION = 10 * 365 * 24 * 3600.0  # seconds: a keep_alive beyond ten years is a typo (-1 keeps for ever)
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration(value: object, where: str) -> float | None:
+    """A keep_alive as Ollama reads it: a number of seconds, or Go's duration text ("5m", "1h30m", "90s", "0");
+    a plain number as text is seconds too. None: for ever (any negative value); 0: unload once idle. `where` names
+    the field or flag for the one-line error."""
+    usage = f'{where} must be a duration such as "5m", "1h", "30s" or a number of seconds (0: unload at once, -1: ' \
+            "keep loaded)"
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise UserError(usage)
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if not text or len(text) > 32:
+            raise UserError(usage)
+        sign = -1.0 if text.startswith("-") else 1.0
+        body = text.lstrip("+-")
+        try:
+            seconds = float(body)
+        except ValueError:
+            parts = _DURATION_PART.findall(body)
+            if not parts or "".join(n + u for n, u in parts) != body:
+                raise UserError(f"{usage}, not {value.strip()[:32]!r}") from None
+            seconds = sum(float(n) * _DURATION_UNIT[u] for n, u in parts)
+        value = sign * seconds
+    if not math.isfinite(value) or abs(value) > MAX_DURATION:
+        raise UserError(f"{usage}; at most ten years (-1 keeps it loaded)")
+    return None if value < 0 else float(value)
+
+
+def duration_text(seconds: float | None) -> str:
+    """A keep_alive as messages say it: "forever", "0s", "90s", "5m", "1h30m"."""
+    if seconds is None:
+        return "forever"
+    whole = round(seconds)
+    if whole < 120 and whole % 60:
+        return f"{seconds:g}s"
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{n}{u}" for n, u in ((hours, "h"), (minutes, "m"), (secs, "s")) if n) or "0s"
