@@ -26,14 +26,14 @@ def _models(ctx: typer.Context,
             json_out: bool = typer.Option(False, "--json", help="List the models as JSON.")) -> None:
     """List the models in the store and the built-in demo (no subcommand), or manage them."""
     if ctx.invoked_subcommand is None:
-        from malhae.store import adapters, config, models, models_view
+        from malhae.store import adapters, config, model_settings, models, models_view
         from malhae.store.local import open_store
 
         store, settings = open_store(), config.load()
         entries = store.entries()
         entries += models.builtin_entries([e.name for e in entries])
         models_view.models_table(adapters.arrange(entries), store.root, settings.default_model, settings.path,
-                                 json_out)
+                                 json_out, model_settings.listed(store, entries))
 
 
 @app.command("import", cls=o.Command)
@@ -61,7 +61,7 @@ def models_rm(
 ) -> None:
     """Delete a model from the store (asks first)."""
     from malhae import units
-    from malhae.store import adapters, config, models, models_view
+    from malhae.store import adapters, config, model_settings, models, models_view, settings_view
     from malhae.store.local import open_store
 
     store = open_store()
@@ -78,12 +78,44 @@ def models_rm(
             raise typer.Exit(1)
     settings = config.load()
     orphans = adapters.orphaned(entry, store.entries())
+    own = model_settings.sidecar(store, entry)
+    had_settings = model_settings.reset(store, entry.name)  # first: the next model of this name must not inherit them
     store.remove(entry.name)
     models_view.removed(entry)
+    if had_settings:
+        settings_view.removed_with_model(entry.name, own)
     models_view.orphans(entry, orphans)
     if models_view.is_default(entry, settings.default_model):
         config.set_default_model(None, settings.path)
         models_view.default_removed(settings.path)
+
+
+@app.command("set", cls=o.Command)
+def models_set(
+    name: str = typer.Argument(..., help="The model's (or a LoRA adapter's) name from `malhae models`."),
+    pairs: list[str] | None = typer.Argument(None, metavar="KEY=VALUE", help="Settings to give it: ctx, threads, "
+                                             "gpu_layers, device, kv_cache…, temperature, top_p… seed, system, "
+                                             "template, lora, keep_alive (an adapter: scale); KEY= removes one."),
+    reset: bool = typer.Option(False, "--reset", help="Remove all of its settings."),
+    json_out: bool = typer.Option(False, "--json", help="Print its settings as JSON."),
+) -> None:
+    """Give a model its own settings, used when it runs by name (malhae serve); none given: show them."""
+    from malhae.store import model_settings, settings_view
+    from malhae.store.local import open_store
+
+    store = open_store()
+    if reset:
+        if pairs:
+            raise UserError("--reset removes every setting: give it without KEY=VALUE pairs")
+        settings_view.reset(name.strip(), model_settings.reset(store, name))
+        return
+    if not pairs:
+        settings_view.show(name.strip(), model_settings.read(store, name), json_out)
+        return
+    changes = model_settings.pairs(pairs, name.strip())
+    before = model_settings.keys_in(store, name)
+    after = model_settings.update(store, name, changes)
+    settings_view.changed(name.strip(), before, after, changes, json_out)
 
 
 @app.command("default", cls=o.Command)

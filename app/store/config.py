@@ -34,6 +34,8 @@ TOP_KEYS = {"default_model": "a string (a store name or a path to a .gguf file)"
             "draft": "a string: off, lookup, or a draft model (a store name or a path to a .gguf file)",
             "device": "a string: auto, cpu, or GPUs as `malhae info` lists them (CUDA1, MTL0, Vulkan0, 1, CUDA0,CUDA1)",
             "prompt_cache": "true or false (keep long prompts' evaluated state on disk)",
+            "keep_alive": 'a duration: how long `malhae serve` keeps an idle model loaded, e.g. "5m", "1h", 0, -1 '
+                          "(for ever)",
             "lora": 'a list of LoRA adapters, each a store name or a .gguf file with an optional :SCALE, e.g. '
                     '["koalpaca-qlora", "style.gguf:0.5"]'}
 STRING_KEYS = ("default_model", "endpoint", "api_key_env", "draft", "device")
@@ -64,6 +66,7 @@ class Settings:
     prompt_cache: bool | None = None  # the prompt cache on disk (on unless false)
     prompt_cache_max: float | None = None  # GiB
     lora: list[str] | None = None  # adapters applied by default (resolved when a command runs: app.runtime.lora)
+    keep_alive: str | int | float | None = None  # `malhae serve`'s default, as written (checked: units.duration)
 
 
 MAX_FILE = 1 << 20  # a settings file is a few lines
@@ -120,6 +123,14 @@ def parse(text: str, path: Path) -> Settings:
                                                                          for v in value):
                 raise _type_error(path, text, key, TOP_KEYS[key], value)
             settings.lora = [v.strip() for v in value]
+        elif key == "keep_alive":
+            from malhae import units
+
+            try:
+                units.duration(value, key)
+            except UserError:
+                raise _type_error(path, text, key, TOP_KEYS[key], value) from None
+            settings.keep_alive = value
         elif key == "prompt_cache":
             if not isinstance(value, bool):
                 raise _type_error(path, text, key, TOP_KEYS[key], value)
@@ -295,7 +306,8 @@ def set_top_level(text: str, key: str, value: str | int | float | bool | None) -
 
 
 def dumps(data: dict) -> str:
-    """TOML for the value kinds settings use: strings, numbers, booleans, and one level of tables."""
+    """TOML for the value kinds settings use: strings, numbers, booleans, lists of strings and one level of tables
+    (config.toml and the store's per-model files, app.store.model_settings)."""
     top = [f"{k} = {_toml(v)}\n" for k, v in data.items() if not isinstance(v, dict)]
     tables = [f"\n[{k}]\n" + "".join(f"{kk} = {_toml(vv)}\n" for kk, vv in v.items())
               for k, v in data.items() if isinstance(v, dict)]
@@ -311,4 +323,6 @@ def _toml(value: object) -> str:
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')
         escaped = "".join(c if c >= " " and c != "\x7f" else f"\\u{ord(c):04x}" for c in escaped)
         return f'"{escaped}"'
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):  # lora = ["a", "b:0.5"]
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
     raise TypeError(f"settings cannot hold a {type(value).__name__}")

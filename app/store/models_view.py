@@ -12,6 +12,7 @@ from rich.progress import BarColumn, DownloadColumn, TextColumn, TimeRemainingCo
 from rich.table import Table
 
 from malhae import units
+from malhae.store import settings_view
 from malhae.store.adapters import Listing
 from malhae.store.local import Entry
 from malhae.store.models import DEMO_NAMES
@@ -40,17 +41,23 @@ def _runs_by_default(entry: Entry, default: str | None, store_names: set[str]) -
     return is_default(entry, default)
 
 
-def models_table(listing: Listing, root: Path, default: str | None, config_path: Path, as_json: bool) -> None:
+def models_table(listing: Listing, root: Path, default: str | None, config_path: Path, as_json: bool,
+                 settings: dict | None = None) -> None:
     """The store's models and, after them, the built-in demo (Entry.builtin); `*` marks what runs without -m. Each
-    LoRA adapter is listed under the models it belongs to (app.store.adapters), those without one at the end."""
+    LoRA adapter is listed under the models it belongs to (app.store.adapters), those without one at the end.
+    `settings`: each entry's own settings by name (app.store.model_settings.listed), marked `+` (`!`: a broken
+    file) in the mark column: the table is read at 80 columns and has no room for another."""
     entries = listing.models
+    settings = settings or {}
     store_names = {e.name for e in entries if not e.builtin}
     marked = [_runs_by_default(e, default, store_names) for e in entries]
     adapters = list(dict.fromkeys([a for found in listing.under.values() for a in found] + listing.apart))
     if as_json:
         data = {"dir": str(root), "default": default, "config": str(config_path),
-                "models": [e.as_dict() | {"default": m} for e, m in zip(entries, marked, strict=True)],
-                "adapters": [a.as_dict() | {"for": listing.bases_of(a)} for a in adapters]}
+                "models": [e.as_dict() | {"default": m} | settings_view.as_json(settings.get(e.name))
+                           for e, m in zip(entries, marked, strict=True)],
+                "adapters": [a.as_dict() | {"for": listing.bases_of(a)} | settings_view.as_json(settings.get(a.name))
+                             for a in adapters]}
         sys.stdout.write(json.dumps(data, ensure_ascii=False) + "\n")
         return
     how = ("`malhae pull polyglot-ko-1.3b`, `malhae models import FILE.gguf` or `malhae convert DIR --type q4_k_m "
@@ -64,7 +71,7 @@ def models_table(listing: Listing, root: Path, default: str | None, config_path:
                          ("params", "right"), ("source", "left")):
         table.add_column(col, justify=justify, overflow="fold")
     for e, mark in zip(entries, marked, strict=True):
-        mark = "*" if mark else ""
+        mark = ("*" if mark else "") + settings_view.mark(settings.get(e.name))
         if e.error:  # the reason is long: `malhae info NAME` says it; the table says what to do
             table.add_row(mark, escape(e.name), "[red]unreadable[/red]", units.gb(e.size), "?",
                           escape(f"broken: see `malhae info {e.name}`, remove with `malhae models rm {e.name}`"))
@@ -72,25 +79,28 @@ def models_table(listing: Listing, root: Path, default: str | None, config_path:
             source = "built-in (bundled with malhae)" if e.builtin else e.source or ""
             table.add_row(mark, escape(e.name), e.type, units.gb(e.size), units.params(e.params), escape(source))
         for a in listing.under.get(e.name, []):
-            _adapter_row(table, a, "└ ", f"LoRA adapter, {units.size(a.size)}: --lora {a.name}")
+            _adapter_row(table, a, "└ ", f"LoRA adapter, {units.size(a.size)}: --lora {a.name}",
+                         settings_view.mark(settings.get(a.name)))
     if listing.apart:
         table.add_section()
         for a in listing.apart:
             base = f"its base {a.base} is not in the store" if a.base else "its base is not named"
-            _adapter_row(table, a, "", f"LoRA adapter, {units.size(a.size)}; {base}")
+            _adapter_row(table, a, "", f"LoRA adapter, {units.size(a.size)}; {base}",
+                         settings_view.mark(settings.get(a.name)))
     out.print(table)
     legend = "* the default model (`malhae models default NAME`)" if any(marked) else \
         "no default model among these: `malhae models default NAME`"
+    legend += settings_view.legend(settings.values())
     where = f"{root}: none of yours yet; add one with {how}" if not store_names else str(root)
     err.print(f"[dim]{escape(where)} · {legend}[/dim]", soft_wrap=True)
 
 
-def _adapter_row(table: Table, a: Entry, indent: str, source: str) -> None:
+def _adapter_row(table: Table, a: Entry, indent: str, source: str, mark: str) -> None:
     if a.error:
-        table.add_row("", escape(indent + a.name), "[red]unreadable[/red]", units.gb(a.size), "?",
+        table.add_row(mark, escape(indent + a.name), "[red]unreadable[/red]", units.gb(a.size), "?",
                       escape(f"broken: see `malhae info {a.name}`, remove with `malhae models rm {a.name}`"))
         return
-    table.add_row("", escape(indent + a.name), f"lora {a.type}", units.gb(a.size), units.params(a.params),
+    table.add_row(mark, escape(indent + a.name), f"lora {a.type}", units.gb(a.size), units.params(a.params),
                   escape(source))
 
 
