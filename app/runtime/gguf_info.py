@@ -10,9 +10,12 @@ models` and `malhae info` cannot tell two stories about one file.
 
 from __future__ import annotations
 
+import collections
 import math
+import os
 import re
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -278,8 +281,37 @@ class _Buffer:
         return TensorInfo(name, shape, ttype, offset, n // block * type_size)
 
 
+_CACHE: collections.OrderedDict = collections.OrderedDict()  # (path, file identity, arrays) → GGUFInfo
+_CACHED = 32
+_LOCK = threading.Lock()
+
+
 def read_info(path: Path, arrays: tuple[str, ...] = ()) -> GGUFInfo:
-    """Metadata and tensor table of a GGUF; array values are kept only for the keys in `arrays`."""
+    """Metadata and tensor table of a GGUF; array values are kept only for the keys in `arrays`.
+
+    The last few files read are kept, by file identity (device, inode, size, modification time): a server of many
+    models reads a header for every request's name and load, and a 30,000-token vocabulary takes a third of a second
+    of Python to skip. A file replaced or changed in any way is read again. Callers must not change what they get."""
+    try:
+        st = os.stat(path)
+        key = (str(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, arrays)
+    except OSError:
+        key = None
+    with _LOCK:
+        found = _CACHE.get(key) if key is not None else None
+        if found is not None:
+            _CACHE.move_to_end(key)
+            return found
+    info = _read_info(path, arrays)
+    if key is not None:
+        with _LOCK:
+            _CACHE[key] = info
+            while len(_CACHE) > _CACHED:
+                _CACHE.popitem(last=False)
+    return info
+
+
+def _read_info(path: Path, arrays: tuple[str, ...] = ()) -> GGUFInfo:
     kind = files.not_regular(path)
     if kind and kind != "a directory":  # a FIFO would block the read forever, /dev/zero would never end
         raise UserError(f"{path} is {kind}, not a GGUF file")
