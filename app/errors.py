@@ -14,3 +14,11 @@ class UserError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class NotFound(UserError):
+    """A name that is not there (a model, an adapter): a server answers it with 404."""
+
+
+class Broken(UserError):
+    """Something on this machine is broken, not the request (a model file that cannot be read): a server answers 500."""

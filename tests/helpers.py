@@ -33,3 +33,16 @@ def serving(path: Path, *, parallel: int = 4, n_ctx: int = 512, **options):
     with Server(opts) as server:
         yield server
 
+
+
+@contextmanager
+def serving_store(*, parallel: int = 2, n_ctx: int = 512, **options):
+    """`malhae serve` without -m (the store of $MALHAE_HOME, by name) on a free port, 2 threads."""
+    from malhae.runtime.settings import LoadOptions
+    from malhae.serve.server import Options, Server
+    from malhae.store.served import Served
+
+    load = LoadOptions(threads=2, parallel=parallel, ctx=n_ctx)
+    opts = Options(load=load, model_id=None, names=Served(load), port=0, **options)
+    with Server(opts) as server:
+        yield server

@@ -226,6 +226,19 @@ def _draft(flag: object, draft_max: object, file) -> dict[str, object]:
     return out | ({"draft_max": n} if n is not None else {})
 
 
+def keep_alive(flag: str | None) -> float | None:
+    """--keep-alive > config.toml's keep_alive > Ollama's 5 minutes (seconds; None: for ever)."""
+    from malhae import units
+    from malhae.store import config
+
+    if flag is not None:
+        return units.duration(flag, "--keep-alive")
+    file = config.load()
+    if file.keep_alive is not None:
+        return units.duration(file.keep_alive, f"{file.path}: keep_alive")
+    return 300.0
+
+
 def loras(given: list[str] | None, file=None) -> tuple:
     """--lora (repeatable) > config.toml's lora > none; `--lora none` (or off) applies none whatever the file says.
     Names are found the way --model is (the store)."""

@@ -13,6 +13,7 @@ from malhae.serve import guard
 
 MAX_PARALLEL = 64
 MAX_QUEUE = 4096
+MAX_LOADED = 64
 
 
 @o.load_flags()
@@ -36,13 +37,23 @@ def serve(
                                          "this machine's name (requests naming another Host are refused: DNS "
                                          "rebinding); repeatable, * for any."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No access log (a line per request on stderr)."),
+    keep_alive: str | None = typer.Option(None, "--keep-alive", metavar="DURATION", help="How long a model stays "
+                                          "loaded after its last request: 5m, 1h, 30s, 0 (unload at once), -1 (keep) "
+                                          "(default: config.toml's keep_alive, else 5m). Requests may say their own."),
+    max_loaded: int = typer.Option(3, "--max-loaded", help="Models in memory at once; loading one more unloads the "
+                                   "least recently used idle one."),
+    max_memory: float | None = typer.Option(None, "--max-memory", metavar="GIB", help="RAM the loaded models may "
+                                            "take in all, in GiB (default: 80% of this machine's); the least recently "
+                                            "used idle models make room."),
 ) -> None:
-    """Serve a model over HTTP (OpenAI and Ollama APIs) for other programs: editors, Open WebUI, lm-eval, scripts."""
-    from malhae import ui
+    """Serve your models over HTTP (OpenAI and Ollama APIs) for other programs: editors, Open WebUI, lm-eval,
+    scripts. Without -m every model in `malhae models` is served by name, loaded on demand and unloaded when idle;
+    with -m that model only, loaded at start."""
+    from malhae import ui, units
     from malhae.runtime import kv, templates
     from malhae.runtime.engine import check_model_file
     from malhae.serve import server
-    from malhae.store import models
+    from malhae.store import models, served
 
     missing = server.missing_extra()
     if missing:
@@ -65,20 +76,51 @@ def serve(
         if name != "*" and not re.fullmatch(r"[A-Za-z0-9_.-]+|\[?[0-9A-Fa-f:.]+\]?", name):
             raise UserError(f"--allow-host {name!r}: give a host name or address without scheme, port or path, "
                             "e.g. --allow-host my-pc.lan, or * for any")
+    if not 1 <= max_loaded <= MAX_LOADED:
+        raise UserError(f"--max-loaded {max_loaded}: give 1 to {MAX_LOADED} models, e.g. --max-loaded 3")
+    memory = units.gib_bytes("--max-memory", max_memory) if max_memory is not None else None
     loaded, _ = o.settings_for("serve", **load, parallel=parallel)
-    path = models.resolve(model, ui.note)
-    check_model_file(path)  # a wrong file is one line now, not a server that starts and then stops
-    options = server.Options(load=replace(loaded, model=path), model_id=path.stem, host=host, port=port, queue=queue,
-                             template=template, api_key=api_key, allow_origins=tuple(allow_origin),
-                             allow_hosts=tuple(allow_host), access_log=not quiet, notify=ui.note)
+    if model is None:  # the whole store, by name
+        if load.get("lora"):
+            raise UserError("--lora applies to one model: give -m MODEL too, or give a model its adapters with "
+                            "`malhae models set NAME lora=ADAPTER` (an adapter's own name is served as well)")
+        if loaded.lora:
+            ui.note("config.toml's lora is not applied to a server of every model; give a model its adapters with "
+                    "`malhae models set NAME lora=ADAPTER`")
+        base = replace(loaded, lora=())
+        options = server.Options(load=base, model_id=None, names=served.Served(base, template=template),
+                                 max_loaded=max_loaded,
+                                  max_memory=memory, keep_alive=o.keep_alive(keep_alive), host=host, port=port,
+                                  queue=queue, template=template, api_key=api_key,
+                                  allow_origins=tuple(allow_origin), allow_hosts=tuple(allow_host),
+                                  access_log=not quiet, notify=ui.note)
+        where = "the store's models by name, each loaded when first asked for"
+    else:
+        if keep_alive is not None or max_memory is not None:
+            raise UserError("--keep-alive and --max-memory are for a server of every model; with -m the model stays "
+                            "loaded (leave out -m to load and unload models by name)")
+        path = models.resolve(model, ui.note)
+        check_model_file(path)  # a wrong file is one line now, not a server that starts and then stops
+        one = replace(loaded, model=path)
+        options = server.Options(load=one, model_id=path.stem, names=served.pinned(one, path.stem, template),
+                                 host=host, port=port,
+                                 queue=queue, template=template, api_key=api_key, allow_origins=tuple(allow_origin),
+                                 allow_hosts=tuple(allow_host), access_log=not quiet, notify=ui.note)
+        where = f"loading {path.name}"
     srv = server.Server(options)  # binds now: a port in use is an error before anything loads
     if not server.is_loopback(host) and not api_key:
         ui.err.print(f"[bold yellow]malhae: warning:[/] serving on {host} without --api-key: anyone who can reach "
                      "this machine can use the model; set --api-key KEY (or MALHAE_API_KEY)")
-    ui.note(f"loading {path.name}; serving on {srv.url} (OpenAI: {srv.url}/v1, Ollama: {srv.url}/api)")
+    ui.note(f"{where}; serving on {srv.url} (OpenAI: {srv.url}/v1, Ollama: {srv.url}/api)")
 
     def ready() -> None:
         svc = srv.state.service
+        if svc is None:  # the store: nothing loads until asked for
+            count = len(srv.state.names.known())
+            ui.note(f"ready: {count} model{'s' if count != 1 else ''} (GET /api/tags), each kept "
+                    f"{units.duration_text(options.keep_alive)} after its last request, at most {max_loaded} at "
+                    "once; Ctrl-C stops")
+            return
         adapters = f"; LoRA {', '.join(map(str, svc.loras))} (GET /lora-adapters)" if svc.loras else ""
         ui.note(f"ready: {svc.model_id}, {parallel} slot{'s' if parallel > 1 else ''} of {svc.n_ctx} tokens (KV cache "
                 f"{kv.summary(svc.engine.ctx)}){adapters}; Ctrl-C stops")

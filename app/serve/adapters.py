@@ -88,7 +88,7 @@ async def get(request, svc) -> list[dict]:
 async def post(request, svc) -> dict:
     """Set the scales of requests without `lora` (llama-server's answer: {"success": true}); requests already
     running keep theirs. The event loop's thread alone reads and writes the scales, so no lock is needed."""
-    svc.lora_scales = parse(await fields.read_json(request, array=True), svc.loras, "body")
+    svc.lora_scales[:] = parse(await fields.read_json(request, array=True), svc.loras, "body")  # the loaded model's
     return {"success": True}
 
 

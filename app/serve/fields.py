@@ -27,7 +27,10 @@ SERVER_DEFAULTS = {"repeat_penalty": 1.0}
 
 async def read_json(request, limit: int = MAX_BODY, *, array: bool = False) -> dict | list:
     """The body as a JSON object (`array`: an array, as POST /lora-adapters takes); too large (413), not JSON, or
-    not of that kind (400) is an ApiError."""
+    not of that kind (400) is an ApiError. Read once: the route's wrapper reads it first for `model` and
+    `keep_alive` (app.serve.routes), and the handler gets the same object."""
+    if getattr(request.state, "json", None) is not None:
+        return request.state.json
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(limit)
@@ -120,15 +123,18 @@ def stops(value: object, name: str = "stop") -> tuple[str, ...]:
     return tuple(items)
 
 
-def sampling(values: dict[str, object], stop: tuple[str, ...] = (), names: dict[str, str] | None = None) -> Sampling:
+def sampling(values: dict[str, object], stop: tuple[str, ...] = (), names: dict[str, str] | None = None,
+             defaults: dict[str, object] | None = None) -> Sampling:
     """A checked Sampling from request fields (`values` by setting name, None: not given); `names` maps a setting to
-    the field the client wrote (Ollama's options use other words), for the message."""
+    the field the client wrote (Ollama's options use other words), for the message. A field not given takes the
+    model's own default (`defaults`: `malhae models set`), else the server's."""
     names = names or {}
+    defaults = defaults or {}
     given = {}
     for key in SAMPLING_FIELDS:
         value = values.get(key)
         if value is None:
-            value = SERVER_DEFAULTS.get(key)
+            value = defaults.get(key, SERVER_DEFAULTS.get(key))
             if value is None:
                 continue
         field = names.get(key, key)

@@ -65,7 +65,7 @@ def render_chat(svc, messages: object, tools: Tools | None = None) -> str:
     if not turns or turns[-1][0] != "user":
         raise ApiError("the last message must be the user's or a tool's (the model answers it)", param="messages",
                        code="invalid_value")
-    text = "\n".join(system) if system else None
+    text = "\n".join(system) if system else svc.system  # the request's system messages, else the model's own
     if tools is not None:
         text = f"{svc.template.system if text is None else text}\n\n{tools.instructions()}".strip()
     # composed here, once for every message (OpenAI's and Ollama's chat): app.nfc

@@ -39,43 +39,18 @@ def version() -> dict:
     return {"version": __version__}
 
 
-def tags(svc: Service) -> dict:
-    return {"models": [{"name": svc.model_id, "model": svc.model_id, "size": svc.engine.path.stat().st_size,
-                        "modified_at": _mtime(svc), "details": _details(svc)}]}
+def runs_nothing(path: str, data: dict) -> bool:
+    """Ollama's requests that only load a model (or, with keep_alive 0, unload it): an empty prompt, or no
+    messages (`ollama run` preloads so; `ollama stop` sends keep_alive 0)."""
+    if path == "/api/generate":
+        return not data.get("prompt")
+    return path == "/api/chat" and not data.get("messages")
 
 
-def _details(svc: Service) -> dict:
-    info = svc.engine.info
-    return {"format": "gguf", "family": info.architecture or "gptneox", "families": [info.architecture],
-            "parameter_size": str(info.metadata.get("general.size_label") or ""),
-            "quantization_level": info.file_type or ""}
-
-
-async def show(request, svc: Service) -> dict:
-    """`ollama show` and `ollama run` ask this first: the model's details, template and header."""
-    body = Body(await fields.read_json(request), ("model", "name", "verbose"))
-    body.get("model", (str,))
-    body.get("name", (str,))
-    info = svc.engine.info
-    scalars = {k: v for k, v in info.metadata.items() if isinstance(v, (str, int, float, bool))
-               and not k.startswith("tokenizer.chat_template")}
-    # the file's name, never its directory: a client has no business knowing where the store lies on this machine
-    return {"modelfile": f"FROM {svc.engine.path.name}\n", "parameters": "", "template": svc.chat_template,
-            "details": _details(svc), "model_info": scalars, "capabilities": ["completion"],
-            "modified_at": _mtime(svc)}
-
-
-def ps(svc: Service) -> dict:
-    """The loaded model (always one: the server serves the model it started with)."""
-    size = svc.engine.path.stat().st_size
-    return {"models": [{"name": svc.model_id, "model": svc.model_id, "size": size, "details": _details(svc),
-                        "expires_at": "0001-01-01T00:00:00Z", "size_vram": size if svc.engine.plan.full else 0,
-                        "context_length": svc.n_ctx}]}
-
-
-def _mtime(svc: Service) -> str:
-    stamp = datetime.fromtimestamp(svc.engine.path.stat().st_mtime, timezone.utc)
-    return stamp.isoformat().replace("+00:00", "Z")
+def idle_answer(path: str, name: str, reason: str) -> dict:
+    """Ollama's answer to such a request: done, with done_reason "load" or "unload"."""
+    content = {"response": ""} if path == "/api/generate" else {"message": {"role": "assistant", "content": ""}}
+    return {"model": name, "created_at": _now(), **content, "done": True, "done_reason": reason}
 
 
 def _options(body: Body, svc: Service):
@@ -112,16 +87,14 @@ async def generate(request, svc: Service):
     body = Body(await fields.read_json(request), GENERATE_FIELDS)
     _check_format(body)
     prompt = body.get("prompt", (str,), "")
-    system = body.get("system", (str,), None)
+    system = body.get("system", (str,), None) or svc.system  # the request's, else the model's own
     raw = body.flag("raw")
     values, stop, max_new = _options(body, svc)
     stream = body.flag("stream", True)
-    if not prompt:  # Ollama answers an empty prompt with an empty, finished response (it only loads the model)
-        return _finish_line(svc, {"response": ""}, None, "load")
     text = svc.compose(prompt if raw else svc.chat_prompt([("user", prompt)], system=system))  # app.nfc
     grammar = await structured.checked(svc, structured.ollama(body), "format")
     stop = stop if raw else svc.template.stops(stop, grammar)
-    sampling = fields.sampling(values, stop, {k: f"options.{k}" for k in values})
+    sampling = fields.sampling(values, stop, {k: f"options.{k}" for k in values}, svc.defaults)
     sampling.grammar = grammar
     sampling.answer = not raw  # framed: an answer, from its first character; raw: the text continues the prompt
     return await _run(request, svc, body, text, sampling, max_new, stream, lambda piece: {"response": piece})
@@ -139,7 +112,8 @@ async def chat(request, svc: Service):
         raise ApiError("tools and format both shape the answer; send one", param="tools")
     grammar = await structured.checked(svc, tools.grammar() if tools else constraint, "tools" if tools else "format")
     text = render_chat(svc, body.data.get("messages"), tools)
-    sampling = fields.sampling(values, svc.template.stops(stop, grammar), {k: f"options.{k}" for k in values})
+    sampling = fields.sampling(values, svc.template.stops(stop, grammar), {k: f"options.{k}" for k in values},
+                              svc.defaults)
     sampling.grammar = grammar
     sampling.answer = True  # message.content starts at the answer's first character, not the format's space
     return await _run(request, svc, body, text, sampling, max_new, stream,

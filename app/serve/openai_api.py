@@ -26,8 +26,9 @@ from malhae.serve.sse import JobStream
 from malhae.serve.tools import Reply, Tools
 
 MAX_N = 16
-# ignore_eos, min_tokens: vLLM's and llama-server's benchmarks send them; lora: llama-server's (app.serve.adapters)
-COMMON = ("model", "stream", "stream_options", "max_tokens", "n", "stop", "seed", "user", "logit_bias",
+# ignore_eos, min_tokens: vLLM's and llama-server's benchmarks send them; lora: llama-server's (app.serve.adapters);
+# keep_alive: Ollama's, on every endpoint (read by app.serve.routes before the handler runs)
+COMMON = ("model", "keep_alive", "stream", "stream_options", "max_tokens", "n", "stop", "seed", "user", "logit_bias",
           "ignore_eos", "min_tokens", "lora", *fields.SAMPLING_FIELDS)
 COMPLETION_FIELDS = (*COMMON, "prompt", "echo", "logprobs", "suffix", "best_of", *structured.FIELDS)
 CHAT_FIELDS = (*COMMON, *structured.FIELDS, "messages", "logprobs", "top_logprobs", "max_completion_tokens", "tools",
@@ -39,11 +40,11 @@ HARMLESS = ("metadata", "store", "service_tier", "prompt_cache_key", "safety_ide
             "verbosity", "prediction", "cache_prompt")
 
 
-def _sampling(body: Body, stop: tuple[str, ...]):
+def _sampling(body: Body, stop: tuple[str, ...], svc: Service):
     """The request's sampling; `ignore_eos: true` (vLLM's, llama-server's) lets the answer run past the end token to
     max_tokens, as benchmark clients want every answer the same length."""
     values = {k: body.get(k, (int, float)) for k in fields.SAMPLING_FIELDS}
-    sampling = fields.sampling(values, stop)
+    sampling = fields.sampling(values, stop, defaults=svc.defaults)
     sampling.ignore_eos = body.flag("ignore_eos")
     return sampling
 
@@ -190,7 +191,7 @@ async def completions(request, svc: Service):
     echo = body.flag("echo")
     stream = body.flag("stream")
     include_usage = _include_usage(body)
-    sampling = _sampling(body, fields.stops(body.data.get("stop")))
+    sampling = _sampling(body, fields.stops(body.data.get("stop")), svc)
     sampling.grammar = await structured.checked(svc, structured.openai(body), "grammar")
     min_new = _min_tokens(body, max_tokens, svc)
     loras = adapters.for_request(svc, body)
@@ -299,7 +300,7 @@ async def chat(request, svc: Service):
         raise ApiError("tools and a response format both shape the answer; send one", param="tools",
                        code="invalid_value")
     grammar = await structured.checked(svc, tools.grammar() if tools else constraint, "tools" if tools else "grammar")
-    sampling = _sampling(body, svc.template.stops(fields.stops(body.data.get("stop")), grammar))
+    sampling = _sampling(body, svc.template.stops(fields.stops(body.data.get("stop")), grammar), svc)
     sampling.grammar = grammar
     sampling.answer = True  # message.content starts at the answer's first character, not the format's space
     min_new = _min_tokens(body, max_tokens, svc)

@@ -19,10 +19,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from malhae.errors import UserError
-from malhae.serve import fields, ollama_api
+from malhae.runtime.target import UNSET
+from malhae.serve import fields, listing, ollama_api
 from malhae.serve.errors import ApiError
 from malhae.serve.fields import Body
 from malhae.serve.service import Service
+from malhae.serve.sse import JobStream
 
 Handler = Callable[..., Awaitable[object]]  # (request) or (request, svc) -> a Response or a JSON-able value
 
@@ -41,11 +43,13 @@ def error_response(e: ApiError, ollama: bool) -> Response:
 
 
 def route(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, needs_model: bool = True,
-          ollama: bool = False) -> Route:
+          ollama: bool = False, reads_body: bool = True) -> Route:
     """`handler` behind the rules every route shares, in one place so that no route can forget one: the API key
-    (all but /health, which load balancers poll without one), 503 while the model loads (handlers that need it get
-    the Service as their second argument), and every ApiError, UserError or bug as a JSON error — a bug fails the
-    request, never the server."""
+    (all but /health, which load balancers poll without one), the model a request names (handlers that need one get
+    it as their second argument, loaded on demand and held until the answer is complete: app.serve.residency), and
+    every ApiError, UserError or bug as a JSON error — a bug fails the request, never the server. `reads_body`: the
+    JSON body names the model (`model`) and how long to keep it (`keep_alive`); else the default model (or
+    `?model=`)."""
     async def endpoint(request: Request) -> Response:
         try:
             key = request.app.state.api_key
@@ -55,17 +59,16 @@ def route(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, n
                 if not hmac.compare_digest(token.encode(), key):
                     raise ApiError("a valid API key is needed: send the header `Authorization: Bearer KEY`"
                                    if not token else "the API key is not valid", 401, code="invalid_api_key")
-            svc = request.app.state.malhae.service
-            if needs_model and svc is None:
-                raise ApiError("the model is still loading; retry shortly", 503, code="loading",
-                               kind="server_error", headers={"Retry-After": "2"})
-            result = await handler(request, svc) if needs_model else await handler(request)
+            if not needs_model:
+                result = await handler(request)
+            else:
+                result = await _with_model(request, handler, reads_body and request.method == "POST")
             return result if isinstance(result, Response) else JSONResponse(result)
         except ApiError as e:
             return error_response(e, ollama)
         except ClientDisconnect:  # gone before its body arrived: nothing was queued, nobody to answer (logged 499)
             return Response(status_code=499)
-        except UserError as e:  # a rule of the runtime (an empty prompt, a context too small)
+        except UserError as e:  # a rule of the runtime (an empty prompt, a context too small, a bad keep_alive)
             return error_response(ApiError(str(e)), ollama)
         except Exception as e:  # a bug: the request fails, the server goes on
             traceback.print_exc()
@@ -75,30 +78,69 @@ def route(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, n
     return Route(path, endpoint, methods=list(methods))
 
 
+def _loading() -> ApiError:
+    return ApiError("the model is still loading; retry shortly", 503, code="loading", kind="server_error",
+                    headers={"Retry-After": "2"})
+
+
+async def _with_model(request: Request, handler: Handler, reads_body: bool) -> object:
+    """Run `handler` with the model the request names, held (a Lease) until its answer is complete: a streamed
+    answer gives it back when the stream ends. Ollama's requests that run nothing (an empty prompt or message list)
+    only load the model, or with keep_alive 0 unload it (app.serve.ollama_api.runs_nothing)."""
+    state = request.app.state.malhae
+    if listing.health(state) is None:
+        raise _loading()
+    data = await fields.read_json(request) if reads_body else {}
+    request.state.json = data if reads_body else None
+    name = data.get("model") if reads_body else request.query_params.get("model")
+    target = await listing.resolve(state, name)
+    given = data.get("keep_alive")
+    keep_alive = state.pool.keep_alive_for(target, UNSET if given is None else given)
+    if reads_body and ollama_api.runs_nothing(request.url.path, data):
+        if keep_alive == 0:
+            await state.pool.expire(target.key)
+            return ollama_api.idle_answer(request.url.path, target.name, "unload")
+        (await state.pool.acquire(target, keep_alive)).release()
+        return ollama_api.idle_answer(request.url.path, target.name, "load")
+    lease = await state.pool.acquire(target, keep_alive)
+    try:
+        result = await handler(request, lease.service)
+    except BaseException:
+        lease.release()
+        raise
+    if isinstance(result, JobStream):
+        result.ended.append(lease.release)
+    else:
+        lease.release()
+    return result
+
+
 # --- the handlers: (request) when they work without the model, else (request, svc) --------------------------------
 
 async def health(request: Request) -> object:
-    """503 while loading (clients poll this until ready), then what the slots are doing."""
-    service = request.app.state.malhae.service
-    if service is None:
-        return JSONResponse({"status": "loading"}, status_code=503)
-    sched = service.scheduler
-    return {"status": "ok", "slots_idle": len(sched.slots) - sched.active, "slots_busy": sched.active,
-            "waiting": len(sched.waiting)}
+    """503 while the -m model loads (clients poll this until ready), then what the slots are doing."""
+    answer = listing.health(request.app.state.malhae)
+    return JSONResponse({"status": "loading"}, status_code=503) if answer is None else answer
 
 
-async def models(request: Request, svc: Service) -> dict:
-    return {"object": "list", "data": [_model_card(svc)]}
+def _serving(request: Request):
+    """The server's State once it can answer about its models (503 while its -m model loads)."""
+    state = request.app.state.malhae
+    if listing.health(state) is None:
+        raise _loading()
+    return state
 
 
-async def model(request: Request, svc: Service) -> dict:
-    """OpenAI's `GET /v1/models/{id}` (the openai client's models.retrieve): the served model, or 404 for any other
-    id, in OpenAI's error shape."""
-    wanted = request.path_params["model_id"]
-    if wanted != svc.model_id:
-        raise ApiError(f"the model {wanted!r} does not exist; this server serves {svc.model_id!r}", 404,
-                       code="model_not_found", param="model")
-    return _model_card(svc)
+async def models(request: Request) -> dict:
+    return await listing.models(_serving(request))
+
+
+async def model(request: Request) -> dict:
+    return await listing.model(_serving(request), request.path_params["model_id"])
+
+
+async def show(request: Request) -> dict:
+    return await listing.show(_serving(request), request)
 
 
 async def tokenize(request: Request, svc: Service) -> dict:
@@ -137,12 +179,12 @@ async def version(request: Request) -> dict:
     return ollama_api.version()
 
 
-async def tags(request: Request, svc: Service) -> dict:
-    return ollama_api.tags(svc)
+async def tags(request: Request) -> dict:
+    return await listing.tags(_serving(request))
 
 
-async def ps(request: Request, svc: Service) -> dict:
-    return ollama_api.ps(svc)
+async def ps(request: Request) -> dict:
+    return listing.ps(_serving(request))
 
 
 async def root(request: Request) -> Response:
@@ -159,10 +201,3 @@ async def not_found(request: Request, exc: Exception) -> Response:
 async def bad_method(request: Request, exc: Exception) -> Response:
     return JSONResponse(ApiError(f"{request.method} is not allowed on {request.url.path}", 405,
                                  code="method_not_allowed").body(), status_code=405)
-
-
-def _model_card(svc: Service) -> dict:
-    return {"id": svc.model_id, "object": "model", "created": svc.created, "owned_by": "malhae",
-            "context_length": svc.n_ctx, "max_model_len": svc.n_ctx,
-            "meta": {"n_ctx": svc.n_ctx, "n_ctx_train": svc.engine.model.n_ctx_train, "n_vocab": svc.n_vocab,
-                     "parallel": len(svc.scheduler.slots), "file": svc.engine.path.name}}  # never a directory

@@ -41,10 +41,17 @@ def is_loopback(host: str) -> bool:
 
 @dataclass
 class Options:
-    """How to serve: the model as `load` says (its parallel: the slots), and the HTTP side."""
+    """How to serve: the models as `load` says (its parallel: each model's slots), which models, and the HTTP side.
+
+    `model_id` set: that model only (`load.model`, loaded at start, never unloaded: `malhae serve -m`); None: the
+    whole store by name (`names`: app.store.served), loaded on demand (app.serve.residency)."""
 
     load: LoadOptions
-    model_id: str
+    model_id: str | None = None
+    names: object = None  # what names are served (app.store.served; None: `load.model` as model_id, as given)
+    max_loaded: int = 3  # models in memory at once (Ollama's OLLAMA_MAX_LOADED_MODELS default for a CPU)
+    max_memory: int | None = None  # bytes of RAM the models may take in all (None: RAM_SHARE of this machine's)
+    keep_alive: float | None = 300.0  # seconds an idle model stays (None: for ever)
     host: str = "127.0.0.1"
     port: int = 8080
     queue: int = 64
@@ -56,11 +63,17 @@ class Options:
     notify: Callable[[str], None] = field(default=lambda message: None)
 
 
+RAM_SHARE = 0.8  # of physical memory, the default --max-memory: the rest is the system's and other programs'
+
+
 class State:
-    """What the routes read: the Service once loaded (None while loading), or why loading failed."""
+    """What the routes read: the names served and the models in memory (None until the server is built), the -m
+    model's Service once loaded, or why loading it failed."""
 
     def __init__(self) -> None:
-        self.service = None
+        self.names = None  # app.serve.names.Names
+        self.pool = None  # app.serve.residency.Pool
+        self.service = None  # the -m model's (None in store mode, and while it loads)
         self.error: str | None = None
         self.ready = threading.Event()
 
@@ -85,20 +98,20 @@ def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] 
 
     table = [
         route("/health", routes.health, needs_model=False),
-        route("/v1/models", routes.models),
-        route("/v1/models/{model_id:path}", routes.model),
+        route("/v1/models", routes.models, needs_model=False),
+        route("/v1/models/{model_id:path}", routes.model, needs_model=False),
         route("/v1/completions", openai_api.completions, ("POST",)),
         route("/v1/chat/completions", openai_api.chat, ("POST",)),
         route("/tokenize", routes.tokenize, ("POST",)),
         route("/detokenize", routes.detokenize, ("POST",)),
         route("/tokenizer_info", routes.tokenizer_info),
-        route("/lora-adapters", adapters.get),  # llama-server's
-        route("/lora-adapters", adapters.post, ("POST",)),
+        route("/lora-adapters", adapters.get),  # llama-server's: the default model's (or ?model=)
+        route("/lora-adapters", adapters.post, ("POST",), reads_body=False),
         Route("/", routes.root, methods=["GET", "HEAD"]),
         route("/api/version", routes.version, needs_model=False, ollama=True),
-        route("/api/show", ollama_api.show, ("POST",), ollama=True),
-        route("/api/ps", routes.ps, ollama=True),
-        route("/api/tags", routes.tags, ollama=True),
+        route("/api/show", routes.show, ("POST",), needs_model=False, ollama=True),
+        route("/api/ps", routes.ps, needs_model=False, ollama=True),
+        route("/api/tags", routes.tags, needs_model=False, ollama=True),
         route("/api/generate", ollama_api.generate, ("POST",), ollama=True),
         route("/api/chat", ollama_api.chat, ("POST",), ollama=True),
     ]
@@ -162,6 +175,7 @@ class Server:
         self.options = options
         self.state = State()
         self.sock = bind(options.host, options.port)
+        self._make_pool()
         self.port = self.sock.getsockname()[1]
         app = build_app(self.state, options.api_key, options.allow_origins, bound=options.host,
                         allow_hosts=options.allow_hosts, access_log=options.access_log)
@@ -178,13 +192,29 @@ class Server:
         shown = f"[{host}]" if ":" in host else host
         return f"http://{shown}:{self.port}"
 
-    def _load(self) -> None:
+    def _make_pool(self) -> None:
+        from malhae.runtime import hardware
+        from malhae.runtime.target import Pinned, Target
+        from malhae.serve.residency import Pool
         from malhae.serve.service import Service
 
         o = self.options
+
+        def load(target):
+            return Service.load(target.options, model_id=target.key, queue=o.queue, template=target.template,
+                                notify=o.notify)
+
+        budget = o.max_memory if o.max_memory is not None else int(hardware.total_ram() * RAM_SHARE)
+        self.state.names = o.names or Pinned(Target(o.model_id, o.model_id, o.load, template=o.template), o.load)
+        self.state.pool = Pool(loader=load, max_loaded=o.max_loaded, max_memory=budget, keep_alive=o.keep_alive,
+                               queue=o.queue, notify=o.notify)
+
+    def _load(self) -> None:
+        """Load the -m model (store mode loads nothing at start)."""
+        o = self.options
         try:
-            self.state.service = Service.load(o.load, model_id=o.model_id, queue=o.queue, template=o.template,
-                                              notify=o.notify)
+            if o.model_id is not None:
+                self.state.service = self.state.pool.load_now(self.state.names.resolve(None))
         except Exception as e:  # UserError or a bug: the server cannot serve, so it stops
             self.state.error = str(e) if isinstance(e, UserError) else f"internal error ({type(e).__name__}: {e})"
             self.uvicorn.should_exit = True
@@ -229,9 +259,9 @@ class Server:
         self.close()
 
     def close(self) -> None:
-        if self.state.service is not None:
-            self.state.service.close()
-            self.state.service = None
+        self.state.service = None
+        if self.state.pool is not None:
+            self.state.pool.close()
         self.sock.close()
 
     def __enter__(self) -> Server:

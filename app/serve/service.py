@@ -4,6 +4,7 @@ read as text. One object, made when loading ends, so that a handler never sees a
 from __future__ import annotations
 
 import codecs
+import copy
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -33,6 +34,10 @@ class Service:
     # own `lora` run with (POST /lora-adapters sets them: app.serve.adapters)
     loras: tuple[Lora, ...] = ()
     lora_scales: list[float] = field(default_factory=list)
+    # what the name a request asked for adds (app.serve.names.Target; set on a view, never on the loaded Service):
+    # the model's system text and sampling defaults, under a request's own values
+    system: str | None = None
+    defaults: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.loras = tuple(self.engine.options.lora)
@@ -51,6 +56,21 @@ class Service:
         except BaseException:
             engine.close()
             raise
+
+    def view(self, target) -> Service:
+        """This loaded model as `target` (app.serve.names.Target) serves it: under the name asked for, with that
+        name's adapters (an adapter preset), template, system text and sampling defaults. A shallow copy: the
+        engine, scheduler and adapter scales are the loaded model's."""
+        seen = copy.copy(self)
+        seen.model_id = target.name
+        if target.template:
+            seen.template = templates.get(target.template)
+        seen.system = target.system
+        seen.defaults = dict(target.sampling)
+        if target.adapters:
+            seen.loras = target.adapters
+            seen.lora_scales = [a.scale for a in target.adapters]
+        return seen
 
     def close(self) -> None:
         self.scheduler.close()
@@ -136,6 +156,8 @@ class Service:
         """How many tokens this prompt may generate (ApiError when the prompt or max_tokens does not fit)."""
         from malhae.runtime.batching import check_request
 
+        if max_new is None:
+            max_new = self.defaults.get("max_tokens")  # the model's own (`malhae models set NAME max_tokens=…`)
         try:
             return check_request(self.engine, tokens, max_new)
         except UserError as e:

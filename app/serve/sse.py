@@ -17,6 +17,7 @@ class JobStream(StreamingResponse):
         super().__init__(events, media_type=media_type, headers={"Cache-Control": "no-cache",
                                                                  "X-Accel-Buffering": "no"})
         self.jobs = request
+        self.ended: list = []  # called once the response is over (app.serve.routes: the request's lease on its model)
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -36,3 +37,5 @@ class JobStream(StreamingResponse):
                 group.start_soon(listen)
         finally:
             self.jobs.cancel()
+            for end in self.ended:
+                end()

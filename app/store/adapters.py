@@ -68,3 +68,14 @@ def orphaned(removed: Entry, entries: list[Entry]) -> list[Entry]:
         return []
     listing = arrange(entries)
     return [a for a in listing.under.get(removed.name, []) if listing.bases_of(a) == [removed.name]]
+
+
+def base_of(adapter: Entry) -> Entry | None:
+    """The model an adapter preset runs on (`malhae serve` serves an adapter's name): the first of its bases in
+    `malhae models`' order, the bundled demo's included; None when the store has none."""
+    from malhae.store import models
+    from malhae.store.local import open_store
+
+    entries = [e for e in open_store().entries() if not e.adapter]
+    found = bases(adapter, entries + models.builtin_entries([e.name for e in entries]))
+    return found[0] if found else None

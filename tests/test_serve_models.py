@@ -1,0 +1,263 @@
+"""`malhae serve` without -m: the whole store by name, loaded on demand, unloaded when idle (issue 31).
+
+Real HTTP on 127.0.0.1, the real `ollama` and `openai` clients, real models: the demo (as demo-f16 in the store), a
+Q8_0 quantization of it (demo-q8) and the demo's LoRA adapter, which is served by its own name (a preset: the demo
+with the adapter).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from helpers import serving_store
+
+pytest.importorskip("starlette")
+ollama = pytest.importorskip("ollama")
+openai = pytest.importorskip("openai")
+
+QUESTION = "대한민국의 주권은 누구에게 있나요?"
+
+
+@pytest.fixture(scope="module")
+def q8(tmp_path_factory, demo_path):
+    """The demo quantized to Q8_0 (llama.cpp's quantizer): the same tokenizer and template, other weights."""
+    from gguf import LlamaFileType
+
+    from malhae.runtime import quant
+
+    out = tmp_path_factory.mktemp("q8") / "demo-q8.gguf"
+    assert quant.quantize_file(demo_path, out, int(LlamaFileType.MOSTLY_Q8_0), 2) == 0
+    return out
+
+
+@pytest.fixture
+def store(home, demo_path, q8):
+    """A store with demo-f16 and demo-q8 (the bundled demo and its adapter are served too)."""
+    from malhae.store.local import open_store
+
+    s = open_store()
+    s.add(demo_path, "demo-f16")
+    s.add(q8, "demo-q8")
+    return s
+
+
+def rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def ask(home, *args: str) -> str:
+    """What `malhae ask` answers, greedy, as a server request below asks."""
+    env = os.environ | {"MALHAE_HOME": str(home)}
+    proc = subprocess.run([sys.executable, "-m", "malhae", "ask", QUESTION, "--temperature", "0", "--max-tokens",
+                           "24", "--repeat-penalty", "1", "--ctx", "512", "--threads", "2", "--draft", "off",
+                           "--no-prompt-cache", *args], capture_output=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode().strip()
+
+
+def loaded(client) -> list[str]:
+    return sorted(m.model for m in client.ps().models)
+
+
+def test_the_store_by_name_with_the_ollama_client(store, home):
+    expected = {name: ask(home, "-m", name) for name in ("demo-f16", "demo-q8")}
+    expected["demo-signoff"] = ask(home, "-m", "demo", "--lora", "demo-signoff")
+    assert expected["demo-signoff"] != expected["demo-f16"]  # the adapter's sign-off: the names run other things
+    with serving_store() as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        assert {"demo-f16", "demo-q8", "demo", "demo-signoff"} <= {m.model for m in c.list().models}
+        assert loaded(c) == []  # nothing loads before it is asked for
+        for name in ("demo-q8", "demo-f16", "demo-signoff", "demo-q8", "demo-f16", "demo-signoff"):
+            out = c.chat(model=name, messages=[{"role": "user", "content": QUESTION}],
+                         options={"temperature": 0, "num_predict": 24})
+            assert out.message.content.strip() == expected[name], name
+            assert out.model == name
+        # the preset runs on its base, which is loaded once for both names
+        assert loaded(c) == ["demo", "demo-f16", "demo-q8"]
+        shown = c.show("demo-q8")  # details of a model, loaded or not
+        assert shown.details.quantization_level == "Q8_0"
+        with pytest.raises(ollama.ResponseError) as e:
+            c.chat(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        assert e.value.status_code == 404 and "demo-q8" in e.value.error  # the 404 lists the names
+
+
+def test_the_openai_client_lists_and_picks_models(store):
+    with serving_store() as server:
+        c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=120)
+        assert {"demo-f16", "demo-q8"} <= {m.id for m in c.models.list().data}
+        out = c.chat.completions.create(model="demo-q8", messages=[{"role": "user", "content": QUESTION}],
+                                        max_tokens=4, temperature=0)
+        assert out.model == "demo-q8" and out.usage.completion_tokens <= 4
+        assert c.models.retrieve("demo-q8").id == "demo-q8"
+        with pytest.raises(openai.NotFoundError):
+            c.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+        with pytest.raises(openai.NotFoundError):
+            c.models.retrieve("gpt-4")
+
+
+def test_keep_alive_zero_unloads_and_gives_the_memory_back(store):
+    """A large KV cache (4 slots of 4,096 tokens) makes the model's memory stand out of the process's own."""
+    with serving_store(parallel=4, n_ctx=4096) as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        c.generate(model="demo-f16", prompt="", keep_alive=0)  # the first load maps llama.cpp's backends for good
+        c.generate(model="demo-f16", prompt="")  # Ollama's preload: an empty prompt
+        assert loaded(c) == ["demo-f16"]
+        c.generate(model="demo-f16", prompt="", keep_alive=0)
+        before = rss()
+        c.generate(model="demo-f16", prompt="")
+        assert loaded(c) == ["demo-f16"]
+        c.generate(model="demo-f16", prompt=QUESTION, options={"num_predict": 4})  # its pages touched
+        during = rss()
+        out = c.generate(model="demo-f16", prompt="", keep_alive=0)
+        assert out.done_reason == "unload" and loaded(c) == []
+        after = rss()
+        grew = during - before
+        assert grew > 32 << 20, (before, during)  # the KV cache at least
+        assert after - before < grew / 4, (before, during, after)
+
+
+def test_an_idle_model_is_unloaded_when_its_keep_alive_runs_out(store):
+    with serving_store(keep_alive=None) as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2}, keep_alive="1s")
+        c.generate(model="demo-f16", prompt=QUESTION, options={"num_predict": 2})  # the server's: for ever
+        listed = {m.model: m for m in c.ps().models}
+        assert set(listed) == {"demo-q8", "demo-f16"}
+        assert listed["demo-f16"].expires_at.year == 1  # Ollama's zero time: never
+        end = time.monotonic() + 30
+        while "demo-q8" in loaded(c) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert loaded(c) == ["demo-f16"]  # without any request, and only the one that expired
+
+
+def _needs(store, n_ctx: int = 512):
+    """Each model's RAM as the server plans it (serving_store's settings)."""
+    from dataclasses import replace
+
+    from malhae.runtime import memory
+    from malhae.runtime.settings import LoadOptions
+
+    options = LoadOptions(threads=2, parallel=2, ctx=n_ctx)
+    return {n: memory.need(replace(options, model=store.get(n).path)).ram for n in ("demo-f16", "demo-q8")}
+
+
+def _stream(server, model: str, tokens: int):
+    """A long streamed completion, left open: (its response, the connection)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    conn.request("POST", "/v1/completions", body=json.dumps({
+        "model": model, "prompt": "대한민국", "max_tokens": tokens, "ignore_eos": True, "stream": True,
+        "temperature": 0}), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    resp.readline()
+    return resp, conn
+
+
+def test_a_memory_cap_evicts_the_idle_model_and_waits_for_a_busy_one(store):
+    needs = _needs(store, 2048)
+    cap = max(needs.values()) + (1 << 20)  # room for either model, not both
+    assert cap < sum(needs.values())
+    with serving_store(max_memory=cap, n_ctx=2048) as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        c.generate(model="demo-f16", prompt=QUESTION, options={"num_predict": 2})
+        c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2})
+        assert loaded(c) == ["demo-q8"]  # the idle one made room
+        resp, conn = _stream(server, "demo-q8", 2000)  # busy now (not read: it stays so)
+        answered: list = []
+        waiting = threading.Thread(target=lambda: answered.append(
+            c.generate(model="demo-f16", prompt=QUESTION, options={"num_predict": 2})))
+        waiting.start()
+        try:
+            time.sleep(1.5)
+            assert not answered and loaded(c) == ["demo-q8"]  # it waits: a busy model is never unloaded
+            assert resp.readline()  # and the busy one still streams
+        finally:
+            conn.close()  # the stream ends: its model becomes idle
+        waiting.join(60)
+        assert answered and answered[0].response
+        assert loaded(c) == ["demo-f16"]
+
+
+def test_a_model_too_large_for_the_cap_is_refused_with_the_reason(store):
+    needs = _needs(store)
+    with serving_store(max_memory=min(needs.values()) // 2) as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        with pytest.raises(ollama.ResponseError) as e:
+            c.generate(model="demo-q8", prompt="x")
+        assert e.value.status_code == 507 and "--max-memory" in e.value.error
+        assert loaded(c) == []
+
+
+def test_a_removed_or_corrupt_file_fails_its_requests_only(store, demo_path):
+    with serving_store() as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2})
+        bad = store.root / ".bad.gguf"
+        bad.write_bytes(b"GGUF" + b"\x00" * 64)
+        os.replace(bad, store.get("demo-q8").path)  # replaced in place, as a broken copy would be
+        with pytest.raises(ollama.ResponseError) as e:
+            c.generate(model="demo-q8", prompt=QUESTION)
+        assert e.value.status_code >= 400 and "demo-q8" in e.value.error
+        assert "demo-q8" not in loaded(c)  # the old one was unloaded: its file is gone
+        assert c.generate(model="demo-f16", prompt=QUESTION, options={"num_predict": 2}).response  # others go on
+        store.get("demo-f16").path.unlink()
+        with pytest.raises(ollama.ResponseError) as e:
+            c.generate(model="demo-f16", prompt=QUESTION)
+        assert e.value.status_code == 404
+
+
+def test_a_failed_load_leaves_nothing_behind_and_the_next_request_retries(store, q8):
+    path = store.get("demo-q8").path
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # the header reads; the tensors are cut short
+    with serving_store() as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        with pytest.raises(ollama.ResponseError) as e:
+            c.generate(model="demo-q8", prompt=QUESTION)
+        assert e.value.status_code == 500 and "demo-q8" in e.value.error
+        assert loaded(c) == []  # nothing half-loaded
+        shutil.copyfile(q8, path)
+        assert c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2}).response
+        assert loaded(c) == ["demo-q8"]
+
+
+def test_a_loaded_model_streams_on_while_another_loads(store):
+    """Tokens of a stream keep coming while another model loads (its load is in a thread of its own)."""
+    with serving_store(n_ctx=4096) as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        c.generate(model="demo-f16", prompt="", keep_alive=-1)
+        resp, conn = _stream(server, "demo-f16", 4000)
+        stamps: list[float] = []
+        stop = threading.Event()
+
+        def read() -> None:
+            while not stop.is_set() and resp.readline():
+                stamps.append(time.monotonic())
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            time.sleep(0.5)
+            start = time.monotonic()
+            c.generate(model="demo-q8", prompt="")  # a load and nothing else
+            end = time.monotonic()
+        finally:
+            stop.set()
+            conn.close()
+            reader.join(10)
+        during = [t for t in stamps if start <= t <= end]
+        assert len([t for t in stamps if t < start]) > 5
+        # a load that held the event loop (or the scheduler's thread) would stop the stream for as long as itself;
+        # how fast it streams meanwhile is measured in benchmarks/serve_models.py (a 1.3b-shaped model, where the
+        # tiny demo's Python-bound decode does not compete with the load's own Python for the GIL)
+        assert len(during) >= 3, (len(during), end - start)
