@@ -18,7 +18,7 @@ try:  # typer ≥ 0.29 vendors click; older versions raise the click package's u
 except ImportError:  # pragma: no cover
     from click import ClickException as _UsageError
 
-from malhae.cli import cache, convert, evaluate, models, run, serve
+from malhae.cli import cache, convert, evaluate, models, run, serve, server_client
 from malhae.cli.options import Command, Group
 from malhae.errors import UserError
 from malhae.ui import printable
@@ -74,6 +74,8 @@ app.command("complete", cls=Command)(run.complete)
 app.command("ask", cls=Command)(run.ask)
 app.command(cls=Command)(run.chat)
 app.command(cls=Command)(serve.serve)
+app.command("ps", cls=Command)(server_client.ps)
+app.command("stop", cls=Command)(server_client.stop)
 app.command(cls=Command)(evaluate.bench)
 app.command(cls=Command)(models.info)
 app.command(cls=Command)(models.recommend)
