@@ -61,33 +61,23 @@ def models_rm(
 ) -> None:
     """Delete a model from the store (asks first)."""
     from malhae import units
-    from malhae.store import adapters, config, model_settings, models, models_view, settings_view
+    from malhae.store import models_view, removal, settings_view
     from malhae.store.local import open_store
 
     store = open_store()
-    entry = store.get(name)
-    if entry is None:
-        if models.builtin(name) is not None:
-            raise UserError(f"'{name.strip()}' is the bundled demo model, built in to malhae, not a file in the store: "
-                            "there is nothing to remove")
-        raise store.not_found(name, removing=True)
+    entry = removal.find(store, name)
     if not yes:
         if not sys.stdin.isatty():
             raise UserError(f"removing '{entry.name}' deletes {entry.path}; add --yes to confirm without a terminal")
         if not typer.confirm(f"delete {entry.name} ({units.size(entry.size)}, {entry.path})?", default=False):
             raise typer.Exit(1)
-    settings = config.load()
-    orphans = adapters.orphaned(entry, store.entries())
-    own = model_settings.sidecar(store, entry)
-    had_settings = model_settings.reset(store, entry.name)  # first: the next model of this name must not inherit them
-    store.remove(entry.name)
+    done = removal.remove(store, entry)
     models_view.removed(entry)
-    if had_settings:
-        settings_view.removed_with_model(entry.name, own)
-    models_view.orphans(entry, orphans)
-    if models_view.is_default(entry, settings.default_model):
-        config.set_default_model(None, settings.path)
-        models_view.default_removed(settings.path)
+    if done.settings_file is not None:
+        settings_view.removed_with_model(entry.name, done.settings_file)
+    models_view.orphans(entry, done.orphans)
+    if done.default_in is not None:
+        models_view.default_removed(done.default_in)
 
 
 @app.command("set", cls=o.Command)

@@ -40,6 +40,19 @@ async def resolve(state, name: object):
         raise ApiError(str(e), param="model", code="invalid_model") from None
 
 
+def loading() -> ApiError:
+    return ApiError("the model is still loading; retry shortly", 503, code="loading", kind="server_error",
+                    headers={"Retry-After": "2"})
+
+
+def serving(request):
+    """The server's State once it can answer about its models (503 while its -m model loads)."""
+    state = request.app.state.malhae
+    if health(state) is None:
+        raise loading()
+    return state
+
+
 def _iso(stamp: float) -> str:
     return datetime.fromtimestamp(stamp, timezone.utc).isoformat().replace("+00:00", "Z")
 

@@ -174,6 +174,12 @@ class Pool:
         self._unload(r)
         return None
 
+    def busy(self, key: str) -> bool:
+        """Whether requests are running on (or waiting for) that model."""
+        with self._lock:
+            r = self.residents.get(key)
+            return r is not None and (r.busy > 0 or r.state == "loading")
+
     def drop_stale(self, key: str) -> None:
         """A name that no longer resolves (its file removed or broken): its loaded model goes once idle, as
         `_usable` does for a changed file."""

@@ -78,18 +78,13 @@ def route(path: str, handler: Handler, methods: tuple[str, ...] = ("GET",), *, n
     return Route(path, endpoint, methods=list(methods))
 
 
-def _loading() -> ApiError:
-    return ApiError("the model is still loading; retry shortly", 503, code="loading", kind="server_error",
-                    headers={"Retry-After": "2"})
-
-
 async def _with_model(request: Request, handler: Handler, reads_body: bool) -> object:
     """Run `handler` with the model the request names, held (a Lease) until its answer is complete: a streamed
     answer gives it back when the stream ends. Ollama's requests that run nothing (an empty prompt or message list)
     only load the model, or with keep_alive 0 unload it (app.serve.ollama_api.runs_nothing)."""
     state = request.app.state.malhae
     if listing.health(state) is None:
-        raise _loading()
+        raise listing.loading()
     data = await fields.read_json(request) if reads_body else {}
     request.state.json = data if reads_body else None
     name = data.get("model") if reads_body else request.query_params.get("model")
@@ -123,24 +118,16 @@ async def health(request: Request) -> object:
     return JSONResponse({"status": "loading"}, status_code=503) if answer is None else answer
 
 
-def _serving(request: Request):
-    """The server's State once it can answer about its models (503 while its -m model loads)."""
-    state = request.app.state.malhae
-    if listing.health(state) is None:
-        raise _loading()
-    return state
-
-
 async def models(request: Request) -> dict:
-    return await listing.models(_serving(request))
+    return await listing.models(listing.serving(request))
 
 
 async def model(request: Request) -> dict:
-    return await listing.model(_serving(request), request.path_params["model_id"])
+    return await listing.model(listing.serving(request), request.path_params["model_id"])
 
 
 async def show(request: Request) -> dict:
-    return await listing.show(_serving(request), request)
+    return await listing.show(listing.serving(request), request)
 
 
 async def tokenize(request: Request, svc: Service) -> dict:
@@ -180,11 +167,11 @@ async def version(request: Request) -> dict:
 
 
 async def tags(request: Request) -> dict:
-    return await listing.tags(_serving(request))
+    return await listing.tags(listing.serving(request))
 
 
 async def ps(request: Request) -> dict:
-    return listing.ps(_serving(request))
+    return listing.ps(listing.serving(request))
 
 
 async def root(request: Request) -> Response:

@@ -76,6 +76,7 @@ class State:
         self.service = None  # the -m model's (None in store mode, and while it loads)
         self.error: str | None = None
         self.ready = threading.Event()
+        self.pulling = False  # a POST /api/pull is running (one at a time: app.serve.store_api)
 
 
 def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] = (), *, bound: str = "127.0.0.1",
@@ -91,7 +92,7 @@ def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] 
     from starlette.middleware import Middleware
     from starlette.routing import Route
 
-    from malhae.serve import adapters, ollama_api, openai_api, routes
+    from malhae.serve import adapters, ollama_api, openai_api, routes, store_api
     from malhae.serve.access_log import AccessLog
     from malhae.serve.guard import Guard, Hosts
     from malhae.serve.routes import route
@@ -113,6 +114,8 @@ def build_app(state: State, api_key: str | None, allow_origins: tuple[str, ...] 
         route("/api/ps", routes.ps, needs_model=False, ollama=True),
         route("/api/tags", routes.tags, needs_model=False, ollama=True),
         route("/api/generate", ollama_api.generate, ("POST",), ollama=True),
+        route("/api/pull", store_api.pull, ("POST",), needs_model=False, ollama=True),
+        route("/api/delete", store_api.delete, ("DELETE",), needs_model=False, ollama=True),
         route("/api/chat", ollama_api.chat, ("POST",), ollama=True),
     ]
     # outermost first: the log sees every request, refused ones too; the guard runs before CORS and the API key

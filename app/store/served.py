@@ -55,6 +55,26 @@ class Served:
         entries = [e for e in open_store().entries() if e.error is None]
         return entries + models.builtin_entries([e.name for e in entries])
 
+    # --- Ollama's /api/delete and /api/pull (app.serve.store_api) ------------------------------------------------
+
+    def find(self, name: str):
+        from malhae.store import removal
+        from malhae.store.local import open_store
+
+        return removal.find(open_store(), name)
+
+    def delete(self, entry):
+        from malhae.store import removal
+        from malhae.store.local import open_store
+
+        return removal.remove(open_store(), entry)
+
+    def pull(self, name: str, type_name: str, progress) -> str:
+        """`malhae pull NAME --type TYPE`, its progress as (stage, done, total); the new model's store name."""
+        from malhae.store import pull
+
+        return pull.pull(name, type_name, threads=self.base.threads, progress=progress).entry.name
+
     def known(self) -> list[str]:
         return [e.name for e in self.entries()]
 
