@@ -261,3 +261,27 @@ def test_a_loaded_model_streams_on_while_another_loads(store):
         # how fast it streams meanwhile is measured in benchmarks/serve_models.py (a 1.3b-shaped model, where the
         # tiny demo's Python-bound decode does not compete with the load's own Python for the GIL)
         assert len(during) >= 3, (len(during), end - start)
+
+
+def test_malhae_ps_and_stop_talk_to_the_running_server(store, home):
+    env = os.environ | {"MALHAE_HOME": str(home)}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "malhae", *args], capture_output=True, env=env, timeout=120)
+
+    with serving_store() as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        first = c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2})
+        again = c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2})
+        assert first.load_duration > 0 and again.load_duration == 0  # Ollama's: the wait for the load
+        shown = cli("ps", "--url", server.url)
+        assert shown.returncode == 0 and "demo-q8" in shown.stdout.decode() and "CPU" in shown.stdout.decode()
+        listed = json.loads(cli("ps", "--json", "--url", server.url).stdout)
+        assert [m["name"] for m in listed["models"]] == ["demo-q8"]
+        stopped = cli("stop", "demo-q8", "--url", server.url)
+        assert stopped.returncode == 0 and "stopped demo-q8" in stopped.stdout.decode()
+        assert loaded(c) == []
+        again = cli("stop", "demo-q8", "--url", server.url)
+        assert again.returncode == 0 and "was not loaded" in again.stdout.decode()
+        unknown = cli("stop", "nope", "--url", server.url)
+        assert unknown.returncode == 1 and "is not here" in unknown.stderr.decode()

@@ -26,5 +26,4 @@ def stop(name: str = typer.Argument(..., metavar="NAME", help="A model as `malha
     """Unload a model from a running `malhae serve` now; the next request that names it loads it again."""
     from malhae.serve import client, ps_view
 
-    client.stop(client.server_url(url), name)
-    ps_view.stopped(name)
+    ps_view.stopped(name, client.stop(client.server_url(url), name))

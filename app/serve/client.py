@@ -73,14 +73,16 @@ def ps(url: str) -> list[dict]:
     return models
 
 
-def stop(url: str, name: str) -> None:
+def stop(url: str, name: str) -> bool:
     """Unload `name` now: exactly what `ollama stop` sends (a generate request with keep_alive 0 and no prompt),
-    which the server answers with {"done": true, "done_reason": "unload"}."""
+    which the server answers with {"done": true, "done_reason": "unload"}; False when malhae's server says it was
+    not loaded (its `loaded` field; other servers do not say, and count as True)."""
     if not name.strip():
         raise UserError("give the name of a loaded model, as `malhae ps` lists it, e.g. malhae stop demo")
     answer = _call(url, "/api/generate", {"model": name, "keep_alive": 0}, STOP_TIMEOUT, f"stopping {name}")
     if answer.get("done") is not True:
         raise _not_malhae(url, 'its /api/generate answer to keep_alive 0 is not "done"')
+    return answer.get("loaded") is not False
 
 
 # --- one request --------------------------------------------------------------------------------------------------

@@ -135,7 +135,7 @@ def _finish_line(svc: Service, content: dict, done: Done | None, reason: str | N
             "done_reason": reason or (done.reason.ollama if done else "stop")}
     if done is not None:
         ns = 1_000_000_000
-        line |= {"total_duration": int(done.seconds * ns), "load_duration": 0,
+        line |= {"total_duration": int((done.seconds + svc.waited) * ns), "load_duration": int(svc.waited * ns),
                  "prompt_eval_count": done.prompt_tokens - done.cached_tokens,
                  "prompt_eval_duration": int(done.ttft * ns), "eval_count": done.completion_tokens,
                  "eval_duration": int(max(0.0, done.seconds - done.ttft) * ns)}

@@ -46,8 +46,9 @@ def models(url: str, loaded: list[dict], as_json: bool) -> None:
     (out if out.is_terminal else Console(highlight=False, width=PIPE_WIDTH)).print(table)
 
 
-def stopped(name: str) -> None:
-    out.print(f"stopped {printable(name)}", markup=False, highlight=False)
+def stopped(name: str, was_loaded: bool = True) -> None:
+    out.print(f"stopped {printable(name)}" if was_loaded else f"{printable(name)} was not loaded; nothing to stop",
+              markup=False, highlight=False)
 
 
 def processor(size: int | None, vram: int | None) -> str:

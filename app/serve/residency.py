@@ -65,9 +65,11 @@ class Resident:
 class Lease:
     """A request's hold on a loaded model; `release()` once the answer is complete (any number of times)."""
 
-    def __init__(self, pool: Pool, resident: Resident, target: Target, keep_alive: float | None) -> None:
+    def __init__(self, pool: Pool, resident: Resident, target: Target, keep_alive: float | None,
+                 waited: float = 0.0) -> None:
         self.pool, self.resident, self.keep_alive = pool, resident, keep_alive
         self.service = resident.service.view(target)  # the loaded model under the name asked for
+        self.service.waited = waited
         self._released = False
 
     def release(self) -> None:
@@ -114,7 +116,8 @@ class Pool:
 
     async def acquire(self, target: Target, keep_alive: float | None) -> Lease:
         """A lease on the target's model, loading it (and making room) first when needed."""
-        deadline = time.monotonic() + LOAD_WAIT
+        began = time.monotonic()
+        deadline = began + LOAD_WAIT
         counted: Resident | None = None  # the load this request is counted as waiting for
         need: memory.Need | None = None
         try:
@@ -124,7 +127,7 @@ class Pool:
                     if r is not None and r.state == "ready":
                         r.busy += 1
                         r.used, r.expires, r.keep_alive = time.monotonic(), None, keep_alive
-                        return Lease(self, r, target, keep_alive)
+                        return Lease(self, r, target, keep_alive, time.monotonic() - began if counted else 0.0)
                     if r is None and need is not None:
                         r = self._place(target, need)
                     if r is not None and counted is not r:

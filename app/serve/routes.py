@@ -93,8 +93,8 @@ async def _with_model(request: Request, handler: Handler, reads_body: bool) -> o
     keep_alive = state.pool.keep_alive_for(target, UNSET if given is None else given)
     if reads_body and ollama_api.runs_nothing(request.url.path, data):
         if keep_alive == 0:
-            await state.pool.expire(target.key)
-            return ollama_api.idle_answer(request.url.path, target.name, "unload")
+            was = await state.pool.expire(target.key)
+            return ollama_api.idle_answer(request.url.path, target.name, "unload") | {"loaded": was}
         (await state.pool.acquire(target, keep_alive)).release()
         return ollama_api.idle_answer(request.url.path, target.name, "load")
     lease = await state.pool.acquire(target, keep_alive)

@@ -38,6 +38,7 @@ class Service:
     # the model's system text and sampling defaults, under a request's own values
     system: str | None = None
     defaults: dict = field(default_factory=dict)
+    waited: float = 0.0  # seconds this request waited for the model to load (Ollama's load_duration)
 
     def __post_init__(self) -> None:
         self.loras = tuple(self.engine.options.lora)
