@@ -213,3 +213,26 @@ def test_the_builtin_demo_keeps_its_settings_in_the_store(home, capsys, demo_pat
     code, _, err = run(capsys, "models", "set", "demo-signoff", "ctx=512")
     assert code == 2 and "LoRA adapter" in error_line(err)
     assert model_settings.for_path(home / "elsewhere.gguf").values == {}  # a file outside the store: none
+
+
+# --- the settings at work on the command line (chat, ask and complete start from them) ---------------------------
+
+def _ask(capsys, *args: str) -> dict:
+    code, out, err = run(capsys, "ask", "국회는?", "-m", "mine", "--json", "--threads", "2", "--draft", "off",
+                         "--no-prompt-cache", *args)
+    assert code == 0, err
+    return json.loads(out)["stats"]
+
+
+def test_ask_runs_with_the_models_own_settings_under_its_flags(store, capsys, home):
+    plain = _ask(capsys, "--temperature", "0", "--max-tokens", "4")
+    set_ok(capsys, "mine", "max_tokens=3", "temperature=0", "system=너는 대한민국 헌법을 잘 아는 도우미야.", "ctx=256")
+    own = _ask(capsys)
+    assert own["generated_tokens"] == 3  # the model's max_tokens, not ask's 256
+    assert own["prompt_tokens"] > plain["prompt_tokens"] + 3  # its system text framed the question
+    assert _ask(capsys, "--max-tokens", "5")["generated_tokens"] == 5  # a flag beats the model's setting
+    (home / "config.toml").parent.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text("[sampling]\nmax_tokens = 7\n", encoding="utf-8")
+    assert _ask(capsys)["generated_tokens"] == 3  # the model's beats config.toml's
+    set_ok(capsys, "mine", "max_tokens=")
+    assert _ask(capsys)["generated_tokens"] == 7  # what the model leaves out, config.toml fills in

@@ -103,20 +103,22 @@ def check_complete(shot: OneShot) -> None:
 
 def run(kind: str, text: str, load: LoadOptions, sampling: Sampling, *, template: str | None, notify,
         endpoint: Endpoint | None = None, model: str | None = None, remote_chat: bool = False,
-        documents: Sequence[Document] = ()) -> OneShot:
+        documents: Sequence[Document] = (), system: str | None = None) -> OneShot:
     """Open the model (load.model here, or `model` on an `endpoint`) and frame the prompt; the caller streams
     `pieces()` or `collect()`s them. `documents` are those `text` holds (read_prompt's): a prompt too long for the
-    context says what each of them takes, since they, not the question, are what usually makes it long."""
+    context says what each of them takes, since they, not the question, are what usually makes it long. `system`:
+    ask's system text (a model's own, `malhae models set NAME system=…`; None: the template's)."""
     engine = open_backend(load, endpoint=endpoint, model=model, remote_chat=remote_chat, notify=notify)
     messages = None
     try:
         if kind == "ask":
             tpl = templates.get(template) if template else templates.for_engine(engine)
-            prompt = tpl.prompt([("user", text.strip())])
+            prompt = tpl.prompt([("user", text.strip())], system=system)
             sampling.stop = tpl.stops(sampling.stop, sampling.grammar)
             sampling.answer = True
             template = tpl.name
-            messages = ([{"role": "system", "content": tpl.system}] if tpl.system else []) + \
+            said = system if system is not None else tpl.system
+            messages = ([{"role": "system", "content": said}] if said else []) + \
                 [{"role": "user", "content": text.strip()}]
         else:
             prompt = text

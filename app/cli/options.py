@@ -178,7 +178,8 @@ def load_flags(*, leave_out: tuple[str, ...] = ()):
     return decorate
 
 
-def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = False, **flags: object):
+def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = False, model: Path | None = None,
+                 **flags: object):
     """(LoadOptions, Sampling) for a command: each flag given, else config.toml's, else the built-in.
 
     `flags` holds the command's own options by setting name (None: not given). Only the load settings a command
@@ -191,6 +192,10 @@ def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = Fal
     from malhae.store import config
 
     file = config.load()
+    if model is not None:  # the model's own settings (`malhae models set`) over config.toml's, under the flags
+        from malhae.store import model_settings
+
+        file = model_settings.over(file, model_settings.for_path(model))
     run = config.runtime_values({k: flags.get(k) for k in config.RUN_KEYS}, file)
     load = {k: v for k, v in run.items() if k in flags}
     if "kv_cache" in load:  # one type for both, unless K's or V's own is given

@@ -37,17 +37,20 @@ def _oneshot(kind: str, prompt: str | None, model: str | None, json_out: bool, s
     from malhae import ui
     from malhae.chat import oneshot, writer
     from malhae.runtime import grammar as grammars
-    from malhae.store import models
+    from malhae.store import model_settings, models
 
     constraint = grammars.from_argument(schema, grammar)  # before anything is loaded
     remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, flags=load, notify=ui.note)
-    options, chosen = o.settings_for(kind, tuple(stop), remote=remote is not None, **load, **sampling)
+    path = models.resolve(model) if remote is None else None  # for its own settings; said below, once checked
+    options, chosen = o.settings_for(kind, tuple(stop), remote=remote is not None, model=path, **load, **sampling)
     chosen.grammar = constraint
     given = oneshot.read_prompt(prompt, kind, files or (), notify=ui.note)
-    if remote is None:
+    own = model_settings.for_path(path) if path is not None else model_settings.ModelSettings()
+    if path is not None:
         options = replace(options, model=models.resolve(model, ui.note))
-    shot = oneshot.run(kind, given.text, options, chosen, template=template, notify=ui.note, endpoint=remote,
-                       model=model if remote else None, remote_chat=remote_chat, documents=given.documents)
+    shot = oneshot.run(kind, given.text, options, chosen, template=template or own.template, system=own.system,
+                       notify=ui.note, endpoint=remote, model=model if remote else None, remote_chat=remote_chat,
+                       documents=given.documents)
     if json_out:
         ui.json_result(shot.collect())
     else:
@@ -92,14 +95,17 @@ def chat(
     from malhae import nfc, ui
     from malhae.chat import session
     from malhae.runtime import grammar as grammars
-    from malhae.store import models
+    from malhae.store import model_settings, models
 
     constraint = grammars.from_argument(schema, grammar)  # every answer held to it, as `ollama run --format json`
     system = nfc.compose(system, "--system", ui.note) if system is not None else None
     remote = o.endpoint_for(endpoint, api_key, timeout, remote_chat=remote_chat, flags=load, notify=ui.note)
-    options, sampling = o.settings_for("chat", remote=remote is not None, **load, temperature=temperature,
+    path = models.resolve(model) if remote is None else None  # its own settings (`malhae models set`); said later
+    options, sampling = o.settings_for("chat", remote=remote is not None, model=path, **load, temperature=temperature,
                                        top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                                        max_tokens=max_tokens, seed=seed)
     sampling.grammar = constraint
-    session.open_chat(options, model=model, resolve=models.resolve, template=template, system=system, sampling=sampling,
-                   no_color=no_color, endpoint=remote, remote_chat=remote_chat).run()
+    own = model_settings.for_path(path) if path is not None else model_settings.ModelSettings()
+    session.open_chat(options, model=model, resolve=models.resolve, template=template or own.template,
+                      system=system if system is not None else own.system, sampling=sampling, no_color=no_color,
+                      endpoint=remote, remote_chat=remote_chat).run()

@@ -171,7 +171,7 @@ def listed(store: Store, entries: list[Entry]) -> dict[str, ModelSettings | User
 def _same(a: Path, b: Path) -> bool:
     try:
         return a.absolute() == b.absolute() or a.resolve() == b.resolve()
-    except OSError:
+    except (OSError, RuntimeError):  # a symbolic link loop (RuntimeError before Python 3.13): not the same file
         return False
 
 
@@ -390,3 +390,14 @@ def _remove(path: Path) -> bool:
     except OSError as e:
         raise UserError(f"cannot remove {path}: {e.strerror or e}") from None
     return True
+
+
+def over(settings, own: ModelSettings):
+    """The settings file's values with a model's own on top (app.store.config.Settings): what `malhae chat`, `ask`
+    and `complete` start from when they run that model, so that its flags still win and config.toml fills in what the
+    model leaves out."""
+    from dataclasses import replace
+
+    values = own.load_values()
+    return replace(settings, **values, sampling=settings.sampling | own.sampling(),
+                   lora=own.lora if "lora" in own.values else settings.lora)

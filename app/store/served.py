@@ -21,7 +21,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from malhae.errors import Broken, NotFound, UserError
-from malhae.runtime import lora
 from malhae.runtime.settings import LoadOptions, Lora
 from malhae.runtime.target import Pinned, Target
 
@@ -135,7 +134,7 @@ class Served:
             raise NotFound(f"{entry.name!r} is a LoRA adapter whose base model ({entry.base or 'not named'}) is not "
                            "in the store; add the base with `malhae pull` or `malhae models import`")
         own = model_settings.for_path(entry.path)
-        scale = own.values.get("scale", 1.0)
+        scale = own.scale if own.scale is not None else 1.0
         target = self._target(entry.name, base.path, base.name)
         return replace(target, adapters=(*target.adapters, Lora(entry.path, float(scale))),
                        **_extras(own, target))
@@ -146,7 +145,7 @@ class Served:
 
         own = model_settings.for_path(path)
         options = replace(self.base, model=path, **_load_values(own.load_values()))
-        found = tuple(lora.parse(v, _resolve, f"the settings of {name}: lora") for v in own.lora)
+        found = own.loras()
         if pinned:  # the -m model runs with --lora, as before: its adapters are the server's (ids, POST)
             options = replace(options, lora=(*self.base.lora, *found))
             found = ()
@@ -182,12 +181,3 @@ def _load_values(values: dict[str, object]) -> dict[str, object]:
         out.setdefault("kv_cache_v", both)
     known = {f.name for f in dataclasses.fields(LoadOptions)}
     return {k: v for k, v in out.items() if k in known}
-
-
-def _resolve(word: str) -> Path:
-    from malhae.store import models
-
-    try:
-        return models.resolve(word)
-    except UserError as e:
-        raise UserError(f"an adapter in a model's settings: {e}") from None
