@@ -232,7 +232,11 @@ def test_a_failed_load_leaves_nothing_behind_and_the_next_request_retries(store,
 
 
 def test_a_loaded_model_streams_on_while_another_loads(store):
-    """Tokens of a stream keep coming while another model loads (its load is in a thread of its own)."""
+    """Tokens of a stream keep coming while another model loads (in a thread of its own, the event loop free): five
+    loads of demo-q8 during one long stream of demo-f16. The demo's decode is so small that it is bound by Python, and
+    the load's own Python (its header, its vocabulary) competes with it for the GIL, so the stream slows while a load
+    runs; what this checks is that it never stops. How fast a real model streams meanwhile is measured in
+    benchmarks/serve_models.py."""
     with serving_store(n_ctx=4096) as server:
         c = ollama.Client(host=server.url, timeout=120)
         c.generate(model="demo-f16", prompt="", keep_alive=-1)
@@ -241,26 +245,36 @@ def test_a_loaded_model_streams_on_while_another_loads(store):
         stop = threading.Event()
 
         def read() -> None:
-            while not stop.is_set() and resp.readline():
-                stamps.append(time.monotonic())
+            try:
+                while not stop.is_set() and resp.readline():
+                    stamps.append(time.monotonic())
+            except (OSError, ValueError, AttributeError):  # the connection closed under it: the test is over
+                pass
 
         reader = threading.Thread(target=read)
         reader.start()
+        windows: list[tuple[float, float]] = []
         try:
-            time.sleep(0.5)
-            start = time.monotonic()
-            c.generate(model="demo-q8", prompt="")  # a load and nothing else
-            end = time.monotonic()
+            end = time.monotonic() + 30
+            while len(stamps) < 20 and time.monotonic() < end:
+                time.sleep(0.01)
+            for _ in range(5):
+                start = time.monotonic()
+                c.generate(model="demo-q8", prompt="")  # a load and nothing else
+                windows.append((start, time.monotonic()))
+                c.generate(model="demo-q8", prompt="", keep_alive=0)
+                time.sleep(0.05)
         finally:
             stop.set()
             conn.close()
             reader.join(10)
-        during = [t for t in stamps if start <= t <= end]
-        assert len([t for t in stamps if t < start]) > 5
-        # a load that held the event loop (or the scheduler's thread) would stop the stream for as long as itself;
-        # how fast it streams meanwhile is measured in benchmarks/serve_models.py (a 1.3b-shaped model, where the
-        # tiny demo's Python-bound decode does not compete with the load's own Python for the GIL)
-        assert len(during) >= 3, (len(during), end - start)
+        inside = sum(1 for t in stamps if any(a <= t <= b for a, b in windows))
+        loading = sum(b - a for a, b in windows)
+        first, last = windows[0][0], windows[-1][1]
+        outside = sum(1 for t in stamps if first <= t <= last) - inside
+        rate_outside = outside / max(1e-9, (last - first) - loading)
+        assert inside >= 5, (inside, loading, rate_outside)
+        assert inside / loading >= 0.05 * rate_outside, (inside, loading, rate_outside)
 
 
 def test_malhae_ps_and_stop_talk_to_the_running_server(store, home):

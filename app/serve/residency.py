@@ -299,9 +299,10 @@ class Pool:
 
     def load_now(self, target: Target) -> object:
         """Load the -m model at start, in this thread; it is never unloaded (nor counted against the limits)."""
+        need = memory.need(target.options, self.notify)  # for /api/ps
         service = self.loader(target)
         with self._lock:
-            r = Resident(target.key, target, file_identity(target.options.model), memory.Need(0, 0, 0), pinned=True,
+            r = Resident(target.key, target, file_identity(target.options.model), need, pinned=True,
                          state="ready", service=service, keep_alive=None)
             r.future.set_result(service)
             self.residents[target.key] = r
