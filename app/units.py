@@ -52,8 +52,8 @@ _DURATION_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m"
 
 def duration(value: object, where: str) -> float | None:
     """A keep_alive as Ollama reads it: a number of seconds, or Go's duration text ("5m", "1h30m", "90s", "0");
-    a plain number as text is seconds too. None: for ever (any negative value); 0: unload once idle. `where` names
-    the field or flag for the one-line error."""
+    a plain number as text is seconds too, and "forever" what it says. None: for ever (any negative value, or
+    "forever"); 0: unload once idle. `where` names the field or flag for the one-line error."""
     usage = f'{where} must be a duration such as "5m", "1h", "30s" or a number of seconds (0: unload at once, -1: ' \
             "keep loaded)"
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -62,6 +62,8 @@ def duration(value: object, where: str) -> float | None:
         text = value.strip().lower()
         if not text or len(text) > 32:
             raise UserError(usage)
+        if text == "forever":  # as duration_text writes it, so that what malhae shows can be typed back
+            return None
         sign = -1.0 if text.startswith("-") else 1.0
         body = text.lstrip("+-")
         try:

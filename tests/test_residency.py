@@ -137,3 +137,21 @@ def test_requests_waiting_for_a_load_are_bounded_and_a_failed_load_leaves_nothin
         asyncio.run(scenario())
     finally:
         pool.close()
+
+
+def test_keep_alive_durations_read_as_ollama_reads_them():
+    import pytest
+
+    from malhae import units
+    from malhae.errors import UserError
+
+    cases = {"5m": 300.0, "1h30m": 5400.0, "90s": 90.0, "1.5h": 5400.0, "300ms": 0.3, 300: 300.0, "300": 300.0,
+             0: 0.0, "0": 0.0, -1: None, "-1m": None, "forever": None, 2.5: 2.5}
+    for given, seconds in cases.items():
+        assert units.duration(given, "keep_alive") == seconds, given
+    for bad in ("abc", "5x", "", "5m5", True, None, [], "9" * 40, 1e300, float("nan"), "1e309"):
+        with pytest.raises(UserError) as e:
+            units.duration(bad, "keep_alive")
+        assert str(e.value).startswith("keep_alive must be a duration")
+    assert [units.duration_text(s) for s in (None, 0.0, 90.0, 300.0, 5400.0, 30.0)] == \
+        ["forever", "0s", "90s", "5m", "1h30m", "30s"]
