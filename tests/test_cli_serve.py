@@ -49,14 +49,15 @@ def test_serves_then_stops_on_sigterm():
     try:
         m, _ = wait_for(proc, r"serving on http://127\.0\.0\.1:(\d+)")
         port = int(m.group(1))
-        wait_for(proc, r"ready: malhae-demo-ko-f16, 1 slot of 256 tokens")
+        wait_for(proc, r"ready: \d+ models? \(GET /api/tags\), each kept 5m after its last request")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
-            assert json.loads(resp.read())["status"] == "ok"
+            assert json.loads(resp.read())["models_loaded"] == 0  # the store: nothing loads before it is asked for
         body = json.dumps({"prompt": "대한민국은", "max_tokens": 3, "temperature": 0}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            assert json.loads(resp.read())["choices"][0]["text"]
+        with urllib.request.urlopen(req, timeout=30) as resp:  # no model named: the default (here the demo)
+            answer = json.loads(resp.read())
+            assert answer["choices"][0]["text"] and answer["model"] == "demo"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         assert "Traceback" not in proc.stderr.read()

@@ -224,7 +224,7 @@ def test_serve_ready_line_names_the_kv_cache():
     pytest.importorskip("uvicorn")
     from test_cli_serve import start, wait_for
 
-    proc = start("--kv-cache", "q4_0")
+    proc = start("-m", "demo", "--kv-cache", "q4_0")
     try:
         # 1 slot of 256 tokens: 6 layers × 256 × 2 × 144 bytes = 0.42 MiB
         wait_for(proc, r"ready: malhae-demo-ko-f16, 1 slot of 256 tokens \(KV cache q4_0, 0\.42 MiB\)")

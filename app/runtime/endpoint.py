@@ -49,6 +49,25 @@ def check_timeout(value: float | None, where: str = "--timeout") -> float:
     return float(value)
 
 
+def split_url(url: str, where: str, what: str, example: str):
+    """A server's URL as a user types it (`host:port` alone is http://host:port), checked: http or https, a host, a
+    numeric port, no query or fragment; else a one-line UserError naming `where` with `example`. Used for
+    --endpoint and `malhae ps --url`."""
+    text = url.strip()
+    if "://" not in text:
+        text = "http://" + text
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 (a port that is not a number raises here)
+    except ValueError as e:
+        raise UserError(f"{where} is not a URL ({e}); give {what}, {example}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"{where}: give an http:// or https:// URL with a host, {example}")
+    if parts.query or parts.fragment:
+        raise UserError(f"{where}: give {what} without ?query or #fragment, {example}")
+    return parts
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """Where the API is (its base URL, which ends in /v1 for every server malhae knows) and how to talk to it."""
@@ -61,20 +80,7 @@ class Endpoint:
     def parse(cls, url: str, api_key: str | None = None, timeout: float | None = None) -> Endpoint:
         """A base URL as a user types it: `http://host:8000/v1`; a URL without a path gets /v1 (every server malhae
         knows serves the API there)."""
-        text = url.strip()
-        if "://" not in text:
-            text = "http://" + text
-        try:
-            parts = urlsplit(text)
-            parts.port  # noqa: B018 (a port that is not a number raises here)
-        except ValueError as e:
-            raise UserError(f"--endpoint {url!r} is not a URL ({e}); give e.g. http://127.0.0.1:8080/v1") from None
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UserError(f"--endpoint {url!r}: give an http:// or https:// URL with a host, e.g. "
-                            "http://127.0.0.1:8080/v1")
-        if parts.query or parts.fragment:
-            raise UserError(f"--endpoint {url!r}: give the API's base URL without ?query or #fragment, e.g. "
-                            "http://127.0.0.1:8080/v1")
+        parts = split_url(url, f"--endpoint {url!r}", "the API's base URL", "e.g. http://127.0.0.1:8080/v1")
         path = parts.path.rstrip("/") or "/v1"
         if api_key is not None and (not api_key.strip() or any(c in api_key for c in "\r\n")):
             raise UserError("the API key is empty or spans lines; give it with --api-key or MALHAE_API_KEY")

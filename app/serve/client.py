@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from malhae.errors import UserError
 from malhae.files import parse_json
+from malhae.runtime import endpoint
 from malhae.ui import printable
 
 DEFAULT_URL = "http://127.0.0.1:8080"
@@ -38,18 +39,7 @@ def server_url(flag: str | None) -> str:
     given, where = (flag, f"--url {flag!r}") if flag is not None else (env, f"MALHAE_ENDPOINT={env!r}")
     if flag is None and not env:
         return DEFAULT_URL
-    text = given.strip()
-    if text and "://" not in text:
-        text = "http://" + text
-    try:
-        parts = urlsplit(text)
-        parts.port  # noqa: B018 (a port that is not a number raises here)
-    except ValueError as e:
-        raise UserError(f"{where} is not a URL ({e}); give the server's address, {EXAMPLE}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UserError(f"{where}: give an http:// or https:// URL with a host, {EXAMPLE}")
-    if parts.query or parts.fragment:
-        raise UserError(f"{where}: give the server's address without ?query or #fragment, {EXAMPLE}")
+    parts = endpoint.split_url(given, where, "the server's address", EXAMPLE)
     path = parts.path.rstrip("/")
     path = path[:-3] if path.endswith("/v1") else path
     return f"{parts.scheme}://{parts.netloc}{path.rstrip('/')}"
