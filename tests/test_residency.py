@@ -106,11 +106,11 @@ def test_requests_waiting_for_a_load_are_bounded_and_a_failed_load_leaves_nothin
 
     go, fail = threading.Event(), [True]
 
-    def load(target):
+    def load(target, start=None):
         go.wait(30)
         if fail[0]:
             raise UserError("the disk was pulled out")
-        return Service.load(target.options, model_id=target.key, queue=4)
+        return Service.load(target.options, model_id=target.key, queue=4, start=start)
 
     pool = Pool(loader=load, max_loaded=3, max_memory=64 * GiB, queue=2)
     target = Target("demo", "demo", LoadOptions(model=demo_path, threads=2, parallel=1, ctx=256))

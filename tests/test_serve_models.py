@@ -164,15 +164,15 @@ def _stream(server, model: str, tokens: int):
 
 
 def test_a_memory_cap_evicts_the_idle_model_and_waits_for_a_busy_one(store):
-    needs = _needs(store, 2048)
+    needs = _needs(store, 8192)  # a context long enough for a stream that outlasts the checks below
     cap = max(needs.values()) + (1 << 20)  # room for either model, not both
     assert cap < sum(needs.values())
-    with serving_store(max_memory=cap, n_ctx=2048) as server:
+    with serving_store(max_memory=cap, n_ctx=8192) as server:
         c = ollama.Client(host=server.url, timeout=120)
         c.generate(model="demo-f16", prompt=QUESTION, options={"num_predict": 2})
         c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2})
         assert loaded(c) == ["demo-q8"]  # the idle one made room
-        resp, conn = _stream(server, "demo-q8", 2000)  # busy now (not read: it stays so)
+        resp, conn = _stream(server, "demo-q8", 8000)  # busy now, for seconds
         answered: list = []
         waiting = threading.Thread(target=lambda: answered.append(
             c.generate(model="demo-f16", prompt=QUESTION, options={"num_predict": 2})))
@@ -299,3 +299,16 @@ def test_malhae_ps_and_stop_talk_to_the_running_server(store, home):
         assert again.returncode == 0 and "was not loaded" in again.stdout.decode()
         unknown = cli("stop", "nope", "--url", server.url)
         assert unknown.returncode == 1 and "is not here" in unknown.stderr.decode()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux sets a thread's priority per thread")
+def test_models_loaded_on_demand_decode_at_the_servers_priority(store):
+    """Loads run niced (+10), and a thread inherits its creator's niceness, which it cannot undo unprivileged: a
+    scheduler thread born in the loader decoded at nice 10, at 0.23x its speed while the next model loaded."""
+    with serving_store() as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2})
+        mine = os.getpriority(os.PRIO_PROCESS, 0)
+        schedulers = [t for t in threading.enumerate() if t.name == "malhae-scheduler"]
+        assert schedulers
+        assert [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in schedulers] == [mine] * len(schedulers)

@@ -109,10 +109,8 @@ def lower_priority(nice: int) -> None:
 def return_free() -> None:
     """Hand memory freed by an unloaded model back to the OS. glibc keeps freed heap for reuse, and after a large
     free raises its threshold for using mmap, so the KV cache and buffers of a closed model could stay in this
-    process's RSS; malloc_trim returns them."""
-    import gc
-
-    gc.collect()
+    process's RSS; malloc_trim returns them. (No gc.collect: a closed model's memory is llama.cpp's, freed by
+    close(), and a full collection holds the GIL long enough to stall the other models' streams.)"""
     if not sys.platform.startswith("linux"):
         return
     try:

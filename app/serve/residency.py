@@ -89,7 +89,8 @@ def file_identity(path: Path) -> tuple | None:
 class Pool:
     def __init__(self, *, loader, max_loaded: int, max_memory: int, keep_alive: float | None = DEFAULT_KEEP_ALIVE,
                  queue: int = 64, notify=None) -> None:
-        """`loader(target) -> Service` loads one model (app.serve.service.Service.load with the server's options);
+        """`loader(target, start) -> Service` loads one model (app.serve.service.Service.load with the server's
+        options; `start` runs the scheduler's start on a thread of normal priority);
         the rest are the rules of the module's docstring."""
         self.loader = loader
         self.max_loaded = max_loaded
@@ -104,6 +105,11 @@ class Pool:
         self._stopped = False
         self._reaper = threading.Thread(target=self._reap, name="malhae-keep-alive", daemon=True)
         self._reaper.start()
+        # where loaded models' scheduler threads are started: a thread born here, of this thread's priority, since
+        # the loads run niced and a thread inherits its creator's niceness (which it cannot undo unprivileged); a
+        # decode at nice 10 ran at 0.23x its speed while the next model loaded (benchmarks/serve_models.py)
+        self._starter = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="malhae-start")
+        self._starter.submit(int).result()  # its thread exists now, not when a niced loader first calls it
 
     # --- requests (the event loop) -----------------------------------------------------------------------------
 
@@ -221,11 +227,15 @@ class Pool:
         threading.Thread(target=self._load, args=(r, closing), name=f"malhae-load-{target.key}", daemon=True).start()
         return r
 
+    def _start(self, fn):
+        """Run fn on the starter thread (normal priority) and return what it returns."""
+        return self._starter.submit(fn).result()
+
     def _load(self, r: Resident, closing: list[concurrent.futures.Future]) -> None:
         memory.lower_priority(LOADER_NICE)
         concurrent.futures.wait(closing)  # their memory is back before this model's planner looks at what is free
         try:
-            service = self.loader(r.target)
+            service = self.loader(r.target, self._start)
         except BaseException as e:
             with self._lock:
                 if self.residents.get(r.key) is r:
@@ -321,6 +331,7 @@ class Pool:
         for r in residents:
             if r.service is not None:
                 r.service.close()
+        self._starter.shutdown(wait=False)
 
 
 def _busy(message: str) -> ApiError:

@@ -203,9 +203,9 @@ class Server:
 
         o = self.options
 
-        def load(target):
+        def load(target, start=None):
             return Service.load(target.options, model_id=target.key, queue=o.queue, template=target.template,
-                                notify=o.notify)
+                                notify=o.notify, start=start)
 
         budget = o.max_memory if o.max_memory is not None else int(hardware.total_ram() * RAM_SHARE)
         self.state.names = o.names or Pinned(Target(o.model_id, o.model_id, o.load, template=o.template), o.load)

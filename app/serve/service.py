@@ -46,12 +46,16 @@ class Service:
 
     @classmethod
     def load(cls, options: LoadOptions, *, model_id: str, queue: int, template: str | None = None,
-             notify=None) -> Service:
-        """The model loaded with options.parallel slots; `queue` requests may wait for one."""
+             notify=None, start=None) -> Service:
+        """The model loaded with options.parallel slots; `queue` requests may wait for one. `start(fn)` runs fn (the
+        scheduler's start) on another thread and returns its result: a server loads models in a thread of low
+        priority (app.serve.residency), and a thread inherits its creator's, so the scheduler thread — and the
+        decode threads it starts — must not be born there."""
         engine = Engine(options, notify=notify)
         try:
             chosen = templates.get(template) if template else templates.for_engine(engine)
-            service = cls(engine, Scheduler(engine, queue=queue), chosen, model_id, composed=nfc.Once(notify))
+            service = cls(engine, (start or _now)(lambda: Scheduler(engine, queue=queue)), chosen, model_id,
+                          composed=nfc.Once(notify))
             service.longest_piece  # noqa: B018 (computed now, not during the first request)
             return service
         except BaseException:
@@ -164,6 +168,10 @@ class Service:
         except UserError as e:
             where = "prompt" if max_new is None or len(tokens) >= self.n_ctx else "max_tokens"
             raise ApiError(str(e), code="context_length_exceeded", param=where) from None
+
+
+def _now(fn):
+    return fn()
 
 
 def offsets(pieces: list[bytes], start: int = 0) -> list[int]:
