@@ -48,6 +48,8 @@ from pathlib import Path
 
 import processes  # benchmarks/processes.py, beside this script
 
+from malhae import children
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("대한민국 헌법 제1조 대한민국은 민주공화국이다. 대한민국의 주권은 국민에게 있고, "
           "모든 권력은 국민으로부터 나온다. 제2조 대한민국의 국민이 되는 요건은 법률로 정한다.")
@@ -96,8 +98,9 @@ def start(server: Server, logs: Path, timeout: float) -> None:
     env = os.environ | {"COLUMNS": "400", "PYTHONUNBUFFERED": "1"}  # malhae's rich messages on one line each
     t0 = time.perf_counter()
     with open(server.log, "wb") as log:
-        server.proc = subprocess.Popen(server.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       env=env, cwd=ROOT)
+        # tied to this process (malhae.children): a benchmark killed with -9 leaves no server behind
+        server.proc = children.popen(server.cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     env=env, cwd=ROOT)
     while time.perf_counter() - t0 < timeout:
         if server.proc.poll() is not None:
             raise RuntimeError(f"{server.name} exited ({server.proc.returncode}) while loading:\n{log_tail(server)}")
