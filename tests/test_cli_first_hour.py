@@ -39,9 +39,10 @@ def help_text(capsys, monkeypatch, *command: str, columns: int) -> str:
     return out
 
 
-COMMANDS = [["convert"], ["complete"], ["ask"], ["chat"], ["serve"], ["bench"], ["info"], ["recommend"], ["pull"],
-            ["imatrix"], ["eval", "ppl"], ["eval", "compare"], ["eval", "kobest"], ["models"], ["models", "import"],
-            ["models", "rm"], ["models", "default"], ["models", "catalog"], ["eval"]]
+COMMANDS = [["convert"], ["complete"], ["ask"], ["chat"], ["serve"], ["ps"], ["stop"], ["bench"], ["info"],
+            ["recommend"], ["pull"], ["imatrix"], ["eval", "ppl"], ["eval", "compare"], ["eval", "kobest"], ["models"],
+            ["models", "import"], ["models", "rm"], ["models", "set"], ["models", "default"], ["models", "catalog"],
+            ["eval"]]
 
 
 # --- 1. the demo model has a name --------------------------------------------------------------------------------
@@ -152,8 +153,8 @@ def test_help_shows_words_not_python_types(capsys, monkeypatch, command):
 def test_top_level_help_at_80_columns_shows_every_command_whole(capsys, monkeypatch):
     text = help_text(capsys, monkeypatch, columns=80)
     names = re.findall(r"^│ (\w+)\s{2,}\S", text, re.M)
-    assert names == ["convert", "complete", "ask", "chat", "serve", "bench", "info", "recommend", "pull", "imatrix",
-                     "eval", "models", "cache"]
+    assert names == ["convert", "complete", "ask", "chat", "serve", "ps", "stop", "bench", "info", "recommend", "pull",
+                     "imatrix", "eval", "models", "cache"]
     assert not re.search(r"\w…", text), text
 
 

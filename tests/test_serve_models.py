@@ -75,6 +75,8 @@ def test_the_store_by_name_with_the_ollama_client(store, home):
         c = ollama.Client(host=server.url, timeout=120)
         assert {"demo-f16", "demo-q8", "demo", "demo-signoff"} <= {m.model for m in c.list().models}
         assert loaded(c) == []  # nothing loads before it is asked for
+        shown = c.show("demo-q8")  # read from the file's header: still nothing loaded
+        assert shown.details.quantization_level == "Q8_0" and loaded(c) == []
         for name in ("demo-q8", "demo-f16", "demo-signoff", "demo-q8", "demo-f16", "demo-signoff"):
             out = c.chat(model=name, messages=[{"role": "user", "content": QUESTION}],
                          options={"temperature": 0, "num_predict": 24})
@@ -82,8 +84,7 @@ def test_the_store_by_name_with_the_ollama_client(store, home):
             assert out.model == name
         # the preset runs on its base, which is loaded once for both names
         assert loaded(c) == ["demo", "demo-f16", "demo-q8"]
-        shown = c.show("demo-q8")  # details of a model, loaded or not
-        assert shown.details.quantization_level == "Q8_0"
+        assert c.show("demo-q8").details.quantization_level == "Q8_0"  # and the same once loaded
         with pytest.raises(ollama.ResponseError) as e:
             c.chat(model="no-such-model", messages=[{"role": "user", "content": "x"}])
         assert e.value.status_code == 404 and "demo-q8" in e.value.error  # the 404 lists the names

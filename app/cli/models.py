@@ -84,12 +84,13 @@ def models_rm(
 def models_set(
     name: str = typer.Argument(..., help="The model's (or a LoRA adapter's) name from `malhae models`."),
     pairs: list[str] | None = typer.Argument(None, metavar="KEY=VALUE", help="Settings to give it: ctx, threads, "
-                                             "gpu_layers, device, kv_cache…, temperature, top_p… seed, system, "
-                                             "template, lora, keep_alive (an adapter: scale); KEY= removes one."),
+                                             "gpu_layers, device, kv_cache, flash_attn, temperature, top_p, top_k, "
+                                             "min_p, max_tokens, seed, system, template, lora, keep_alive (an "
+                                             "adapter: scale, sampling, system); KEY= removes one."),
     reset: bool = typer.Option(False, "--reset", help="Remove all of its settings."),
     json_out: bool = typer.Option(False, "--json", help="Print its settings as JSON."),
 ) -> None:
-    """Give a model its own settings, used when it runs by name (malhae serve); none given: show them."""
+    """Give a model its own settings, used wherever it runs (serve, chat, ask); none given: show them."""
     from malhae.store import model_settings, settings_view
     from malhae.store.local import open_store
 
