@@ -176,7 +176,7 @@ class Exchange:
         if not isinstance(value, dict):
             raise self.not_openai(f"got {_preview(data)}")
         if "error" in value and value["error"]:  # a stream's error event, or a 200 that is an error (some proxies)
-            raise UserError(f"the server at {self.endpoint.url} failed: {_message(value)}")
+            raise UserError(f"the server at {self.endpoint.url} failed: {error_message(value)}")
         return value
 
     def events(self) -> Iterator[dict]:
@@ -245,7 +245,7 @@ class Exchange:
             data = self.resp.read(1 << 20)
         except Exception:
             data = b""
-        message = _message(_json_or_none(data)) or _short(data.decode("utf-8", "replace"), 120)
+        message = error_message(_json_or_none(data)) or short(data.decode("utf-8", "replace"), 120)
         said = f": {message}" if message else ""
         url = self.endpoint.url
         if status in (401, 403):
@@ -273,8 +273,9 @@ def _json_or_none(data: bytes) -> object:
         return None
 
 
-def _message(value: object) -> str:
-    """The error text of OpenAI's {"error": {"message"}}, vLLM's {"message"}, {"error": "…"} or {"detail": …}."""
+def error_message(value: object) -> str:
+    """The error text of OpenAI's {"error": {"message"}}, vLLM's {"message"}, Ollama's {"error": "…"} or
+    {"detail": …}, as one short line (`short`): for every client of a server, `malhae ps` and `stop` too."""
     if not isinstance(value, dict):
         return ""
     error = value.get("error")
@@ -282,18 +283,18 @@ def _message(value: object) -> str:
         error = error.get("message")
     for text in (error, value.get("message"), value.get("detail")):
         if isinstance(text, str) and text.strip():
-            return _short(text)
+            return short(text)
         if text is not None and not isinstance(text, str):
-            return _short(json.dumps(text, ensure_ascii=False))
+            return short(json.dumps(text, ensure_ascii=False))
     return ""
 
 
 def _preview(data: bytes) -> str:
     text = data.decode("utf-8", "replace").strip()
-    return repr(_short(text, 60)) if text else "an empty answer"
+    return repr(short(text, 60)) if text else "an empty answer"
 
 
-def _short(text: str, limit: int = 300) -> str:
+def short(text: str, limit: int = 300) -> str:
     """A server's text as one short line with no control character: it goes into an error message, which chat, a
     log or a caller's own printer may show as it is."""
     line = " ".join(printable(text).split())

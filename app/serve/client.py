@@ -113,7 +113,8 @@ def _call(url: str, path: str, body: dict | None, timeout: float, what: str) -> 
     if not isinstance(value, dict):
         raise _not_malhae(url, f"not a JSON object: {_preview(raw)}")
     if value.get("error"):
-        raise UserError(f"{what} failed: the server at {url} said: {_message(value)}", exit_code=SERVER_FAILED)
+        raise UserError(f"{what} failed: the server at {url} said: {endpoint.error_message(value)}",
+                        exit_code=SERVER_FAILED)
     return value
 
 
@@ -140,7 +141,7 @@ def _refused(url: str, e: urllib.error.HTTPError, key: str | None, what: str) ->
     except (OSError, http.client.HTTPException):
         raw = b""
     try:
-        message = _message(parse_json(raw, "the error"))
+        message = endpoint.error_message(parse_json(raw, "the error"))
     except UserError:
         message = ""
     said = f": {message}" if message else f" ({_preview(raw)})" if raw.strip() else ""
@@ -156,18 +157,6 @@ def _refused(url: str, e: urllib.error.HTTPError, key: str | None, what: str) ->
     return UserError(f"{what} failed: the server at {url} answered {e.code}{said}", exit_code=SERVER_FAILED)
 
 
-def _message(value: object) -> str:
-    """The error text of Ollama's {"error": "…"} or OpenAI's {"error": {"message": "…"}}, as one short line."""
-    if not isinstance(value, dict):
-        return ""
-    error = value.get("error")
-    if isinstance(error, dict):
-        error = error.get("message")
-    if isinstance(error, str):
-        return _short(error)
-    return _short(json.dumps(error, ensure_ascii=False)) if error else ""
-
-
 def _not_malhae(url: str, what: str) -> UserError:
     return UserError(f"{url} did not answer like a malhae server ({what}); check --url (the address `malhae serve` "
                      f"printed, {EXAMPLE})")
@@ -175,10 +164,6 @@ def _not_malhae(url: str, what: str) -> UserError:
 
 def _preview(raw: bytes) -> str:
     text = raw.decode("utf-8", "replace").strip()
-    return f"got {_short(text, 60)!r}" if text else "an empty answer"
+    return f"got {endpoint.short(text, 60)!r}" if text else "an empty answer"
 
 
-def _short(text: str, limit: int = 300) -> str:
-    """Text the server chose, as one line with no control character, cut to `limit`."""
-    line = " ".join(printable(text).split())
-    return line if len(line) <= limit else line[:limit - 1] + "…"
