@@ -313,3 +313,17 @@ def test_models_loaded_on_demand_decode_at_the_servers_priority(store):
         schedulers = [t for t in threading.enumerate() if t.name == "malhae-scheduler"]
         assert schedulers
         assert [os.getpriority(os.PRIO_PROCESS, t.native_id) for t in schedulers] == [mine] * len(schedulers)
+
+
+def test_a_name_is_never_a_file_of_the_server(store, tmp_path, monkeypatch, demo_path):
+    """The CLI reads `-m X` as a file when X exists; a request's model is a name only, whatever lies in the
+    server's working folder, and a path is a 404."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo-q8").write_text("not a model")
+    with serving_store() as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        assert c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2}).response
+        for path in (str(demo_path), "./demo-q8", "../models/demo-q8.gguf", "~/demo-q8"):
+            with pytest.raises(ollama.ResponseError) as e:
+                c.generate(model=path, prompt=QUESTION)
+            assert e.value.status_code == 404, path

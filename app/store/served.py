@@ -106,8 +106,8 @@ class Served:
         from malhae.store import models
         from malhae.store.local import open_store
 
-        if models.is_path(wanted) and not models.builtin(wanted):
-            raise self._not_found(wanted)  # a client names models, never files on this machine
+        if any(c in wanted for c in "/\\") or wanted.startswith(("~", ".")):
+            raise self._not_found(wanted)  # a client names models, never files (nor the server's working folder)
         store = open_store()
         entry = store.get(wanted)
         if entry is None:
