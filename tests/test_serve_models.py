@@ -150,11 +150,26 @@ def _needs(store, n_ctx: int = 512):
     return {n: memory.need(replace(options, model=store.get(n).path)).ram for n in ("demo-f16", "demo-q8")}
 
 
-def _stream(server, model: str, tokens: int):
-    """A long streamed completion, left open: (its response, the connection)."""
+def _ps(server) -> list[dict]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{server.url}/api/ps", timeout=30) as resp:
+        return json.loads(resp.read())["models"]
+
+
+def _stream(server, model: str, tokens: int, *, held: bool = False):
+    """A long streamed completion, left open: (its response, the connection). `held`: a receive buffer so small that
+    the server cannot send ahead of the reader, so that the request stays in progress (its model busy) for as long as
+    the test does not read, however fast the machine generates."""
     import http.client
+    import socket
 
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
+    if held:
+        conn.sock = socket.socket()
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.sock.settimeout(120)
+        conn.sock.connect(("127.0.0.1", server.port))
     conn.request("POST", "/v1/completions", body=json.dumps({
         "model": model, "prompt": "대한민국", "max_tokens": tokens, "ignore_eos": True, "stream": True,
         "temperature": 0}), headers={"Content-Type": "application/json"})
@@ -165,28 +180,39 @@ def _stream(server, model: str, tokens: int):
 
 
 def test_a_memory_cap_evicts_the_idle_model_and_waits_for_a_busy_one(store):
-    needs = _needs(store, 8192)  # a context long enough for a stream that outlasts the checks below
+    needs = _needs(store, 2048)
     cap = max(needs.values()) + (1 << 20)  # room for either model, not both
     assert cap < sum(needs.values())
-    with serving_store(max_memory=cap, n_ctx=8192) as server:
+    with serving_store(max_memory=cap, n_ctx=2048) as server:
         c = ollama.Client(host=server.url, timeout=120)
         c.generate(model="demo-f16", prompt=QUESTION, options={"num_predict": 2})
         c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2})
         assert loaded(c) == ["demo-q8"]  # the idle one made room
-        resp, conn = _stream(server, "demo-q8", 8000)  # busy now, for seconds
+        resp, conn = _stream(server, "demo-q8", 2000)  # busy for a while (not read)
         answered: list = []
         waiting = threading.Thread(target=lambda: answered.append(
             c.generate(model="demo-f16", prompt=QUESTION, options={"num_predict": 2})))
         waiting.start()
+        seen: list[dict] = []
         try:
-            time.sleep(1.5)
-            assert not answered and loaded(c) == ["demo-q8"]  # it waits: a busy model is never unloaded
-            assert resp.readline()  # and the busy one still streams
+            end = time.monotonic() + 120
+            while not answered and time.monotonic() < end:  # what the server holds, until demo-f16 answers
+                seen.append({m["name"]: m for m in _ps(server)})  # malhae's fields too: requests, state
+                time.sleep(0.01)
+            rest = resp.read().decode()  # the busy model's answer, to its end
         finally:
-            conn.close()  # the stream ends: its model becomes idle
+            conn.close()
         waiting.join(60)
         assert answered and answered[0].response
         assert loaded(c) == ["demo-f16"]
+        # the busy model was not unloaded under its request: its stream ran to its 2,000th token and ended well …
+        chunks = [json.loads(line[5:]) for line in rest.splitlines() if line.startswith("data: {")]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length" and "error" not in rest
+        assert len(chunks) >= 1500  # (the first chunk was read by _stream; the usage chunk ends it)
+        # … demo-f16 came in only once demo-q8 had no request left …
+        assert not [s for s in seen if "demo-f16" in s and s.get("demo-q8", {}).get("requests")], seen
+        # … and it did wait: the server was seen holding the busy demo-q8 while demo-f16's request was in flight
+        assert any(s.get("demo-q8") is not None and s["demo-q8"]["requests"] >= 1 for s in seen), seen
 
 
 def test_a_model_too_large_for_the_cap_is_refused_with_the_reason(store):
