@@ -353,3 +353,42 @@ def test_a_name_is_never_a_file_of_the_server(store, tmp_path, monkeypatch, demo
             with pytest.raises(ollama.ResponseError) as e:
                 c.generate(model=path, prompt=QUESTION)
             assert e.value.status_code == 404, path
+
+
+def test_a_gpu_with_room_for_one_model_gets_it_from_the_idle_one(store, monkeypatch):
+    """A faked GPU (tests/fake_devices.py: ggml's device list replaced, llama.cpp itself real and on the CPU) whose
+    free memory is what the loaded models' plans leave: room for either model whole, not both. Asking for the second
+    unloads the idle first so that the second is offloaded whole (Ollama's preference), though RAM would hold it."""
+    import fake_devices
+    from fake_devices import GiB
+
+    from malhae.runtime import devices
+
+    state: dict = {}
+
+    def listed():
+        pool = state["server"].state.pool if "server" in state else None
+        # what the models in memory hold (one being loaded is what asks)
+        used = sum(r.need.vram for r in pool.snapshot() if r.state == "ready") if pool is not None else 0
+        return (fake_devices.cuda(0, max(0, state["total"] - used), state["total"]), fake_devices.cpu())
+
+    loads = fake_devices.install(monkeypatch, fake_devices.cuda(0, 24 * GiB), fake_devices.cpu())
+    from dataclasses import replace
+
+    from malhae.runtime import memory
+    from malhae.runtime.settings import LoadOptions
+
+    base = LoadOptions(threads=2, parallel=2, ctx=512)
+    whole = {n: memory.need(replace(base, model=store.get(n).path)).vram for n in ("demo-f16", "demo-q8")}
+    state["total"] = max(whole.values()) + min(whole.values()) // 2  # one whole, not both
+    monkeypatch.setattr(devices, "listed", listed)
+    with serving_store() as server:
+        state["server"] = server
+        c = ollama.Client(host=server.url, timeout=120)
+        c.generate(model="demo-f16", prompt=QUESTION, options={"num_predict": 2})
+        c.generate(model="demo-q8", prompt=QUESTION, options={"num_predict": 2})
+        assert loaded(c) == ["demo-q8"]  # demo-f16 made room, though --max-memory (80% of RAM) had plenty
+        n_layer = 6  # the demo's
+        assert loads.layers == [n_layer + 1, n_layer + 1]  # each was offloaded whole
+        on_gpu = {m["name"]: m["size_vram"] for m in _ps(server)}
+        assert on_gpu == {"demo-q8": whole["demo-q8"]}

@@ -49,6 +49,13 @@ def need(options: LoadOptions, notify=None) -> Need:
     return Need(ram, vram, ram if gpu_in_play and not plan.full else 0)
 
 
+def settled(planned: Need, plan) -> Need:
+    """A model's Need once loaded, by the plan it was loaded with (app.runtime.offload.Plan): what was planned
+    before idle models made room may have been a partial offload."""
+    vram = plan.gpu_bytes if plan.n_gpu_layers else 0
+    return Need(max(0, planned.ram + planned.vram - vram), vram, 0)
+
+
 @dataclass
 class Room:
     """`room`'s answer: unload `evict` (least recently used first) and load; or `wait` for a busy model; or

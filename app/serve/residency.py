@@ -249,6 +249,7 @@ class Pool:
                 r.future.set_exception(UserError("the server is shutting down"))
                 return
             r.service, r.state = service, "ready"
+            r.need = memory.settled(r.need, service.engine.plan)  # where it went: planned before room was made
             r.expires = None if r.keep_alive is None else time.monotonic() + r.keep_alive
             self._wake.notify()
         self.notify(f"loaded {r.key} ({service.engine.where})")
