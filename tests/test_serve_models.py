@@ -392,3 +392,29 @@ def test_a_gpu_with_room_for_one_model_gets_it_from_the_idle_one(store, monkeypa
         assert loads.layers == [n_layer + 1, n_layer + 1]  # each was offloaded whole
         on_gpu = {m["name"]: m["size_vram"] for m in _ps(server)}
         assert on_gpu == {"demo-q8": whole["demo-q8"]}
+
+
+def test_a_models_own_settings_shape_its_answers(store):
+    """`malhae models set` data at work in the server: the model's max_tokens, sampling and system text under a
+    request's own values; /api/show shows them as Ollama shows a Modelfile's; an adapter preset names its adapter."""
+    from malhae.store import model_settings
+
+    with serving_store() as server:
+        c = ollama.Client(host=server.url, timeout=120)
+        plain = c.chat(model="demo-q8", messages=[{"role": "user", "content": QUESTION}],
+                       options={"temperature": 0, "num_predict": 8})
+        model_settings.update(store, "demo-q8", {"max_tokens": "3", "temperature": "0",
+                                                 "system": "너는 대한민국 헌법을 잘 아는 도우미야."})
+        own = c.chat(model="demo-q8", messages=[{"role": "user", "content": QUESTION}])
+        assert own.eval_count == 3  # the model's max_tokens, where a chat would run to the end of the context
+        assert own.prompt_eval_count > plain.prompt_eval_count  # its system text framed the question
+        told = c.chat(model="demo-q8", messages=[{"role": "user", "content": QUESTION}], options={"num_predict": 5})
+        assert told.eval_count == 5  # the request's own value beats the model's
+        shown = c.show("demo-q8")
+        assert "num_predict 3" in shown.parameters and "temperature 0.0" in shown.parameters
+        import urllib.request
+
+        raw = urllib.request.Request(f"{server.url}/api/show", data=json.dumps({"model": "demo-q8"}).encode())
+        with urllib.request.urlopen(raw, timeout=30) as resp:  # Ollama's `system`, which its client does not read
+            assert json.loads(resp.read())["system"] == "너는 대한민국 헌법을 잘 아는 도우미야."
+        assert "ADAPTER malhae-demo-ko-lora-signoff.gguf" in c.show("demo-signoff").modelfile
