@@ -418,3 +418,7 @@ def test_a_models_own_settings_shape_its_answers(store):
         with urllib.request.urlopen(raw, timeout=30) as resp:  # Ollama's `system`, which its client does not read
             assert json.loads(resp.read())["system"] == "너는 대한민국 헌법을 잘 아는 도우미야."
         assert "ADAPTER malhae-demo-ko-lora-signoff.gguf" in c.show("demo-signoff").modelfile
+        assert [m["context_length"] for m in _ps(server)] == [512]  # the server's --ctx
+        model_settings.update(store, "demo-q8", {"ctx": "256"})  # a load setting: loaded again, once idle
+        c.chat(model="demo-q8", messages=[{"role": "user", "content": QUESTION}])
+        assert [(m["name"], m["context_length"]) for m in _ps(server)] == [("demo-q8", 256)]
