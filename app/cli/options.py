@@ -188,7 +188,7 @@ def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = Fal
     found the way --model is (the store); with an endpoint (`remote`) the server decodes as it does: no draft."""
     import dataclasses
 
-    from malhae.runtime.settings import SAMPLING_KEYS, LoadOptions, Sampling, check
+    from malhae.runtime.settings import SAMPLING_KEYS, LoadOptions, Sampling, check, kv_fields
     from malhae.store import config
 
     file = config.load()
@@ -197,11 +197,7 @@ def settings_for(command: str, stop: tuple[str, ...] = (), *, remote: bool = Fal
 
         file = model_settings.over(file, model_settings.for_path(model))
     run = config.runtime_values({k: flags.get(k) for k in config.RUN_KEYS}, file)
-    load = {k: v for k, v in run.items() if k in flags}
-    if "kv_cache" in load:  # one type for both, unless K's or V's own is given
-        both = load.pop("kv_cache")
-        load["kv_cache_k"] = load.get("kv_cache_k") or both
-        load["kv_cache_v"] = load.get("kv_cache_v") or both
+    load = kv_fields({k: v for k, v in run.items() if k in flags})  # kv_cache: one type for both
     if "draft" in flags and not remote:
         load |= _draft(flags["draft"], flags.get("draft_max"), file)
     if "no_prompt_cache" in flags and not remote:

@@ -283,3 +283,15 @@ class LoadOptions:
     @property
     def speculates(self) -> bool:
         return self.draft is not None and self.draft != "off"
+
+
+def kv_fields(values: dict[str, object]) -> dict[str, object]:
+    """Load settings by name with `kv_cache` (one type for K and V, as the flag and config.toml write it) turned into
+    LoadOptions' kv_cache_k and kv_cache_v, unless K's or V's own is given: the one rule for flags, config.toml and a
+    model's own settings."""
+    out = dict(values)
+    if "kv_cache" in out:
+        both = out.pop("kv_cache")
+        out["kv_cache_k"] = out.get("kv_cache_k") or both
+        out["kv_cache_v"] = out.get("kv_cache_v") or both
+    return out

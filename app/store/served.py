@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from malhae.errors import Broken, NotFound, UserError
-from malhae.runtime.settings import LoadOptions, Lora
+from malhae.runtime.settings import LoadOptions, Lora, kv_fields
 from malhae.runtime.target import Pinned, Target
 
 MAX_LISTED = 20  # names a 404 lists
@@ -173,11 +173,7 @@ def _extras(own, target: Target) -> dict:
 
 
 def _load_values(values: dict[str, object]) -> dict[str, object]:
-    """A model's load settings as LoadOptions fields (kv_cache sets both K and V unless one is given)."""
-    out = dict(values)
-    if "kv_cache" in out:
-        both = out.pop("kv_cache")
-        out.setdefault("kv_cache_k", both)
-        out.setdefault("kv_cache_v", both)
+    """A model's load settings as LoadOptions fields (settings.kv_fields: kv_cache sets both K and V)."""
+    out = kv_fields(values)
     known = {f.name for f in dataclasses.fields(LoadOptions)}
     return {k: v for k, v in out.items() if k in known}
